@@ -1,0 +1,234 @@
+"""Reading the MSH header without parsing the message.
+
+Only the first segment is split, so the cost does not grow with the message (a
+base64 PDF letter costs what a two-line ACK costs). Field values stay raw bytes in
+the message's own encoding, so an ACK can mirror them exactly; text views decode a
+copy. A header that cannot be read still yields a ``Header`` (with what could be
+read and the default delimiters) plus the ``rejection`` to answer with, so an AR
+can always be built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.core import charsets
+from engine.core.errors import ErrorCode, ErrorLocation, Rejection
+
+UTF8_BOM = b"\xef\xbb\xbf"
+BATCH_HEADERS = (b"FHS", b"BHS")
+
+
+@dataclass(frozen=True, slots=True)
+class Delimiters:
+    """MSH-1 and MSH-2, as bytes; ``encoding`` is MSH-2 exactly as received."""
+
+    field: bytes
+    encoding: bytes
+
+    @property
+    def component(self) -> bytes:
+        return self.encoding[0:1]
+
+    @property
+    def repetition(self) -> bytes:
+        return self.encoding[1:2]
+
+    @property
+    def escape(self) -> bytes:
+        return self.encoding[2:3]
+
+    @property
+    def subcomponent(self) -> bytes:
+        return self.encoding[3:4]
+
+    @property
+    def truncation(self) -> bytes:
+        return self.encoding[4:5]
+
+
+DEFAULT_DELIMITERS = Delimiters(field=b"|", encoding=b"^~\\&")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Header:
+    """What the engine needs from MSH to store, route and acknowledge a message."""
+
+    delimiters: Delimiters
+    fields: tuple[bytes, ...]  # fields[n] is MSH-n for n >= 2 (fields[0] is b"MSH")
+    hl7_charset: str | None  # canonical HL7 name actually used to decode, None if unknown
+    codec: str  # Python codec for decoding a copy ("latin-1" if the charset is unknown)
+    rejection: Rejection | None = None
+    bom: bool = False
+
+    def field(self, number: int) -> bytes:
+        """Raw MSH-n (n >= 2); b"" when absent."""
+        if number < 2:
+            return self.delimiters.field
+        fields = self.fields
+        return fields[number - 1] if number - 1 < len(fields) else b""
+
+    def component(self, number: int, index: int) -> bytes:
+        """Raw MSH-n.index (1-based component of the first repetition)."""
+        value = self.field(number)
+        if not value:
+            return b""
+        value = value.split(self.delimiters.repetition, 1)[0] if self.delimiters.repetition else value
+        parts = value.split(self.delimiters.component) if self.delimiters.component else [value]
+        return parts[index - 1] if index - 1 < len(parts) else b""
+
+    def text(self, raw: bytes) -> str:
+        return raw.decode(self.codec, "replace")
+
+    @property
+    def message_type(self) -> str:
+        return self.text(self.component(9, 1))
+
+    @property
+    def trigger(self) -> str:
+        return self.text(self.component(9, 2))
+
+    @property
+    def structure(self) -> str:
+        return self.text(self.component(9, 3))
+
+    @property
+    def type_and_trigger(self) -> str:
+        """``SRM^S01`` (or ``ACK`` when there is no trigger): the routing key."""
+        trigger = self.trigger
+        return f"{self.message_type}^{trigger}" if trigger else self.message_type
+
+    @property
+    def control_id(self) -> str:
+        return self.text(self.field(10))
+
+    @property
+    def processing_id(self) -> str:
+        return self.text(self.component(11, 1))
+
+    @property
+    def version(self) -> str:
+        return self.text(self.component(12, 1))
+
+    @property
+    def accept_ack_type(self) -> str:
+        return self.text(self.field(15)).strip().upper()
+
+    @property
+    def application_ack_type(self) -> str:
+        return self.text(self.field(16)).strip().upper()
+
+    @property
+    def sender(self) -> str:
+        """MSH-3|MSH-4: who sent it (part of the duplicate key)."""
+        return f"{self.text(self.field(3))}|{self.text(self.field(4))}"
+
+
+def read_header(raw: bytes, *, default_charset: str) -> Header:
+    """Read MSH from one frame's payload; never raises on peer input."""
+    start = 0
+    bom = raw.startswith(UTF8_BOM)
+    if bom:
+        start = 3
+    while raw[start : start + 1] in (b"\r", b"\n"):
+        start += 1
+    if raw[start : start + 3] != b"MSH":
+        if raw[start : start + 3] in BATCH_HEADERS:
+            return _unreadable(
+                ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                "batch messages (FHS/BHS) are not accepted; send one message per frame",
+                None,
+                bom,
+            )
+        return _unreadable(
+            ErrorCode.SEGMENT_SEQUENCE, "message does not start with an MSH segment", None, bom
+        )
+    sep = raw[start + 3 : start + 4]
+    if not sep or sep.isalnum() or not 0x21 <= sep[0] <= 0x7E:
+        return _unreadable(ErrorCode.DATA_TYPE, "MSH-1 field separator is missing or invalid", 1, bom)
+    cr = raw.find(b"\r", start)
+    lf = raw.find(b"\n", start, cr if cr >= 0 else len(raw))
+    end = lf if lf >= 0 else (cr if cr >= 0 else len(raw))
+    fields = tuple(raw[start:end].split(sep))
+    encoding = fields[1] if len(fields) > 1 else b""
+    if not _valid_encoding(encoding, sep):
+        return _unreadable(
+            ErrorCode.DATA_TYPE,
+            "MSH-2 encoding characters are missing or invalid",
+            2,
+            bom,
+            Delimiters(field=sep, encoding=DEFAULT_DELIMITERS.encoding),
+            fields,
+        )
+    delimiters = Delimiters(field=sep, encoding=encoding)
+    charset_field = fields[17] if len(fields) > 17 else b""
+    charset_name = charset_field.split(encoding[1:2], 1)[0].decode("latin-1").strip()
+    rejection = None
+    try:
+        hl7_charset = charsets.canonical(charset_name or default_charset)
+        codec = charsets.HL7_CHARSETS[hl7_charset]
+    except charsets.UnknownCharset:
+        hl7_charset, codec = None, "latin-1"
+        rejection = Rejection(
+            ack_code="AE",
+            error_code=ErrorCode.TABLE_VALUE_NOT_FOUND,
+            text="unsupported character set in MSH-18",
+            location=ErrorLocation(field=18),
+        )
+    header = Header(
+        delimiters=delimiters, fields=fields, hl7_charset=hl7_charset, codec=codec, bom=bom
+    )
+    for number, what in ((9, "MSH-9 message type"), (10, "MSH-10 message control id"), (12, "MSH-12 version id")):
+        if not header.component(number, 1).strip():
+            rejection = Rejection(
+                ack_code="AR",
+                error_code=ErrorCode.REQUIRED_FIELD_MISSING,
+                text=f"{what} is missing",
+                location=ErrorLocation(field=number),
+            )
+            break
+    if rejection is not None:
+        return Header(
+            delimiters=delimiters,
+            fields=fields,
+            hl7_charset=hl7_charset,
+            codec=codec,
+            rejection=rejection,
+            bom=bom,
+        )
+    return header
+
+
+def _valid_encoding(encoding: bytes, sep: bytes) -> bool:
+    # 4 characters is the standard, 5 adds the 2.7 truncation character; 3 (no
+    # subcomponent separator) is what some old senders emit and HAPI tolerates.
+    # HL7 only recommends ^~\& so any distinct printable characters are taken.
+    if not 3 <= len(encoding) <= 5:
+        return False
+    if len(set(encoding)) != len(encoding) or sep[0] in encoding:
+        return False
+    return all(0x21 <= c <= 0x7E for c in encoding)
+
+
+def _unreadable(
+    code: ErrorCode,
+    text: str,
+    field: int | None,
+    bom: bool,
+    delimiters: Delimiters = DEFAULT_DELIMITERS,
+    fields: tuple[bytes, ...] = (b"MSH",),
+) -> Header:
+    """A header we cannot trust beyond MSH-1: fields are kept only to mirror them."""
+    return Header(
+        delimiters=delimiters,
+        fields=fields,
+        hl7_charset=None,
+        codec="latin-1",
+        rejection=Rejection(
+            ack_code="AR",
+            error_code=code,
+            text=text,
+            location=ErrorLocation(field=field) if field else ErrorLocation(),
+        ),
+        bom=bom,
+    )
