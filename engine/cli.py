@@ -1,0 +1,176 @@
+"""The ``koppel`` command: run, check, send, bench (and store inspection)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = "sqlite:var/koppel.db"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="koppel", description="Koppel HL7 v2 interface engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p):
+        p.add_argument("--channels", default="channels", help="channel YAML directory (default ./channels)")
+        p.add_argument("--mappings", default="mappings", help="mappings directory (default ./mappings)")
+
+    run = sub.add_parser("run", help="run the engine in the foreground")
+    config_args(run)
+    run.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
+    run.add_argument("--metrics", default="tcp:9464:interface=127.0.0.1",
+                     help="endpoint for /metrics, /healthz, /readyz (default tcp:9464:interface=127.0.0.1); 'off' disables")
+    run.add_argument("--log-level", default=None, help="debug|info|warning|error (or KOPPEL_LOG_LEVEL)")
+    run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight ACKs on stop")
+
+    check = sub.add_parser("check", help="validate channels and mappings")
+    config_args(check)
+
+    send = sub.add_parser("send", help="send HL7 files over MLLP and print each ACK")
+    send.add_argument("--to", required=True, help="HOST:PORT or a Twisted client endpoint string")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    send.add_argument("--raw", action="store_true", help="send each file's bytes untouched, as one message")
+    send.add_argument("files", nargs="+")
+
+    bench = sub.add_parser("bench", help="MLLP load generator")
+    bench.add_argument("--to", required=True)
+    bench.add_argument("--connections", type=int, default=8)
+    bench.add_argument("--messages", type=int, default=10000)
+    bench.add_argument("--rate", type=float, default=None, help="total msg/s (default: as fast as ACKs come)")
+    bench.add_argument("--json", action="store_true", help="print one JSON line")
+    bench.add_argument("file", nargs="?", default=None)
+
+    messages = sub.add_parser("messages", help="list stored messages (headers only)")
+    messages.add_argument("--store", default=DEFAULT_STORE)
+    messages.add_argument("--channel")
+    messages.add_argument("--control-id")
+    messages.add_argument("--status", choices=["accepted", "rejected"])
+    messages.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {
+        "run": _run,
+        "check": _check,
+        "send": _send,
+        "bench": _bench,
+        "messages": _messages,
+    }[args.command]
+    return handler(args) or 0
+
+
+def _load_config(args):
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(Path(args.channels), Path(args.mappings)), None
+    except ConfigError as error:
+        return None, error
+
+
+def _check(args) -> int:
+    config, error = _load_config(args)
+    if error is not None:
+        sys.stderr.write(f"{error}\n")
+        return 1
+    print(f"ok: {len(config.channels)} channel(s), {len(config.destinations)} destination(s)")
+    return 0
+
+
+def _run(args) -> int:
+    from engine import log
+
+    log.configure(args.log_level)
+    config, error = _load_config(args)
+    if error is not None:
+        sys.stderr.write(f"{error}\n")
+        return 1
+    from twisted.internet import reactor
+
+    from engine.shell.engine import Engine
+    from engine.store import open_store
+
+    store = open_store(args.store)
+    http = None if args.metrics == "off" else args.metrics
+    engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout)
+    exit_code = [0]
+
+    def started_failed(failure):
+        log.get_logger().error("engine.start_failed", error=failure.getErrorMessage()[:200])
+        exit_code[0] = 1
+        reactor.stop()
+
+    def start():
+        from twisted.internet import defer
+
+        defer.maybeDeferred(engine.startService).addErrback(started_failed)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: engine.stopService() if engine.running else None)
+    reactor.run()
+    return exit_code[0]
+
+
+def _send(args) -> int:
+    from engine.shell.send import send_files
+
+    def go(reactor):
+        return send_files(reactor, args.to, args.files, timeout=args.timeout, raw=args.raw)
+
+    return _react_deferred(go)
+
+
+def _bench(args) -> int:
+    from engine.shell.bench import load_message, report, run_bench
+
+    message = load_message(args.file)
+
+    def go(reactor):
+        return run_bench(reactor, args.to, connections=args.connections, messages=args.messages,
+                         message=message, rate=args.rate)
+
+    result = _react_deferred(go)
+    if isinstance(result, dict):
+        return report(result, as_json=args.json)
+    return 1
+
+
+def _react_deferred(go):
+    """Run a Deferred-returning function under the reactor and return its result."""
+    from twisted.internet import task
+
+    box = []
+
+    def main(reactor):
+        return go(reactor).addCallback(box.append)
+
+    try:
+        task.react(main)
+    except SystemExit as done:
+        if done.code not in (0, None):
+            return int(done.code)
+    return box[0] if box else 1
+
+
+def _messages(args) -> int:
+    from engine.store import open_store
+
+    store = open_store(args.store)
+    try:
+        rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
+                                   limit=args.limit)
+        for row in rows:
+            print("\t".join(str(getattr(row, name, "")) for name in
+                            ("id", "received_at", "channel", "message_type", "control_id", "status",
+                             "ack_code", "size")))
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Prometheus metrics, one registry per engine (tests make their own).
+
+Labels are low-cardinality on purpose: channel, destination, message type (only
+for accepted messages, which a channel's accept list bounds), ACK code, reason.
+Never patient data, never message ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from engine import __version__
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("koppel_build", "Koppel version", registry=r)
+        self.build_info.info({"version": __version__})
+        # receive path
+        self.received = Counter(
+            "koppel_received_messages_total",
+            "Frames received and read, by channel, message type and outcome",
+            ["channel", "type", "outcome"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "koppel_received_bytes_total", "Payload bytes of received frames", ["channel"], registry=r
+        )
+        self.acks_sent = Counter(
+            "koppel_acks_sent_total", "Acknowledgements written, by ACK code", ["channel", "code"], registry=r
+        )
+        self.acks_withheld = Counter(
+            "koppel_acks_withheld_total",
+            "Accept ACKs not sent because MSH-15 (NE/ER/SU) said so",
+            ["channel", "code"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "koppel_duplicates_total", "Re-sent messages answered from the first copy", ["channel"], registry=r
+        )
+        self.frames_discarded = Counter(
+            "koppel_frames_discarded_total",
+            "Frames dropped without storing (oversize, aborted, timeout, eof)",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.junk_bytes = Counter(
+            "koppel_junk_bytes_total", "Bytes outside MLLP frames, discarded", ["channel"], registry=r
+        )
+        self.connections_open = Gauge(
+            "koppel_connections_open", "Open inbound connections", ["channel"], registry=r
+        )
+        self.connections = Counter(
+            "koppel_connections_total", "Inbound connections accepted", ["channel"], registry=r
+        )
+        self.connections_refused = Counter(
+            "koppel_connections_refused_total",
+            "Inbound connections refused, by reason",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "koppel_connections_closed_total",
+            "Inbound connections closed by Koppel, by reason",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.listener_up = Gauge(
+            "koppel_listener_up", "1 while the channel's listener is bound", ["channel"], registry=r
+        )
+        self.ack_latency = Histogram(
+            "koppel_ack_latency_seconds",
+            "Frame complete to ACK written (includes the store commit)",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # store
+        self.store_commit = Histogram(
+            "koppel_store_commit_seconds", "Store transaction time (group commit)", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.store_batch = Histogram(
+            "koppel_store_commit_batch_size", "Operations per store transaction", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.store_errors = Counter("koppel_store_errors_total", "Failed store transactions", registry=r)

@@ -1,0 +1,1 @@
+"""The Twisted shell: sockets, threads, timers. Thin: the logic lives in engine.core."""

@@ -1,0 +1,178 @@
+"""Wiring: config + store + listeners + metrics into one service tree.
+
+Start order: store (writer thread) -> HTTP (metrics, health) -> listeners.
+Stop order is the reverse and sequential: stop accepting, let every connection
+write the ACKs of what it already received, commit what is queued, close the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+
+from engine.config import ChannelConfig, EngineConfig
+from engine.core.errors import Rejection
+from engine.core.intake import STORE_FAILED, AcceptRules
+from engine.log import get_logger
+from engine.metrics import Metrics
+from engine.shell.committer import GroupCommitter
+from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
+from engine.store import QueueTarget
+
+
+def receive_settings(channel: ChannelConfig, config: EngineConfig) -> ReceiveSettings:
+    source = channel.source
+    targets_by_route = [
+        (route, tuple(
+            QueueTarget(queue=config.destination(name).queue_key, destination=name) for name in route.to
+        ))
+        for route in channel.routes
+    ]
+
+    def targets(assessment) -> tuple[QueueTarget, ...]:
+        header = assessment.header
+        chosen: list[QueueTarget] = []
+        for route, route_targets in targets_by_route:
+            if route.matches(header.message_type, header.trigger):
+                chosen.extend(t for t in route_targets if t not in chosen)
+        return tuple(chosen)
+
+    failure = STORE_FAILED
+    if channel.ack.store_failure != failure.ack_code:
+        failure = replace(STORE_FAILED, ack_code=channel.ack.store_failure)
+    return ReceiveSettings(
+        channel=channel.name,
+        rules=AcceptRules(
+            types=channel.accept.types,
+            versions=channel.accept.versions,
+            processing_ids=channel.accept.processing_ids,
+        ),
+        default_charset=source.charset,
+        max_message_bytes=source.max_message_bytes,
+        lenient_framing=source.lenient_framing,
+        idle_timeout=source.idle_timeout,
+        frame_timeout=source.frame_timeout,
+        allow=source.allow,
+        max_connections=source.max_connections,
+        duplicate_window=channel.duplicate_window,
+        store_failure=failure,
+        targets=targets,
+    )
+
+
+class ListenerService(service.Service):
+    """One channel's MLLP listener (an endpoint string, so TLS is configuration)."""
+
+    def __init__(self, reactor, endpoint: str, factory: MLLPListenerFactory, metrics: Metrics) -> None:
+        self.setName(f"listener:{factory.settings.channel}")
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.factory = factory
+        self.metrics = metrics
+        self.port = None
+
+    def startService(self) -> defer.Deferred:
+        service.Service.startService(self)
+        d = serverFromString(self.reactor, self.endpoint).listen(self.factory)
+
+        def bound(port):
+            self.port = port
+            self.metrics.listener_up.labels(self.factory.settings.channel).set(1)
+            address = port.getHost()
+            self.factory.log.info("listener.started", host=address.host, port=address.port)
+            return port
+
+        return d.addCallback(bound)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.metrics.listener_up.labels(self.factory.settings.channel).set(0)
+        yield self.factory.drain()
+
+
+class Engine(service.MultiService):
+    """The running engine: store writer, HTTP endpoint and one listener per channel."""
+
+    def __init__(self, reactor, config: EngineConfig, store, *, metrics: Metrics | None = None,
+                 http_endpoint: str | None = None, drain_timeout: float = 10.0) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.log = get_logger()
+        self.drain_timeout = drain_timeout
+        self.committer = GroupCommitter(
+            store, call_from_thread=reactor.callFromThread, metrics=self.metrics, log=self.log
+        )
+        control_ids = default_control_ids(time.time(), os.getpid())
+        self.listeners: list[ListenerService] = []
+        for channel in config.channels:
+            factory = MLLPListenerFactory(
+                receive_settings(channel, config),
+                committer=self.committer,
+                metrics=self.metrics,
+                clock=reactor,
+                control_ids=control_ids,
+            )
+            listener = ListenerService(reactor, channel.source.listen, factory, self.metrics)
+            self.listeners.append(listener)
+        self.http_endpoint = http_endpoint
+        self.http_port = None
+        self.ready = False
+
+    def startService(self):
+        service.Service.startService(self)
+        self.committer.start()
+        waits = []
+        if self.http_endpoint:
+            from engine.shell.http import start_http
+
+            waits.append(start_http(self.reactor, self.http_endpoint, self).addCallback(self._http_bound))
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+        d = defer.gatherResults(waits + [defer.maybeDeferred(lambda: None)], consumeErrors=True)
+
+        def all_bound(_):
+            self.ready = all(listener.port is not None for listener in self.listeners)
+            self.log.info("engine.started", channels=len(self.listeners))
+
+        return d.addCallback(all_bound)
+
+    def _http_bound(self, port):
+        self.http_port = port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self.ready = False
+        self.log.info("engine.stopping")
+        service.Service.stopService(self)
+        stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        drained = defer.DeferredList(stops)
+        timeout = self.reactor.callLater(self.drain_timeout, drained.cancel)
+        try:
+            yield drained
+        except defer.CancelledError:
+            self.log.warning("engine.drain_timeout", seconds=self.drain_timeout)
+        if timeout.active():
+            timeout.cancel()
+        for listener in self.listeners:
+            for receiver in list(listener.factory.receivers):
+                receiver.transport.abortConnection()
+        yield self.committer.stop()
+        if self.http_port is not None:
+            yield self.http_port.stopListening()
+        self.store.close()
+        self.log.info("engine.stopped")
+
+    def listener_ports(self) -> dict[str, int]:
+        """Bound port per channel (useful when config says port 0)."""
+        return {l.factory.settings.channel: l.port.getHost().port for l in self.listeners if l.port}

@@ -1,0 +1,411 @@
+"""The MLLP listener: a thin Twisted shell around the pure framer and intake.
+
+``dataReceived`` feeds the framer, and for every complete frame reads the header,
+submits the message to the group committer and writes the ACK only after the
+commit. ACKs on one connection go out in arrival order whatever order commits
+finish in. Nothing a peer sends can raise out of ``dataReceived``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
+
+from engine.core import mllp
+from engine.core.ack import ControlIds, format_timestamp
+from engine.core.intake import (
+    ACCEPT_ALL,
+    INTERNAL_ERROR,
+    STORE_FAILED,
+    AcceptRules,
+    Assessment,
+    assess,
+    assess_oversize,
+)
+from engine.core.errors import Rejection
+from engine.log import get_logger, safe_error
+from engine.store import Append, QueueTarget, ReceivedMessage
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveSettings:
+    """What the listener needs from a channel's config, already validated."""
+
+    channel: str
+    rules: AcceptRules = ACCEPT_ALL
+    default_charset: str = "8859/1"
+    max_message_bytes: int = 64 * 1024 * 1024
+    lenient_framing: bool = False
+    idle_timeout: float | None = 600.0
+    frame_timeout: float | None = 30.0
+    allow: tuple[Network, ...] | None = None
+    max_connections: int = 64
+    duplicate_window: float = 24 * 3600.0
+    store_failure: Rejection = STORE_FAILED
+    targets: Callable[[Assessment], tuple[QueueTarget, ...]] = field(default=lambda a: ())
+
+    def allows(self, host: str) -> bool:
+        if self.allow is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow)
+
+
+class _Answer:
+    """One frame's place in the connection's ACK order."""
+
+    __slots__ = ("ack", "code", "done", "started")
+
+    def __init__(self, started: float) -> None:
+        self.ack = b""
+        self.code = ""
+        self.done = False
+        self.started = started
+
+
+class MLLPReceiver(protocol.Protocol):
+    def __init__(self, factory: "MLLPListenerFactory", peer: str) -> None:
+        self.factory = factory
+        self.peer = peer
+        settings = factory.settings
+        self.reader = mllp.FrameReader(
+            max_frame_bytes=settings.max_message_bytes, lenient=settings.lenient_framing
+        )
+        self._answers: deque[_Answer] = deque()
+        self._idle_call = None
+        self._frame_call = None
+        self._closing = False
+        self._lost = False
+        self.lost = defer.Deferred()  # fires when the connection is gone (for draining)
+        self.log = factory.log.bind(peer=peer)
+
+    # -- connection lifecycle -------------------------------------------------
+    def connectionMade(self) -> None:
+        set_keepalive = getattr(self.transport, "setTcpKeepAlive", None)
+        if set_keepalive is not None:
+            try:
+                set_keepalive(1)
+            except Exception:  # noqa: BLE001 - not every transport supports it
+                pass
+        self.factory.opened(self)
+        self._reset_idle()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        for event in self.reader.eof():
+            self._discarded(event)
+        self._cancel(self._idle_call)
+        self._cancel(self._frame_call)
+        self._idle_call = self._frame_call = None
+        self._answers.clear()
+        self._lost = True
+        self.factory.closed(self)
+        self.lost.callback(None)
+
+    # -- bytes in -------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._reset_idle()
+        try:
+            events = self.reader.feed(data)
+        except Exception as error:  # noqa: BLE001 - a framer bug must not kill the listener
+            self.log.error("mllp.framer_failed", error=safe_error(error))
+            self._close("internal-error")
+            return
+        for event in events:
+            if type(event) is mllp.FrameReceived:
+                self._frame(event.payload)
+            elif type(event) is mllp.JunkDiscarded:
+                self.factory.metrics.junk_bytes.labels(self.factory.settings.channel).inc(event.size)
+                self.log.debug("mllp.junk_discarded", size=event.size)
+            elif type(event) is mllp.FrameTooLarge:
+                self._oversize(event)
+            else:
+                self._discarded(event)
+        self._watch_frame()
+
+    def _frame(self, payload: bytes) -> None:
+        factory = self.factory
+        settings = factory.settings
+        answer = _Answer(time.perf_counter())
+        self._answers.append(answer)
+        try:
+            assessment = assess(payload, rules=settings.rules, default_charset=settings.default_charset)
+            message = factory.message_for(assessment, payload, self.peer)
+            d = factory.committer.submit(Append(message=message))
+        except Exception as error:  # noqa: BLE001 - answered with AE, never raised
+            self.log.error("message.intake_failed", error=safe_error(error))
+            self._settle(answer, None, INTERNAL_ERROR, None)
+            return
+        d.addCallbacks(
+            self._stored,
+            self._not_stored,
+            callbackArgs=(answer, assessment, message),
+            errbackArgs=(answer, assessment, message),
+        )
+
+    def _stored(self, result, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
+        factory = self.factory
+        if result.duplicate_of is not None:
+            factory.metrics.duplicates.labels(factory.settings.channel).inc()
+            self.log.info(
+                "message.duplicate",
+                message_id=result.duplicate_of,
+                control_id=message.control_id,
+                type=message.message_type,
+            )
+            answer.ack, answer.code = result.ack, message.ack_code
+            answer.done = True
+            self._flush()
+            return
+        self._settle(answer, assessment, None, message, message_id=result.message_id)
+
+    def _not_stored(self, failure, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
+        self.log.error(
+            "message.store_failed",
+            control_id=message.control_id,
+            type=message.message_type,
+            error=safe_error(failure.value),
+        )
+        # A rejection stands even if it could not be recorded; an accept becomes AE/CE.
+        failure = None if assessment.rejection else self.factory.settings.store_failure
+        self._settle(answer, assessment, failure, message, stored=False)
+
+    def _settle(self, answer, assessment, failure, message, *, message_id=None, stored=True) -> None:
+        factory = self.factory
+        if assessment is None or not stored or failure is not None:
+            code, ack = factory.acknowledge(assessment, failure)
+        else:
+            code, ack = message.ack_code, message.ack
+        answer.ack, answer.code, answer.done = ack, code, True
+        outcome = "accepted" if assessment is not None and assessment.accepted and stored else "rejected"
+        if failure is not None:
+            outcome = "failed"
+        channel = factory.settings.channel
+        label = message.message_type if (outcome == "accepted" and message) else "other"
+        factory.metrics.received.labels(channel, label, outcome).inc()
+        if message is not None:
+            factory.metrics.received_bytes.labels(channel).inc(len(message.raw))
+        if outcome != "accepted":
+            self.log.warning(
+                "message.rejected",
+                message_id=message_id,
+                control_id=message.control_id if message else None,
+                type=message.message_type if message else None,
+                code=code,
+                reason=(failure or assessment.rejection).text if (failure or assessment) else None,
+            )
+        else:
+            self.log.debug(
+                "message.acked", message_id=message_id, control_id=message.control_id, type=label, code=code
+            )
+        self._flush()
+
+    def _oversize(self, event: mllp.FrameTooLarge) -> None:
+        factory = self.factory
+        settings = factory.settings
+        factory.metrics.frames_discarded.labels(settings.channel, "oversize").inc()
+        assessment = assess_oversize(event.head, default_charset=settings.default_charset)
+        code, ack = factory.acknowledge(assessment, None)
+        self.log.warning("message.too_large", size=event.size, limit=settings.max_message_bytes, code=code)
+        answer = _Answer(time.perf_counter())
+        answer.ack, answer.code, answer.done = ack, code, True
+        self._answers.append(answer)
+        self._flush()
+
+    def _discarded(self, event) -> None:
+        reason = getattr(event, "reason", "aborted")
+        self.factory.metrics.frames_discarded.labels(self.factory.settings.channel, reason).inc()
+        self.log.warning("mllp.frame_discarded", reason=reason, size=event.size)
+
+    # -- bytes out, in arrival order -------------------------------------------
+    def _flush(self) -> None:
+        answers = self._answers
+        factory = self.factory
+        channel = factory.settings.channel
+        while answers and answers[0].done:
+            answer = answers.popleft()
+            if answer.ack:
+                self.transport.write(mllp.encode_frame(answer.ack))
+                factory.metrics.acks_sent.labels(channel, answer.code).inc()
+            else:
+                factory.metrics.acks_withheld.labels(channel, answer.code).inc()
+            factory.metrics.ack_latency.labels(channel).observe(time.perf_counter() - answer.started)
+        if self._closing and not answers and not self._lost:
+            self.transport.loseConnection()
+
+    # -- timers -----------------------------------------------------------------
+    def _reset_idle(self) -> None:
+        timeout = self.factory.settings.idle_timeout
+        if timeout is None:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.factory.clock.callLater(timeout, self._timed_out, "idle-timeout")
+
+    def _watch_frame(self) -> None:
+        timeout = self.factory.settings.frame_timeout
+        if timeout is None:
+            return
+        if self.reader.in_frame:
+            if self._frame_call is None or not self._frame_call.active():
+                self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame-timeout")
+        elif self._frame_call is not None:
+            self._cancel(self._frame_call)
+            self._frame_call = None
+
+    def _timed_out(self, reason: str) -> None:
+        if reason == "frame-timeout":
+            # The peer stopped mid-frame: what it sent of it is dropped, nothing stored.
+            self.reader.eof()
+            self.factory.metrics.frames_discarded.labels(self.factory.settings.channel, "timeout").inc()
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        """Stop reading; close once ACKs for frames already received are written."""
+        if self._closing:
+            return
+        self._closing = True
+        self.factory.metrics.connections_closed.labels(self.factory.settings.channel, reason).inc()
+        self.log.info("connection.closing", reason=reason)
+        self._cancel(self._frame_call)
+        if not self._answers:
+            self.transport.loseConnection()
+
+    @staticmethod
+    def _cancel(call) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+
+class MLLPListenerFactory(protocol.Factory):
+    """One per channel: builds receivers, enforces allow-list and connection limit."""
+
+    def __init__(
+        self,
+        settings: ReceiveSettings,
+        *,
+        committer,
+        metrics,
+        clock: IReactorTime,
+        control_ids: Callable[[], str],
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc).astimezone(),
+        log=None,
+    ) -> None:
+        self.settings = settings
+        self.committer = committer
+        self.metrics = metrics
+        self.clock = clock
+        self.control_ids = control_ids
+        self.now = now
+        self.log = log or get_logger(channel=settings.channel)
+        self.receivers: set[MLLPReceiver] = set()
+        self._stamp_second = -1.0
+        self._stamp = ""
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        port = getattr(addr, "port", 0)
+        channel = self.settings.channel
+        if not self.settings.allows(host):
+            self.metrics.connections_refused.labels(channel, "not-allowed").inc()
+            self.log.warning("connection.refused", reason="not-allowed", peer=f"{host}:{port}")
+            return None
+        if len(self.receivers) >= self.settings.max_connections:
+            self.metrics.connections_refused.labels(channel, "too-many").inc()
+            self.log.warning("connection.refused", reason="too-many", peer=f"{host}:{port}")
+            return None
+        return MLLPReceiver(self, f"{host}:{port}")
+
+    def opened(self, receiver: MLLPReceiver) -> None:
+        self.receivers.add(receiver)
+        channel = self.settings.channel
+        self.metrics.connections.labels(channel).inc()
+        self.metrics.connections_open.labels(channel).set(len(self.receivers))
+        receiver.log.info("connection.opened")
+
+    def closed(self, receiver: MLLPReceiver) -> None:
+        self.receivers.discard(receiver)
+        self.metrics.connections_open.labels(self.settings.channel).set(len(self.receivers))
+        receiver.log.info("connection.closed")
+
+    def timestamp(self) -> str:
+        """HL7 timestamp for ACKs, formatted once per second (hot path)."""
+        moment = self.now()
+        second = moment.timestamp() // 1
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._stamp = format_timestamp(moment)
+        return self._stamp
+
+    def acknowledge(self, assessment: Assessment | None, failure) -> tuple[str, bytes]:
+        if assessment is None:  # we could not even read the frame: a bare AE
+            from engine.core.header import read_header
+
+            assessment = Assessment(
+                header=read_header(b"", default_charset="8859/1"), rejection=failure, payload_hash=b""
+            )
+        return assessment.ack(timestamp=self.timestamp(), control_id=self.control_ids(), failure=failure)
+
+    def message_for(self, assessment: Assessment, payload: bytes, peer: str) -> ReceivedMessage:
+        """The store record, with the ACK we will send once it is committed."""
+        header = assessment.header
+        code, ack = self.acknowledge(assessment, None)
+        accepted = assessment.accepted
+        return ReceivedMessage(
+            channel=self.settings.channel,
+            peer=peer,
+            received_at=self.clock.seconds(),
+            control_id=header.control_id or None,
+            sender=header.sender,
+            message_type=header.type_and_trigger or None,
+            structure=header.structure or None,
+            version=header.version or None,
+            processing_id=header.processing_id or None,
+            charset=header.hl7_charset,
+            raw=payload,
+            payload_hash=assessment.payload_hash,
+            status="accepted" if accepted else "rejected",
+            ack_code=code,
+            ack=ack,
+            error=None if accepted else assessment.rejection.text,
+            duplicate_window=self.settings.duplicate_window if accepted else 0.0,
+            targets=self.settings.targets(assessment) if accepted else (),
+        )
+
+    def drain(self) -> defer.Deferred:
+        """Stop reading on every connection; fires when their pending ACKs are out."""
+        receivers = list(self.receivers)
+        for receiver in receivers:
+            receiver._close("shutdown")
+        return defer.DeferredList([receiver.lost for receiver in receivers])
+
+
+def default_control_ids(clock_seconds: float, pid: int) -> ControlIds:
+    """ACK control ids unique across restarts: start time (base 36) and pid, then a counter."""
+    return ControlIds(prefix=f"K{_base36(int(clock_seconds * 1000))}{_base36(pid)}-")
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if not number:
+            return out

@@ -1,0 +1,44 @@
+"""``koppel send``: send message files over MLLP and print each ACK."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet import defer
+
+from engine.core.files import split_messages
+from engine.core.header import read_header
+from engine.core.response import read_ack
+from engine.shell.client import connect, host_port_endpoint
+
+
+@defer.inlineCallbacks
+def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool = False, out=sys.stdout):
+    """Fires with the exit code: 0 when every message got AA/CA, else 1."""
+    messages = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            messages.extend((path, m) for m in split_messages(handle.read(), raw=raw))
+    if not messages:
+        out.write("no messages found\n")
+        return 1
+    try:
+        client = yield connect(reactor, host_port_endpoint(target, timeout))
+    except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
+        out.write(f"cannot connect to {target}: {error.__class__.__name__}\n")
+        return 1
+    status = 0
+    for path, message in messages:
+        sent_id = read_header(message, default_charset="8859/1").control_id
+        try:
+            answer = yield client.request(message, timeout=timeout)
+        except Exception as error:  # noqa: BLE001
+            out.write(f"{path}\t{sent_id}\tNO ACK\t{error.__class__.__name__}\n")
+            return 1
+        reply = read_ack(answer)
+        mismatch = "" if reply.answers(sent_id) else "\t(MSA-2 does not match the sent MSH-10)"
+        out.write(f"{path}\t{reply.code or '??'}\t{reply.control_id}\t{reply.text}{mismatch}\n")
+        if not reply.success or mismatch:
+            status = 1
+    client.transport.loseConnection()
+    return status
