@@ -1,0 +1,692 @@
+"""SQLite backend of the message store: one file, WAL, one connection per thread.
+
+Why this shape:
+- WAL lets reader threads (and `koppel` CLI processes) read while the engine's single
+  writer thread commits, and a commit is one fsync of the log (synchronous=FULL by
+  default, NORMAL on request for speed at the cost of the last commits on power loss).
+- Every write is `BEGIN IMMEDIATE ... COMMIT`: the write lock is taken up front, so two
+  writers (engine + CLI) wait for each other under busy_timeout instead of failing
+  half-way with a lock upgrade error.
+- Queue depth, dead and delivered counts live in a `queues` row maintained in the same
+  transaction as the entries, so `queue_depths()` costs one tiny read however long the
+  queues are.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.store import (
+    Append,
+    AppendResult,
+    AuditRecord,
+    DeadLetter,
+    DropDeadLetters,
+    Enqueue,
+    MarkDelivered,
+    MessageStatus,
+    MessageSummary,
+    Prune,
+    PruneResult,
+    QueueEntry,
+    QueueStats,
+    RecordFailure,
+    ReplayDeadLetters,
+    RetryNow,
+    SetPaused,
+    StoredMessage,
+    StoreError,
+    WriteOp,
+    WriteResult,
+)
+from engine.store.migrations import MIGRATIONS, migrate
+
+__all__ = ["SQLiteConfig", "SQLiteStore", "parse_sqlite_url"]
+
+_SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
+_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SQLiteConfig:
+    path: Path
+    synchronous: str = "FULL"
+    busy_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in _SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, not {self.synchronous!r}"
+            )
+        if self.busy_timeout < 0:
+            raise ValueError("busy_timeout must be >= 0")
+
+
+def parse_sqlite_url(url: str) -> SQLiteConfig:
+    """`sqlite:rel/path.db`, `sqlite:///abs/path.db`, optional `?synchronous=NORMAL&busy_timeout=5`."""
+    scheme, _, rest = url.partition(":")
+    if scheme != "sqlite":
+        raise ValueError(f"not a sqlite store URL: {url!r}")
+    location, _, query = rest.partition("?")
+    if location.startswith("//"):
+        if not location.startswith("///"):
+            raise ValueError(
+                f"sqlite store URL {url!r} names a host; use sqlite:relative/path.db "
+                "or sqlite:///absolute/path.db"
+            )
+        location = location[2:]
+    if not location or location == ":memory:":
+        raise ValueError(f"sqlite store URL {url!r} needs a file path (in-memory is not supported)")
+    options: dict[str, Any] = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key == "synchronous":
+            options["synchronous"] = value.upper()
+        elif key == "busy_timeout":
+            try:
+                options["busy_timeout"] = float(value)
+            except ValueError:
+                raise ValueError(f"busy_timeout in {url!r} must be a number of seconds") from None
+        else:
+            raise ValueError(
+                f"unknown option {key!r} in store URL {url!r}; known: synchronous, busy_timeout"
+            )
+    return SQLiteConfig(path=Path(location), **options)
+
+
+# --------------------------------------------------------------------------- SQL
+
+_MESSAGE_COLUMNS = (
+    "id, channel, peer, received_at, control_id, sender, message_type, structure, version, "
+    "processing_id, charset, size, raw, payload_hash, status, ack_code, ack, error, "
+    "duplicate_count, last_duplicate_at"
+)
+_SUMMARY_COLUMNS = (
+    "id, channel, peer, received_at, control_id, sender, message_type, version, size, "
+    "status, ack_code, error, duplicate_count"
+)
+_ENTRY_SELECT = (
+    "SELECT e.id, e.queue, e.destination, e.message_id, e.state, e.attempts, e.enqueued_at, "
+    "e.next_attempt_at, e.last_attempt_at, e.last_error, e.last_ack, e.done_at, e.replay_of, "
+    "m.control_id, m.message_type, m.charset, m.raw "
+    "FROM queue_entries e JOIN messages m ON m.id = e.message_id "
+)
+_FIND_DUPLICATE = (
+    "SELECT id, ack FROM messages "
+    "WHERE control_id = ? AND channel = ? AND sender IS ? AND payload_hash = ? "
+    "AND status = 'accepted' AND received_at >= ? "
+    "ORDER BY id LIMIT 1"
+)
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (channel, peer, received_at, control_id, sender, message_type, "
+    "structure, version, processing_id, charset, size, payload_hash, status, ack_code, ack, "
+    "error, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ENTRY = (
+    "INSERT INTO queue_entries (queue, destination, message_id, state, enqueued_at, "
+    "next_attempt_at, replay_of) VALUES (?, ?, ?, 'pending', ?, 0, ?)"
+)
+_INSERT_AUDIT = (
+    "INSERT INTO audit (at, action, queue, entry_id, message_id, reason) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _entry(row: tuple[Any, ...]) -> QueueEntry:
+    return QueueEntry(
+        id=row[0],
+        queue=row[1],
+        destination=row[2],
+        message_id=row[3],
+        state=row[4],
+        attempts=row[5],
+        enqueued_at=row[6],
+        next_attempt_at=row[7],
+        last_attempt_at=row[8],
+        last_error=row[9],
+        last_ack=row[10],
+        done_at=row[11],
+        replay_of=row[12],
+        control_id=row[13],
+        message_type=row[14],
+        charset=row[15],
+        raw=row[16],
+    )
+
+
+# --------------------------------------------------------------------------- unit of work
+
+
+class _Transaction:
+    """Applies ops inside one open transaction; batches entry inserts and counter updates."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._new_entries: list[tuple[str, str, int, float, None]] = []
+        # queue -> [pending, dead, delivered] deltas, applied once at the end
+        self._counts: dict[str, list[int]] = {}
+        self._last_error: dict[str, str | None] = {}
+
+    def apply(self, op: WriteOp) -> WriteResult:
+        if type(op) is Append:
+            return self._append(op)
+        # Entries queued by earlier appends must get lower ids than anything this op queues.
+        self._flush_entries()
+        handler = self._handlers.get(type(op))
+        if handler is None:
+            raise StoreError(f"unsupported store operation {type(op).__name__}")
+        return handler(self, op)
+
+    def finish(self) -> None:
+        self._flush_entries()
+        if not self._counts and not self._last_error:
+            return
+        execmany = self._conn.executemany
+        queues = set(self._counts) | set(self._last_error)
+        execmany(
+            "INSERT INTO queues (queue) VALUES (?) ON CONFLICT (queue) DO NOTHING",
+            [(q,) for q in queues],
+        )
+        if self._counts:
+            execmany(
+                "UPDATE queues SET pending = pending + ?, dead = dead + ?, "
+                "delivered = delivered + ? WHERE queue = ?",
+                [(p, d, v, q) for q, (p, d, v) in self._counts.items()],
+            )
+        if self._last_error:
+            execmany(
+                "UPDATE queues SET last_error = ? WHERE queue = ?",
+                [(e, q) for q, e in self._last_error.items()],
+            )
+
+    # -- helpers
+
+    def _count(self, queue: str, pending: int = 0, dead: int = 0, delivered: int = 0) -> None:
+        c = self._counts.get(queue)
+        if c is None:
+            c = self._counts[queue] = [0, 0, 0]
+        c[0] += pending
+        c[1] += dead
+        c[2] += delivered
+
+    def _flush_entries(self) -> None:
+        if self._new_entries:
+            self._conn.executemany(_INSERT_ENTRY, self._new_entries)
+            for queue, *_ in self._new_entries:
+                self._count(queue, pending=1)
+            self._new_entries = []
+
+    def _insert_entry(
+        self, target_queue: str, destination: str, message_id: int, at: float, replay_of: int | None
+    ) -> int:
+        cur = self._conn.execute(_INSERT_ENTRY, (target_queue, destination, message_id, at, replay_of))
+        self._count(target_queue, pending=1)
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def _finish_entry(self, sql: str, params: tuple[Any, ...]) -> str | None:
+        """Run an UPDATE ... WHERE id = ? AND state = 'pending' RETURNING queue."""
+        rows = self._conn.execute(sql, params).fetchall()
+        return rows[0][0] if rows else None
+
+    # -- ops
+
+    def _append(self, op: Append) -> AppendResult:
+        m = op.message
+        execute = self._conn.execute
+        if m.status == "accepted" and m.duplicate_window > 0 and m.control_id is not None:
+            row = execute(
+                _FIND_DUPLICATE,
+                (m.control_id, m.channel, m.sender, m.payload_hash, m.received_at - m.duplicate_window),
+            ).fetchone()
+            if row is not None:
+                first_id, first_ack = row
+                execute(
+                    "UPDATE messages SET duplicate_count = duplicate_count + 1, "
+                    "last_duplicate_at = ? WHERE id = ?",
+                    (m.received_at, first_id),
+                )
+                return AppendResult(message_id=first_id, duplicate_of=first_id, ack=first_ack)
+        cur = execute(
+            _INSERT_MESSAGE,
+            (
+                m.channel,
+                m.peer,
+                m.received_at,
+                m.control_id,
+                m.sender,
+                m.message_type,
+                m.structure,
+                m.version,
+                m.processing_id,
+                m.charset,
+                len(m.raw),
+                m.payload_hash,
+                m.status,
+                m.ack_code,
+                m.ack,
+                m.error,
+                m.raw,
+            ),
+        )
+        message_id = int(cur.lastrowid)  # type: ignore[arg-type]
+        if m.status == "accepted":
+            for t in m.targets:
+                self._new_entries.append((t.queue, t.destination, message_id, m.received_at, None))
+        return AppendResult(message_id=message_id, duplicate_of=None, ack=m.ack)
+
+    def _mark_delivered(self, op: MarkDelivered) -> bool:
+        queue = self._finish_entry(
+            "UPDATE queue_entries SET state = 'delivered', attempts = attempts + 1, "
+            "last_ack = ?, last_attempt_at = ?, done_at = ? "
+            "WHERE id = ? AND state = 'pending' RETURNING queue",
+            (op.ack, op.at, op.at, op.entry_id),
+        )
+        if queue is None:
+            return False
+        self._count(queue, pending=-1, delivered=1)
+        self._last_error[queue] = None
+        return True
+
+    def _record_failure(self, op: RecordFailure) -> bool:
+        queue = self._finish_entry(
+            "UPDATE queue_entries SET attempts = attempts + 1, last_error = ?, last_ack = ?, "
+            "next_attempt_at = ?, last_attempt_at = ? "
+            "WHERE id = ? AND state = 'pending' RETURNING queue",
+            (op.error, op.ack, op.next_attempt_at, op.at, op.entry_id),
+        )
+        if queue is None:
+            return False
+        self._last_error[queue] = op.error
+        return True
+
+    def _dead_letter(self, op: DeadLetter) -> bool:
+        queue = self._finish_entry(
+            "UPDATE queue_entries SET state = 'dead', attempts = attempts + 1, last_error = ?, "
+            "last_ack = ?, last_attempt_at = ?, done_at = ? "
+            "WHERE id = ? AND state = 'pending' RETURNING queue",
+            (op.reason, op.ack, op.at, op.at, op.entry_id),
+        )
+        if queue is None:
+            return False
+        self._count(queue, pending=-1, dead=1)
+        self._last_error[queue] = op.reason
+        return True
+
+    def _enqueue(self, op: Enqueue) -> tuple[int, ...]:
+        row = self._conn.execute(
+            "SELECT status FROM messages WHERE id = ?", (op.message_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"message {op.message_id} does not exist")
+        if row[0] != "accepted":
+            raise StoreError(f"message {op.message_id} was rejected; only accepted messages are queued")
+        new_ids = []
+        for t in op.targets:
+            entry_id = self._insert_entry(t.queue, t.destination, op.message_id, op.at, None)
+            self._audit(op.at, "resend", t.queue, entry_id, op.message_id, f"to {t.destination}")
+            new_ids.append(entry_id)
+        return tuple(new_ids)
+
+    def _set_paused(self, op: SetPaused) -> None:
+        self._conn.execute(
+            "INSERT INTO queues (queue, paused) VALUES (?, ?) "
+            "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused",
+            (op.queue, int(op.paused)),
+        )
+
+    def _retry_now(self, op: RetryNow) -> int:
+        # In FIFO order only the head ever waits; with order:none several may, so all are freed.
+        cur = self._conn.execute(
+            "UPDATE queue_entries SET next_attempt_at = 0 "
+            "WHERE queue = ? AND state = 'pending' AND next_attempt_at > 0",
+            (op.queue,),
+        )
+        return cur.rowcount
+
+    def _replay(self, op: ReplayDeadLetters) -> tuple[int, ...]:
+        dead: list[tuple[int, str, str, int]] = []
+        select = "SELECT id, queue, destination, message_id FROM queue_entries "
+        if op.queue is not None:
+            dead = self._conn.execute(
+                select + "WHERE queue = ? AND state = 'dead' ORDER BY id", (op.queue,)
+            ).fetchall()
+        else:
+            for chunk in _chunks(sorted(set(op.entry_ids))):
+                dead += self._conn.execute(
+                    select + f"WHERE id IN ({_placeholders(len(chunk))}) AND state = 'dead'",
+                    tuple(chunk),
+                ).fetchall()
+            dead.sort()
+        new_ids = []
+        for old_id, queue, destination, message_id in dead:
+            self._conn.execute(
+                "UPDATE queue_entries SET state = 'replayed', done_at = ? WHERE id = ?",
+                (op.at, old_id),
+            )
+            self._count(queue, dead=-1)
+            new_id = self._insert_entry(queue, destination, message_id, op.at, old_id)
+            self._audit(op.at, "replay", queue, old_id, message_id, f"as entry {new_id}")
+            new_ids.append(new_id)
+        return tuple(new_ids)
+
+    def _drop(self, op: DropDeadLetters) -> int:
+        dropped = 0
+        for chunk in _chunks(sorted(set(op.entry_ids))):
+            rows = self._conn.execute(
+                "UPDATE queue_entries SET state = 'dropped', done_at = ? "
+                f"WHERE id IN ({_placeholders(len(chunk))}) AND state = 'dead' "
+                "RETURNING id, queue, message_id",
+                (op.at, *chunk),
+            ).fetchall()
+            for entry_id, queue, message_id in sorted(rows):
+                self._count(queue, dead=-1)
+                self._audit(op.at, "drop", queue, entry_id, message_id, op.reason)
+                dropped += 1
+        return dropped
+
+    def _prune(self, op: Prune) -> PruneResult:
+        entries = self._conn.execute(
+            "DELETE FROM queue_entries WHERE id IN (SELECT id FROM queue_entries "
+            "WHERE state IN ('delivered', 'dropped', 'replayed') AND done_at < ? LIMIT ?)",
+            (op.before, op.limit),
+        ).rowcount
+        # A message goes only once nothing refers to it any more; pending and dead
+        # entries (and finished ones not yet old enough) keep their body alive.
+        messages = self._conn.execute(
+            "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m "
+            "WHERE m.received_at < ? AND NOT EXISTS "
+            "(SELECT 1 FROM queue_entries e WHERE e.message_id = m.id) LIMIT ?)",
+            (op.before, op.limit),
+        ).rowcount
+        return PruneResult(entries=entries, messages=messages)
+
+    def _audit(
+        self, at: float, action: str, queue: str | None, entry_id: int | None,
+        message_id: int | None, reason: str | None,
+    ) -> None:
+        self._conn.execute(_INSERT_AUDIT, (at, action, queue, entry_id, message_id, reason))
+
+    _handlers: dict[type, Any] = {
+        MarkDelivered: _mark_delivered,
+        RecordFailure: _record_failure,
+        DeadLetter: _dead_letter,
+        Enqueue: _enqueue,
+        SetPaused: _set_paused,
+        RetryNow: _retry_now,
+        ReplayDeadLetters: _replay,
+        DropDeadLetters: _drop,
+        Prune: _prune,
+    }
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SQLiteStore:
+    """A `MessageStore` in one SQLite file. Thread-safe: each thread gets its own connection."""
+
+    def __init__(self, config: SQLiteConfig) -> None:
+        self.config = config
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._closed = False
+        try:
+            config.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store directory: {exc.strerror}") from exc
+        conn = self._conn()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            migrate(conn, MIGRATIONS, now=time.time())
+        except StoreError:
+            self.close()
+            raise
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open the store: {exc}") from exc
+
+    # -- connections
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.config.path,
+            timeout=self.config.busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,  # only so close() may close it; used by one thread
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout * 1000)}")
+        conn.execute(f"PRAGMA synchronous = {self.config.synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("the store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the store: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise StoreError("the store is closed")
+                # Close connections of threads that have ended, so a churning pool cannot leak.
+                alive = []
+                for ref, other in self._connections:
+                    thread = ref()
+                    if thread is not None and thread.is_alive():
+                        alive.append((ref, other))
+                    else:
+                        other.close()
+                alive.append((weakref.ref(threading.current_thread()), conn))
+                self._connections = alive
+        return conn
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file, from the calling thread.
+
+        SQLite otherwise does this inside whichever commit crosses 1000 WAL pages, which
+        puts a 10-20 ms stall on the writer thread every few batches. The shell calls this
+        periodically from a non-writer thread so the writer rarely finds work left to do.
+        PASSIVE: it never blocks readers or the writer.
+        """
+        try:
+            self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store checkpoint failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close every thread's connection. Idempotent."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _, conn in connections:
+            conn.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes
+
+    def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Run all `ops` in one transaction, commit once; results align with ops.
+
+        On any failure everything is rolled back and StoreError is raised.
+        """
+        if not ops:
+            return []
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write could not start: {exc}") from exc
+        try:
+            tx = _Transaction(conn)
+            results = [tx.apply(op) for op in ops]
+            tx.finish()
+            conn.execute("COMMIT")
+            return results
+        except BaseException as exc:
+            self._rollback(conn)
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store write of {len(ops)} operations failed: {exc}") from exc
+            if isinstance(exc, Exception):
+                raise StoreError(
+                    f"store write of {len(ops)} operations failed ({type(exc).__name__})"
+                ) from exc
+            raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing was kept
+
+    # -- reads
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    def get_message(self, message_id: int) -> StoredMessage | None:
+        rows = self._query(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredMessage(
+            id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
+            message_type=r[6], structure=r[7], version=r[8], processing_id=r[9], charset=r[10],
+            size=r[11], raw=r[12], payload_hash=r[13], status=r[14], ack_code=r[15], ack=r[16],
+            error=r[17], duplicate_count=r[18], last_duplicate_at=r[19],
+        )
+
+    def list_messages(
+        self,
+        *,
+        channel: str | None = None,
+        control_id: str | None = None,
+        message_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        status: MessageStatus | None = None,
+        limit: int = 100,
+    ) -> list[MessageSummary]:
+        """Newest first, without bodies. `since` inclusive, `until` exclusive."""
+        where, params = [], []
+        for clause, value in (
+            ("channel = ?", channel),
+            ("control_id = ?", control_id),
+            ("message_type = ?", message_type),
+            ("received_at >= ?", since),
+            ("received_at < ?", until),
+            ("status = ?", status),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [
+            MessageSummary(
+                id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
+                message_type=r[6], version=r[7], size=r[8], status=r[9], ack_code=r[10],
+                error=r[11], duplicate_count=r[12],
+            )
+            for r in rows
+        ]
+
+    def queue_head(
+        self, queue: str, limit: int = 100, *, after_id: int | None = None
+    ) -> list[QueueEntry]:
+        """Pending entries in FIFO (id) order, one page; pass the last id as `after_id` for the next."""
+        rows = self._query(
+            _ENTRY_SELECT + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
+            "ORDER BY e.id LIMIT ?",
+            (queue, after_id or 0, limit),
+        )
+        return [_entry(r) for r in rows]
+
+    def queue_depths(self) -> dict[str, int]:
+        return dict(self._query("SELECT queue, pending FROM queues ORDER BY queue"))
+
+    def queue_stats(self, now: float) -> list[QueueStats]:
+        rows = self._query(
+            "SELECT q.queue, q.pending, q.paused, q.last_error, q.dead, q.delivered, "
+            "(SELECT e.enqueued_at FROM queue_entries e WHERE e.queue = q.queue "
+            " AND e.state = 'pending' ORDER BY e.id LIMIT 1) "
+            "FROM queues q ORDER BY q.queue"
+        )
+        return [
+            QueueStats(
+                queue=r[0], depth=r[1], paused=bool(r[2]), last_error=r[3], dead_count=r[4],
+                delivered_count=r[5], oldest_enqueued_at=r[6],
+                oldest_age=None if r[6] is None else max(0.0, now - r[6]),
+            )
+            for r in rows
+        ]
+
+    def is_paused(self, queue: str) -> bool:
+        rows = self._query("SELECT paused FROM queues WHERE queue = ?", (queue,))
+        return bool(rows and rows[0][0])
+
+    def list_dead_letters(self, queue: str | None = None, limit: int = 100) -> list[QueueEntry]:
+        """Dead entries, oldest first."""
+        if queue is None:
+            rows = self._query(_ENTRY_SELECT + "WHERE e.state = 'dead' ORDER BY e.id LIMIT ?", (limit,))
+        else:
+            rows = self._query(
+                _ENTRY_SELECT + "WHERE e.queue = ? AND e.state = 'dead' ORDER BY e.id LIMIT ?",
+                (queue, limit),
+            )
+        return [_entry(r) for r in rows]
+
+    def get_entry(self, entry_id: int) -> QueueEntry | None:
+        rows = self._query(_ENTRY_SELECT + "WHERE e.id = ?", (entry_id,))
+        return _entry(rows[0]) if rows else None
+
+    def list_audit(self, limit: int = 100) -> list[AuditRecord]:
+        """Newest first."""
+        rows = self._query(
+            "SELECT id, at, action, queue, entry_id, message_id, reason FROM audit "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            AuditRecord(id=r[0], at=r[1], action=r[2], queue=r[3], entry_id=r[4],
+                        message_id=r[5], reason=r[6])
+            for r in rows
+        ]
+
+    def schema_version(self) -> int:
+        rows = self._query("SELECT max(version) FROM schema_version")
+        return int(rows[0][0] or 0)
