@@ -122,7 +122,10 @@ class FrameReader:
             elif state == _IN_FRAME:
                 fs = data.find(b"\x1c", pos)
                 stop = end if fs < 0 else fs
-                vt = data.find(b"\x0b", pos, stop)
+                # A VT counts only up to the byte that breaks the limit (as if fed one
+                # byte at a time); past it the frame is already being discarded.
+                room = self.max_frame_bytes - len(buf) + 1
+                vt = data.find(b"\x0b", pos, min(stop, pos + room))
                 if vt >= 0:
                     events.append(FrameAborted(len(buf) + vt - pos, "vt-inside-frame"))
                     buf.clear()
@@ -145,6 +148,13 @@ class FrameReader:
                         buf.clear()
                         pos = fs + 1
                     self._state = _IDLE
+                elif self.lenient:
+                    # FS ends the read: a lenient peer may never send the CR, so the
+                    # frame is complete now; a CR in the next read is still consumed.
+                    events.append(FrameReceived(self._take(data, pos, fs)))
+                    self._skip_cr = True
+                    self._state = _IDLE
+                    break
                 else:
                     buf += data[pos:fs]
                     self._state = _AFTER_FS
@@ -200,7 +210,7 @@ class FrameReader:
         room = self.head_bytes - len(buf)
         head = bytes(buf[: self.head_bytes])
         if room > 0:
-            head += bytes(data[start : start + room])
+            head += bytes(data[start : min(stop, start + room)])
         self._head = head
         self._size = len(buf) + stop - start
         buf.clear()
