@@ -154,7 +154,9 @@ def _err_segment(header: Header, rejection: Rejection, version: tuple[int, ...] 
     seg = location.segment.encode("ascii")
     seq = str(location.sequence).encode("ascii")
     fld = str(location.field).encode("ascii") if location.field else b""
-    label = code.label.encode("ascii")
+    # Labels are constant text, but a sender may pick letters as delimiters (hl7apy
+    # uses "r" for repetition), so they are escaped like any other text.
+    label = escape_text(code.label, d).encode("ascii")
     number = str(int(code)).encode("ascii")
     text = escape_text(rejection.text, d).encode("ascii", "replace")
     # ERR-1 (ELD) up to 2.4: segment^sequence^field^code, the code a CE in subcomponents.
