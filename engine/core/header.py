@@ -11,6 +11,7 @@ can always be built.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as computed
 
 from engine.core import charsets
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
@@ -80,48 +81,38 @@ class Header:
     def text(self, raw: bytes) -> str:
         return raw.decode(self.codec, "replace")
 
-    @property
-    def message_type(self) -> str:
-        return self.text(self.component(9, 1))
+    # Decoded once, when built: every message needs most of them (store, route, ACK).
+    message_type: str = computed(init=False)
+    trigger: str = computed(init=False)
+    structure: str = computed(init=False)
+    control_id: str = computed(init=False)
+    processing_id: str = computed(init=False)
+    version: str = computed(init=False)
+    accept_ack_type: str = computed(init=False)  # MSH-15, upper-cased
+    application_ack_type: str = computed(init=False)  # MSH-16, upper-cased
+    sender: str = computed(init=False)  # "MSH-3|MSH-4": who sent it (part of the duplicate key)
 
-    @property
-    def trigger(self) -> str:
-        return self.text(self.component(9, 2))
-
-    @property
-    def structure(self) -> str:
-        return self.text(self.component(9, 3))
+    def __post_init__(self) -> None:
+        text, component, field_ = self.text, self.component, self.field
+        values = {
+            "message_type": text(component(9, 1)),
+            "trigger": text(component(9, 2)),
+            "structure": text(component(9, 3)),
+            "control_id": text(field_(10)),
+            "processing_id": text(component(11, 1)),
+            "version": text(component(12, 1)),
+            "accept_ack_type": text(field_(15)).strip().upper(),
+            "application_ack_type": text(field_(16)).strip().upper(),
+            "sender": f"{text(field_(3))}|{text(field_(4))}",
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     @property
     def type_and_trigger(self) -> str:
         """``SRM^S01`` (or ``ACK`` when there is no trigger): the routing key."""
         trigger = self.trigger
         return f"{self.message_type}^{trigger}" if trigger else self.message_type
-
-    @property
-    def control_id(self) -> str:
-        return self.text(self.field(10))
-
-    @property
-    def processing_id(self) -> str:
-        return self.text(self.component(11, 1))
-
-    @property
-    def version(self) -> str:
-        return self.text(self.component(12, 1))
-
-    @property
-    def accept_ack_type(self) -> str:
-        return self.text(self.field(15)).strip().upper()
-
-    @property
-    def application_ack_type(self) -> str:
-        return self.text(self.field(16)).strip().upper()
-
-    @property
-    def sender(self) -> str:
-        """MSH-3|MSH-4: who sent it (part of the duplicate key)."""
-        return f"{self.text(self.field(3))}|{self.text(self.field(4))}"
 
 
 def read_header(raw: bytes, *, default_charset: str) -> Header:

@@ -1,88 +1,78 @@
-"""Group commit: one writer thread, many waiting connections, one fsync per batch.
+"""Group commit: every write submitted during one reactor turn shares one transaction.
 
-Callers submit store write operations and get a Deferred that fires, in the
-reactor thread, after the transaction holding their operation has committed. Under
-load many operations share a transaction, so durability does not cost one fsync per
-message. A failing batch is retried operation by operation, so one poisoned
-operation fails alone.
+Callers submit store write operations and get a Deferred that fires after the
+transaction holding their operation has committed (so an ACK written from its
+callback is an ACK for a durable message). The commit runs in the reactor thread
+at the end of the turn: measured on the receive benchmark, handing batches to a
+writer thread cost more in GIL hand-offs and wake-ups than the fsync it overlapped
+(4.6k vs 6.2k msg/s with synchronous=FULL, 6.2k vs 8.8k with NORMAL, 8
+connections). The price is that a slow disk stalls the reactor for that fsync;
+WAL checkpoints, the slow part, run in a background thread (``Checkpointer``).
+
+A failing batch is retried operation by operation, so one poisoned operation
+fails alone and everything else still commits.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from typing import Any, Callable
 
-from twisted.internet import defer
-
-_STOP = object()
+from twisted.internet import defer, task
 
 
 class GroupCommitter:
-    def __init__(
-        self,
-        store,
-        *,
-        call_from_thread: Callable[..., Any],
-        max_batch: int = 1024,
-        metrics=None,
-        log=None,
-    ) -> None:
+    def __init__(self, store, *, clock, metrics=None, log=None) -> None:
         self._store = store
-        self._call_from_thread = call_from_thread
-        self._max_batch = max_batch
+        self._clock = clock
         self._metrics = metrics
         self._log = log
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stopped: defer.Deferred | None = None
+        self._pending: list[tuple[object, defer.Deferred]] = []
+        self._call = None
+        self._stopped = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="koppel-store-writer", daemon=True)
-        self._thread.start()
+        self._stopped = False
 
     def submit(self, op) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._queue.put((op, d))
-        return d
+        """One operation; fires with its result after commit, or fails with the store's error."""
+        return self._enqueue(op)
 
     def submit_many(self, ops) -> defer.Deferred:
-        """Several operations in the same transaction (all commit or none)."""
+        """Several operations that commit together or not at all; fires with their results."""
+        return self._enqueue(tuple(ops))
+
+    def _enqueue(self, op) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
-        self._queue.put((tuple(ops), d))
+        self._pending.append((op, d))
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
         return d
 
-    def stop(self) -> defer.Deferred:
-        """Commit everything already submitted, then end the thread."""
-        if self._stopped is None:
-            self._stopped = defer.Deferred()
-            self._queue.put((_STOP, None))
-        return self._stopped
+    def flush(self) -> None:
+        """Commit everything pending now (also called at shutdown)."""
+        self._call = None
+        work, self._pending = self._pending, []
+        if work:
+            for d, ok, value in self._commit(work):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
 
-    def _run(self) -> None:
-        get = self._queue.get
-        get_nowait = self._queue.get_nowait
-        while True:
-            items = [get()]
-            while len(items) < self._max_batch:
-                try:
-                    items.append(get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(op is _STOP for op, _ in items)
-            work = [(op, d) for op, d in items if op is not _STOP]
-            if work:
-                outcomes = self._commit(work)
-                self._call_from_thread(_fire, outcomes)
-            if stop:
-                self._call_from_thread(self._stopped.callback, None)
-                return
+    def stop(self) -> defer.Deferred:
+        """Commit what was already submitted; later submits still work (they commit on their turn)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self.flush()
+        return defer.succeed(None)
 
     def _commit(self, work):
-        ops = []
+        ops: list = []
         for op, _ in work:
-            ops.extend(op if isinstance(op, tuple) else (op,))
+            if isinstance(op, tuple):
+                ops.extend(op)
+            else:
+                ops.append(op)
         started = time.perf_counter()
         try:
             results = self._store.write(ops)
@@ -111,12 +101,47 @@ class GroupCommitter:
         if self._log is not None:
             from engine.log import safe_error
 
-            self._call_from_thread(self._log.error, "store.commit_failed", error=safe_error(error))
+            self._log.error("store.commit_failed", error=safe_error(error))
 
 
-def _fire(outcomes) -> None:
-    for d, ok, value in outcomes:
-        if ok:
-            d.callback(value)
-        else:
-            d.errback(value)
+class Checkpointer:
+    """Runs the store's WAL checkpoint in a thread now and then, off the commit path."""
+
+    def __init__(self, store, *, reactor, interval: float = 0.25, log=None) -> None:
+        self._store = store
+        self._reactor = reactor
+        self._log = log
+        self._loop = task.LoopingCall(self._once)
+        self._loop.clock = reactor
+        self._interval = interval
+        self._running: defer.Deferred | None = None
+
+    def start(self) -> None:
+        if hasattr(self._store, "checkpoint"):
+            self._loop.start(self._interval, now=False)
+
+    def _once(self):
+        from twisted.internet import threads
+
+        if self._running is not None:
+            return None
+        self._running = threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self._store.checkpoint
+        )
+        self._running.addErrback(self._failed)
+        self._running.addBoth(self._done)
+        return None
+
+    def _failed(self, failure) -> None:
+        if self._log is not None:
+            from engine.log import safe_error
+
+            self._log.warning("store.checkpoint_failed", error=safe_error(failure.value))
+
+    def _done(self, _):
+        self._running = None
+
+    def stop(self) -> defer.Deferred:
+        if self._loop.running:
+            self._loop.stop()
+        return self._running if self._running is not None else defer.succeed(None)

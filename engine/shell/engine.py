@@ -20,7 +20,7 @@ from engine.core.errors import Rejection
 from engine.core.intake import STORE_FAILED, AcceptRules
 from engine.log import get_logger
 from engine.metrics import Metrics
-from engine.shell.committer import GroupCommitter
+from engine.shell.committer import Checkpointer, GroupCommitter
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
 from engine.store import QueueTarget
 
@@ -110,9 +110,8 @@ class Engine(service.MultiService):
         self.metrics = metrics or Metrics()
         self.log = get_logger()
         self.drain_timeout = drain_timeout
-        self.committer = GroupCommitter(
-            store, call_from_thread=reactor.callFromThread, metrics=self.metrics, log=self.log
-        )
+        self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log)
+        self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log)
         control_ids = default_control_ids(time.time(), os.getpid())
         self.listeners: list[ListenerService] = []
         for channel in config.channels:
@@ -132,6 +131,7 @@ class Engine(service.MultiService):
     def startService(self):
         service.Service.startService(self)
         self.committer.start()
+        self.checkpointer.start()
         waits = []
         if self.http_endpoint:
             from engine.shell.http import start_http
@@ -168,6 +168,7 @@ class Engine(service.MultiService):
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
         yield self.committer.stop()
+        yield self.checkpointer.stop()
         if self.http_port is not None:
             yield self.http_port.stopListening()
         self.store.close()

@@ -161,7 +161,7 @@ class MLLPReceiver(protocol.Protocol):
     def _stored(self, result, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
         factory = self.factory
         if result.duplicate_of is not None:
-            factory.metrics.duplicates.labels(factory.settings.channel).inc()
+            factory.count(factory.metrics.duplicates).inc()
             self.log.info(
                 "message.duplicate",
                 message_id=result.duplicate_of,
@@ -195,11 +195,10 @@ class MLLPReceiver(protocol.Protocol):
         outcome = "accepted" if assessment is not None and assessment.accepted and stored else "rejected"
         if failure is not None:
             outcome = "failed"
-        channel = factory.settings.channel
         label = message.message_type if (outcome == "accepted" and message) else "other"
-        factory.metrics.received.labels(channel, label, outcome).inc()
+        factory.count(factory.metrics.received, label, outcome).inc()
         if message is not None:
-            factory.metrics.received_bytes.labels(channel).inc(len(message.raw))
+            factory.count(factory.metrics.received_bytes).inc(len(message.raw))
         if outcome != "accepted":
             self.log.warning(
                 "message.rejected",
@@ -236,15 +235,15 @@ class MLLPReceiver(protocol.Protocol):
     def _flush(self) -> None:
         answers = self._answers
         factory = self.factory
-        channel = factory.settings.channel
+        metrics = factory.metrics
         while answers and answers[0].done:
             answer = answers.popleft()
             if answer.ack:
                 self.transport.write(mllp.encode_frame(answer.ack))
-                factory.metrics.acks_sent.labels(channel, answer.code).inc()
+                factory.count(metrics.acks_sent, answer.code).inc()
             else:
-                factory.metrics.acks_withheld.labels(channel, answer.code).inc()
-            factory.metrics.ack_latency.labels(channel).observe(time.perf_counter() - answer.started)
+                factory.count(metrics.acks_withheld, answer.code).inc()
+            factory.count(metrics.ack_latency).observe(time.perf_counter() - answer.started)
         if self._closing and not answers and not self._lost:
             self.transport.loseConnection()
 
@@ -317,6 +316,7 @@ class MLLPListenerFactory(protocol.Factory):
         self.receivers: set[MLLPReceiver] = set()
         self._stamp_second = -1.0
         self._stamp = ""
+        self._children: dict = {}
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
@@ -346,12 +346,19 @@ class MLLPListenerFactory(protocol.Factory):
 
     def timestamp(self) -> str:
         """HL7 timestamp for ACKs, formatted once per second (hot path)."""
-        moment = self.now()
-        second = moment.timestamp() // 1
+        second = self.clock.seconds() // 1
         if second != self._stamp_second:
             self._stamp_second = second
-            self._stamp = format_timestamp(moment)
+            self._stamp = format_timestamp(self.now())
         return self._stamp
+
+    def count(self, metric, *labels):
+        """A metric child for these labels, looked up once (labels() is costly per message)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.settings.channel, *labels)
+        return child
 
     def acknowledge(self, assessment: Assessment | None, failure) -> tuple[str, bytes]:
         if assessment is None:  # we could not even read the frame: a bare AE
