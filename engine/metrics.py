@@ -88,3 +88,37 @@ class Metrics:
             "koppel_store_commit_batch_size", "Operations per store transaction", buckets=BATCH_BUCKETS, registry=r
         )
         self.store_errors = Counter("koppel_store_errors_total", "Failed store transactions", registry=r)
+        # delivery: queue-level gauges by queue (host:port), entry-level counts by destination name
+        self.queue_depth = Gauge("koppel_queue_depth", "Entries waiting in the queue", ["queue"], registry=r)
+        self.queue_oldest_age_seconds = Gauge(
+            "koppel_queue_oldest_age_seconds", "Age of the oldest waiting entry", ["queue"], registry=r
+        )
+        self.queue_paused = Gauge("koppel_queue_paused", "1 while an operator has paused the queue", ["queue"], registry=r)
+        self.destination_connected = Gauge(
+            "koppel_destination_connected", "1 while the queue's connection is up", ["queue"], registry=r
+        )
+        self.delivery_sent_total = Counter(
+            "koppel_delivery_sent_total", "Messages written to a destination (attempts)", ["destination"], registry=r
+        )
+        self.delivery_redeliveries_total = Counter(
+            "koppel_delivery_redeliveries_total",
+            "Attempts on an entry that was tried before (retries and resends after restart)",
+            ["destination"],
+            registry=r,
+        )
+        self.delivery_acks_total = Counter(
+            "koppel_delivery_acks_total", "Acknowledgements received from destinations", ["destination", "code"], registry=r
+        )
+        self.delivery_retries_total = Counter(
+            "koppel_delivery_retries_total", "Failed attempts that will be retried", ["destination"], registry=r
+        )
+        self.dead_letters_total = Counter(
+            "koppel_dead_letters_total", "Entries moved to the dead letters", ["destination"], registry=r
+        )
+        self.delivery_latency_seconds = Histogram(
+            "koppel_delivery_latency_seconds",
+            "Received (queued) to acknowledged by the destination",
+            ["destination"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 21600, 86400),
+            registry=r,
+        )

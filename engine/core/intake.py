@@ -54,6 +54,11 @@ INTERNAL_ERROR = Rejection(
     error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
     text="internal error while receiving the message; send it again",
 )
+QUEUE_FULL = Rejection(
+    ack_code="AE",
+    error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
+    text="destination queue full; send it again later",
+)
 TOO_LARGE = Rejection(
     ack_code="AR",
     error_code=ErrorCode.SEGMENT_SEQUENCE,

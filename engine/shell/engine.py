@@ -22,10 +22,11 @@ from engine.log import get_logger
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
+from engine.shell.sender import QueueSender
 from engine.store import QueueTarget
 
 
-def receive_settings(channel: ChannelConfig, config: EngineConfig) -> ReceiveSettings:
+def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None) -> ReceiveSettings:
     source = channel.source
     targets_by_route = [
         (route, tuple(
@@ -41,6 +42,19 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig) -> ReceiveSet
             if route.matches(header.message_type, header.trigger):
                 chosen.extend(t for t in route_targets if t not in chosen)
         return tuple(chosen)
+
+    senders = senders or {}
+
+    def queue_full(targets) -> bool:
+        return any(
+            (sender := senders.get(t.queue)) is not None and sender.depth >= sender.max_queue for t in targets
+        )
+
+    def on_queued(targets) -> None:
+        for t in targets:
+            sender = senders.get(t.queue)
+            if sender is not None:
+                sender.enqueued()
 
     failure = STORE_FAILED
     if channel.ack.store_failure != failure.ack_code:
@@ -62,6 +76,8 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig) -> ReceiveSet
         duplicate_window=channel.duplicate_window,
         store_failure=failure,
         targets=targets,
+        queue_full=queue_full,
+        on_queued=on_queued,
     )
 
 
@@ -113,10 +129,19 @@ class Engine(service.MultiService):
         self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log)
         self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log)
         control_ids = default_control_ids(time.time(), os.getpid())
+        self.senders: dict[str, QueueSender] = {}
+        by_queue: dict[str, dict] = {}
+        for destination in config.destinations:
+            by_queue.setdefault(destination.queue_key, {})[destination.name] = destination
+        for queue, destinations in by_queue.items():
+            self.senders[queue] = QueueSender(
+                queue, destinations, store=store, committer=self.committer, reactor=reactor,
+                metrics=self.metrics, log=get_logger(queue=queue),
+            )
         self.listeners: list[ListenerService] = []
         for channel in config.channels:
             factory = MLLPListenerFactory(
-                receive_settings(channel, config),
+                receive_settings(channel, config, self.senders),
                 committer=self.committer,
                 metrics=self.metrics,
                 clock=reactor,
@@ -132,6 +157,8 @@ class Engine(service.MultiService):
         service.Service.startService(self)
         self.committer.start()
         self.checkpointer.start()
+        for sender in self.senders.values():
+            sender.start()
         waits = []
         if self.http_endpoint:
             from engine.shell.http import start_http
@@ -167,6 +194,14 @@ class Engine(service.MultiService):
         for listener in self.listeners:
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
+        senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
+        timeout = self.reactor.callLater(self.drain_timeout, senders.cancel)
+        try:
+            yield senders
+        except defer.CancelledError:
+            self.log.warning("engine.sender_stop_timeout", seconds=self.drain_timeout)
+        if timeout.active():
+            timeout.cancel()
         yield self.committer.stop()
         yield self.checkpointer.stop()
         if self.http_port is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -23,6 +23,7 @@ from engine.core.ack import ControlIds, format_timestamp
 from engine.core.intake import (
     ACCEPT_ALL,
     INTERNAL_ERROR,
+    QUEUE_FULL,
     STORE_FAILED,
     AcceptRules,
     Assessment,
@@ -52,6 +53,10 @@ class ReceiveSettings:
     duplicate_window: float = 24 * 3600.0
     store_failure: Rejection = STORE_FAILED
     targets: Callable[[Assessment], tuple[QueueTarget, ...]] = field(default=lambda a: ())
+    # Delivery hooks: is any of these queues full (answer AE, store nothing queued),
+    # and tell the senders that entries were committed.
+    queue_full: Callable[[tuple[QueueTarget, ...]], bool] = field(default=lambda targets: False)
+    on_queued: Callable[[tuple[QueueTarget, ...]], None] = field(default=lambda targets: None)
 
     def allows(self, host: str) -> bool:
         if self.allow is None:
@@ -172,6 +177,8 @@ class MLLPReceiver(protocol.Protocol):
             answer.done = True
             self._flush()
             return
+        if message.targets:
+            factory.settings.on_queued(message.targets)
         self._settle(answer, assessment, None, message, message_id=result.message_id)
 
     def _not_stored(self, failure, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
@@ -372,6 +379,10 @@ class MLLPListenerFactory(protocol.Factory):
     def message_for(self, assessment: Assessment, payload: bytes, peer: str) -> ReceivedMessage:
         """The store record, with the ACK we will send once it is committed."""
         header = assessment.header
+        targets = self.settings.targets(assessment) if assessment.accepted else ()
+        if targets and self.settings.queue_full(targets):
+            assessment = replace(assessment, rejection=QUEUE_FULL)
+            targets = ()
         code, ack = self.acknowledge(assessment, None)
         accepted = assessment.accepted
         return ReceivedMessage(
@@ -392,7 +403,7 @@ class MLLPListenerFactory(protocol.Factory):
             ack=ack,
             error=None if accepted else assessment.rejection.text,
             duplicate_window=self.settings.duplicate_window if accepted else 0.0,
-            targets=self.settings.targets(assessment) if accepted else (),
+            targets=targets,
         )
 
     def drain(self) -> defer.Deferred:
