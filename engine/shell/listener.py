@@ -148,13 +148,17 @@ class MLLPReceiver(protocol.Protocol):
         settings = factory.settings
         answer = _Answer(time.perf_counter())
         self._answers.append(answer)
+        assessment = None
         try:
             assessment = assess(payload, rules=settings.rules, default_charset=settings.default_charset)
             message = factory.message_for(assessment, payload, self.peer)
             d = factory.committer.submit(Append(message=message))
         except Exception as error:  # noqa: BLE001 - answered with AE, never raised
             self.log.error("message.intake_failed", error=safe_error(error))
-            self._settle(answer, None, INTERNAL_ERROR, None)
+            try:  # answer the message's own MSH-10 when its header could be read,
+                self._settle(answer, assessment, INTERNAL_ERROR, None)
+            except Exception:  # noqa: BLE001 - else a bare AE, still never raised
+                self._settle(answer, None, INTERNAL_ERROR, None)
             return
         d.addCallbacks(
             self._stored,
