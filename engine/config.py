@@ -25,6 +25,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from engine.core import charsets
+
 from engine.core.units import parse_duration, parse_size
 
 __all__ = [
@@ -45,14 +47,8 @@ __all__ = [
     "server_port_of",
 ]
 
-# HL7 MSH-18 names a channel or destination may name. Stored as written; engine.core.charsets
-# maps them to codecs.
-KNOWN_CHARSETS = frozenset(
-    {
-        "ASCII", *(f"8859/{n}" for n in range(1, 10)), "8859/15",
-        "UNICODE", "UNICODE UTF-8", "ISO IR6", "ISO IR100", "ISO IR192",
-    }  # fmt: skip
-)
+# HL7 MSH-18 names a channel or destination may name: the table engine.core.charsets reads.
+KNOWN_CHARSETS = frozenset(charsets.HL7_CHARSETS)
 NakAction = Literal["retry", "dead-letter"]
 NAK_ACTIONS: tuple[NakAction, ...] = ("retry", "dead-letter")
 Order = Literal["fifo", "none"]

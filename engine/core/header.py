@@ -156,7 +156,9 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
     charset_name = charset_field.split(encoding[1:2], 1)[0].decode("latin-1").strip()
     rejection = None
     try:
-        hl7_charset = charsets.canonical(charset_name or default_charset)
+        # A UTF-8 BOM is the sender saying UTF-8, stronger than the channel default.
+        fallback = "UNICODE UTF-8" if bom else default_charset
+        hl7_charset = charsets.canonical(charset_name or fallback)
         codec = charsets.HL7_CHARSETS[hl7_charset]
     except charsets.UnknownCharset:
         hl7_charset, codec = None, "latin-1"
