@@ -1,0 +1,229 @@
+"""The group committer: one store transaction per reactor turn, results to the right callers.
+
+The clock is a ``twisted.internet.task.Clock``; ``advance(0)`` ends the turn and runs
+the commit. Stores are small fakes that record each ``write`` call, plus the real
+SQLite store where durability is the point.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from twisted.internet.task import Clock
+
+from engine.metrics import Metrics
+from engine.shell.committer import GroupCommitter
+from engine.store import Append, AppendResult, ReceivedMessage, StoreError, open_store
+
+POISON = "poison"
+
+
+class RecordingStore:
+    """Commits every batch without a poisoned op; a batch with one fails as a whole."""
+
+    def __init__(self) -> None:
+        self.writes: list[list] = []  # every write attempt, committed or not
+        self.committed: list = []
+
+    def write(self, ops):
+        self.writes.append(list(ops))
+        if POISON in ops:
+            raise StoreError(f"store write of {len(ops)} operations failed")
+        self.committed.extend(ops)
+        return [f"result-of-{op}" for op in ops]
+
+
+def results_of(deferreds):
+    """(ok, value) per Deferred, without leaving unhandled failures behind."""
+    out = []
+    for d in deferreds:
+        box = []
+        d.addCallbacks(lambda v, box=box: box.append((True, v)), lambda f, box=box: box.append((False, f.value)))
+        assert box, "the deferred has not fired"
+        out.append(box[0])
+    return out
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store():
+    return RecordingStore()
+
+
+@pytest.fixture
+def metrics():
+    return Metrics()
+
+
+@pytest.fixture
+def committer(store, clock, metrics):
+    c = GroupCommitter(store, clock=clock, metrics=metrics)
+    c.start()
+    return c
+
+
+def test_n_submits_in_one_turn_become_one_store_write(committer, store, clock):
+    ds = [committer.submit(f"op{n}") for n in range(10)]
+    assert store.writes == []
+    assert not any(d.called for d in ds)
+    clock.advance(0)
+    assert store.writes == [[f"op{n}" for n in range(10)]]
+    assert all(d.called for d in ds)
+
+
+def test_each_submit_gets_its_own_result(committer, clock):
+    ds = [committer.submit(f"op{n}") for n in range(5)]
+    clock.advance(0)
+    assert results_of(ds) == [(True, f"result-of-op{n}") for n in range(5)]
+
+
+def test_submits_in_different_turns_are_different_transactions(committer, store, clock):
+    first = committer.submit("a")
+    clock.advance(0)
+    second = committer.submit("b")
+    clock.advance(0)
+    assert store.writes == [["a"], ["b"]]
+    assert results_of([first, second]) == [(True, "result-of-a"), (True, "result-of-b")]
+
+
+def test_a_submit_from_a_commit_callback_gets_its_own_later_transaction(committer, store, clock):
+    later = []
+    committer.submit("a").addCallback(lambda _: later.append(committer.submit("b")))
+    clock.advance(0)  # (the test clock also runs the zero-delay call scheduled meanwhile)
+    assert store.writes == [["a"], ["b"]]
+    assert results_of(later) == [(True, "result-of-b")]
+
+
+def test_submit_many_fires_once_with_its_results_in_order(committer, store, clock):
+    before = committer.submit("x")
+    many = committer.submit_many(["a", "b", "c"])
+    after = committer.submit("y")
+    clock.advance(0)
+    assert store.writes == [["x", "a", "b", "c", "y"]]
+    assert results_of([before, many, after]) == [
+        (True, "result-of-x"),
+        (True, ["result-of-a", "result-of-b", "result-of-c"]),
+        (True, "result-of-y"),
+    ]
+
+
+def test_submit_many_is_all_or_nothing(committer, store, clock):
+    many = committer.submit_many(["a", POISON, "c"])
+    alone = committer.submit("b")
+    clock.advance(0)
+    [(ok, error), (ok_alone, value)] = results_of([many, alone])
+    assert not ok and isinstance(error, StoreError)
+    assert (ok_alone, value) == (True, "result-of-b")
+    assert "a" not in store.committed and "c" not in store.committed
+    assert store.committed == ["b"]
+
+
+def test_a_poisoned_op_fails_alone_and_the_rest_of_its_batch_still_commits(committer, store, clock):
+    ds = [committer.submit(op) for op in ("a", POISON, "c", "d")]
+    clock.advance(0)
+    outcomes = results_of(ds)
+    assert [ok for ok, _ in outcomes] == [True, False, True, True]
+    assert isinstance(outcomes[1][1], StoreError)
+    assert [value for ok, value in outcomes if ok] == ["result-of-a", "result-of-c", "result-of-d"]
+    assert sorted(store.committed) == ["a", "c", "d"]
+
+
+def test_store_errors_counts_every_failed_transaction(committer, clock, metrics):
+    committer.submit("a")
+    committer.submit(POISON)
+    clock.advance(0)
+    # The shared batch failed, then the poisoned op failed again on its own.
+    assert metrics.registry.get_sample_value("koppel_store_errors_total") == 2
+    committer.submit("b")
+    clock.advance(0)
+    assert metrics.registry.get_sample_value("koppel_store_errors_total") == 2
+
+
+def test_commit_time_and_batch_size_are_observed(committer, clock, metrics):
+    for n in range(3):
+        committer.submit(f"op{n}")
+    clock.advance(0)
+    get = metrics.registry.get_sample_value
+    assert get("koppel_store_commit_batch_size_count") == 1
+    assert get("koppel_store_commit_batch_size_sum") == 3
+    assert get("koppel_store_commit_seconds_count") == 1
+
+
+def test_stop_commits_what_was_already_submitted_without_waiting_for_the_turn(committer, store, clock):
+    d = committer.submit("a")
+    committer.stop()
+    assert store.writes == [["a"]]
+    assert results_of([d]) == [(True, "result-of-a")]
+    clock.advance(0)
+    assert store.writes == [["a"]]  # the cancelled turn does not commit twice
+
+
+def test_a_submit_after_stop_still_commits_on_its_turn(committer, store, clock):
+    committer.stop()
+    d = committer.submit("late")
+    clock.advance(0)
+    assert results_of([d]) == [(True, "result-of-late")]
+
+
+def message(control_id: str, body: bytes = b"") -> ReceivedMessage:
+    raw = (
+        b"MSH|^~\\&|ZorgDomein||Koppel||20260102161545+0100||ORU^R01|" + control_id.encode()
+        + b"|P|2.4\rPID|1||123456782^^^NLMINBIZA^NNNLD" + body + b"\r"
+    )
+    import hashlib
+
+    return ReceivedMessage(
+        channel="zorgdomein-in",
+        peer="127.0.0.1:40000",
+        received_at=datetime(2026, 1, 2, tzinfo=timezone.utc).timestamp(),
+        control_id=control_id,
+        sender="ZorgDomein|",
+        message_type="ORU^R01",
+        structure=None,
+        version="2.4",
+        processing_id="P",
+        charset="8859/1",
+        raw=raw,
+        payload_hash=hashlib.sha256(raw).digest(),
+        status="accepted",
+        ack_code="AA",
+        ack=b"MSH|^~\\&|ACK for " + control_id.encode(),
+        error=None,
+        duplicate_window=86400.0,
+    )
+
+
+def test_with_sqlite_a_batch_is_durable_when_its_deferreds_fire(tmp_path, clock):
+    url = f"sqlite:///{tmp_path}/koppel.db"
+    store = open_store(url)
+    committer = GroupCommitter(store, clock=clock)
+    ds = [committer.submit(Append(message=message(f"MSG{n}"))) for n in range(3)]
+    clock.advance(0)
+    results = [value for ok, value in results_of(ds)]
+    assert all(isinstance(r, AppendResult) and r.duplicate_of is None for r in results)
+    assert len({r.message_id for r in results}) == 3
+    store.close()
+    # Another connection (as after a crash) sees every message whose deferred fired.
+    reopened = open_store(url)
+    try:
+        assert sorted(m.control_id for m in reopened.list_messages()) == ["MSG0", "MSG1", "MSG2"]
+    finally:
+        reopened.close()
+
+
+def test_with_sqlite_a_duplicate_in_the_same_batch_resolves_to_the_first_copy(tmp_path, clock):
+    store = open_store(f"sqlite:///{tmp_path}/koppel.db")
+    committer = GroupCommitter(store, clock=clock)
+    first = committer.submit(Append(message=message("MSG1")))
+    again = committer.submit(Append(message=message("MSG1")))
+    clock.advance(0)
+    [(_, a), (_, b)] = results_of([first, again])
+    assert b.duplicate_of == a.message_id
+    assert b.ack == a.ack
+    assert len(store.list_messages()) == 1
+    store.close()
