@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--control-id")
     messages.add_argument("--status", choices=["accepted", "rejected"])
     messages.add_argument("--limit", type=int, default=50)
+
+    from engine import operator
+
+    operator.register(sub)  # queue, dead-letters, audit, resend
     return parser
 
 
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "send": _send,
         "bench": _bench,
         "messages": _messages,
-    }[args.command]
+    }.get(args.command) or args.func
     return handler(args) or 0
 
 

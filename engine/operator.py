@@ -1,0 +1,659 @@
+"""Operator tools: look at and steer delivery queues, dead letters and resends.
+
+``koppel queue ...``, ``koppel dead-letters ...``, ``koppel audit`` and ``koppel resend``
+work on the store only (through its write ops and reads), so they are safe with the engine
+running or stopped: the running engine polls the store for pause and retry flags.
+
+A queue is identified by "host:port"; several destination names may share one. Every
+DEST argument is a destination name (resolved through ``--channels``) or a queue key
+given directly, so the tools also work without any config at hand.
+
+Output is for people: aligned plain text, ids, types and control ids only. Message
+bodies and patient fields are never printed. Exit codes: 0 ok, 1 not found or nothing
+done, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+OK, NOTHING, USAGE = 0, 1, 2
+
+_now: Callable[[], float] = time.time  # replaced in tests
+
+
+class _Fail(Exception):
+    """Stop the command: print `message` on stderr and exit with `code`."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def human_age(seconds: float | None) -> str:
+    """A duration the way an operator reads it: 45s, 3m12s, 2h05m, 3d04h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _when(at: float | None, now: float) -> str:
+    """An absolute UTC time with its age, e.g. "2024-01-01 12:00:00Z (3m12s ago)"."""
+    if at is None:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+    return f"{stamp} ({human_age(now - at)} ago)"
+
+
+def _next_attempt(at: float, now: float) -> str:
+    return "due" if at <= now else f"in {human_age(at - now)}"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print left-aligned columns; the last column is not padded (it holds free text)."""
+    cells = [list(headers)] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
+
+
+def _plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def _ack_summary(ack: bytes | None) -> dict[str, Any] | None:
+    """MSA-1, MSA-2 and text of a stored ACK (never the ACK's other segments)."""
+    if ack is None:
+        return None
+    from engine.core.response import read_ack
+
+    reply = read_ack(ack)
+    if not reply.readable:
+        return {"readable": False, "code": None, "control_id": None, "text": reply.text}
+    return {"readable": True, "code": reply.code, "control_id": reply.control_id, "text": reply.text}
+
+
+def _ack_line(ack: bytes | None) -> str:
+    summary = _ack_summary(ack)
+    if summary is None:
+        return "none received"
+    if not summary["readable"]:
+        return "unreadable"
+    line = f"MSA-1 {summary['code']}  MSA-2 {summary['control_id'] or '-'}"
+    return line + (f"  text {summary['text']!r}" if summary["text"] else "")
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolved:
+    """What a DEST argument names: a queue and the configured destination names on it."""
+
+    queue: str
+    names: tuple[str, ...]  # configured names sharing the queue; () without config
+    given_name: str | None  # the name the operator typed, if a name was typed
+
+    def label(self) -> str:
+        return f"{self.queue} ({', '.join(self.names)})" if self.names else self.queue
+
+
+class _Destinations:
+    """Destination names and queue keys from ``--channels``, loaded once and only if needed."""
+
+    def __init__(self, channels: str) -> None:
+        self._dir = Path(channels)
+        self._loaded = False
+        self._error: str | None = None
+        self._queue_of: dict[str, str] = {}
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self._dir.is_dir():
+            self._error = f"{self._dir}: not a directory (give --channels DIR or a queue key HOST:PORT)"
+            return
+        from engine.config import ConfigError, load_config
+
+        try:
+            # Mappings do not matter here; the channels dir stands in so a missing
+            # ./mappings is no reason to refuse.
+            config = load_config(self._dir, self._dir)
+        except ConfigError as error:
+            self._error = f"cannot read {self._dir}:\n{error}"
+            return
+        self._queue_of = {d.name: d.queue_key for d in config.destinations}
+
+    @property
+    def error(self) -> str | None:
+        self._load()
+        return self._error
+
+    def names_on(self, queue: str) -> tuple[str, ...]:
+        self._load()
+        return tuple(sorted(n for n, q in self._queue_of.items() if q == queue))
+
+    def queues(self) -> set[str]:
+        self._load()
+        return set(self._queue_of.values())
+
+    def resolve(self, dest: str) -> Resolved:
+        """A name from config, else a "host:port" key; _Fail(1) for an unknown name."""
+        if ":" in dest:  # names cannot hold ':' (config checks), so this is a queue key
+            queue = _queue_key(dest)
+            return Resolved(queue=queue, names=self.names_on(queue), given_name=None)
+        self._load()
+        if self._error is not None:
+            raise _Fail(USAGE, f"cannot resolve destination {dest!r}: {self._error}")
+        queue = self._queue_of.get(dest)
+        if queue is None:
+            known = ", ".join(sorted(self._queue_of)) or "none are configured"
+            raise _Fail(NOTHING, f"unknown destination {dest!r} in {self._dir} (destinations: {known})")
+        return Resolved(queue=queue, names=self.names_on(queue), given_name=dest)
+
+
+def _queue_key(text: str) -> str:
+    """Normalise "host:port" / "[v6]:port" the way config derives queue keys."""
+    from engine.config import queue_key_of
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise _Fail(USAGE, f"{text!r} is neither a destination name nor a queue key HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        escaped = host.replace(":", "\\:")  # IPv6 colons, escaped as Twisted endpoint syntax wants
+        return queue_key_of(f"tcp:host={escaped}:port={port}")
+    except ValueError:
+        raise _Fail(USAGE, f"{text!r} is not a valid queue key HOST:PORT") from None
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _open_store(url: str):
+    """Open an existing store; never create one by accident in the wrong directory."""
+    from engine.store import StoreError, open_store
+
+    try:
+        if url.startswith("sqlite:"):
+            from engine.store.sqlite import parse_sqlite_url
+
+            path = parse_sqlite_url(url).path
+            if not path.is_file():
+                raise _Fail(NOTHING, f"no store at {path} (give --store URL)")
+        return open_store(url)
+    except ValueError as error:
+        raise _Fail(USAGE, str(error)) from None
+    except StoreError as error:
+        raise _Fail(NOTHING, str(error)) from None
+
+
+def _command(body: Callable[..., int]) -> Callable[[Any], int]:
+    """Wrap a handler: open the store and destinations, close the store, turn failures into exit codes."""
+
+    def run(args: Any) -> int:
+        from engine.store import StoreError
+
+        store = None
+        try:
+            store = _open_store(args.store)
+            dests = _Destinations(getattr(args, "channels", "channels"))
+            return body(args, store, dests)
+        except _Fail as fail:
+            sys.stderr.write(f"error: {fail.message}\n")
+            return fail.code
+        except StoreError as error:
+            sys.stderr.write(f"error: {error}\n")
+            return NOTHING
+        finally:
+            if store is not None:
+                store.close()
+
+    run.__name__ = body.__name__
+    run.__doc__ = body.__doc__
+    return run
+
+
+def _write(store, op):
+    from engine.store import write_one
+
+    return write_one(store, op)
+
+
+def _known_queue(store, dests: _Destinations, resolved: Resolved, now: float):
+    """The queue's stats, or None if it is configured but has no row yet; _Fail(1) if unknown."""
+    for stats in store.queue_stats(now):
+        if stats.queue == resolved.queue:
+            return stats
+    if resolved.names or resolved.queue in dests.queues():
+        return None
+    raise _Fail(NOTHING, f"no queue {resolved.queue} in the store or in the channels config")
+
+
+def _shared_note(resolved: Resolved) -> None:
+    if resolved.given_name is not None and len(resolved.names) > 1:
+        others = ", ".join(n for n in resolved.names if n != resolved.given_name)
+        print(f"note: queue {resolved.queue} is shared with {others}; this acts on the whole queue")
+
+
+def _entry_ids(store, ids: Sequence[int]) -> list:
+    """The dead entries for `ids`; _Fail(1) naming every id that is unknown or not dead."""
+    entries, problems = [], []
+    for entry_id in dict.fromkeys(ids):
+        entry = store.get_entry(entry_id)
+        if entry is None:
+            problems.append(f"no queue entry {entry_id}")
+        elif entry.state != "dead":
+            problems.append(f"entry {entry_id} is {entry.state}, not a dead letter")
+        else:
+            entries.append(entry)
+    if problems:
+        raise _Fail(NOTHING, "; ".join(problems) + " (nothing changed)")
+    return entries
+
+
+# --------------------------------------------------------------------------- queue
+
+
+@_command
+def queue_list(args, store, dests) -> int:
+    """One line per queue: depth, oldest age, state, dead letters, last error."""
+    now = _now()
+    stats = {s.queue: s for s in store.queue_stats(now)}
+    if dests.error is not None and Path(args.channels).is_dir():
+        sys.stderr.write(f"warning: destination names unavailable: {dests.error}\n")
+    rows = []
+    for queue in sorted(set(stats) | dests.queues()):
+        s = stats.get(queue)
+        names = list(dests.names_on(queue))
+        if not names and s is not None and s.depth:
+            names = sorted({e.destination for e in store.queue_head(queue, 1)})
+        rows.append({
+            "queue": queue,
+            "destinations": names,
+            "depth": s.depth if s else 0,
+            "oldest_enqueued_at": s.oldest_enqueued_at if s else None,
+            "oldest_age": s.oldest_age if s else None,
+            "state": "paused" if s and s.paused else "active",
+            "dead": s.dead_count if s else 0,
+            "delivered": s.delivered_count if s else 0,
+            "last_error": s.last_error if s else None,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return OK
+    if not rows:
+        print("no queues")
+        return OK
+    _table(
+        ("QUEUE", "DESTINATIONS", "DEPTH", "OLDEST", "STATE", "DEAD", "LAST ERROR"),
+        [
+            (r["queue"], ",".join(r["destinations"]) or "-", r["depth"], human_age(r["oldest_age"]),
+             r["state"], r["dead"], _short(r["last_error"]))
+            for r in rows
+        ],
+    )
+    return OK
+
+
+@_command
+def queue_show(args, store, dests) -> int:
+    """The head of one queue, without message bodies."""
+    now = _now()
+    resolved = dests.resolve(args.dest)
+    stats = _known_queue(store, dests, resolved, now)
+    depth = stats.depth if stats else 0
+    state = "paused" if stats and stats.paused else "active"
+    dead = stats.dead_count if stats else 0
+    print(f"queue {resolved.label()}: {state}, {depth} pending, {_plural(dead, 'dead letter')}")
+    if stats and stats.last_error:
+        print(f"last error: {_short(stats.last_error, 200)}")
+    entries = store.queue_head(resolved.queue, args.limit)
+    if not entries:
+        return OK
+    print()
+    _table(
+        ("ENTRY", "MESSAGE", "CONTROL-ID", "TYPE", "DESTINATION", "ATTEMPTS", "ENQUEUED", "NEXT",
+         "LAST ERROR"),
+        [
+            (e.id, e.message_id, e.control_id, e.message_type, e.destination, e.attempts,
+             human_age(now - e.enqueued_at) + " ago", _next_attempt(e.next_attempt_at, now),
+             _short(e.last_error))
+            for e in entries
+        ],
+    )
+    if depth > len(entries):
+        print(f"... and {depth - len(entries)} more")
+    return OK
+
+
+def _set_paused(args, store, dests, paused: bool) -> int:
+    from engine.store import SetPaused
+
+    resolved = dests.resolve(args.dest)
+    stats = _known_queue(store, dests, resolved, _now())
+    was = bool(stats and stats.paused)
+    word = "paused" if paused else "active"
+    _shared_note(resolved)
+    if was == paused:
+        print(f"queue {resolved.label()}: already {word}, nothing changed")
+        return OK
+    _write(store, SetPaused(queue=resolved.queue, paused=paused))
+    depth = stats.depth if stats else 0
+    print(f"queue {resolved.label()}: {'active' if paused else 'paused'} -> {word} ({depth} pending)")
+    return OK
+
+
+@_command
+def queue_pause(args, store, dests) -> int:
+    """Stop sending on a queue (the engine notices on its next poll); messages keep queueing."""
+    return _set_paused(args, store, dests, True)
+
+
+@_command
+def queue_resume(args, store, dests) -> int:
+    """Start sending on a paused queue again."""
+    return _set_paused(args, store, dests, False)
+
+
+@_command
+def queue_retry_now(args, store, dests) -> int:
+    """Make waiting entries due now instead of after their backoff."""
+    from engine.store import RetryNow
+
+    resolved = dests.resolve(args.dest)
+    stats = _known_queue(store, dests, resolved, _now())
+    _shared_note(resolved)
+    count = _write(store, RetryNow(queue=resolved.queue))
+    if not count:
+        depth = stats.depth if stats else 0
+        waiting = f"{depth} pending, none waiting on a backoff" if depth else "nothing pending"
+        print(f"queue {resolved.label()}: {waiting}; nothing changed")
+        return NOTHING
+    print(f"queue {resolved.label()}: {_plural(int(count), 'entry', 'entries')} due now")
+    if stats and stats.paused:
+        print("note: the queue is paused; nothing is sent until `koppel queue resume`")
+    return OK
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def _entry_json(entry) -> dict[str, Any]:
+    return {
+        "entry": entry.id,
+        "queue": entry.queue,
+        "destination": entry.destination,
+        "message": entry.message_id,
+        "control_id": entry.control_id,
+        "type": entry.message_type,
+        "state": entry.state,
+        "attempts": entry.attempts,
+        "enqueued_at": entry.enqueued_at,
+        "last_attempt_at": entry.last_attempt_at,
+        "dead_at": entry.done_at if entry.state == "dead" else None,
+        "reason": entry.last_error,
+        "ack": _ack_summary(entry.last_ack),
+        "replay_of": entry.replay_of,
+    }
+
+
+@_command
+def dead_letters_list(args, store, dests) -> int:
+    """Dead letters, oldest first, of all queues or of one."""
+    now = _now()
+    queue = None
+    if args.dest is not None:
+        resolved = dests.resolve(args.dest)
+        queue = resolved.queue
+    entries = store.list_dead_letters(queue, args.limit)
+    if args.json:
+        print(json.dumps([_entry_json(e) for e in entries], indent=2))
+        return OK
+    if not entries:
+        print("no dead letters" + (f" on queue {queue}" if queue else ""))
+        return OK
+    _table(
+        ("ENTRY", "QUEUE", "DESTINATION", "MESSAGE", "CONTROL-ID", "TYPE", "ATTEMPTS", "DEAD FOR",
+         "REASON"),
+        [
+            (e.id, e.queue, e.destination, e.message_id, e.control_id, e.message_type, e.attempts,
+             human_age(now - e.done_at) if e.done_at is not None else "-", _short(e.last_error))
+            for e in entries
+        ],
+    )
+    if len(entries) == args.limit:
+        print(f"(first {args.limit}; use --limit for more)")
+    return OK
+
+
+@_command
+def dead_letters_show(args, store, dests) -> int:
+    """One entry's headers, the ACK it got and why it died; never the body."""
+    now = _now()
+    entry = store.get_entry(args.id)
+    if entry is None:
+        raise _Fail(NOTHING, f"no queue entry {args.id}")
+    message = store.get_message(entry.message_id)
+    if message is None:
+        origin = "(pruned)"
+    else:
+        origin = f"(channel {message.channel}, received {_when(message.received_at, now)})"
+    lines = [
+        ("entry", entry.id),
+        ("state", entry.state if entry.state == "dead" else f"{entry.state} (not a dead letter)"),
+        ("queue", entry.queue),
+        ("destination", entry.destination),
+        ("message", f"{entry.message_id} {origin}"),
+        ("control id", entry.control_id or "-"),
+        ("type", entry.message_type or "-"),
+        ("attempts", entry.attempts),
+        ("enqueued", _when(entry.enqueued_at, now)),
+        ("last attempt", _when(entry.last_attempt_at, now)),
+    ]
+    if entry.state == "dead":
+        lines.append(("dead since", _when(entry.done_at, now)))
+    elif entry.done_at is not None:
+        lines.append((f"{entry.state} at", _when(entry.done_at, now)))
+    lines += [("ack received", _ack_line(entry.last_ack)), ("reason", entry.last_error or "-")]
+    if entry.replay_of is not None:
+        lines.append(("replay of", entry.replay_of))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return OK
+
+
+@_command
+def dead_letters_replay(args, store, dests) -> int:
+    """Put dead letters back at the tail of their queue, as new entries."""
+    from engine.store import ReplayDeadLetters
+
+    if bool(args.ids) == bool(args.all):
+        raise _Fail(USAGE, "give entry ids or --all DEST (not both)")
+    if args.all:
+        resolved = dests.resolve(args.all)
+        _known_queue(store, dests, resolved, _now())
+        _shared_note(resolved)
+        new = _write(store, ReplayDeadLetters(queue=resolved.queue, at=_now()))
+        if not new:
+            print(f"queue {resolved.label()}: no dead letters, nothing changed")
+            return NOTHING
+        print(f"replayed {_plural(len(new), 'dead letter')} onto the tail of queue {resolved.label()}: "
+              f"new {'entry' if len(new) == 1 else 'entries'} {_id_list(new)}")
+        return OK
+    entries = _entry_ids(store, args.ids)
+    new = _write(store, ReplayDeadLetters(entry_ids=tuple(e.id for e in entries), at=_now()))
+    # The store replays in id order, skipping any that stopped being dead meanwhile.
+    for entry, new_id in zip(sorted(entries, key=lambda e: e.id), new):
+        print(f"replayed entry {entry.id} as entry {new_id} at the tail of queue {entry.queue} "
+              f"({entry.destination})")
+    if len(new) < len(entries):
+        print(f"{len(entries) - len(new)} entries were no longer dead letters and were not replayed")
+        return NOTHING
+    return OK
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    if len(ids) <= 10:
+        return ", ".join(map(str, ids))
+    return f"{ids[0]}..{ids[-1]}"
+
+
+@_command
+def dead_letters_drop(args, store, dests) -> int:
+    """Give up on dead letters for good; the reason is kept in the audit log."""
+    from engine.store import DropDeadLetters
+
+    reason = " ".join(args.reason.split())
+    if not reason:
+        raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
+    entries = _entry_ids(store, args.ids)
+    dropped = _write(store, DropDeadLetters(entry_ids=tuple(e.id for e in entries), reason=reason,
+                                            at=_now()))
+    for entry in entries:
+        print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
+              f"message {entry.message_id})")
+    print(f"{_plural(int(dropped), 'dead letter')} dropped; reason recorded in the audit log")
+    if dropped < len(entries):
+        print(f"{len(entries) - dropped} entries were no longer dead letters and were not dropped")
+        return NOTHING
+    return OK
+
+
+@_command
+def audit(args, store, dests) -> int:
+    """Operator actions (resend, replay, drop), newest first."""
+    now = _now()
+    records = store.list_audit(args.limit)
+    if not records:
+        print("no audit records")
+        return OK
+    _table(
+        ("ID", "TIME", "ACTION", "QUEUE", "ENTRY", "MESSAGE", "REASON"),
+        [
+            (r.id, _when(r.at, now), r.action, r.queue, r.entry_id, r.message_id, r.reason or "-")
+            for r in records
+        ],
+    )
+    return OK
+
+
+# --------------------------------------------------------------------------- resend
+
+
+@_command
+def resend(args, store, dests) -> int:
+    """Queue a stored, accepted message again for one destination."""
+    from engine.store import Enqueue, QueueTarget
+
+    message = store.get_message(args.message_id)
+    if message is None:
+        raise _Fail(NOTHING, f"no message {args.message_id} in the store")
+    if message.status != "accepted":
+        raise _Fail(NOTHING, f"message {args.message_id} was rejected ({message.ack_code}); "
+                             "only accepted messages can be resent")
+    resolved = dests.resolve(args.to)
+    if resolved.given_name is not None:
+        name = resolved.given_name
+    elif len(resolved.names) == 1:
+        name = resolved.names[0]
+    elif resolved.names:
+        raise _Fail(USAGE, f"queue {resolved.queue} is shared by {', '.join(resolved.names)}; "
+                           "name the destination with --to NAME")
+    else:
+        name = resolved.queue  # no config: the queue key stands in for the name
+    new = _write(store, Enqueue(message_id=message.id,
+                                targets=(QueueTarget(queue=resolved.queue, destination=name),),
+                                at=_now()))
+    print(f"queued message {message.id} ({message.message_type or '-'}, control id "
+          f"{message.control_id or '-'}) for {name} on queue {resolved.queue} as entry "
+          f"{_id_list(new)}")
+    return OK
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def register(subparsers) -> None:
+    """Add queue, dead-letters, audit and resend to the ``koppel`` parser."""
+    from engine.cli import DEFAULT_STORE
+
+    def common(p, *, channels: bool = True):
+        p.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
+        if channels:
+            p.add_argument("--channels", default="channels",
+                           help="channel YAML directory to resolve destination names (default ./channels)")
+        return p
+
+    dest_help = "destination name, or a queue key HOST:PORT"
+
+    queue = subparsers.add_parser("queue", help="inspect, pause, resume delivery queues")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    p = common(qsub.add_parser("list", help="one line per queue"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=queue_list)
+    p = common(qsub.add_parser("show", help="the head entries of one queue"))
+    p.add_argument("dest", metavar="DEST", help=dest_help)
+    p.add_argument("--limit", type=int, default=20, help="entries to show (default 20)")
+    p.set_defaults(func=queue_show)
+    for name, func, text in (
+        ("pause", queue_pause, "stop sending on a queue"),
+        ("resume", queue_resume, "start sending on a paused queue"),
+        ("retry-now", queue_retry_now, "make waiting entries due now"),
+    ):
+        p = common(qsub.add_parser(name, help=text))
+        p.add_argument("dest", metavar="DEST", help=dest_help)
+        p.set_defaults(func=func)
+
+    dead = subparsers.add_parser("dead-letters", help="inspect, replay, drop dead letters")
+    dsub = dead.add_subparsers(dest="action", required=True)
+    p = common(dsub.add_parser("list", help="dead letters, oldest first"))
+    p.add_argument("dest", metavar="DEST", nargs="?", default=None, help=dest_help)
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=dead_letters_list)
+    p = common(dsub.add_parser("show", help="one dead letter's headers, ACK and reason"), channels=False)
+    p.add_argument("id", metavar="ID", type=int, help="queue entry id")
+    p.set_defaults(func=dead_letters_show)
+    p = common(dsub.add_parser("replay", help="put dead letters back at the queue tail"))
+    p.add_argument("ids", metavar="ID", type=int, nargs="*", help="queue entry ids")
+    p.add_argument("--all", metavar="DEST", default=None, help="every dead letter of this queue")
+    p.set_defaults(func=dead_letters_replay)
+    p = common(dsub.add_parser("drop", help="drop dead letters for good, with a reason"), channels=False)
+    p.add_argument("ids", metavar="ID", type=int, nargs="+", help="queue entry ids")
+    p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    p.set_defaults(func=dead_letters_drop)
+
+    p = common(subparsers.add_parser("audit", help="operator actions, newest first"), channels=False)
+    p.add_argument("--limit", type=int, default=50, help="records to show (default 50)")
+    p.set_defaults(func=audit)
+
+    p = common(subparsers.add_parser("resend", help="queue a stored message again for a destination"))
+    p.add_argument("message_id", metavar="MESSAGE-ID", type=int, help="stored message id")
+    p.add_argument("--to", required=True, metavar="DEST", help=dest_help)
+    p.set_defaults(func=resend)
