@@ -281,7 +281,7 @@ def messages(draw):
     sep, enc = chars[0], "".join(chars[1 : 1 + n_enc])
     value = st.text(alphabet=SAFE, max_size=12)
     fields = {n: draw(value) for n in (3, 4, 5, 6)}
-    fields[10] = draw(st.text(alphabet=SAFE, min_size=1, max_size=20).filter(str.strip))
+    fields[10] = draw(st.text(alphabet=SAFE, min_size=1, max_size=20).filter(lambda s: s and s == s.strip()))  # python-hl7 strips trailing blanks
     fields[11] = draw(st.sampled_from(["P", "T", "D", ""]))
     fields[12] = draw(st.sampled_from(["2.1", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.7", "2.8"]))
     fields[15] = draw(st.sampled_from(["", "AL", "NE", "ER", "SU"]))
