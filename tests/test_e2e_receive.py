@@ -1,0 +1,368 @@
+"""The whole receive path over real sockets on 127.0.0.1: ``koppel run`` as a subprocess.
+
+Fed by python-hl7's ``mllp_send`` (a peer's client, not ours), by ``koppel send``,
+and by a small blocking-socket load generator; then killed with SIGKILL in the middle
+of a multi-connection load and restarted, to prove that every ACKed message is in
+the store exactly once. Nothing sleeps longer than it must: every wait polls with a
+deadline, and every process started here is killed by a finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import load_sample
+from engine.core.response import read_ack
+from engine.store import open_store
+
+CHANNEL = "zorgdomein-in"
+CHANNEL_YAML = f"""\
+name: {CHANNEL}
+source:
+  listen: tcp:0:interface=127.0.0.1
+  allow: [127.0.0.1/32]
+  frame_timeout: 10s
+accept:
+  types: [SRM^S01, SRM^S04, ORU^R01, ORM^O01, OML^O21, REF^I12, REF^I13, REF^I14, SIU^S12]
+  versions: ["2.3", "2.3.1", "2.4", "2.5", "2.5.1"]
+duplicates:
+  window: 24h
+"""
+ZORGDOMEIN = [
+    "zorgdomein/zd_oml_o21_lab_v251_latin1.hl7",
+    "zorgdomein/zd_orm_o01_echo_v24_latin1.hl7",
+    "zorgdomein/zd_orm_o01_lab_v24.hl7",
+    "zorgdomein/zd_oru_pdf_official_head.hl7",
+    "zorgdomein/zd_oru_r01_attachments.hl7",
+    "zorgdomein/zd_oru_r01_request_form_pdf.hl7",
+    "zorgdomein/zd_srm_s01_appointment_request.hl7",
+]
+START_TIMEOUT = 20.0
+ACK_TIMEOUT = 10.0
+
+
+def message(control_id: str) -> bytes:
+    """A unique synthetic referral result (test BSN 123456782)."""
+    return (
+        f"MSH|^~\\&|ZorgDomein|ZD|Koppel|ZH|20260102161545+0100||ORU^R01|{control_id}|P|2.4|||||NLD|8859/1\r"
+        "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800623|M\r"
+        f"OBX|1|TX|||load test document {control_id}\r"
+    ).encode("ascii")
+
+
+# --------------------------------------------------------------------------- the engine process
+
+
+class EngineProcess:
+    """``koppel run`` in a temporary directory, its port read from the ``listener.started`` log."""
+
+    def __init__(self, workdir: Path, store_url: str) -> None:
+        self.workdir = workdir
+        self.store_url = store_url
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.starts = 0
+
+    def start(self) -> int:
+        self.starts += 1
+        self.log_path = self.workdir / f"engine-{self.starts}.log"
+        self.err_path = self.workdir / f"engine-{self.starts}.err"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "engine.cli", "run",
+                    "--channels", str(self.workdir / "channels"),
+                    "--mappings", str(self.workdir / "mappings"),
+                    "--store", self.store_url,
+                    "--metrics", "tcp:0:interface=127.0.0.1",
+                    "--log-level", "info",
+                ],
+                cwd=self.workdir,
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
+        self.port = self._wait_for_port()
+        return self.port
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == "listener.started" and event.get("channel") == CHANNEL:
+                    return int(event["port"])
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"engine did not start: rc={self.proc.poll()}\n{self.output()}")
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] + self.err_path.read_text(errors="replace")[-3000:]
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "channels" / "zorgdomein-in.yaml").write_text(CHANNEL_YAML)
+    return tmp_path
+
+
+@pytest.fixture
+def store_url(workdir):
+    return f"sqlite:///{workdir}/var/koppel.db"
+
+
+@pytest.fixture
+def engine(workdir, store_url):
+    """A (not yet started) engine; killed at teardown whatever the test did."""
+    (workdir / "var").mkdir(exist_ok=True)
+    process = EngineProcess(workdir, store_url)
+    yield process
+    process.kill()
+
+
+def stored_control_ids(store_url: str) -> Counter:
+    store = open_store(store_url)
+    try:
+        rows = store.list_messages(channel=CHANNEL, limit=10_000_000)
+        return Counter(m.control_id for m in rows)
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- a blocking MLLP client
+
+
+class MLLPSocket:
+    """One connection, one message in flight (as MLLP senders work)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=ACK_TIMEOUT)
+        self.buffer = b""
+
+    def request(self, payload: bytes) -> bytes:
+        self.sock.sendall(b"\x0b" + payload + b"\x1c\r")
+        while b"\x1c\r" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the ACK")
+            self.buffer += chunk
+        frame, _, self.buffer = self.buffer.partition(b"\x1c\r")
+        return frame[frame.index(b"\x0b") + 1 :]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Load:
+    """N connections sending unique messages until stopped or the engine goes away."""
+
+    def __init__(self, port: int, *, connections: int, tag: str) -> None:
+        self.port = port
+        self.tag = tag
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.acked: list[str] = []
+        self.unacked: dict[int, tuple[str, bytes]] = {}  # per connection: the message in flight
+        self.wrong: list[tuple[str, str, str]] = []
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(connections)]
+
+    def start(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _run(self, n: int) -> None:
+        try:
+            client = MLLPSocket(self.port)
+        except OSError:
+            return
+        seq = 0
+        try:
+            while not self.stop.is_set():
+                control_id = f"{self.tag}C{n}N{seq:06d}"
+                payload = message(control_id)
+                with self.lock:
+                    self.unacked[n] = (control_id, payload)
+                try:
+                    answer = client.request(payload)
+                except OSError:  # reset, EOF or timeout: the engine is gone
+                    return
+                reply = read_ack(answer)
+                with self.lock:
+                    del self.unacked[n]
+                    if reply.code == "AA" and reply.control_id == control_id:
+                        self.acked.append(control_id)
+                    else:
+                        self.wrong.append((control_id, reply.code, reply.control_id))
+                seq += 1
+        finally:
+            client.close()
+
+    def wait_for_acks(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acked) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def join(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "a load connection hung"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def mllp_send_script() -> str:
+    for candidate in (
+        shutil.which("mllp_send"),
+        str(Path(sysconfig.get_path("scripts")) / "mllp_send"),
+        str(Path(sys.executable).parent / "mllp_send"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.fail("python-hl7's mllp_send script is not installed (pip install hl7)")
+
+
+def test_python_hl7_mllp_send_gets_aa_for_every_zorgdomein_sample(engine, workdir, store_url):
+    port = engine.start()
+    stream = workdir / "zorgdomein.mllp"
+    stream.write_bytes(b"".join(b"\x0b" + load_sample(name) + b"\x1c\r" for name in ZORGDOMEIN))
+    done = subprocess.run(
+        [mllp_send_script(), "--port", str(port), "--file", str(stream), "127.0.0.1"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    answers = re.findall(rb"\x0b(.*?)\x1c\r", done.stdout, re.S)
+    replies = [read_ack(a) for a in answers]
+    assert len(replies) == len(ZORGDOMEIN)
+    for name, reply in zip(ZORGDOMEIN, replies):
+        sent_id = re.split(rb"[|]", load_sample(name).split(b"\r", 1)[0])[9].decode()
+        assert (reply.code, reply.control_id) == ("AA", sent_id), name
+
+    # mllp_send strips the trailing CR; everything else is stored exactly as sent.
+    store = open_store(store_url)
+    try:
+        raws = sorted(store.get_message(m.id).raw for m in store.list_messages(channel=CHANNEL))
+    finally:
+        store.close()
+    assert raws == sorted(load_sample(name).strip(b"\r") for name in ZORGDOMEIN)
+
+
+def test_koppel_send_prints_aa_lines_and_exits_0_and_exits_1_on_ar(engine, workdir):
+    port = engine.start()
+    files = [str(Path(__file__).parent / "samples" / name) for name in ZORGDOMEIN[:3]]
+    send = [sys.executable, "-m", "engine.cli", "send", "--to", f"127.0.0.1:{port}", "--timeout", "10"]
+
+    ok = subprocess.run(send + files, capture_output=True, text=True, timeout=30, cwd=workdir)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert all(line.split("\t")[1] == "AA" for line in lines), lines
+
+    not_accepted = str(Path(__file__).parent / "samples" / "public" / "hapi_adt_a03.hl7")
+    ar = subprocess.run(send + [not_accepted], capture_output=True, text=True, timeout=30, cwd=workdir)
+    assert ar.returncode == 1, ar.stdout + ar.stderr
+    assert ar.stdout.split("\t")[1] == "AR"
+
+
+def test_every_acked_message_survives_kill_9_under_load_exactly_once(engine, store_url):
+    acked: list[str] = []
+    in_flight: list[tuple[str, bytes]] = []
+    for run in range(3):
+        port = engine.start()
+        resend_in_flight(port, in_flight, acked)
+        load = Load(port, connections=4, tag=f"K{run}").start()
+        load.wait_for_acks(10**9, timeout=1.5)  # ~1.5 s of load, then the kill
+        engine.signal(signal.SIGKILL)
+        engine.wait()
+        load.stop.set()
+        load.join()
+        assert load.wrong == []
+        assert len(load.acked) > 0, engine.output()
+        acked.extend(load.acked)
+        in_flight = list(load.unacked.values())
+        print(f"run {run}: {len(load.acked)} ACKed, {len(in_flight)} in flight at the kill")
+
+        # Restart on the same store, as an operator would, and look.
+        port = engine.start()
+        resend_in_flight(port, in_flight, acked)
+        in_flight = []
+        counts = stored_control_ids(store_url)
+        missing = [c for c in acked if counts[c] == 0]
+        assert missing == [], f"{len(missing)} ACKed messages lost after kill -9"
+        assert [c for c, n in counts.items() if n > 1] == [], "a message was stored twice"
+        engine.signal(signal.SIGTERM)
+        assert engine.wait() == 0, engine.output()
+
+
+def resend_in_flight(port: int, in_flight: list[tuple[str, bytes]], acked: list[str]) -> None:
+    """What a sender does after losing a connection: send the un-ACKed message again.
+
+    If the killed engine had committed it but not answered, this is a duplicate and
+    must get AA without a second copy in the store.
+    """
+    if not in_flight:
+        return
+    client = MLLPSocket(port)
+    try:
+        for control_id, payload in in_flight:
+            reply = read_ack(client.request(payload))
+            assert (reply.code, reply.control_id) == ("AA", control_id)
+            acked.append(control_id)
+    finally:
+        client.close()
+
+
+def test_sigterm_under_load_exits_0_and_every_acked_message_is_stored(engine, store_url):
+    port = engine.start()
+    load = Load(port, connections=4, tag="T").start()
+    load.wait_for_acks(1000, timeout=1.5)
+    engine.signal(signal.SIGTERM)
+    assert engine.wait() == 0, engine.output()
+    load.stop.set()
+    load.join()
+    assert load.wrong == []
+    assert len(load.acked) > 0
+    counts = stored_control_ids(store_url)
+    assert [c for c in load.acked if counts[c] != 1] == []
+    events = [e.get("event") for e in engine.events()]
+    assert events[-1] == "engine.stopped"
