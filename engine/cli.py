@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="endpoint for /metrics, /healthz, /readyz (default tcp:9464:interface=127.0.0.1); 'off' disables")
     run.add_argument("--log-level", default=None, help="debug|info|warning|error (or KOPPEL_LOG_LEVEL)")
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight ACKs on stop")
+    run.add_argument("--retention", default="30d",
+                     help="keep delivered entries and message bodies this long (default 30d; 'never' keeps all)")
 
     check = sub.add_parser("check", help="validate channels and mappings")
     config_args(check)
@@ -98,9 +100,22 @@ def _run(args) -> int:
     from engine.shell.engine import Engine
     from engine.store import open_store
 
+    from engine.core.units import parse_duration
+
+    try:
+        retention = parse_duration(args.retention, allow_never=True)
+    except ValueError as error:
+        sys.stderr.write(f"--retention: {error}\n")
+        return 2
     store = open_store(args.store)
     http = None if args.metrics == "off" else args.metrics
-    engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout)
+    try:
+        engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout,
+                        retention=retention)
+    except ValueError as error:
+        sys.stderr.write(f"{error}\n")
+        store.close()
+        return 2
     exit_code = [0]
 
     def started_failed(failure):

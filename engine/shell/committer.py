@@ -145,3 +145,56 @@ class Checkpointer:
         if self._loop.running:
             self._loop.stop()
         return self._running if self._running is not None else defer.succeed(None)
+
+
+class Pruner:
+    """Deletes delivered entries and message bodies older than the retention, in slices.
+
+    Each slice is a bounded ``Prune`` through the group committer, so pruning a large
+    backlog never holds the store for long; it repeats while slices come back full.
+    """
+
+    def __init__(self, committer, *, reactor, retention: float, interval: float = 60.0, log=None) -> None:
+        from engine.store import Prune
+
+        self._prune_op = Prune
+        self._committer = committer
+        self._reactor = reactor
+        self._retention = retention
+        self._log = log
+        self._loop = task.LoopingCall(self.prune)
+        self._loop.clock = reactor
+        self._interval = interval
+        self._busy = False
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    @defer.inlineCallbacks
+    def prune(self):
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            before = self._reactor.seconds() - self._retention
+            total_entries = total_messages = 0
+            while True:
+                op = self._prune_op(before=before)
+                result = yield self._committer.submit(op)
+                total_entries += result.entries
+                total_messages += result.messages
+                if result.entries < op.limit and result.messages < op.limit:
+                    break
+            if (total_entries or total_messages) and self._log is not None:
+                self._log.info("store.pruned", entries=total_entries, messages=total_messages)
+        except Exception as error:  # noqa: BLE001 - retried on the next interval
+            if self._log is not None:
+                from engine.log import safe_error
+
+                self._log.warning("store.prune_failed", error=safe_error(error))
+        finally:
+            self._busy = False

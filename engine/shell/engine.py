@@ -20,7 +20,7 @@ from engine.core.errors import Rejection
 from engine.core.intake import STORE_FAILED, AcceptRules
 from engine.log import get_logger
 from engine.metrics import Metrics
-from engine.shell.committer import Checkpointer, GroupCommitter
+from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
 from engine.shell.sender import QueueSender
 from engine.store import QueueTarget
@@ -118,7 +118,8 @@ class Engine(service.MultiService):
     """The running engine: store writer, HTTP endpoint and one listener per channel."""
 
     def __init__(self, reactor, config: EngineConfig, store, *, metrics: Metrics | None = None,
-                 http_endpoint: str | None = None, drain_timeout: float = 10.0) -> None:
+                 http_endpoint: str | None = None, drain_timeout: float = 10.0,
+                 retention: float | None = 30 * 86400.0) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -128,6 +129,13 @@ class Engine(service.MultiService):
         self.drain_timeout = drain_timeout
         self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log)
         self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log)
+        longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
+        if retention is not None and retention < longest_window:
+            raise ValueError(
+                "retention must be at least the longest duplicate window, or a retried message "
+                "would be stored again after its first copy was pruned"
+            )
+        self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log) if retention else None
         control_ids = default_control_ids(time.time(), os.getpid())
         self.senders: dict[str, QueueSender] = {}
         by_queue: dict[str, dict] = {}
@@ -157,6 +165,8 @@ class Engine(service.MultiService):
         service.Service.startService(self)
         self.committer.start()
         self.checkpointer.start()
+        if self.pruner is not None:
+            self.pruner.start()
         for sender in self.senders.values():
             sender.start()
         waits = []
@@ -202,6 +212,8 @@ class Engine(service.MultiService):
             self.log.warning("engine.sender_stop_timeout", seconds=self.drain_timeout)
         if timeout.active():
             timeout.cancel()
+        if self.pruner is not None:
+            self.pruner.stop()
         yield self.committer.stop()
         yield self.checkpointer.stop()
         if self.http_port is not None:

@@ -1,0 +1,131 @@
+"""Receive-path benchmark: prints the README table (a script, not a test).
+
+For each server (Koppel with the store at synchronous=FULL and NORMAL, a bare
+Twisted MLLP echo as the ceiling, python-hl7's asyncio MLLP server as the peer
+baseline) it runs ``koppel bench`` with the 2.6 KB referral over 1 and 8
+connections, then a paced run at 1,000 msg/s for the p99, and samples the
+server's RSS. Usage: python tests/benchmarks/receive_bench.py [--messages N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REFERRAL = HERE / "referral_2k6.hl7"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, deadline: float = 15.0) -> None:
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on {port} did not come up")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.samples, self.stop = pid, [], False
+
+    def run(self) -> None:
+        while not self.stop:
+            self.samples.append(rss_mb(self.pid))
+            time.sleep(0.2)
+
+
+def start_koppel(tmp: Path, port: int, synchronous: str) -> subprocess.Popen:
+    channels = tmp / f"channels-{synchronous}"
+    channels.mkdir()
+    (channels / "bench.yaml").write_text(f"name: bench\nsource:\n  listen: tcp:{port}:interface=127.0.0.1\n")
+    store = f"sqlite:///{tmp}/koppel-{synchronous}.db?synchronous={synchronous}"
+    (tmp / "mappings").mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [PY, "-m", "engine.cli", "run", "--channels", str(channels), "--mappings", str(tmp / "mappings"),
+         "--store", store, "--metrics", "off", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def bench(port: int, connections: int, messages: int, rate: float | None = None) -> dict:
+    command = [PY, "-m", "engine.cli", "bench", "--to", f"127.0.0.1:{port}", "--connections", str(connections),
+               "--messages", str(messages), "--json", str(REFERRAL)]
+    if rate:
+        command += ["--rate", str(rate)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=20000)
+    args = parser.parse_args()
+    servers = {
+        "Koppel (store FULL)": lambda tmp, port: start_koppel(tmp, port, "FULL"),
+        "Koppel (store NORMAL)": lambda tmp, port: start_koppel(tmp, port, "NORMAL"),
+        "bare Twisted MLLP echo (ceiling)": lambda tmp, port: subprocess.Popen(
+            [PY, str(HERE / "echo_server.py"), str(port)], stdout=subprocess.DEVNULL),
+        "python-hl7 asyncio MLLP server": lambda tmp, port: subprocess.Popen(
+            [PY, str(HERE / "pyhl7_server.py"), str(port)], stdout=subprocess.DEVNULL),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name, start in servers.items():
+            port = free_port()
+            proc = start(tmp, port)
+            try:
+                wait_port(port)
+                bench(port, 8, 500)  # warm up
+                sampler = RssSampler(proc.pid)
+                sampler.start()
+                one = bench(port, 1, max(1000, args.messages // 4))
+                eight = bench(port, 8, args.messages)
+                paced = bench(port, 8, 5000, rate=1000)
+                sampler.stop = True
+                sampler.join()
+                rows.append((name, one, eight, paced, max(sampler.samples or [0.0])))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=20)
+    print(f"referral {REFERRAL.stat().st_size} bytes, {args.messages} messages on 8 connections, "
+          f"{os.cpu_count()} cores, client and server on the same machine\n")
+    print("| server | 1 conn msg/s | 8 conn msg/s | 8 conn p50 / p99 ms | p99 ms at 1,000 msg/s | max RSS MB | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for name, one, eight, paced, rss in rows:
+        errors = sum(r["nak"] + r["mismatch"] + r["error"] for r in (one, eight, paced))
+        print(f"| {name} | {one['msg_per_s']:,.0f} | {eight['msg_per_s']:,.0f} | {eight['p50_ms']} / {eight['p99_ms']} "
+              f"| {paced['p99_ms']} | {rss:.0f} | {errors} |")
+
+
+if __name__ == "__main__":
+    main()
