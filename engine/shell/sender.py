@@ -17,6 +17,7 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import TimeoutError as EndpointTimeoutError
 
 from engine.config import DestinationConfig
 from engine.core.delivery import judge
@@ -275,7 +276,8 @@ class QueueSender:
             d.addTimeout(self.settings.connect_timeout, self.reactor)
             client = yield d
         except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
-            self._connect_error = _describe(error)
+            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError))  # not an ACK timeout
+            self._connect_error = "connect timed out" if timed_out else _describe(error)
             return None
         self._client = client
         client.lost_d.addCallback(self._lost, client)
