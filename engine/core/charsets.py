@@ -8,6 +8,7 @@ read; UTF-16/32 are known names but are refused rather than misread.
 from __future__ import annotations
 
 import codecs
+import functools
 
 # HL7 name (upper-cased) -> Python codec name.
 HL7_CHARSETS: dict[str, str] = {
@@ -53,6 +54,7 @@ class UnknownCharset(ValueError):
     """MSH-18 names no character set we can read (answered with AE, never guessed)."""
 
 
+@functools.lru_cache(maxsize=128)
 def canonical(name: str) -> str:
     """The HL7 spelling of a charset name, or UnknownCharset."""
     key = name.strip().upper()

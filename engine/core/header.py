@@ -10,6 +10,7 @@ can always be built.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from dataclasses import field as computed
 
@@ -93,20 +94,36 @@ class Header:
     sender: str = computed(init=False)  # "MSH-3|MSH-4": who sent it (part of the duplicate key)
 
     def __post_init__(self) -> None:
-        text, component, field_ = self.text, self.component, self.field
-        values = {
-            "message_type": text(component(9, 1)),
-            "trigger": text(component(9, 2)),
-            "structure": text(component(9, 3)),
-            "control_id": text(field_(10)),
-            "processing_id": text(component(11, 1)),
-            "version": text(component(12, 1)),
-            "accept_ack_type": text(field_(15)).strip().upper(),
-            "application_ack_type": text(field_(16)).strip().upper(),
-            "sender": f"{text(field_(3))}|{text(field_(4))}",
-        }
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
+        # Hot path (every message): split each needed field once, decode once.
+        fields, codec = self.fields, self.codec
+        count = len(fields)
+        encoding = self.delimiters.encoding
+        rep, comp = encoding[1:2], encoding[0:1]
+
+        def get(number: int) -> bytes:
+            return fields[number - 1] if number - 1 < count else b""
+
+        def parts(number: int) -> list[bytes]:
+            value = get(number)
+            if rep:
+                value = value.split(rep, 1)[0]
+            return value.split(comp) if comp else [value]
+
+        msh9 = parts(9) + [b"", b""]
+        values = (
+            ("message_type", msh9[0]),
+            ("trigger", msh9[1]),
+            ("structure", msh9[2]),
+            ("control_id", get(10)),
+            ("processing_id", parts(11)[0]),
+            ("version", parts(12)[0]),
+        )
+        setattr_ = object.__setattr__
+        for name, value in values:
+            setattr_(self, name, value.decode(codec, "replace"))
+        setattr_(self, "accept_ack_type", get(15).decode(codec, "replace").strip().upper())
+        setattr_(self, "application_ack_type", get(16).decode(codec, "replace").strip().upper())
+        setattr_(self, "sender", f"{get(3).decode(codec, 'replace')}|{get(4).decode(codec, 'replace')}")
 
     @property
     def type_and_trigger(self) -> str:
@@ -171,8 +188,12 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
     header = Header(
         delimiters=delimiters, fields=fields, hl7_charset=hl7_charset, codec=codec, bom=bom
     )
-    for number, what in ((9, "MSH-9 message type"), (10, "MSH-10 message control id"), (12, "MSH-12 version id")):
-        if not header.component(number, 1).strip():
+    for value, number, what in (
+        (header.message_type, 9, "MSH-9 message type"),
+        (header.control_id, 10, "MSH-10 message control id"),
+        (header.version, 12, "MSH-12 version id"),
+    ):
+        if not value.strip():
             rejection = Rejection(
                 ack_code="AR",
                 error_code=ErrorCode.REQUIRED_FIELD_MISSING,
@@ -192,6 +213,7 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
     return header
 
 
+@functools.lru_cache(maxsize=64)
 def _valid_encoding(encoding: bytes, sep: bytes) -> bool:
     # 4 characters is the standard, 5 adds the 2.7 truncation character; 3 (no
     # subcomponent separator) is what some old senders emit and HAPI tolerates.
