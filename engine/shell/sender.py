@@ -192,6 +192,11 @@ class QueueSender:
                 if outcome.resync:
                     self._disconnect()  # the stream cannot be trusted: start clean next time
                 yield self._failed(entry, outcome.reason, answer)
+            if outcome.verdict != "retry":
+                # Send the next message on a later turn: the answer fired inside the client's
+                # dataReceived, and a second (unsolicited) frame in the same read must find
+                # no request waiting, or it would be taken for the next message's answer.
+                yield self._sleep(0)
         self.state = STOPPED
 
     def _head(self) -> QueueEntry | None:
