@@ -126,6 +126,11 @@ class QueueSender:
             self.log.info("queue.paused" if paused else "queue.resumed")
             self.wake()
         elif self.state == BACKOFF and head and head[0].next_attempt_at <= self.reactor.seconds():
+            buffered = self._buffer[-1] if self._buffer else None
+            if buffered is not None and buffered.id == head[0].id and head[0].attempts >= buffered.attempts:
+                # The loop re-reads the head from the buffer, not the store: carry the
+                # operator's new due time over (once our own failure record is committed).
+                self._buffer[-1] = _with(buffered, next_attempt_at=head[0].next_attempt_at)
             self.wake()  # an operator said retry-now
         elif self.state == IDLE and head:
             self.wake()  # entries queued by another process (resend, replay)
