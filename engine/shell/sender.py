@@ -214,6 +214,7 @@ class QueueSender:
         self._buffer.pop()
         self._last_id = entry.id
         self.depth = max(0, self.depth - 1)
+        self._gauge("queue_depth").set(self.depth)
 
     def _delivered(self, entry: QueueEntry, answer: bytes) -> None:
         now = self.reactor.seconds()
