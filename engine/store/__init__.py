@@ -19,6 +19,15 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, Union
 
 __all__ = [
+    "SetProcessing",
+    "ReleaseHeld",
+    "HoldEvent",
+    "PutAttachment",
+    "SaveAgendaEntry",
+    "AttachmentRecord",
+    "HeldRecord",
+    "AgendaHistoryRecord",
+    "AgendaRecord",
     "Append",
     "AppendResult",
     "AuditRecord",
@@ -94,6 +103,7 @@ class ReceivedMessage:
     error: str | None
     duplicate_window: float
     targets: tuple[QueueTarget, ...] = ()
+    origin_id: int | None = None  # set on messages Koppel built from another (outbound mapping)
 
     def __post_init__(self) -> None:
         if self.status not in ("accepted", "rejected"):
@@ -147,6 +157,9 @@ class MessageSummary:
     ack_code: str
     error: str | None
     duplicate_count: int
+    processing: str | None = None  # mapped | filtered | held | error (None: not processed)
+    processing_detail: str | None = None
+    origin_id: int | None = None
 
 
 @_value
@@ -197,6 +210,56 @@ class AuditRecord:
     entry_id: int | None
     message_id: int | None
     reason: str | None
+
+
+@_value
+class AgendaRecord:
+    """One agenda entry as stored: the engine owns the meaning of `data` (a JSON document)."""
+
+    id: int
+    agenda_id: str
+    kind: str
+    state: str
+    zd_number: str | None
+    placer_id: str | None
+    filler_id: str | None
+    data: str
+    attachments: tuple[str, ...]  # sha256 hex digests; the bytes are stored once each
+    created_at: float
+    updated_at: float
+
+
+@_value
+class AgendaHistoryRecord:
+    """One change of an agenda entry and the message that caused it (field names, not values)."""
+
+    entry_id: int
+    at: float
+    message_id: int | None
+    action: str
+    from_state: str | None
+    to_state: str
+    changed: tuple[str, ...]
+
+
+@_value
+class HeldRecord:
+    """An event that arrived before the entry it belongs to (e.g. a letter before its request)."""
+
+    id: int
+    keys: tuple[str, ...]
+    message_id: int | None
+    event: str  # JSON document, the engine's
+    held_at: float
+
+
+@_value
+class AttachmentRecord:
+    sha256: str
+    media_type: str | None
+    filename: str | None
+    size: int
+    data: bytes
 
 
 # --------------------------------------------------------------------------- write ops
@@ -325,6 +388,66 @@ class PruneResult:
     messages: int
 
 
+@_value
+class SaveAgendaEntry:
+    """Create (entry_id None) or replace an agenda entry, add its correlation keys and one
+    history item, in the caller's transaction. Result: the entry id."""
+
+    entry_id: int | None
+    agenda_id: str
+    kind: str
+    state: str
+    zd_number: str | None
+    placer_id: str | None
+    filler_id: str | None
+    data: str
+    attachments: tuple[str, ...]
+    keys: tuple[str, ...]
+    at: float
+    message_id: int | None
+    action: str
+    from_state: str | None
+    changed: tuple[str, ...] = ()
+
+
+@_value
+class PutAttachment:
+    """Keep an attachment's bytes once, by sha256. Result: True if it was new."""
+
+    sha256: str
+    media_type: str | None
+    filename: str | None
+    data: bytes
+
+
+@_value
+class HoldEvent:
+    """Keep an event until an entry with one of `keys` exists. Result: the held id."""
+
+    keys: tuple[str, ...]
+    message_id: int | None
+    event: str
+    at: float
+
+
+@_value
+class ReleaseHeld:
+    """Mark held events as applied. Result: how many were still held."""
+
+    ids: tuple[int, ...]
+    at: float
+
+
+@_value
+class SetProcessing:
+    """Record what mapping did with a stored message: mapped, filtered, held or error."""
+
+    message_id: int
+    outcome: str
+    detail: str | None = None
+
+
+
 WriteOp = Union[
     Append,
     MarkDelivered,
@@ -336,6 +459,11 @@ WriteOp = Union[
     ReplayDeadLetters,
     DropDeadLetters,
     Prune,
+    SaveAgendaEntry,
+    PutAttachment,
+    HoldEvent,
+    ReleaseHeld,
+    SetProcessing,
 ]
 WriteResult = Union[AppendResult, bool, int, tuple[int, ...], PruneResult, None]
 
@@ -377,6 +505,28 @@ class MessageStore(Protocol):
     def get_entry(self, entry_id: int) -> QueueEntry | None: ...
 
     def list_audit(self, limit: int = 100) -> list[AuditRecord]: ...
+
+    def find_agenda_entry(self, keys: Sequence[str]) -> AgendaRecord | None: ...
+
+    def get_agenda_entry(self, entry_id: int) -> AgendaRecord | None: ...
+
+    def list_agenda_entries(
+        self,
+        *,
+        agenda_id: str | None = None,
+        state: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[AgendaRecord]: ...
+
+    def agenda_history(self, entry_id: int) -> list[AgendaHistoryRecord]: ...
+
+    def held_events(self, keys: Sequence[str]) -> list[HeldRecord]: ...
+
+    def get_attachment(self, sha256: str) -> AttachmentRecord | None: ...
+
+    def processing_counts(self) -> dict[str, int]: ...
 
     def checkpoint(self) -> None:
         """Housekeeping to call now and then from a non-writer thread (no-op if not needed)."""

@@ -108,6 +108,68 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        version=3,
+        why="agendas: entries, correlation keys, history, attachments, held events; message processing",
+        statements=(
+            "ALTER TABLE messages ADD COLUMN origin_id INTEGER",
+            "ALTER TABLE messages ADD COLUMN processing TEXT",
+            "ALTER TABLE messages ADD COLUMN processing_detail TEXT",
+            "CREATE INDEX messages_processing ON messages (processing) WHERE processing IS NOT NULL",
+            """
+            CREATE TABLE agenda_entries (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                agenda_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                state TEXT NOT NULL,
+                zd_number TEXT,
+                placer_id TEXT,
+                filler_id TEXT,
+                data TEXT NOT NULL,
+                attachments TEXT NOT NULL DEFAULT '',
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX agenda_entries_agenda ON agenda_entries (agenda_id, state, updated_at)",
+            "CREATE INDEX agenda_entries_updated ON agenda_entries (updated_at)",
+            # One entry per correlation key ("zd:ZD123", "placer:...", "filler:...").
+            "CREATE TABLE agenda_keys (key TEXT PRIMARY KEY, entry_id INTEGER NOT NULL)",
+            """
+            CREATE TABLE agenda_history (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                entry_id INTEGER NOT NULL,
+                at REAL NOT NULL,
+                message_id INTEGER,
+                action TEXT NOT NULL,
+                from_state TEXT,
+                to_state TEXT NOT NULL,
+                changed TEXT NOT NULL DEFAULT ''
+            )
+            """,
+            "CREATE INDEX agenda_history_entry ON agenda_history (entry_id, id)",
+            """
+            CREATE TABLE attachments (
+                sha256 TEXT PRIMARY KEY,
+                media_type TEXT,
+                filename TEXT,
+                size INTEGER NOT NULL,
+                data BLOB NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE held_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                message_id INTEGER,
+                event TEXT NOT NULL,
+                held_at REAL NOT NULL,
+                released_at REAL
+            )
+            """,
+            "CREATE TABLE held_keys (key TEXT NOT NULL, held_id INTEGER NOT NULL)",
+            "CREATE INDEX held_keys_key ON held_keys (key, held_id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

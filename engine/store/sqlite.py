@@ -26,21 +26,30 @@ from typing import Any
 
 from engine.store import (
     Append,
+    AgendaHistoryRecord,
+    AgendaRecord,
     AppendResult,
+    AttachmentRecord,
     AuditRecord,
     DeadLetter,
     DropDeadLetters,
     Enqueue,
+    HeldRecord,
+    HoldEvent,
     MarkDelivered,
     MessageStatus,
     MessageSummary,
     Prune,
     PruneResult,
+    PutAttachment,
     QueueEntry,
     QueueStats,
     RecordFailure,
+    ReleaseHeld,
     ReplayDeadLetters,
     RetryNow,
+    SaveAgendaEntry,
+    SetProcessing,
     SetPaused,
     StoredMessage,
     StoreError,
@@ -110,7 +119,7 @@ _MESSAGE_COLUMNS = (
 )
 _SUMMARY_COLUMNS = (
     "id, channel, peer, received_at, control_id, sender, message_type, version, size, "
-    "status, ack_code, error, duplicate_count"
+    "status, ack_code, error, duplicate_count, processing, processing_detail, origin_id"
 )
 _ENTRY_SELECT = (
     "SELECT e.id, e.queue, e.destination, e.message_id, e.state, e.attempts, e.enqueued_at, "
@@ -127,7 +136,7 @@ _FIND_DUPLICATE = (
 _INSERT_MESSAGE = (
     "INSERT INTO messages (channel, peer, received_at, control_id, sender, message_type, "
     "structure, version, processing_id, charset, size, payload_hash, status, ack_code, ack, "
-    "error, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "error, raw, origin_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_ENTRY = (
     "INSERT INTO queue_entries (queue, destination, message_id, state, enqueued_at, "
@@ -281,6 +290,7 @@ class _Transaction:
                 m.ack,
                 m.error,
                 m.raw,
+                m.origin_id,
             ),
         )
         message_id = int(cur.lastrowid)  # type: ignore[arg-type]
@@ -421,7 +431,82 @@ class _Transaction:
     ) -> None:
         self._conn.execute(_INSERT_AUDIT, (at, action, queue, entry_id, message_id, reason))
 
+    # -- agendas
+
+    def _save_agenda_entry(self, op: SaveAgendaEntry) -> int:
+        execute = self._conn.execute
+        attachments = " ".join(op.attachments)
+        if op.entry_id is None:
+            cur = execute(
+                "INSERT INTO agenda_entries (agenda_id, kind, state, zd_number, placer_id, filler_id, "
+                "data, attachments, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (op.agenda_id, op.kind, op.state, op.zd_number, op.placer_id, op.filler_id, op.data,
+                 attachments, op.at, op.at),
+            )
+            entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
+        else:
+            entry_id = op.entry_id
+            cur = execute(
+                "UPDATE agenda_entries SET agenda_id = ?, kind = ?, state = ?, zd_number = ?, "
+                "placer_id = ?, filler_id = ?, data = ?, attachments = ?, updated_at = ? WHERE id = ?",
+                (op.agenda_id, op.kind, op.state, op.zd_number, op.placer_id, op.filler_id, op.data,
+                 attachments, op.at, entry_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"agenda entry {entry_id} does not exist")
+        self._conn.executemany(
+            "INSERT INTO agenda_keys (key, entry_id) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            [(key, entry_id) for key in op.keys],
+        )
+        execute(
+            "INSERT INTO agenda_history (entry_id, at, message_id, action, from_state, to_state, changed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, op.at, op.message_id, op.action, op.from_state, op.state, " ".join(op.changed)),
+        )
+        return entry_id
+
+    def _put_attachment(self, op: PutAttachment) -> bool:
+        cur = self._conn.execute(
+            "INSERT INTO attachments (sha256, media_type, filename, size, data) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (sha256) DO NOTHING",
+            (op.sha256, op.media_type, op.filename, len(op.data), op.data),
+        )
+        return cur.rowcount == 1
+
+    def _hold_event(self, op: HoldEvent) -> int:
+        cur = self._conn.execute(
+            "INSERT INTO held_events (message_id, event, held_at) VALUES (?, ?, ?)",
+            (op.message_id, op.event, op.at),
+        )
+        held_id = int(cur.lastrowid)  # type: ignore[arg-type]
+        self._conn.executemany(
+            "INSERT INTO held_keys (key, held_id) VALUES (?, ?)", [(key, held_id) for key in op.keys]
+        )
+        return held_id
+
+    def _release_held(self, op: ReleaseHeld) -> int:
+        released = 0
+        for chunk in _chunks(op.ids):
+            cur = self._conn.execute(
+                f"UPDATE held_events SET released_at = ? WHERE released_at IS NULL "
+                f"AND id IN ({_placeholders(len(chunk))})",
+                (op.at, *chunk),
+            )
+            released += cur.rowcount
+        return released
+
+    def _set_processing(self, op: SetProcessing) -> None:
+        self._conn.execute(
+            "UPDATE messages SET processing = ?, processing_detail = ? WHERE id = ?",
+            (op.outcome, op.detail, op.message_id),
+        )
+
     _handlers: dict[type, Any] = {
+        SaveAgendaEntry: _save_agenda_entry,
+        PutAttachment: _put_attachment,
+        HoldEvent: _hold_event,
+        ReleaseHeld: _release_held,
+        SetProcessing: _set_processing,
         MarkDelivered: _mark_delivered,
         RecordFailure: _record_failure,
         DeadLetter: _dead_letter,
@@ -620,7 +705,8 @@ class SQLiteStore:
             MessageSummary(
                 id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
                 message_type=r[6], version=r[7], size=r[8], status=r[9], ack_code=r[10],
-                error=r[11], duplicate_count=r[12],
+                error=r[11], duplicate_count=r[12], processing=r[13], processing_detail=r[14],
+                origin_id=r[15],
             )
             for r in rows
         ]
@@ -635,6 +721,107 @@ class SQLiteStore:
             (queue, after_id or 0, limit),
         )
         return [_entry(r) for r in rows]
+
+    # -- agendas
+
+    _AGENDA_COLUMNS = (
+        "id, agenda_id, kind, state, zd_number, placer_id, filler_id, data, attachments, "
+        "created_at, updated_at"
+    )
+
+    @staticmethod
+    def _agenda(r: tuple[Any, ...]) -> AgendaRecord:
+        return AgendaRecord(
+            id=r[0], agenda_id=r[1], kind=r[2], state=r[3], zd_number=r[4], placer_id=r[5],
+            filler_id=r[6], data=r[7], attachments=tuple(r[8].split()) if r[8] else (),
+            created_at=r[9], updated_at=r[10],
+        )
+
+    def find_agenda_entry(self, keys: Sequence[str]) -> AgendaRecord | None:
+        """The entry any of `keys` belongs to (the first key that is known wins)."""
+        for key in keys:
+            rows = self._query(
+                f"SELECT {self._AGENDA_COLUMNS} FROM agenda_entries WHERE id = "
+                "(SELECT entry_id FROM agenda_keys WHERE key = ?)",
+                (key,),
+            )
+            if rows:
+                return self._agenda(rows[0])
+        return None
+
+    def get_agenda_entry(self, entry_id: int) -> AgendaRecord | None:
+        rows = self._query(f"SELECT {self._AGENDA_COLUMNS} FROM agenda_entries WHERE id = ?", (entry_id,))
+        return self._agenda(rows[0]) if rows else None
+
+    def list_agenda_entries(
+        self,
+        *,
+        agenda_id: str | None = None,
+        state: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[AgendaRecord]:
+        """Most recently changed first; `since`/`until` filter on the last change."""
+        where, params = [], []
+        for clause, value in (
+            ("agenda_id = ?", agenda_id),
+            ("state = ?", state),
+            ("updated_at >= ?", since),
+            ("updated_at < ?", until),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {self._AGENDA_COLUMNS} FROM agenda_entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._query(sql + " ORDER BY updated_at DESC, id DESC LIMIT ?", (*params, limit))
+        return [self._agenda(r) for r in rows]
+
+    def agenda_history(self, entry_id: int) -> list[AgendaHistoryRecord]:
+        rows = self._query(
+            "SELECT entry_id, at, message_id, action, from_state, to_state, changed FROM agenda_history "
+            "WHERE entry_id = ? ORDER BY id",
+            (entry_id,),
+        )
+        return [
+            AgendaHistoryRecord(
+                entry_id=r[0], at=r[1], message_id=r[2], action=r[3], from_state=r[4], to_state=r[5],
+                changed=tuple(r[6].split()) if r[6] else (),
+            )
+            for r in rows
+        ]
+
+    def held_events(self, keys: Sequence[str]) -> list[HeldRecord]:
+        """Unreleased events held for any of `keys`, in arrival order."""
+        if not keys:
+            return []
+        rows = self._query(
+            "SELECT h.id, h.message_id, h.event, h.held_at FROM held_events h WHERE h.released_at IS NULL "
+            f"AND h.id IN (SELECT held_id FROM held_keys WHERE key IN ({_placeholders(len(keys))})) "
+            "ORDER BY h.id",
+            tuple(keys),
+        )
+        out = []
+        for r in rows:
+            held_keys = tuple(k for (k,) in self._query("SELECT key FROM held_keys WHERE held_id = ?", (r[0],)))
+            out.append(HeldRecord(id=r[0], keys=held_keys, message_id=r[1], event=r[2], held_at=r[3]))
+        return out
+
+    def get_attachment(self, sha256: str) -> AttachmentRecord | None:
+        rows = self._query(
+            "SELECT sha256, media_type, filename, size, data FROM attachments WHERE sha256 = ?", (sha256,)
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return AttachmentRecord(sha256=r[0], media_type=r[1], filename=r[2], size=r[3], data=r[4])
+
+    def processing_counts(self) -> dict[str, int]:
+        return dict(
+            self._query("SELECT processing, COUNT(*) FROM messages WHERE processing IS NOT NULL GROUP BY processing")
+        )
 
     def queue_depths(self) -> dict[str, int]:
         return dict(self._query("SELECT queue, pending FROM queues ORDER BY queue"))
