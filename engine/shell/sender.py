@@ -25,7 +25,7 @@ from engine.core.outbound import OutboundError, prepare
 from engine.core.retry import backoff_delay
 from engine.log import get_logger, safe_error
 from engine.shell.client import MLLPClientFactory
-from engine.store import DeadLetter, MarkDelivered, QueueEntry, RecordFailure
+from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
 
@@ -79,9 +79,14 @@ class QueueSender:
         self._poller.clock = reactor
         self._failures_logged: dict[str, int] = {}
         self._connect_error = ""
+        self._resend_candidate: int | None = None  # on the wire when the engine last stopped
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        try:
+            self._resend_candidate = self.store.inflight_entry(self.queue)
+        except Exception as error:  # noqa: BLE001 - only the resend count depends on it
+            self.log.warning("queue.inflight_unknown", error=safe_error(error))
         self.poll()
         self._poller.start(self.poll_interval, now=False)
         self._running = self._run()
@@ -150,7 +155,13 @@ class QueueSender:
                 continue
             now = self.reactor.seconds()
             destination = self.destinations.get(entry.destination, self.settings)
-            if destination.give_up_after is not None and now - entry.enqueued_at > destination.give_up_after:
+            # Given up only after at least one attempt: a message that waited behind a blocked
+            # head gets its own try before it can become a dead letter.
+            if (
+                destination.give_up_after is not None
+                and entry.attempts
+                and now - entry.enqueued_at > destination.give_up_after
+            ):
                 self._dead_letter(entry, "gave up: undelivered for longer than give_up_after", None)
                 continue
             if entry.next_attempt_at > now:
@@ -173,8 +184,15 @@ class QueueSender:
                 continue
             self.state = SENDING
             self._count("delivery_sent_total", entry.destination).inc()
-            if entry.attempts:
+            if entry.attempts or entry.id == self._resend_candidate:
                 self._count("delivery_redeliveries_total", entry.destination).inc()
+                if entry.id == self._resend_candidate and not entry.attempts:
+                    self.log.info("delivery.resend_after_restart", entry_id=entry.id, control_id=entry.control_id)
+            self._resend_candidate = None
+            # Best effort, not waited for: recorded in this reactor turn's group commit.
+            self.committer.submit(MarkSending(queue=self.queue, entry_id=entry.id)).addErrback(
+                self._bookkeeping_failed
+            )
             try:
                 answer = yield client.request(outbound, timeout=destination.ack_timeout)
                 failure = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, Union
 
 __all__ = [
+    "MarkSending",
     "SetProcessing",
     "ReleaseHeld",
     "HoldEvent",
@@ -389,6 +390,14 @@ class PruneResult:
 
 
 @_value
+class MarkSending:
+    """The sender is putting this entry on the wire (so a restart knows it may be a resend)."""
+
+    queue: str
+    entry_id: int
+
+
+@_value
 class SaveAgendaEntry:
     """Create (entry_id None) or replace an agenda entry, add its correlation keys and one
     history item, in the caller's transaction. Result: the entry id."""
@@ -459,6 +468,7 @@ WriteOp = Union[
     ReplayDeadLetters,
     DropDeadLetters,
     Prune,
+    MarkSending,
     SaveAgendaEntry,
     PutAttachment,
     HoldEvent,
@@ -499,6 +509,8 @@ class MessageStore(Protocol):
     def queue_stats(self, now: float) -> list[QueueStats]: ...
 
     def is_paused(self, queue: str) -> bool: ...
+
+    def inflight_entry(self, queue: str) -> int | None: ...
 
     def list_dead_letters(self, queue: str | None = None, limit: int = 100) -> list[QueueEntry]: ...
 

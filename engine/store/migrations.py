@@ -170,6 +170,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX held_keys_key ON held_keys (key, held_id)",
         ),
     ),
+    Migration(
+        version=4,
+        why="the entry each queue last put on the wire, so a resend after a crash is counted",
+        statements=("ALTER TABLE queues ADD COLUMN inflight INTEGER",),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

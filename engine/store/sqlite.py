@@ -37,6 +37,7 @@ from engine.store import (
     HeldRecord,
     HoldEvent,
     MarkDelivered,
+    MarkSending,
     MessageStatus,
     MessageSummary,
     Prune,
@@ -501,7 +502,14 @@ class _Transaction:
             (op.outcome, op.detail, op.message_id),
         )
 
+    def _mark_sending(self, op: MarkSending) -> None:
+        self._conn.execute(
+            "INSERT INTO queues (queue, inflight) VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET inflight = ?",
+            (op.queue, op.entry_id, op.entry_id),
+        )
+
     _handlers: dict[type, Any] = {
+        MarkSending: _mark_sending,
         SaveAgendaEntry: _save_agenda_entry,
         PutAttachment: _put_attachment,
         HoldEvent: _hold_event,
@@ -822,6 +830,10 @@ class SQLiteStore:
         return dict(
             self._query("SELECT processing, COUNT(*) FROM messages WHERE processing IS NOT NULL GROUP BY processing")
         )
+
+    def inflight_entry(self, queue: str) -> int | None:
+        rows = self._query("SELECT inflight FROM queues WHERE queue = ?", (queue,))
+        return rows[0][0] if rows else None
 
     def queue_depths(self) -> dict[str, int]:
         return dict(self._query("SELECT queue, pending FROM queues ORDER BY queue"))
