@@ -599,6 +599,110 @@ def resend(args, store, dests) -> int:
 # --------------------------------------------------------------------------- argparse
 
 
+# --------------------------------------------------------------------------- agendas
+
+
+def _day(text: str | None, *, end: bool = False) -> float | None:
+    """YYYY-MM-DD (Europe/Amsterdam) -> epoch seconds; ``end`` gives the next midnight."""
+    if text is None:
+        return None
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        raise _Fail(USAGE, f"not a date (YYYY-MM-DD): {text!r}") from None
+    if end:
+        day += dt.timedelta(days=1)
+    return dt.datetime.combine(day, dt.time(), ZoneInfo("Europe/Amsterdam")).timestamp()
+
+
+def _agenda_json(record, *, with_data: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": record.id,
+        "agenda": record.agenda_id,
+        "kind": record.kind,
+        "state": record.state,
+        "zd_number": record.zd_number,
+        "placer_id": record.placer_id,
+        "filler_id": record.filler_id,
+        "attachments": list(record.attachments),
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+    if with_data:
+        out["data"] = json.loads(record.data) if record.data else {}
+    return out
+
+
+@_command
+def agenda_list(args, store, dests) -> int:
+    """Entries, most recently changed first; ids, states and keys only (no patient fields)."""
+    records = store.list_agenda_entries(
+        agenda_id=args.agenda, state=args.state, since=_day(args.date_from), until=_day(args.date_to, end=True),
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps([_agenda_json(r, with_data=False) for r in records], indent=2))
+        return OK
+    if not records:
+        print("no agenda entries")
+        return OK
+    now = _now()
+    _table(
+        ["ID", "AGENDA", "KIND", "STATE", "ZD-NUMBER", "ATTACH", "UPDATED"],
+        [(r.id, r.agenda_id, r.kind, r.state, r.zd_number, len(r.attachments), _when(r.updated_at, now))
+         for r in records],
+    )
+    return OK
+
+
+@_command
+def agenda_show(args, store, dests) -> int:
+    """One entry with its data, history (message ids, actions, changed field names) and attachments."""
+    key = args.entry
+    record = None
+    if key.isdigit():
+        record = store.get_agenda_entry(int(key))
+    if record is None:
+        record = store.find_agenda_entry([f"zd:{key}", f"placer:{key}", f"filler:{key}"])
+    if record is None:
+        raise _Fail(NOTHING, f"no agenda entry {key}")
+    history = store.agenda_history(record.id)
+    attachments = [store.get_attachment(h) for h in record.attachments]
+    if args.json:
+        out = _agenda_json(record, with_data=True)
+        out["history"] = [
+            {"at": h.at, "message_id": h.message_id, "action": h.action, "from": h.from_state, "to": h.to_state,
+             "changed": list(h.changed)}
+            for h in history
+        ]
+        out["attachments"] = [
+            {"sha256": a.sha256, "media_type": a.media_type, "filename": a.filename, "size": a.size}
+            for a in attachments if a is not None
+        ]
+        print(json.dumps(out, indent=2, default=str))
+        return OK
+    now = _now()
+    print(f"entry {record.id}  agenda {record.agenda_id}  {record.kind}  {record.state}")
+    print(f"zd-number {record.zd_number or '-'}  placer {record.placer_id or '-'}  filler {record.filler_id or '-'}")
+    data = json.loads(record.data) if record.data else {}
+    for name in sorted(data):
+        if name == "attachments":
+            continue
+        print(f"  {name}: {data[name]}")
+    print("history:")
+    _table(["WHEN", "MESSAGE", "ACTION", "FROM", "TO", "CHANGED"],
+           [(_when(h.at, now), h.message_id, h.action, h.from_state, h.to_state, " ".join(h.changed) or "-")
+            for h in history])
+    if attachments:
+        print("attachments:")
+        _table(["SHA256", "TYPE", "SIZE", "FILE"],
+               [(a.sha256[:16], a.media_type, a.size, a.filename) for a in attachments if a is not None])
+    return OK
+
+
 def register(subparsers) -> None:
     """Add queue, dead-letters, audit and resend to the ``koppel`` parser."""
     from engine.cli import DEFAULT_STORE
@@ -657,3 +761,18 @@ def register(subparsers) -> None:
     p.add_argument("message_id", metavar="MESSAGE-ID", type=int, help="stored message id")
     p.add_argument("--to", required=True, metavar="DEST", help=dest_help)
     p.set_defaults(func=resend)
+
+    agenda = subparsers.add_parser("agenda", help="agenda entries made from referrals, orders and bookings")
+    asub = agenda.add_subparsers(dest="action", required=True)
+    p = common(asub.add_parser("list", help="entries, most recently changed first"), channels=False)
+    p.add_argument("--agenda", help="agenda id")
+    p.add_argument("--state", help="requested, booked, ordered, scheduled, cancelled, ...")
+    p.add_argument("--from", dest="date_from", metavar="DATE", help="changed on or after (YYYY-MM-DD)")
+    p.add_argument("--to", dest="date_to", metavar="DATE", help="changed on or before (YYYY-MM-DD)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=agenda_list)
+    p = common(asub.add_parser("show", help="one entry: data, history, attachments"), channels=False)
+    p.add_argument("entry", metavar="ENTRY-ID|ZD-NUMBER")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=agenda_show)

@@ -1,0 +1,62 @@
+"""koppel agenda list / show read agenda entries from the store."""
+
+import hashlib
+import json
+
+import pytest
+
+from engine.cli import main
+from engine.store import PutAttachment, SaveAgendaEntry, open_store
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    url = f"sqlite:///{tmp_path}/k.db"
+    store = open_store(url)
+    pdf = b"%PDF-1.4 synthetic letter"
+    digest = hashlib.sha256(pdf).hexdigest()
+    store.write([PutAttachment(sha256=digest, media_type="application/pdf", filename="verwijsbrief.pdf", data=pdf)])
+    first = store.write([SaveAgendaEntry(
+        entry_id=None, agenda_id="cardio-poli", kind="appointment-request", state="requested",
+        zd_number="ZD900000017", placer_id="ZD900000017", filler_id=None,
+        data=json.dumps({"patient.bsn": "123456782", "care_product": {"code": "CARREG001"}}),
+        attachments=(digest,), keys=("zd:ZD900000017",), at=1795430000.0, message_id=7, action="create",
+        from_state=None, changed=("patient.bsn", "care_product"))])[0]
+    store.write([SaveAgendaEntry(
+        entry_id=first, agenda_id="cardio-poli", kind="appointment-request", state="booked",
+        zd_number="ZD900000017", placer_id="ZD900000017", filler_id="F1",
+        data=json.dumps({"patient.bsn": "123456782"}), attachments=(digest,), keys=("filler:F1",),
+        at=1795430100.0, message_id=9, action="book", from_state="requested", changed=("booked_start",))])
+    store.write([SaveAgendaEntry(
+        entry_id=None, agenda_id="lab", kind="diagnostic-order", state="ordered", zd_number="ZD900000025",
+        placer_id=None, filler_id=None, data="{}", attachments=(), keys=("zd:ZD900000025",), at=1795430200.0,
+        message_id=11, action="create", from_state=None)])
+    store.close()
+    return url
+
+
+def test_agenda_list_filters_by_agenda_and_state_without_patient_fields(store_url, capsys):
+    assert main(["agenda", "list", "--store", store_url, "--agenda", "cardio-poli"]) == 0
+    out = capsys.readouterr().out
+    assert "ZD900000017" in out and "booked" in out
+    assert "ZD900000025" not in out
+    assert "123456782" not in out
+    assert main(["agenda", "list", "--store", store_url, "--state", "ordered", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["agenda"], r["zd_number"]) for r in rows] == [("lab", "ZD900000025")]
+
+
+def test_agenda_show_by_zd_number_gives_history_and_attachments(store_url, capsys):
+    assert main(["agenda", "show", "ZD900000017", "--store", store_url, "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["state"] == "booked"
+    assert [(h["action"], h["from"], h["to"], h["message_id"]) for h in entry["history"]] == [
+        ("create", None, "requested", 7), ("book", "requested", "booked", 9)]
+    assert entry["attachments"][0]["filename"] == "verwijsbrief.pdf"
+    assert main(["agenda", "show", "F1", "--store", store_url]) == 0
+    assert "history:" in capsys.readouterr().out
+
+
+def test_agenda_show_of_an_unknown_entry_exits_1(store_url, capsys):
+    assert main(["agenda", "show", "ZD000000000", "--store", store_url]) == 1
+    assert "no agenda entry" in capsys.readouterr().err
