@@ -1,16 +1,166 @@
 """Agendas: where an event lands, and how an agenda entry moves (pure, no I/O).
 
-Layer 3 of the mapping design. Values in, decisions out; no clock, no store, no twisted.
+Layer 3 of the mapping design. A mapping turns one message into one ``AgendaEvent``; this
+module decides what that event does to the hospital's agendas:
+
+- ``AgendaBook.select(event)`` picks the agenda (first rule match in file order, else the
+  fallback agenda, flagged so the caller can count it);
+- ``decide(event, existing, ...)`` returns ``Create``, ``Update``, ``Hold`` or ``Reject``;
+- ``release(held, entry, ...)`` replays held events (e.g. a letter that came before its
+  request) in arrival order once their entry exists.
+
+The store does the I/O: it finds ``existing`` by ``correlation_keys(event)`` (an entry
+answers to ``entry_keys(entry)``), gives a created entry its id (``entry.with_id(...)``;
+``decide`` returns new entries with ``id=None``), keeps attachment bytes by sha256, keeps
+held events, and persists what ``decide`` returns. No clock here: ``now`` is passed in.
+
+Texts in decisions and errors name states, actions and key kinds, never field values, so
+they are safe for logs and ACKs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from types import MappingProxyType
+from typing import Union
+
+__all__ = [
+    "ACTIONS",
+    "CLOSED_STATES",
+    "FAMILY",
+    "INITIAL_STATE",
+    "KINDS",
+    "TRANSITIONS",
+    "Agenda",
+    "AgendaBook",
+    "AgendaEntry",
+    "AgendaEvent",
+    "Attachment",
+    "Create",
+    "Decision",
+    "HistoryItem",
+    "Hold",
+    "IllegalMove",
+    "Reject",
+    "Release",
+    "SelectRule",
+    "Update",
+    "attachments_of",
+    "correlation_keys",
+    "decide",
+    "entry_keys",
+    "release",
+    "states_of",
+    "transition",
+]
 
 KINDS = ("appointment-request", "referral", "diagnostic-order", "appointment")
 ACTIONS = ("create", "update", "cancel", "complete", "attach", "book", "reschedule")
+
+# ---------------------------------------------------------------------------------------
+# The state table: one place for both families. (family, state) -> {action: next state}.
+# An action missing from a state's row is an illegal move there.
+
+FAMILY: Mapping[str, str] = MappingProxyType(
+    {
+        "appointment-request": "appointment",
+        "referral": "appointment",
+        "appointment": "appointment",
+        "diagnostic-order": "order",
+    }
+)
+INITIAL_STATE: Mapping[str, str] = MappingProxyType(
+    {
+        "appointment-request": "requested",
+        "referral": "requested",
+        "appointment": "booked",  # a scheduler's own appointment exists once it is booked
+        "diagnostic-order": "ordered",
+    }
+)
+
+_OPEN_APPOINTMENT = {"create": None, "attach": None, "cancel": "cancelled"}  # None: stays
+TRANSITIONS: Mapping[str, Mapping[str, Mapping[str, str | None]]] = MappingProxyType(
+    {
+        "appointment": MappingProxyType(
+            {
+                "requested": MappingProxyType({**_OPEN_APPOINTMENT, "update": None, "book": "booked"}),
+                "booked": MappingProxyType(
+                    {**_OPEN_APPOINTMENT, "update": "modified", "reschedule": "rescheduled", "complete": "completed"}
+                ),
+                "rescheduled": MappingProxyType(
+                    {**_OPEN_APPOINTMENT, "update": "modified", "reschedule": "rescheduled", "complete": "completed"}
+                ),
+                "modified": MappingProxyType(
+                    {**_OPEN_APPOINTMENT, "update": "modified", "reschedule": "rescheduled", "complete": "completed"}
+                ),
+                "cancelled": MappingProxyType({"attach": None}),  # letters are kept, never lost
+                "completed": MappingProxyType({"attach": None}),
+            }
+        ),
+        "order": MappingProxyType(
+            {
+                "ordered": MappingProxyType(
+                    {"create": None, "update": None, "attach": None, "book": "scheduled", "cancel": "cancelled",
+                     "complete": "completed"}  # fmt: skip
+                ),
+                "scheduled": MappingProxyType(
+                    {"create": None, "update": None, "attach": None, "reschedule": None, "cancel": "cancelled",
+                     "complete": "completed"}  # fmt: skip
+                ),
+                "cancelled": MappingProxyType({"attach": None}),
+                "completed": MappingProxyType({"attach": None}),
+            }
+        ),
+    }
+)
+CLOSED_STATES = frozenset({"cancelled", "completed"})
+
+# Re-deliveries: the action that led to the state, repeated. Changing nothing, it is a no-op;
+# a repeated cancel is always a no-op (an S04 and an S15 may both cancel one entry).
+_REPEATS = {"booked": "book", "scheduled": "book", "cancelled": "cancel", "completed": "complete"}
+
+# When one key gets creates of several kinds (ZorgDomein SRM + ORM of one referral), the entry
+# takes the first kind of this list, whatever the arrival order; state moves across families
+# by _CROSS_FAMILY so the final state does not depend on the order either.
+KIND_PRECEDENCE = ("appointment-request", "referral", "appointment", "diagnostic-order")
+_CROSS_FAMILY = {
+    ("order", "appointment"): {"ordered": "requested", "scheduled": "booked"},
+    ("appointment", "order"): {"requested": "ordered", "booked": "scheduled", "rescheduled": "scheduled",
+                               "modified": "scheduled"},  # fmt: skip
+}
+
+
+def states_of(kind: str) -> tuple[str, ...]:
+    """Every state an entry of this kind can be in."""
+    return tuple(TRANSITIONS[FAMILY[kind]])
+
+
+class IllegalMove(Exception):
+    """An action that the state table does not allow (our misuse if it escapes ``decide``)."""
+
+    def __init__(self, *, family: str, state: str, action: str) -> None:
+        self.family, self.state, self.action = family, state, action
+        super().__init__(f"{family} entry in state {state!r} cannot take action {action!r}")
+
+
+def transition(kind: str, state: str, action: str) -> str:
+    """The state after ``action``; raises IllegalMove naming family, state and action."""
+    family = FAMILY[kind]
+    row = TRANSITIONS[family].get(state)
+    if row is None or action not in row:
+        raise IllegalMove(family=family, state=state, action=action)
+    target = row[action]
+    return state if target is None else target
+
+
+# ---------------------------------------------------------------------------------------
+# Values
 
 
 def _frozen_mapping(value: Mapping[str, object]) -> Mapping[str, object]:
@@ -40,3 +190,511 @@ class AgendaEvent:
         if self.action not in ACTIONS:
             raise ValueError(f"AgendaEvent.action must be one of {', '.join(ACTIONS)}")
         object.__setattr__(self, "fields", _frozen_mapping(self.fields))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryItem:
+    """One change of an entry and the message that caused it (field names, never values)."""
+
+    at: datetime
+    message_id: str
+    action: str
+    from_state: str | None  # None: the entry was created by this item
+    to_state: str
+    changed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgendaEntry:
+    """One thing in an agenda: a request, referral, order or appointment, and its history."""
+
+    id: str | None  # None until the store has given it one (entry.with_id)
+    agenda_id: str
+    kind: str
+    state: str
+    zd_number: str | None = None
+    placer_id: str | None = None
+    filler_id: str | None = None
+    data: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    attachments: tuple[str, ...] = ()  # sha256 hex digests, in arrival order, each once
+    history: tuple[HistoryItem, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"AgendaEntry.kind must be one of {', '.join(KINDS)}")
+        if self.state not in TRANSITIONS[FAMILY[self.kind]]:
+            raise ValueError(f"AgendaEntry.state is not a state of a {FAMILY[self.kind]} entry")
+        object.__setattr__(self, "data", _frozen_mapping(self.data))
+        object.__setattr__(self, "attachments", tuple(self.attachments))
+        object.__setattr__(self, "history", tuple(self.history))
+
+    @property
+    def is_open(self) -> bool:
+        return self.state not in CLOSED_STATES
+
+    def with_id(self, entry_id: str) -> AgendaEntry:
+        return replace(self, id=entry_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attachment:
+    """A document that came with an event: the store keeps ``payload`` once per sha256."""
+
+    sha256: str
+    payload: bytes
+    filename: str | None = None
+    media_type: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Decisions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Create:
+    """A new entry (``entry.id`` is None: the store assigns it). ``fallback``: no agenda rule
+    selected it; count it."""
+
+    entry: AgendaEntry
+    attachments: tuple[Attachment, ...] = ()  # new documents to store by sha256
+    fallback: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update:
+    """The existing entry, changed (or, if ``noop``, exactly as it was: a re-delivery)."""
+
+    entry: AgendaEntry
+    attachments: tuple[Attachment, ...] = ()
+    changed: tuple[str, ...] = ()
+    noop: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold:
+    """The event's entry does not exist yet: keep the event under ``keys`` and replay it with
+    ``release`` when an entry answering to one of them is created."""
+
+    key: str  # the main key ("zd:...", else "placer:...", else "filler:...")
+    keys: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reject:
+    """The event cannot be applied; ``reason`` is safe to log and to put in an ACK.
+
+    ``code``: no-key | unknown-entry | closed-entry | illegal-move.
+    """
+
+    reason: str
+    code: str
+
+
+Decision = Union[Create, Update, Hold, Reject]
+
+
+# ---------------------------------------------------------------------------------------
+# Correlation
+
+_ZD_RE = re.compile(r"Z[DP][0-9]{6,12}")
+_KEY_NAMES = {"zd": "ZD-number", "placer": "placer id", "filler": "filler id"}
+
+
+def _zd_of(zd_number: str | None, placer_id: str | None) -> str | None:
+    """The ZD-number of an event or entry: its own, or a placer id that is one (SCH-1 of a
+    booking made for a ZorgDomein referral carries the ZD-number)."""
+    if zd_number:
+        return zd_number.strip().upper()
+    if placer_id and _ZD_RE.fullmatch(placer_id.strip().upper()):
+        return placer_id.strip().upper()
+    return None
+
+
+def _keys(zd_number: str | None, placer_id: str | None, filler_id: str | None) -> tuple[str, ...]:
+    keys: list[str] = []
+    zd = _zd_of(zd_number, placer_id)
+    if zd:
+        keys.append(f"zd:{zd}")
+    if placer_id and placer_id.strip() and placer_id.strip().upper() != zd:
+        keys.append(f"placer:{placer_id.strip()}")
+    if filler_id and filler_id.strip():
+        keys.append(f"filler:{filler_id.strip()}")
+    return tuple(keys)
+
+
+def correlation_keys(event: AgendaEvent) -> tuple[str, ...]:
+    """Keys that tie an event to an entry, strongest first: "zd:ZD123", "placer:X", "filler:Y".
+
+    A placer id that is a ZD-number counts as the ZD-number (an SIU booking of a referral)."""
+    return _keys(event.zd_number, event.placer_id, event.filler_id)
+
+
+def entry_keys(entry: AgendaEntry) -> tuple[str, ...]:
+    """Keys an entry answers to (same form as correlation_keys)."""
+    return _keys(entry.zd_number, entry.placer_id, entry.filler_id)
+
+
+def _key_kind(key: str) -> str:
+    return _KEY_NAMES[key.split(":", 1)[0]]
+
+
+# ---------------------------------------------------------------------------------------
+# Agenda selection
+
+
+def _codes(value: object) -> list[str]:
+    """Codes in a field value: a string, a code-like object (``.code``), a mapping with
+    "code", or a list of those."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, Mapping):
+        return _codes(value.get("code"))
+    if isinstance(value, (list, tuple, frozenset, set)):
+        return [code for item in value for code in _codes(item)]
+    code = getattr(value, "code", None)
+    return _codes(code) if isinstance(code, str) else []
+
+
+def _matches(pattern: str, value: str, *, fold: bool) -> bool:
+    if fold:
+        pattern, value = pattern.casefold(), value.casefold()
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+# rule criterion -> event field it reads (None: the event's kind)
+SELECT_FIELDS: Mapping[str, str | None] = MappingProxyType(
+    {
+        "specialism": "specialism",  # AIG-3 / AIS: "CAR"
+        "care_product": "care_product",  # ARQ-7 / PV2-3: "CARREG001" (Code or text)
+        "cluster": "cluster",  # ZorgDomein cluster name (NTE after MSH in ORM/OML)
+        "prd_specialty": "prd_specialty",  # REF: PRD with role RT, its specialty
+        "location_agb": "location_agb",  # AIL location AGB
+        "kind": None,
+    }
+)
+_FOLDED = frozenset({"cluster"})  # names compare case-insensitively; codes exactly
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelectRule:
+    """All given criteria must match (a criterion: any of its codes; "CAR*" is a prefix)."""
+
+    specialism: frozenset[str] | None = None
+    care_product: frozenset[str] | None = None
+    cluster: frozenset[str] | None = None
+    prd_specialty: frozenset[str] | None = None
+    location_agb: frozenset[str] | None = None
+    kind: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if all(getattr(self, name) is None for name in SELECT_FIELDS):
+            raise ValueError("a select rule needs at least one criterion")
+        for name in SELECT_FIELDS:
+            codes = getattr(self, name)
+            if codes is not None:
+                if not codes:
+                    raise ValueError(f"select rule criterion {name} is an empty list")
+                object.__setattr__(self, name, frozenset(codes))
+
+    def matches(self, event: AgendaEvent) -> bool:
+        for name, field_name in SELECT_FIELDS.items():
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            values = [event.kind] if field_name is None else _codes(event.fields.get(field_name))
+            fold = name in _FOLDED
+            if not any(_matches(p, v, fold=fold) for p in patterns for v in values):
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Agenda:
+    """An appointment book or worklist of the hospital."""
+
+    id: str
+    name: str
+    department: str | None = None
+    location_agb: str | None = None
+    rules: tuple[SelectRule, ...] = ()
+    fallback: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("an agenda needs an id")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if self.fallback and self.rules:
+            raise ValueError("the fallback agenda takes what no rule selects; it has no rules")
+
+    def matches(self, event: AgendaEvent) -> bool:
+        return any(rule.matches(event) for rule in self.rules)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgendaBook:
+    """The hospital's agendas in file order; exactly one is the fallback."""
+
+    agendas: tuple[Agenda, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "agendas", tuple(self.agendas))
+        ids = [agenda.id for agenda in self.agendas]
+        if len(set(ids)) != len(ids):
+            raise ValueError("agenda ids must be unique")
+        if sum(agenda.fallback for agenda in self.agendas) != 1:
+            raise ValueError("exactly one agenda must be the fallback")
+
+    @property
+    def fallback(self) -> Agenda:
+        return next(agenda for agenda in self.agendas if agenda.fallback)
+
+    def agenda(self, agenda_id: str) -> Agenda:
+        for agenda in self.agendas:
+            if agenda.id == agenda_id:
+                return agenda
+        raise KeyError(agenda_id)
+
+    def select(self, event: AgendaEvent) -> tuple[Agenda, bool]:
+        """(agenda, is_fallback): the first agenda in file order with a matching rule, else
+        the fallback agenda with True (never silent: the caller counts it)."""
+        for agenda in self.agendas:
+            if not agenda.fallback and agenda.matches(event):
+                return agenda, False
+        return self.fallback, True
+
+
+# ---------------------------------------------------------------------------------------
+# Attachments and data
+
+
+def _attachment(item: object) -> Attachment | None:
+    """One attachment from an event's "attachments" list: a mapping with "data" (base64
+    text if "encoding" says Base64), "filename", "media_type"; or bytes / text."""
+    filename = media_type = None
+    if isinstance(item, Mapping):
+        data = item.get("data")
+        encoding = item.get("encoding")
+        filename = item.get("filename") or None
+        media_type = item.get("media_type") or None
+    else:
+        data, encoding = item, None
+    if isinstance(data, bytes):
+        payload = data
+    elif isinstance(data, str) and data:
+        payload = data.encode("utf-8", errors="surrogateescape")
+        if isinstance(encoding, str) and encoding.strip().lower() == "base64":
+            try:
+                payload = base64.b64decode("".join(data.split()), validate=True)
+            except (binascii.Error, ValueError):
+                pass  # not base64 after all: keep the text, still stored once by its hash
+    else:
+        return None
+    return Attachment(
+        sha256=hashlib.sha256(payload).hexdigest(),
+        payload=payload,
+        filename=str(filename) if filename is not None else None,
+        media_type=str(media_type) if media_type is not None else None,
+    )
+
+
+def attachments_of(event: AgendaEvent) -> tuple[Attachment, ...]:
+    """The event's attachments, each once (by sha256), in order."""
+    items = event.fields.get("attachments")
+    if items is None or isinstance(items, (str, bytes, Mapping)):
+        items = [] if items is None else [items]
+    seen: set[str] = set()
+    out: list[Attachment] = []
+    for item in items if isinstance(items, Iterable) else []:
+        attachment = _attachment(item)
+        if attachment is not None and attachment.sha256 not in seen:
+            seen.add(attachment.sha256)
+            out.append(attachment)
+    return tuple(out)
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or value == "" or (isinstance(value, (list, tuple)) and not value)
+
+
+def _merge(data: Mapping[str, object], fields: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
+    """Event fields over entry data; empty values never erase what another message said."""
+    merged = dict(data)
+    changed: list[str] = []
+    for name, value in fields.items():
+        if name == "attachments" or _is_empty(value):
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if name not in merged or merged[name] != value:
+            merged[name] = value
+            changed.append(name)
+    return merged, sorted(changed)
+
+
+# ---------------------------------------------------------------------------------------
+# Deciding
+
+
+def decide(
+    event: AgendaEvent,
+    existing: AgendaEntry | None,
+    *,
+    now: datetime,
+    message_id: str,
+    book: AgendaBook,
+) -> Decision:
+    """What ``event`` does, given the entry its correlation keys found (or None). Never raises
+    on event content.
+
+    - no entry: create -> Create (agenda from ``book.select``); attach -> Hold (a letter may
+      come before its request); book with a ZD-number -> Hold (the scheduler may answer a
+      referral before its messages got here); anything else -> Reject naming the key kind.
+    - an entry: the state table decides the move; fields merge into data (changed names in
+      history); attachments are added once by sha256. A create merges (ZorgDomein re-sends and
+      supplements). A closed entry takes only letters; other actions -> Reject "entry is
+      <state>" (a repeated cancel is a no-op). A repeat of the action that led to the state
+      (re-delivery) that changes nothing is a no-op Update.
+    """
+    keys = correlation_keys(event)
+    if existing is None:
+        return _decide_new(event, keys, now=now, message_id=message_id, book=book)
+    return _apply(event, existing, now=now, message_id=message_id, book=book)
+
+
+def _decide_new(
+    event: AgendaEvent, keys: tuple[str, ...], *, now: datetime, message_id: str, book: AgendaBook
+) -> Decision:
+    if not keys:
+        return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
+    if event.action == "create":
+        agenda, fallback = book.select(event)
+        data, changed = _merge({}, event.fields)
+        attachments = attachments_of(event)
+        if attachments:
+            changed = sorted([*changed, "attachments"])
+        state = INITIAL_STATE[event.kind]
+        entry = AgendaEntry(
+            id=None,
+            agenda_id=agenda.id,
+            kind=event.kind,
+            state=state,
+            zd_number=_zd_of(event.zd_number, event.placer_id),
+            placer_id=event.placer_id or None,
+            filler_id=event.filler_id or None,
+            data=data,
+            attachments=tuple(a.sha256 for a in attachments),
+            history=(
+                HistoryItem(
+                    at=now, message_id=message_id, action="create", from_state=None, to_state=state,
+                    changed=tuple(changed),
+                ),
+            ),
+        )  # fmt: skip
+        return Create(entry=entry, attachments=attachments, fallback=fallback)
+    key = keys[0]
+    if event.action == "attach":
+        return Hold(key=key, keys=keys, reason=f"waiting for the entry with this {_key_kind(key)}")
+    if event.action == "book" and key.startswith("zd:"):
+        return Hold(key=key, keys=keys, reason=f"booking waits for the entry with this {_key_kind(key)}")
+    return Reject(reason=f"cannot {event.action}: no entry for this {_key_kind(key)}", code="unknown-entry")
+
+
+def _apply(
+    event: AgendaEvent, entry: AgendaEntry, *, now: datetime, message_id: str, book: AgendaBook
+) -> Decision:
+    action = event.action
+    kind, agenda_id, state = entry.kind, entry.agenda_id, entry.state
+    if not entry.is_open and action != "attach":
+        if action == "cancel" and state == "cancelled":
+            return Update(entry=entry, noop=True)
+        return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
+
+    if action == "create" and KIND_PRECEDENCE.index(event.kind) < KIND_PRECEDENCE.index(kind):
+        family_move = (FAMILY[kind], FAMILY[event.kind])
+        if family_move[0] != family_move[1]:
+            state = _CROSS_FAMILY[family_move][state]
+        kind = event.kind
+        agenda, fallback = book.select(event)
+        if not fallback or book.fallback.id == agenda_id:
+            agenda_id = agenda.id
+
+    repeat = _REPEATS.get(entry.state) == action
+    try:
+        to_state = transition(kind, state, action)
+    except IllegalMove:
+        to_state = None
+        if not repeat:
+            return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
+
+    data, changed = _merge(entry.data, event.fields)
+    known = set(entry.attachments)
+    new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
+    if new_attachments:
+        changed.append("attachments")
+    zd = entry.zd_number or _zd_of(event.zd_number, event.placer_id)
+    placer = entry.placer_id or event.placer_id or None
+    filler = entry.filler_id or event.filler_id or None
+    for name, old, new in (("zd_number", entry.zd_number, zd), ("placer_id", entry.placer_id, placer),
+                           ("filler_id", entry.filler_id, filler), ("kind", entry.kind, kind),
+                           ("agenda_id", entry.agenda_id, agenda_id)):  # fmt: skip
+        if old != new:
+            changed.append(name)
+    changed = sorted(set(changed))
+    if to_state is None:  # a repeated book/complete: fine if it changes nothing
+        if changed:
+            return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
+        return Update(entry=entry, noop=True)
+    if not changed and to_state == entry.state:
+        return Update(entry=entry, noop=True)
+    item = HistoryItem(
+        at=now, message_id=message_id, action=action, from_state=entry.state, to_state=to_state,
+        changed=tuple(changed),
+    )  # fmt: skip
+    updated = replace(
+        entry,
+        agenda_id=agenda_id,
+        kind=kind,
+        state=to_state,
+        zd_number=zd,
+        placer_id=placer,
+        filler_id=filler,
+        data=data,
+        attachments=entry.attachments + tuple(a.sha256 for a in new_attachments),
+        history=entry.history + (item,),
+    )
+    return Update(entry=updated, attachments=new_attachments, changed=tuple(changed))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """The entry after replaying held events, and what each held message came to."""
+
+    entry: AgendaEntry
+    attachments: tuple[Attachment, ...]  # new documents to store, all held events together
+    results: tuple[tuple[str, Decision], ...]  # (message_id, Update | Reject), arrival order
+
+
+def release(
+    held: Sequence[tuple[str, AgendaEvent]],
+    entry: AgendaEntry,
+    *,
+    now: datetime,
+    book: AgendaBook,
+) -> Release:
+    """Apply held ``(message_id, event)`` pairs, in the order given (arrival order), to
+    ``entry`` (just created or found). Each gets its own history item; one that cannot apply
+    is Rejected without stopping the others."""
+    results: list[tuple[str, Decision]] = []
+    attachments: list[Attachment] = []
+    for message_id, event in held:
+        decision = _apply(event, entry, now=now, message_id=message_id, book=book)
+        if isinstance(decision, Update):
+            entry = decision.entry
+            attachments.extend(decision.attachments)
+        results.append((message_id, decision))
+    return Release(entry=entry, attachments=tuple(attachments), results=tuple(results))
