@@ -1,0 +1,273 @@
+"""Field paths: ``SEG[occ]-FIELD[rep].COMP.SUB``, parsed once, applied to many messages.
+
+Grammar (1-based numbers):
+
+- ``SEG``: three characters A-Z/0-9. ``[occ]``: omitted = first occurrence, ``*`` = all,
+  ``N`` = the Nth.
+- ``FIELD``: a number. ``[rep]``: omitted = first repetition, ``*`` = all, ``N`` = the Nth,
+  ``C=VALUE`` = the repetitions whose component C (unescaped) equals VALUE.
+- ``.COMP`` and ``.SUB``: optional. Without COMP the whole (unescaped) repetition.
+
+``select`` gives one value per selected segment and repetition (a missing field or
+component reads as ""); ``first`` the first non-empty one. Both work on a ``Message``
+or on one group (``list[Segment]`` from ``Message.groups``), and never raise on message
+content. MSH-1 and MSH-2 read as the delimiters themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.core.hl7message import Message, Segment, _Separators, _unescape
+
+__all__ = ["ALL", "FieldPath", "PathError", "components", "first", "parse_path", "select"]
+
+ALL = "*"
+
+
+class PathError(ValueError):
+    """A field path that does not follow the grammar; ``column`` is 1-based."""
+
+    def __init__(self, text: str, column: int, reason: str) -> None:
+        self.text = text
+        self.column = column
+        self.reason = reason
+        super().__init__(f"field path {text!r}, column {column}: {reason}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FieldPath:
+    """A parsed path. ``occurrence``/``repetition``: an int (1-based) or ``"*"``;
+    ``match``: ``(component, value)`` for ``[C=VALUE]`` (then repetition is ``"*"``)."""
+
+    text: str
+    segment: str
+    occurrence: int | str = 1
+    field: int
+    repetition: int | str = 1
+    match: tuple[int, str] | None = None
+    component: int | None = None
+    subcomponent: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_path(text: str) -> FieldPath:
+    """Parse ``text``; raises PathError naming the (1-based) column of the problem."""
+    p = _Parser(text)
+    return p.parse()
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def fail(self, reason: str, pos: int | None = None) -> PathError:
+        return PathError(self.text, (self.pos if pos is None else pos) + 1, reason)
+
+    def peek(self) -> str:
+        return self.text[self.pos : self.pos + 1]
+
+    def number(self, what: str) -> int:
+        start = self.pos
+        while self.peek().isdigit() and self.peek().isascii():
+            self.pos += 1
+        if start == self.pos:
+            raise self.fail(f"expected {what} (a number)")
+        value = int(self.text[start : self.pos])
+        if value < 1:
+            raise self.fail(f"{what} must be 1 or more", start)
+        if value > 100_000:
+            raise self.fail(f"{what} is too large", start)
+        return value
+
+    def expect(self, char: str, what: str) -> None:
+        if self.peek() != char:
+            found = repr(self.peek()) if self.peek() else "the end"
+            raise self.fail(f"expected {what}, found {found}")
+        self.pos += 1
+
+    def selector(self, what: str, allow_match: bool) -> tuple[int | str, tuple[int, str] | None]:
+        self.expect("[", "'['")
+        if self.peek() == "*":
+            self.pos += 1
+            result: tuple[int | str, tuple[int, str] | None] = (ALL, None)
+        else:
+            value = self.number(what)
+            if self.peek() == "=":
+                if not allow_match:
+                    raise self.fail(f"a {what} cannot be selected by value")
+                self.pos += 1
+                start = self.pos
+                end = self.text.find("]", start)
+                if end < 0:
+                    self.pos = len(self.text)
+                    raise self.fail("expected ']' to close the selector")
+                wanted = self.text[start:end]
+                if "[" in wanted:
+                    raise self.fail("'[' inside a selector value", start + wanted.index("["))
+                self.pos = end
+                result = (ALL, (value, wanted))
+            else:
+                result = (value, None)
+        self.expect("]", "']'")
+        return result
+
+    def parse(self) -> FieldPath:
+        text = self.text
+        if not isinstance(text, str) or not text:
+            raise PathError(str(text), 1, "empty field path")
+        segment = text[:3]
+        for i, char in enumerate(segment):
+            if not ("A" <= char <= "Z" or "0" <= char <= "9"):
+                raise self.fail("segment name must be 3 characters A-Z or 0-9", i)
+        if len(segment) < 3:
+            self.pos = len(segment)
+            raise self.fail("segment name must be 3 characters A-Z or 0-9")
+        self.pos = 3
+        occurrence: int | str = 1
+        if self.peek() == "[":
+            occurrence, _ = self.selector("segment occurrence", allow_match=False)
+        self.expect("-", "'-' before the field number")
+        field = self.number("field number")
+        repetition: int | str = 1
+        match = None
+        if self.peek() == "[":
+            repetition, match = self.selector("repetition", allow_match=True)
+        component = subcomponent = None
+        if self.peek() == ".":
+            self.pos += 1
+            component = self.number("component number")
+            if self.peek() == ".":
+                self.pos += 1
+                subcomponent = self.number("subcomponent number")
+        if self.pos != len(text):
+            raise self.fail(f"unexpected {self.peek()!r}")
+        if segment == "MSH" and field <= 2 and (component or match or repetition != 1):
+            raise self.fail("MSH-1 and MSH-2 have no repetitions or components", 4)
+        return FieldPath(
+            text=text,
+            segment=segment,
+            occurrence=occurrence,
+            field=field,
+            repetition=repetition,
+            match=match,
+            component=component,
+            subcomponent=subcomponent,
+        )
+
+
+# Selection -------------------------------------------------------------------------------
+
+Source = Message | Sequence[Segment]
+
+
+def _segments(source: Source, path: FieldPath) -> list[Segment]:
+    name = path.segment
+    if isinstance(source, Message):
+        found = source._index()[1].get(name)
+        if not found:
+            return []
+    else:
+        found = [s for s in source if s.name == name]
+    occ = path.occurrence
+    if occ == ALL:
+        return list(found)
+    return [found[occ - 1]] if occ <= len(found) else []  # type: ignore[operator]
+
+
+def _parts(segment: Segment, path: FieldPath) -> list[tuple[str, _Separators]]:
+    """Raw (escaped) strings the path selects in one segment."""
+    seps = segment._seps
+    fields = segment._fields if segment._fields is not None else segment._split()
+    n = path.field
+    if segment.name == "MSH" and n <= 2:
+        return [(fields[n], seps)] if n < len(fields) else []
+    value = fields[n] if n < len(fields) else ""
+    rs = seps.repetition
+    rep = path.repetition
+    if rep == 1 and path.match is None:
+        reps = [value.split(rs, 1)[0] if rs else value]
+    else:
+        reps = value.split(rs) if rs else [value]
+        if path.match is not None:
+            c, wanted = path.match
+            cs = seps.component
+            e, table = seps.escape, seps.table
+            chosen = []
+            for r in reps:
+                comps = r.split(cs) if cs else [r]
+                got = comps[c - 1] if c <= len(comps) else ""
+                if e and e in got:
+                    got = _unescape(got, e, table, seps.codec)
+                if got == wanted:
+                    chosen.append(r)
+            reps = chosen
+        elif rep != ALL:
+            reps = [reps[rep - 1]] if rep <= len(reps) else []  # type: ignore[operator]
+    comp = path.component
+    if comp is None:
+        return [(r, seps) for r in reps]
+    cs, ss, sub = seps.component, seps.subcomponent, path.subcomponent
+    out = []
+    for r in reps:
+        comps = r.split(cs) if cs else [r]
+        c = comps[comp - 1] if comp <= len(comps) else ""
+        if sub is not None:
+            subs = c.split(ss) if ss else [c]
+            c = subs[sub - 1] if sub <= len(subs) else ""
+        out.append((c, seps))
+    return out
+
+
+def _text(raw: str, seps: _Separators, path: FieldPath) -> str:
+    e = seps.escape
+    if not e or e not in raw or (path.segment == "MSH" and path.field <= 2):
+        return raw
+    return _unescape(raw, e, seps.table, seps.codec)
+
+
+def select(message_or_group: Source, path: FieldPath) -> list[str]:
+    """All values ``path`` selects, unescaped; [] when the segment is absent."""
+    out = []
+    for segment in _segments(message_or_group, path):
+        for raw, seps in _parts(segment, path):
+            out.append(_text(raw, seps, path))
+    return out
+
+
+def first(message_or_group: Source, path: FieldPath) -> str | None:
+    """The first non-empty value ``path`` selects, or None."""
+    for segment in _segments(message_or_group, path):
+        for raw, seps in _parts(segment, path):
+            if raw:
+                value = _text(raw, seps, path)
+                if value:
+                    return value
+    return None
+
+
+def components(message_or_group: Source, path: FieldPath) -> list[list[list[str]]]:
+    """Each selected value split into components, each into subcomponents, unescaped.
+
+    For converters that need the structure (``dutch_name``, ``code``): select the whole
+    field or repetition (``PID-5``, ``ARQ-7``), then ``value[i][j]`` is component i+1,
+    subcomponent j+1. Splitting happens before unescaping, so an escaped ``\\S\\`` stays
+    inside its component.
+    """
+    out = []
+    for segment in _segments(message_or_group, path):
+        for raw, seps in _parts(segment, path):
+            if path.segment == "MSH" and path.field <= 2:
+                out.append([[raw]])
+                continue
+            comps = [raw] if path.component is not None else (raw.split(seps.component) if seps.component else [raw])
+            value = []
+            for c in comps:
+                subs = [c] if path.subcomponent is not None else (c.split(seps.subcomponent) if seps.subcomponent else [c])
+                value.append([_text(s, seps, path) for s in subs])
+            out.append(value)
+    return out
