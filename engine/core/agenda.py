@@ -311,6 +311,13 @@ def _zd_of(zd_number: str | None, placer_id: str | None) -> str | None:
     return None
 
 
+def _own_placer(placer_id: str | None, zd: str | None) -> str | None:
+    """The placer id worth keeping: not when it is just the ZD-number again (SRM ARQ-1)."""
+    if not placer_id or not placer_id.strip() or placer_id.strip().upper() == zd:
+        return None
+    return placer_id.strip()
+
+
 def _keys(zd_number: str | None, placer_id: str | None, filler_id: str | None) -> tuple[str, ...]:
     keys: list[str] = []
     zd = _zd_of(zd_number, placer_id)
@@ -521,12 +528,15 @@ def _is_empty(value: object) -> bool:
     return value is None or value == "" or (isinstance(value, (list, tuple)) and not value)
 
 
-def _merge(data: Mapping[str, object], fields: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
-    """Event fields over entry data; empty values never erase what another message said."""
+def _merge(
+    data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True
+) -> tuple[dict[str, object], list[str]]:
+    """Event fields over entry data; empty values never erase what another message said.
+    Without ``overwrite`` only fields the entry lacks are added."""
     merged = dict(data)
     changed: list[str] = []
     for name, value in fields.items():
-        if name == "attachments" or _is_empty(value):
+        if name == "attachments" or _is_empty(value) or (not overwrite and name in merged):
             continue
         if isinstance(value, list):
             value = tuple(value)
@@ -584,8 +594,8 @@ def _decide_new(
             kind=event.kind,
             state=state,
             zd_number=_zd_of(event.zd_number, event.placer_id),
-            placer_id=event.placer_id or None,
-            filler_id=event.filler_id or None,
+            placer_id=_own_placer(event.placer_id, _zd_of(event.zd_number, event.placer_id)),
+            filler_id=(event.filler_id or "").strip() or None,
             data=data,
             attachments=tuple(a.sha256 for a in attachments),
             history=(
@@ -614,6 +624,9 @@ def _apply(
             return Update(entry=entry, noop=True)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
 
+    # A create of a lesser kind (an ORM for a referral that has its SRM) only adds missing
+    # fields; one of a greater kind takes over kind, agenda and the fields it has.
+    overwrite = action != "create" or KIND_PRECEDENCE.index(event.kind) <= KIND_PRECEDENCE.index(kind)
     if action == "create" and KIND_PRECEDENCE.index(event.kind) < KIND_PRECEDENCE.index(kind):
         family_move = (FAMILY[kind], FAMILY[event.kind])
         if family_move[0] != family_move[1]:
@@ -631,14 +644,14 @@ def _apply(
         if not repeat:
             return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
 
-    data, changed = _merge(entry.data, event.fields)
+    data, changed = _merge(entry.data, event.fields, overwrite=overwrite)
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:
         changed.append("attachments")
     zd = entry.zd_number or _zd_of(event.zd_number, event.placer_id)
-    placer = entry.placer_id or event.placer_id or None
-    filler = entry.filler_id or event.filler_id or None
+    placer = entry.placer_id or _own_placer(event.placer_id, zd)
+    filler = entry.filler_id or (event.filler_id or "").strip() or None
     for name, old, new in (("zd_number", entry.zd_number, zd), ("placer_id", entry.placer_id, placer),
                            ("filler_id", entry.filler_id, filler), ("kind", entry.kind, kind),
                            ("agenda_id", entry.agenda_id, agenda_id)):  # fmt: skip

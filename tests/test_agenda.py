@@ -1,0 +1,433 @@
+"""engine.core.agenda: selection, the state table, correlation in any arrival order."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.core.agenda import (
+    ACTIONS,
+    CLOSED_STATES,
+    FAMILY,
+    KINDS,
+    TRANSITIONS,
+    Agenda,
+    AgendaBook,
+    AgendaEntry,
+    AgendaEvent,
+    Create,
+    Hold,
+    IllegalMove,
+    Reject,
+    SelectRule,
+    Update,
+    correlation_keys,
+    decide,
+    entry_keys,
+    release,
+    states_of,
+    transition,
+)
+
+NOW = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
+ZD = "ZD123456789"  # synthetic
+BSN = "999999990"  # synthetic, passes the 11-proof
+PDF = b"%PDF-1.4 synthetic referral letter\n%%EOF"
+PDF_SHA = hashlib.sha256(PDF).hexdigest()
+
+BOOK = AgendaBook(
+    agendas=(
+        Agenda(
+            id="cardiology",
+            name="Polikliniek Cardiologie",
+            department="CAR",
+            location_agb="01999901",
+            rules=(SelectRule(specialism=frozenset({"CAR"})), SelectRule(care_product=frozenset({"CARREG*"}))),
+        ),
+        Agenda(
+            id="laboratory",
+            name="Laboratorium",
+            location_agb="01999904",
+            rules=(SelectRule(cluster=frozenset({"Laboratorium"})), SelectRule(care_product=frozenset({"LAB*"}))),
+        ),
+        Agenda(id="fallback", name="Onbekend", fallback=True),
+    )
+)
+
+
+class FakeStore:
+    """What the store does around decide/release: find, assign ids, hold and replay."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, AgendaEntry] = {}
+        self.held: list[tuple[str, AgendaEvent]] = []
+        self.blobs: dict[str, bytes] = {}
+        self.decisions: list[object] = []
+
+    def find(self, event: AgendaEvent) -> AgendaEntry | None:
+        for key in correlation_keys(event):
+            for entry in self.entries.values():
+                if key in entry_keys(entry):
+                    return entry
+        return None
+
+    def receive(self, message_id: str, event: AgendaEvent) -> object:
+        decision = decide(event, self.find(event), now=NOW, message_id=message_id, book=BOOK)
+        self.decisions.append(decision)
+        if isinstance(decision, Create):
+            entry = decision.entry.with_id(f"E{len(self.entries) + 1}")
+            self._save(entry, decision.attachments)
+        elif isinstance(decision, Update) and not decision.noop:
+            self._save(decision.entry, decision.attachments)
+        elif isinstance(decision, Hold):
+            self.held.append((message_id, event))
+        return decision
+
+    def _save(self, entry: AgendaEntry, attachments) -> None:
+        for attachment in attachments:
+            self.blobs.setdefault(attachment.sha256, attachment.payload)
+        self.entries[entry.id] = entry
+        while True:  # held events whose keys this entry now answers to, in arrival order
+            keys = set(entry_keys(entry))
+            ready = [(m, e) for m, e in self.held if keys & set(correlation_keys(e))]
+            if not ready:
+                return
+            self.held = [(m, e) for m, e in self.held if (m, e) not in ready]
+            result = release(ready, entry, now=NOW, book=BOOK)
+            for attachment in result.attachments:
+                self.blobs.setdefault(attachment.sha256, attachment.payload)
+            entry = result.entry
+            self.entries[entry.id] = entry
+
+
+def srm(action: str = "create", **fields: object) -> AgendaEvent:
+    base = {"patient.bsn": BSN, "care_product": {"code": "CARREG001", "text": "consult"}, "specialism": "CAR",
+            "requested_start": "2024-03-10"}  # fmt: skip
+    return AgendaEvent(kind="appointment-request", action=action, zd_number=ZD, placer_id=ZD,
+                       fields={**base, **fields})  # fmt: skip
+
+
+def oru(data: bytes = PDF) -> AgendaEvent:
+    item = {"data": base64.b64encode(data).decode(), "encoding": "Base64", "media_type": "PDF", "filename": "brief.pdf"}
+    return AgendaEvent(kind="referral", action="attach", zd_number=ZD, fields={"attachments": [item]})
+
+
+def orm(action: str = "create") -> AgendaEvent:
+    fields = {"patient.bsn": BSN, "care_product": {"code": "LABEDG001"}, "cluster": "Laboratorium"}
+    return AgendaEvent(kind="diagnostic-order", action=action, zd_number=ZD, placer_id="ORD000123", fields=fields)
+
+
+def siu(action: str = "book", **fields: object) -> AgendaEvent:
+    base = {"booked_start": "2024-03-12T09:30"}
+    return AgendaEvent(kind="appointment", action=action, placer_id=ZD, filler_id="F778", fields={**base, **fields})
+
+
+def run(*events: AgendaEvent) -> FakeStore:
+    store = FakeStore()
+    for number, event in enumerate(events, 1):
+        store.receive(f"M{number}", event)
+    return store
+
+
+def only_entry(store: FakeStore) -> AgendaEntry:
+    assert len(store.entries) == 1
+    return next(iter(store.entries.values()))
+
+
+# --- arrival order ----------------------------------------------------------------------
+
+MESSAGES = {"SRM": srm, "ORU": oru, "ORM": orm, "SIU": siu}
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(MESSAGES)), ids="-".join)
+def test_every_arrival_order_of_one_referral_ends_in_the_same_entry(order):
+    store = run(*(MESSAGES[name]() for name in order))
+    entry = only_entry(store)
+    assert not store.held
+    assert not [d for d in store.decisions if isinstance(d, Reject)]
+    assert entry.kind == "appointment-request"
+    assert entry.state == "booked"
+    assert entry.agenda_id == "cardiology"
+    assert set(entry.attachments) == {PDF_SHA}
+    assert store.blobs == {PDF_SHA: PDF}
+    assert (entry.zd_number, entry.placer_id, entry.filler_id) == (ZD, "ORD000123", "F778")
+    assert dict(entry.data) == {
+        "patient.bsn": BSN,
+        "care_product": {"code": "CARREG001", "text": "consult"},
+        "specialism": "CAR",
+        "requested_start": "2024-03-10",
+        "cluster": "Laboratorium",
+        "booked_start": "2024-03-12T09:30",
+    }
+    assert all(entry.state in states_of(entry.kind) for entry in store.entries.values())
+
+
+def test_a_letter_before_its_request_is_held_and_applied_when_the_request_comes():
+    store = FakeStore()
+    held = store.receive("M1", oru())
+    assert isinstance(held, Hold) and held.key == f"zd:{ZD}" and "ZD-number" in held.reason
+    assert not store.entries
+    store.receive("M2", srm())
+    entry = only_entry(store)
+    assert entry.attachments == (PDF_SHA,)
+    assert [(h.message_id, h.action, h.from_state, h.to_state) for h in entry.history] == [
+        ("M2", "create", None, "requested"),
+        ("M1", "attach", "requested", "requested"),
+    ]
+    assert entry.history[1].changed == ("attachments",)
+
+
+def test_held_events_are_released_in_arrival_order():
+    store = FakeStore()
+    store.receive("M1", oru(b"first letter"))
+    store.receive("M2", siu())
+    store.receive("M3", oru(b"second letter"))
+    store.receive("M4", srm())
+    entry = only_entry(store)
+    assert [h.message_id for h in entry.history] == ["M4", "M1", "M2", "M3"]
+    assert entry.attachments == (hashlib.sha256(b"first letter").hexdigest(), hashlib.sha256(b"second letter").hexdigest())
+    assert entry.state == "booked"
+
+
+def test_history_records_changed_field_names_never_values():
+    entry = only_entry(run(srm(), srm(action="update", urgency="SPOED")))
+    assert entry.history[-1].changed == ("urgency",)
+    assert BSN not in repr(entry.history)
+
+
+# --- cancellations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cancel, first",
+    [
+        (srm(action="cancel"), srm()),  # SRM^S04
+        (siu(action="cancel"), srm()),  # SIU^S15 (by placer = ZD-number / filler id)
+        (orm(action="cancel"), orm()),  # ORC-1 = CA
+        (AgendaEvent(kind="referral", action="cancel", zd_number=ZD, fields={}),  # REF^I14
+         AgendaEvent(kind="referral", action="create", zd_number=ZD, fields={"prd_specialty": "CAR"})),
+    ],
+    ids=["SRM^S04", "SIU^S15", "ORC-1=CA", "REF^I14"],
+)
+def test_cancellations_close_the_entry(cancel, first):
+    events = [first, siu()] if cancel.kind == "appointment" else [first]
+    entry = only_entry(run(*events, cancel))
+    assert entry.state == "cancelled"
+    assert entry.history[-1].action == "cancel"
+
+
+def test_a_second_cancel_is_a_no_op():
+    store = run(srm(), siu(), srm(action="cancel"))
+    before = only_entry(store)
+    decision = store.receive("M9", siu(action="cancel"))
+    assert isinstance(decision, Update) and decision.noop
+    assert only_entry(store) == before
+
+
+def test_an_order_is_scheduled_then_completed():
+    entry = only_entry(run(orm(), AgendaEvent(kind="diagnostic-order", action="book", zd_number=ZD, fields={}),
+                           AgendaEvent(kind="diagnostic-order", action="complete", zd_number=ZD, fields={})))
+    assert [h.to_state for h in entry.history] == ["ordered", "scheduled", "completed"]
+    assert entry.agenda_id == "laboratory"
+
+
+def test_reschedule_and_modify_move_a_booked_appointment():
+    entry = only_entry(run(srm(), siu(), siu(action="reschedule", booked_start="2024-03-14T08:00"),
+                           siu(action="update", room="2")))
+    assert [h.to_state for h in entry.history] == ["requested", "booked", "rescheduled", "modified"]
+
+
+# --- rejections ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["update", "cancel", "complete", "reschedule"])
+def test_a_change_to_an_unknown_entry_is_rejected_with_the_key_kind(action):
+    decision = decide(srm(action=action), None, now=NOW, message_id="M1", book=BOOK)
+    assert isinstance(decision, Reject) and decision.code == "unknown-entry"
+    assert decision.reason == f"cannot {action}: no entry for this ZD-number"
+    assert ZD not in decision.reason and BSN not in decision.reason
+
+
+def test_a_change_to_an_unknown_filler_id_names_the_filler_id():
+    event = AgendaEvent(kind="appointment", action="reschedule", filler_id="F1", fields={})
+    decision = decide(event, None, now=NOW, message_id="M1", book=BOOK)
+    assert isinstance(decision, Reject) and decision.reason == "cannot reschedule: no entry for this filler id"
+
+
+def test_a_booking_without_a_referral_key_is_rejected_not_held():
+    event = AgendaEvent(kind="appointment", action="book", placer_id="HIS-42", fields={})
+    decision = decide(event, None, now=NOW, message_id="M1", book=BOOK)
+    assert isinstance(decision, Reject) and decision.reason == "cannot book: no entry for this placer id"
+
+
+def test_an_event_without_any_key_is_rejected():
+    event = AgendaEvent(kind="referral", action="create", fields={})
+    decision = decide(event, None, now=NOW, message_id="M1", book=BOOK)
+    assert isinstance(decision, Reject) and decision.code == "no-key"
+
+
+@pytest.mark.parametrize("closing, state", [("cancel", "cancelled"), ("complete", "completed")])
+@pytest.mark.parametrize("action", ["update", "reschedule", "book", "create"])
+def test_a_change_to_a_closed_entry_is_rejected(closing, state, action):
+    store = run(srm(), siu(), siu(action=closing))
+    decision = store.receive("M9", siu(action=action, booked_start="2024-04-01T10:00"))
+    assert isinstance(decision, Reject) and decision.code == "closed-entry"
+    assert decision.reason == f"cannot {action}: entry is {state}"
+    assert only_entry(store).state == state
+
+
+def test_a_letter_for_a_cancelled_entry_is_still_kept():
+    store = run(srm(), srm(action="cancel"), oru())
+    entry = only_entry(store)
+    assert entry.state == "cancelled" and entry.attachments == (PDF_SHA,)
+
+
+def test_an_illegal_move_is_rejected_by_decide_and_raised_by_transition():
+    store = run(srm())
+    decision = store.receive("M2", srm(action="complete"))
+    assert isinstance(decision, Reject) and decision.code == "illegal-move"
+    assert decision.reason == "cannot complete: entry is requested"
+    with pytest.raises(IllegalMove, match="appointment entry in state 'requested' cannot take action 'complete'"):
+        transition("appointment-request", "requested", "complete")
+
+
+# --- idempotency --------------------------------------------------------------------------
+
+
+def test_a_duplicate_attachment_is_stored_once_and_changes_nothing():
+    store = run(srm(), oru())
+    before = only_entry(store)
+    decision = store.receive("M3", oru())
+    assert isinstance(decision, Update) and decision.noop and not decision.attachments
+    assert only_entry(store) == before
+    assert before.attachments == (PDF_SHA,)
+
+
+def test_the_same_attachment_twice_in_one_event_is_kept_once():
+    item = {"data": base64.b64encode(PDF).decode(), "encoding": "Base64"}
+    event = AgendaEvent(kind="referral", action="attach", zd_number=ZD, fields={"attachments": [item, dict(item)]})
+    store = run(srm(), event)
+    assert only_entry(store).attachments == (PDF_SHA,)
+
+
+def test_a_re_sent_request_merges_into_the_open_entry():
+    store = run(srm())
+    decision = store.receive("M2", srm())
+    assert isinstance(decision, Update) and decision.noop
+    decision = store.receive("M3", srm(care_question="CARHAR"))  # nazending with more
+    assert isinstance(decision, Update) and decision.changed == ("care_question",)
+    assert only_entry(store).state == "requested"
+
+
+def test_a_re_delivered_booking_is_a_no_op_but_a_different_one_is_rejected():
+    store = run(srm(), siu())
+    assert store.receive("M3", siu()).noop
+    decision = store.receive("M4", siu(booked_start="2024-05-01T08:00"))
+    assert isinstance(decision, Reject) and decision.reason == "cannot book: entry is booked"
+
+
+# --- selection ----------------------------------------------------------------------------
+
+
+def test_selection_takes_the_first_matching_agenda_in_file_order():
+    both = AgendaEvent(kind="referral", action="create", zd_number=ZD,
+                       fields={"specialism": "CAR", "cluster": "laboratorium"})  # fmt: skip
+    assert BOOK.select(both) == (BOOK.agenda("cardiology"), False)
+    lab = AgendaEvent(kind="diagnostic-order", action="create", zd_number=ZD, fields={"cluster": "LABORATORIUM"})
+    assert BOOK.select(lab) == (BOOK.agenda("laboratory"), False)
+
+
+def test_care_product_patterns_match_code_objects_and_prefixes():
+    class Code:
+        code = "CARREG007"
+
+    event = AgendaEvent(kind="appointment-request", action="create", zd_number=ZD, fields={"care_product": Code()})
+    assert BOOK.select(event)[0].id == "cardiology"
+
+
+def test_what_no_rule_selects_lands_in_the_fallback_agenda_flagged():
+    event = AgendaEvent(kind="referral", action="create", zd_number=ZD, fields={"specialism": "DER"})
+    assert BOOK.select(event) == (BOOK.fallback, True)
+    decision = decide(event, None, now=NOW, message_id="M1", book=BOOK)
+    assert isinstance(decision, Create) and decision.fallback and decision.entry.agenda_id == "fallback"
+    assert decision.entry.id is None
+
+
+def test_a_rule_needs_all_its_criteria():
+    rule = SelectRule(specialism=frozenset({"CAR"}), kind=frozenset({"diagnostic-order"}))
+    assert not rule.matches(srm())
+    assert rule.matches(AgendaEvent(kind="diagnostic-order", action="create", zd_number=ZD, fields={"specialism": "CAR"}))
+
+
+def test_a_book_needs_exactly_one_fallback_and_unique_ids():
+    with pytest.raises(ValueError, match="exactly one agenda must be the fallback"):
+        AgendaBook(agendas=(Agenda(id="a", name="A", rules=(SelectRule(kind=frozenset({"referral"})),)),))
+    with pytest.raises(ValueError, match="unique"):
+        AgendaBook(agendas=(Agenda(id="a", name="A", fallback=True), Agenda(id="a", name="B", fallback=True)))
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def test_events_and_entries_are_frozen():
+    event = srm()
+    with pytest.raises(AttributeError):
+        event.action = "cancel"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        event.fields["x"] = 1  # type: ignore[index]
+    with pytest.raises(ValueError, match="AgendaEvent.action"):
+        AgendaEvent(kind="referral", action="delete", fields={})
+
+
+def test_the_state_table_covers_every_kind_and_closed_states_take_only_letters():
+    for kind in KINDS:
+        assert set(states_of(kind)) >= CLOSED_STATES
+        for state in CLOSED_STATES:
+            assert set(TRANSITIONS[FAMILY[kind]][state]) == {"attach"}
+        for row in TRANSITIONS[FAMILY[kind]].values():
+            assert set(row) <= set(ACTIONS)
+            assert all(target is None or target in states_of(kind) for target in row.values())
+
+
+# --- property -----------------------------------------------------------------------------
+
+_keys = st.sampled_from([None, ZD, "ZP0000001", "ORD1", "F778"])
+_fields = st.dictionaries(
+    st.sampled_from(["patient.bsn", "specialism", "cluster", "care_product", "booked_start", "attachments"]),
+    st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(max_size=3), max_size=2),
+              st.lists(st.fixed_dictionaries({"data": st.text(max_size=8), "encoding": st.sampled_from(["Base64", "A"])}),
+                       max_size=2)),  # fmt: skip
+    max_size=4,
+)
+_events = st.builds(
+    AgendaEvent,
+    kind=st.sampled_from(KINDS),
+    action=st.sampled_from(ACTIONS),
+    zd_number=_keys,
+    placer_id=_keys,
+    filler_id=_keys,
+    fields=_fields,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_events, max_size=12))
+def test_random_event_sequences_never_raise_and_keep_valid_states(events):
+    store = run(*events)
+    for entry in store.entries.values():
+        assert entry.state in states_of(entry.kind)
+        assert len(set(entry.attachments)) == len(entry.attachments)
+        for item in entry.history:
+            assert item.to_state in states_of(entry.kind) or item.to_state in {
+                s for k in KINDS for s in states_of(k)
+            }
+        for earlier, later in zip(entry.history, entry.history[1:]):
+            assert later.from_state == earlier.to_state
+    for decision in store.decisions:
+        assert isinstance(decision, (Create, Update, Hold, Reject))
