@@ -1,0 +1,279 @@
+"""Typed conversions for mapped values: HL7 dates, Dutch identifiers, names and codes.
+
+Every converter takes text already selected and unescaped by a field path, returns None
+for "" (nothing sent), and raises ``ConversionError(reason)`` for text it cannot read.
+The reason never contains the value (it may be a BSN or a name): it says what was
+expected, and the mapping layer adds the path and file:line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import re
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = [
+    "Code",
+    "ConversionError",
+    "DutchName",
+    "agb",
+    "bsn",
+    "code",
+    "date",
+    "dtm",
+    "dutch_name",
+    "phone",
+    "zd_number",
+]
+
+
+class ConversionError(ValueError):
+    """A value that does not read as the type asked for; ``reason`` names no value."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+# Dates and times ---------------------------------------------------------------------------
+
+# YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]
+_DTM = re.compile(
+    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?)?)?"
+    r"(?:([+-])(\d{2})(\d{2}))?",
+    re.ASCII,
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise ConversionError(f"unknown time zone {name!r}") from error
+
+
+def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
+    """HL7 DTM/TS to an aware datetime; "" -> None.
+
+    Missing precision reads as the start of the period (``2016`` is 1 January 00:00).
+    With an offset the instant is exact; without one the wall time is taken in ``tz``
+    (in the autumn hour that occurs twice, the first; a spring time that does not exist
+    reads with the winter offset, so 02:30 becomes 03:30 summer time).
+
+    The result is the local time in ``tz`` with a *fixed* offset tzinfo
+    (``datetime.timezone``), not a ZoneInfo: Python compares and subtracts datetimes that
+    share one ZoneInfo by wall time, which would make the two 02:30s of the autumn
+    change equal. With fixed offsets comparison and arithmetic are exact.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    m = _DTM.fullmatch(text)
+    if m is None:
+        raise ConversionError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
+    year, month, day, hour, minute, second, frac, sign, oh, om = m.groups()
+    zone = _zone(tz)
+    try:
+        micro = int((frac or "0").ljust(6, "0")) if frac else 0
+        if sign:
+            if int(oh) > 14 or int(om) > 59:
+                raise ConversionError("time zone offset out of range")
+            delta = _dt.timedelta(hours=int(oh), minutes=int(om))
+            tzinfo: _dt.tzinfo = _dt.timezone(-delta if sign == "-" else delta)
+        else:
+            tzinfo = zone
+        value = _dt.datetime(
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            micro,
+            tzinfo=tzinfo,
+        )
+    except ValueError as error:
+        raise ConversionError("date/time out of range") from error
+    local = value.astimezone(_dt.timezone.utc).astimezone(zone)
+    return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed(offset: _dt.timedelta) -> _dt.timezone:
+    return _dt.timezone(offset)
+
+
+def date(text: str) -> _dt.date | None:
+    """HL7 DT (``YYYY[MM[DD]]``, or a DTM whose date part is taken as written); "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    m = _DTM.fullmatch(text)
+    if m is None:
+        raise ConversionError("not an HL7 date (YYYYMMDD)")
+    year, month, day = m.group(1, 2, 3)
+    try:
+        return _dt.date(int(year), int(month or 1), int(day or 1))
+    except ValueError as error:
+        raise ConversionError("date out of range") from error
+
+
+# Dutch identifiers -------------------------------------------------------------------------
+
+_BSN_WEIGHTS = (9, 8, 7, 6, 5, 4, 3, 2, -1)
+
+
+def bsn(text: str) -> str | None:
+    """BSN: 9 digits (8 are padded with a leading 0) passing the 11-proof; "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) in (8, 9)):
+        raise ConversionError("BSN must be 8 or 9 digits")
+    value = text.zfill(9)
+    total = sum(int(d) * w for d, w in zip(value, _BSN_WEIGHTS))
+    if total % 11 or value == "000000000":
+        raise ConversionError("BSN fails the 11-proof")
+    return value
+
+
+def agb(text: str) -> str | None:
+    """AGB code (Vektis): 8 digits; "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    if not (len(text) == 8 and text.isascii() and text.isdigit()):
+        raise ConversionError("AGB code must be 8 digits")
+    return text
+
+
+_PHONE_NOISE = str.maketrans("", "", " -()./\t")
+
+
+def phone(text: str) -> str | None:
+    """Telephone number with the punctuation taken out: ``020-555 7890`` -> ``0205557890``.
+
+    A leading ``+`` stays (``+31 20 ...`` -> ``+3120...``); anything other than digits,
+    spaces and ``-().`/`` is an error. "" -> None.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    value = text.translate(_PHONE_NOISE)
+    digits = value[1:] if value.startswith("+") else value
+    if not (digits.isascii() and digits.isdigit()):
+        raise ConversionError("telephone number may hold only digits, spaces, '-', '(', ')', '.', '/' and a leading '+'")
+    if not 3 <= len(digits) <= 20:
+        raise ConversionError("telephone number must have 3 to 20 digits")
+    return value
+
+
+_ZD = re.compile(r"Z[DP][0-9]{6,12}")
+
+
+def zd_number(text: str) -> str | None:
+    """ZorgDomein number: ``ZD`` (production) or ``ZP`` (test) + 6..12 digits; "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    if _ZD.fullmatch(text) is None:
+        raise ConversionError("ZorgDomein number must be ZD or ZP followed by 6 to 12 digits")
+    return text
+
+
+# Names -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DutchName:
+    """A person name read by the Dutch FN convention (see DOMAIN.md).
+
+    ``surname`` is the name as used (FN.1, or built from the parts when FN.1 is empty);
+    ``initials`` like ``P.D.``; ``given`` the given names written out (empty when only
+    initials were sent); ``use`` the XPN-7 name type (``L`` legal).
+    """
+
+    surname: str
+    own_prefix: str = ""
+    own_surname: str = ""
+    partner_prefix: str = ""
+    partner_surname: str = ""
+    initials: str = ""
+    given: str = ""
+    use: str = ""
+
+
+def _initials(part: str) -> tuple[str, str]:
+    """(initials, written-out names) of one XPN-2/XPN-3 component."""
+    letters: list[str] = []
+    names: list[str] = []
+    for word in part.replace(".", ". ").split():
+        bare = word.rstrip(".")
+        if not bare:
+            continue
+        letters.append(bare[0].upper() + ".")
+        if len(bare) > 1 and not word.endswith("."):
+            names.append(bare)
+    return "".join(letters), " ".join(names)
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+def dutch_name(xpn_components: list[str], subcomponents_of_first: list[str]) -> DutchName:
+    """Read an XPN (components already split and unescaped) by the FN convention.
+
+    ``subcomponents_of_first`` are FN.1..FN.5 (surname as used, own prefix, own surname,
+    partner prefix, partner surname); when empty, component 1 is taken as the surname.
+    Example: ``van 't Hek - de Vries&de&Vries&van 't&Hek^P^D^^^^L``.
+    """
+    comps = [c.strip() for c in xpn_components]
+    subs = [s.strip() for s in subcomponents_of_first] or comps[:1]
+    subs = subs + [""] * (5 - len(subs))
+    used, own_prefix, own_surname, partner_prefix, partner_surname = subs[:5]
+
+    def comp(n: int) -> str:
+        return comps[n - 1] if n <= len(comps) else ""
+
+    if not (used or own_surname or partner_surname or comp(2) or comp(3)):
+        raise ConversionError("name has no surname and no given name or initials")
+    surname = used or _join(own_prefix, own_surname) or _join(partner_prefix, partner_surname)
+    first_initials, first_names = _initials(comp(2))
+    more_initials, more_names = _initials(comp(3))
+    return DutchName(
+        surname=surname,
+        own_prefix=own_prefix,
+        own_surname=own_surname,
+        partner_prefix=partner_prefix,
+        partner_surname=partner_surname,
+        initials=first_initials + more_initials,
+        given=_join(first_names, more_names),
+        use=comp(7),
+    )
+
+
+# Codes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Code:
+    """A coded element (CE/CWE/CNE): ``CARREG001^consult cardioloog^99zda``."""
+
+    code: str
+    text: str = ""
+    system: str = ""
+
+
+def code(components: list[str]) -> Code | None:
+    """CE/CWE components to a Code: the primary triplet, or the alternate (4-6) when the
+    primary has neither code nor text; None when both are empty."""
+    comps = [c.strip() for c in components] + [""] * 6
+    for start in (0, 3):
+        value, text, system = comps[start : start + 3]
+        if value or text:
+            return Code(code=value, text=text, system=system)
+    return None

@@ -1,0 +1,308 @@
+"""Typed conversions: DTM, dates, BSN, AGB, phones, ZD numbers, Dutch names, codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.core import convert
+from engine.core.convert import Code, ConversionError, DutchName
+from engine.core.hl7message import Message
+from engine.core.paths import components, parse_path
+
+AMS = ZoneInfo("Europe/Amsterdam")
+ZD = Path(__file__).parent / "samples" / "zorgdomein"
+
+
+def utc(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=dt.timezone.utc)
+
+
+# DTM ---------------------------------------------------------------------------------------
+
+def test_dtm_with_offset_is_the_exact_instant_shown_in_amsterdam():
+    value = convert.dtm("20160324163509+0100")
+    assert value == utc(2016, 3, 24, 15, 35, 9)
+    assert (value.hour, value.minute) == (16, 35)
+    assert value.utcoffset() == dt.timedelta(hours=1)
+    assert convert.dtm("20220102161545+0200") == utc(2022, 1, 2, 14, 15, 45)
+    assert convert.dtm("202109141120-0530") == utc(2021, 9, 14, 16, 50)
+
+
+def test_dtm_without_offset_is_amsterdam_wall_time():
+    winter = convert.dtm("20160324163440")
+    assert winter == dt.datetime(2016, 3, 24, 16, 34, 40, tzinfo=AMS)
+    assert winter.utcoffset() == dt.timedelta(hours=1)
+    summer = convert.dtm("20160629120000")
+    assert summer.utcoffset() == dt.timedelta(hours=2)
+
+
+def test_dtm_across_the_spring_dst_boundary_in_amsterdam():
+    # 2024-03-31 02:00 CET clocks go to 03:00 CEST.
+    assert convert.dtm("20240331015959").utcoffset() == dt.timedelta(hours=1)
+    assert convert.dtm("20240331030000").utcoffset() == dt.timedelta(hours=2)
+    after = convert.dtm("20240331020000+0100")
+    assert (after.hour, after.utcoffset()) == (3, dt.timedelta(hours=2))
+    assert convert.dtm("20240331030000") - convert.dtm("20240331015959") == dt.timedelta(seconds=1)
+
+
+def test_dtm_shows_amsterdam_local_time_for_other_offsets():
+    value = convert.dtm("202109141120-0530")
+    assert (value.hour, value.minute, value.utcoffset()) == (18, 50, dt.timedelta(hours=2))
+
+
+def test_dtm_results_carry_fixed_offsets_so_comparisons_are_exact():
+    value = convert.dtm("20241027023000")
+    assert isinstance(value.tzinfo, dt.timezone)
+
+
+def test_a_spring_time_that_does_not_exist_reads_one_hour_on():
+    value = convert.dtm("20240331023000")
+    assert (value.hour, value.minute, value.utcoffset()) == (3, 30, dt.timedelta(hours=2))
+
+
+def test_dtm_across_the_autumn_dst_boundary_in_amsterdam():
+    # 2024-10-27 03:00 CEST clocks go back to 02:00 CET: 02:30 happens twice.
+    first = convert.dtm("20241027023000+0200")
+    second = convert.dtm("20241027023000+0100")
+    assert second - first == dt.timedelta(hours=1)
+    assert first < second and first != second
+    assert (first.hour, first.minute) == (second.hour, second.minute) == (2, 30)
+    assert first.utcoffset() == dt.timedelta(hours=2)
+    assert second.utcoffset() == dt.timedelta(hours=1)
+    assert convert.dtm("20241027023000").utcoffset() == dt.timedelta(hours=2)  # no offset: the first
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2016", dt.datetime(2016, 1, 1, tzinfo=AMS)),
+        ("201603", dt.datetime(2016, 3, 1, tzinfo=AMS)),
+        ("20160329", dt.datetime(2016, 3, 29, tzinfo=AMS)),
+        ("2016032916", dt.datetime(2016, 3, 29, 16, tzinfo=AMS)),
+        ("201603291634", dt.datetime(2016, 3, 29, 16, 34, tzinfo=AMS)),
+        ("20160329163412.5", dt.datetime(2016, 3, 29, 16, 34, 12, 500000, tzinfo=AMS)),
+        ("20160329163412.1234", dt.datetime(2016, 3, 29, 16, 34, 12, 123400, tzinfo=AMS)),
+        ("201603291634+0000", dt.datetime(2016, 3, 29, 18, 34, tzinfo=AMS)),
+        (" 20160329 ", dt.datetime(2016, 3, 29, tzinfo=AMS)),
+    ],
+)
+def test_dtm_accepts_partial_precision(text, expected):
+    value = convert.dtm(text)
+    assert value == expected
+    assert value.tzinfo is not None
+
+
+def test_dtm_in_another_zone():
+    assert convert.dtm("20160101120000", tz="UTC") == utc(2016, 1, 1, 12)
+
+
+def test_empty_dtm_is_none():
+    assert convert.dtm("") is None
+    assert convert.dtm("   ") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2016032", "20161301", "20160230", "20160329256000", "20160329163412.12345", "2016-03-29",
+     "20160329+01", "20160329+2500", "20160329+0160", "yesterday", "20160329 1200", "２０１６"],
+)
+def test_bad_dtm_raises_a_conversion_error_without_the_value(text):
+    with pytest.raises(ConversionError) as info:
+        convert.dtm(text)
+    assert text.strip() not in str(info.value)
+
+
+def test_an_unknown_zone_is_a_conversion_error():
+    with pytest.raises(ConversionError):
+        convert.dtm("20160101", tz="Mars/Olympus")
+
+
+@given(st.text(max_size=25))
+def test_dtm_raises_only_conversion_errors(text):
+    try:
+        value = convert.dtm(text)
+    except ConversionError:
+        return
+    assert value is None or value.tzinfo is not None
+
+
+def test_date_reads_dt_and_the_date_part_of_a_dtm():
+    assert convert.date("20000101") == dt.date(2000, 1, 1)
+    assert convert.date("198006") == dt.date(1980, 6, 1)
+    assert convert.date("19800623120000+0200") == dt.date(1980, 6, 23)
+    assert convert.date("") is None
+    for bad in ("19800231", "1980-06-23", "80"):
+        with pytest.raises(ConversionError):
+            convert.date(bad)
+
+
+# Identifiers -------------------------------------------------------------------------------
+
+def test_bsn_passes_the_eleven_proof():
+    assert convert.bsn("123456782") == "123456782"
+    assert convert.bsn(" 900073962 ") == "900073962"
+    assert convert.bsn("") is None
+
+
+def test_an_eight_digit_bsn_is_padded_with_a_leading_zero():
+    # 012345672: 0*9+1*8+2*7+3*6+4*5+5*4+6*3+7*2-2 = 110
+    assert convert.bsn("12345672") == "012345672"
+
+
+@pytest.mark.parametrize("text", ["123456781", "000000000", "12345678a", "1234567", "1234567890", "123 456 782"])
+def test_an_invalid_bsn_is_refused_and_never_echoed(text):
+    with pytest.raises(ConversionError) as info:
+        convert.bsn(text)
+    assert text not in str(info.value)
+    assert text not in repr(info.value)
+    assert "123456" not in str(info.value)
+
+
+def test_the_bsn_errors_say_what_was_wrong():
+    with pytest.raises(ConversionError, match="11-proof"):
+        convert.bsn("123456781")
+    with pytest.raises(ConversionError, match="8 or 9 digits"):
+        convert.bsn("12345")
+
+
+@given(st.text(alphabet="0123456789", min_size=9, max_size=9))
+def test_exactly_one_in_eleven_bsns_pass(digits):
+    weights = (9, 8, 7, 6, 5, 4, 3, 2, -1)
+    ok = sum(int(d) * w for d, w in zip(digits, weights)) % 11 == 0 and digits != "000000000"
+    try:
+        assert convert.bsn(digits) == digits
+        assert ok
+    except ConversionError:
+        assert not ok
+
+
+def test_agb_is_eight_digits():
+    assert convert.agb("01004567") == "01004567"
+    assert convert.agb("") is None
+    for bad in ("1004567", "010045670", "0100456X"):
+        with pytest.raises(ConversionError) as info:
+            convert.agb(bad)
+        assert bad not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("020-5557890", "0205557890"),
+        ("06-55554444", "0655554444"),
+        ("0612341234", "0612341234"),
+        ("+31 20 555 7890", "+31205557890"),
+        ("(626)555-1234", "6265551234"),
+        ("015.222.2222", "0152222222"),
+        ("", None),
+    ],
+)
+def test_phone_numbers_are_normalised(text, expected):
+    assert convert.phone(text) == expected
+
+
+@pytest.mark.parametrize("text", ["020-555789O", "tel 020", "++31201234567", "12", "mail@example.nl"])
+def test_bad_phone_numbers_are_refused_without_the_value(text):
+    with pytest.raises(ConversionError) as info:
+        convert.phone(text)
+    assert text not in str(info.value)
+
+
+def test_zd_numbers():
+    assert convert.zd_number("ZD200046139") == "ZD200046139"
+    assert convert.zd_number("ZP100120391") == "ZP100120391"
+    assert convert.zd_number("ZD123456") == "ZD123456"
+    assert convert.zd_number("") is None
+    for bad in ("ZD12345", "ZD1234567890123", "ZX12345678", "zd12345678", "g20ce6a9f8ca4f551275"):
+        with pytest.raises(ConversionError) as info:
+            convert.zd_number(bad)
+        assert bad not in str(info.value)
+
+
+# Names -------------------------------------------------------------------------------------
+
+def name_from(raw_xpn: str) -> DutchName:
+    message = Message.parse(
+        b"MSH|^~\\&|A||||20240101||ADT^A01|1|P|2.5\rPID|1||||" + raw_xpn.encode("latin-1") + b"\r",
+        codec="iso8859-1",
+    )
+    [value] = components(message, parse_path("PID-5"))
+    return convert.dutch_name([sub[0] if len(sub) == 1 else "&".join(sub) for sub in value], value[0])
+
+
+def test_the_domain_example_name_reads_by_the_fn_convention():
+    name = name_from("van 't Hek - de Vries&de&Vries&van 't&Hek^P^D^^^^L")
+    assert name == DutchName(
+        surname="van 't Hek - de Vries",
+        own_prefix="de",
+        own_surname="Vries",
+        partner_prefix="van 't",
+        partner_surname="Hek",
+        initials="P.D.",
+        given="",
+        use="L",
+    )
+
+
+def test_given_names_are_kept_and_give_initials():
+    name = name_from("de Boer&de&Boer^Willem^Hendrik^^^^L")
+    assert (name.surname, name.own_prefix, name.own_surname) == ("de Boer", "de", "Boer")
+    assert (name.initials, name.given) == ("W.H.", "Willem Hendrik")
+
+
+def test_written_initials_stay_initials():
+    name = name_from("^&&van Leeuwen^Z.Z.".split("^", 1)[1])
+    assert name.surname == "van Leeuwen"
+    assert (name.initials, name.given) == ("Z.Z.", "")
+
+
+def test_a_name_without_subcomponents_is_the_surname():
+    assert convert.dutch_name(["Everyman", "Adam", "A"], []) == DutchName(
+        surname="Everyman", initials="A.A.", given="Adam"
+    )
+
+
+def test_every_zorgdomein_patient_name_reads():
+    for sample in sorted(ZD.glob("*.hl7")):
+        message = Message.parse(sample.read_bytes(), codec="iso8859-1")
+        [value] = components(message, parse_path("PID-5"))
+        name = convert.dutch_name([c[0] for c in value], value[0])
+        assert name.surname and name.initials and name.use == "L"
+
+
+def test_a_name_with_nothing_in_it_is_an_error():
+    with pytest.raises(ConversionError):
+        convert.dutch_name(["", "", ""], ["", "", ""])
+
+
+@given(st.lists(st.text(max_size=10), max_size=8), st.lists(st.text(max_size=10), max_size=6))
+def test_dutch_name_raises_only_conversion_errors(comps, subs):
+    try:
+        convert.dutch_name(comps, subs)
+    except ConversionError:
+        pass
+
+
+# Codes -------------------------------------------------------------------------------------
+
+def test_codes_read_the_primary_triplet():
+    assert convert.code(["CARREG001", "consult cardioloog", "99zda"]) == Code(
+        code="CARREG001", text="consult cardioloog", system="99zda"
+    )
+    assert convert.code(["", "consult cardioloog"]) == Code(code="", text="consult cardioloog", system="")
+    assert convert.code(["ZD_CLUSTER_NAME"]) == Code(code="ZD_CLUSTER_NAME", text="", system="")
+
+
+def test_codes_fall_back_to_the_alternate_triplet():
+    assert convert.code(["", "", "", "1212", "Biopsy", "L"]) == Code(code="1212", text="Biopsy", system="L")
+
+
+def test_empty_codes_are_none():
+    assert convert.code([]) is None
+    assert convert.code(["", "", ""]) is None
