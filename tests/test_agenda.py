@@ -191,7 +191,7 @@ def test_held_events_are_released_in_arrival_order():
     store.receive("M4", srm())
     entry = only_entry(store)
     assert [h.message_id for h in entry.history] == ["M4", "M1", "M2", "M3"]
-    assert entry.attachments == (hashlib.sha256(b"first letter").hexdigest(), hashlib.sha256(b"second letter").hexdigest())
+    assert entry.attachments == tuple(hashlib.sha256(letter).hexdigest() for letter in (b"first letter", b"second letter"))
     assert entry.state == "booked"
 
 
@@ -362,7 +362,8 @@ def test_what_no_rule_selects_lands_in_the_fallback_agenda_flagged():
 def test_a_rule_needs_all_its_criteria():
     rule = SelectRule(specialism=frozenset({"CAR"}), kind=frozenset({"diagnostic-order"}))
     assert not rule.matches(srm())
-    assert rule.matches(AgendaEvent(kind="diagnostic-order", action="create", zd_number=ZD, fields={"specialism": "CAR"}))
+    order = AgendaEvent(kind="diagnostic-order", action="create", zd_number=ZD, fields={"specialism": "CAR"})
+    assert rule.matches(order)
 
 
 def test_a_book_needs_exactly_one_fallback_and_unique_ids():
@@ -401,8 +402,8 @@ _keys = st.sampled_from([None, ZD, "ZP0000001", "ORD1", "F778"])
 _fields = st.dictionaries(
     st.sampled_from(["patient.bsn", "specialism", "cluster", "care_product", "booked_start", "attachments"]),
     st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(max_size=3), max_size=2),
-              st.lists(st.fixed_dictionaries({"data": st.text(max_size=8), "encoding": st.sampled_from(["Base64", "A"])}),
-                       max_size=2)),  # fmt: skip
+              st.lists(st.fixed_dictionaries({"data": st.text(max_size=8),
+                                              "encoding": st.sampled_from(["Base64", "A"])}), max_size=2)),
     max_size=4,
 )
 _events = st.builds(
