@@ -191,7 +191,8 @@ def test_held_events_are_released_in_arrival_order():
     store.receive("M4", srm())
     entry = only_entry(store)
     assert [h.message_id for h in entry.history] == ["M4", "M1", "M2", "M3"]
-    assert entry.attachments == tuple(hashlib.sha256(letter).hexdigest() for letter in (b"first letter", b"second letter"))
+    letters = (b"first letter", b"second letter")
+    assert entry.attachments == tuple(hashlib.sha256(letter).hexdigest() for letter in letters)
     assert entry.state == "booked"
 
 
