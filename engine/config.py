@@ -369,10 +369,12 @@ _CONNECTION_SETTINGS = ("ack_timeout", "connect_timeout", "retry", "order", "par
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
-    """Send what a channel received to these destinations, if `types` matches (None: all)."""
+    """If `types` matches (None: all): send what a channel received to `to` as it is, and/or
+    map it with the mapping named `map` (which builds its own outbound messages)."""
 
     to: tuple[str, ...]
     types: frozenset[str] | None = None  # YAML: when: {types: [...]}, same shape as accept.types
+    map: str | None = None  # a mapping name from mappings/*.yaml
 
     def matches(self, msg_type: str, trigger: str) -> bool:
         return _types_match(self.types, msg_type, trigger)
@@ -779,6 +781,7 @@ class _FileResult:
     listen_port: _Located | None = None
     destinations: list[_Located] = field(default_factory=list)  # value: DestinationConfig | None
     route_targets: list[_Located] = field(default_factory=list)  # value: destination name
+    route_maps: list[_Located] = field(default_factory=list)  # value: mapping name
 
 
 class _ChannelReader(_Walker):
@@ -994,7 +997,7 @@ class _ChannelReader(_Walker):
         return tuple((key, value) for _, key, value in sorted(out))
 
     def route(self, node: yaml.Node, path: str) -> RouteConfig:
-        m = self.mapping(node, path, ("to", "when"))
+        m = self.mapping(node, path, ("to", "when", "map"))
         if m is None:  # reported; the channel is dropped because the walker counted it
             return RouteConfig(to=())
 
@@ -1012,11 +1015,15 @@ class _ChannelReader(_Walker):
                 return None
             return w.get("types", self.filter(_message_type, "[SRM^S01, ORU]", "never match"), None)
 
-        targets = m.get("to", to)
+        mapping_name = m.get("map", _nullable(_name), None)
+        targets = m.get("to", to, None if mapping_name else _REQUIRED)
         types = m.get("when", _nullable(when), None)
+        if mapping_name:
+            self.result.route_maps.append(_Located(value=mapping_name, node=m.entries["map"][1], file=self.file,
+                                                   path=_join(path, "map")))
         # A route that failed to read is still returned: the channel is dropped anyway
         # because the walker counted its problems.
-        return RouteConfig(to=targets or (), types=types)
+        return RouteConfig(to=targets or (), types=types, map=mapping_name)
 
 
 # ---------------------------------------------------------------------------------------

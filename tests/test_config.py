@@ -278,7 +278,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         ),
         (
             MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\nroutes:\n  - to: [d]\n    if: {types: [SRM]}\n",
-            "a.yaml:9:5: routes[0].if: unknown key; expected one of: to, when",
+            "a.yaml:9:5: routes[0].if: unknown key; expected one of: to, when, map",
         ),
     ],
 )
