@@ -1,0 +1,159 @@
+"""kill -9 soak: nothing ACKed is lost, and every queue keeps its order, however the engine dies.
+
+10,000 messages over 4 source connections into ``koppel run``, routed to 2 destinations
+(two tests/sink.py sinks), while the engine is SIGKILLed at random moments and restarted on
+the same store (at least 10 kills). Sources behave like real senders: a message whose ACK
+never came is sent again after reconnecting. At the end:
+
+* every ACKed message reached each sink at least once;
+* each sink's first-delivery order equals the store's commit order, and agrees with what the
+  sources saw (per connection send order; ACKed-before-sent implies delivered-before);
+* printed: kills, ACKed, delivered and duplicates (resends) at each sink, wall time.
+
+Not run by pytest (minutes, not seconds). Exit status 0 when every check passed.
+Usage: .venv/bin/python tests/benchmarks/soak_kill9.py [--messages 10000] [--connections 4]
+       [--kills 10] [--rate 1500] [--seed N] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from sink import KoppelProcess, ResendingSource, Sink, check_order, write_channel  # noqa: E402
+
+from engine.store import open_store  # noqa: E402
+
+
+def stored_order(store_url: str, channel: str) -> list[str]:
+    store = open_store(store_url)
+    try:
+        rows = store.list_messages(channel=channel, status="accepted", limit=10**8)
+    finally:
+        store.close()
+    return [r.control_id for r in sorted(rows, key=lambda r: r.id)]
+
+
+def queue_depths(store_url: str) -> dict[str, int]:
+    store = open_store(store_url)
+    try:
+        return store.queue_depths()
+    finally:
+        store.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--kills", type=int, default=10, help="at least this many SIGKILLs")
+    parser.add_argument("--rate", type=float, default=1500.0,
+                        help="total send rate msg/s, so kills land during traffic (0: unpaced)")
+    parser.add_argument("--min-uptime", type=float, default=0.15)
+    parser.add_argument("--max-uptime", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", default=None, help="work in DIR and keep it (store, channel)")
+    args = parser.parse_args()
+
+    seed = args.seed if args.seed is not None else random.randrange(10**6)
+    rng = random.Random(seed)
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="koppel-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_url = f"sqlite:///{workdir / 'koppel.db'}"
+    sinks = {"dest-a": Sink(name="a", keep_raw=False).start(), "dest-b": Sink(name="b", keep_raw=False).start()}
+    write_channel(workdir / "channels", {name: s.port for name, s in sinks.items()},
+                  retry="{initial: 50ms, factor: 2, max: 500ms, jitter: 0.1}", name="soak-in")
+    engine = KoppelProcess(workdir / "channels", store_url)
+    print(f"soak: {args.messages} messages, {args.connections} connections, 2 destinations, "
+          f">= {args.kills} kills, seed {seed}, work dir {workdir}", flush=True)
+
+    started = time.monotonic()
+    engine.start()
+    per_connection = [[] for _ in range(args.connections)]
+    for n in range(args.messages):
+        per_connection[n % args.connections].append(f"S{n % args.connections}-{n:06d}")
+    interval = args.connections / args.rate if args.rate else None
+    stop = threading.Event()
+    sources = [ResendingSource(c, per_connection[c], lambda: engine.port, timeout=10, stop=stop,
+                               interval=interval) for c in range(args.connections)]
+    kills = {"sending": 0, "draining": 0}
+    ok = True
+    try:
+        for source in sources:
+            source.start()
+
+        def sending() -> bool:
+            return any(s.thread.is_alive() for s in sources)
+
+        def draining() -> bool:
+            return any(depth for depth in queue_depths(store_url).values()) or any(
+                s.delivered_count() < args.messages for s in sinks.values())
+
+        while sending() or (sum(kills.values()) < args.kills and draining()):
+            time.sleep(rng.uniform(args.min_uptime, args.max_uptime))
+            phase = "sending" if sending() else "draining"
+            if phase == "draining" and not draining():
+                break
+            engine.kill()
+            kills[phase] += 1
+            engine.start()
+        for source in sources:
+            source.join(120)
+        sent = {r.control_id: r for s in sources for r in s.records}
+        acked_at_end = time.monotonic()
+        deadline = time.monotonic() + 300
+        for s in sinks.values():
+            s.wait_for_delivered(sent, max(1.0, deadline - time.monotonic()))
+        delivered_at = time.monotonic()
+    finally:
+        stop.set()
+        engine.terminate()
+    wall = time.monotonic() - started
+
+    errors = [f"source {s.number}: {s.error!r}" for s in sources if s.error is not None]
+    order = stored_order(store_url, "soak-in")
+    total_kills = sum(kills.values())
+    print(f"kills: {total_kills} ({kills['sending']} while sending, {kills['draining']} while draining)")
+    print(f"ACKed: {len(sent)} of {args.messages}; source resends (sent again after a kill): "
+          f"{sum(r.attempts - 1 for r in sent.values())}; stored (accepted): {len(order)}")
+    if errors or len(sent) != args.messages:
+        ok = False
+        print("FAIL: sources:", errors or "not everything ACKed")
+    if sorted(order) != sorted(sent):
+        ok = False
+        print("FAIL: the stored messages are not exactly the ACKed ones")
+    for name, s in sinks.items():
+        first = s.delivered_ids()
+        missing = len(set(sent) - set(first))
+        unknown = len(set(first) - set(sent))
+        problems = check_order(first, sent)
+        same_as_store = first == order
+        print(f"{name}: delivered {len(first)} distinct, received {len(s.received_ids())}, "
+              f"duplicates {s.duplicates()}, missing {missing}, unknown {unknown}, "
+              f"order = commit order: {same_as_store}" + (f", problems: {problems}" if problems else ""))
+        if missing or unknown or problems or not same_as_store:
+            ok = False
+    print(f"wall time: {wall:.1f}s (all ACKed after {acked_at_end - started:.1f}s, "
+          f"all delivered after {delivered_at - started:.1f}s)")
+    print(f"engine events: {engine.events.get('delivery.retry', 0)} delivery.retry, "
+          f"{engine.events.get('queue.sender_crashed', 0)} queue.sender_crashed, "
+          f"{engine.events.get('queue.bookkeeping_failed', 0)} queue.bookkeeping_failed, over all runs")
+    print("RESULT:", "PASS" if ok and total_kills >= args.kills else "FAIL")
+    for s in sinks.values():
+        s.down()
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok and total_kills >= args.kills else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
