@@ -1,0 +1,1349 @@
+"""Mappings: one HL7 message in, one AgendaEvent (or clean mapping errors) out; and the
+outbound messages built from templates.
+
+Files (all checked at load, every problem reported as ``file:line:col: dotted.path: cause``
+with engine.config's ConfigProblem/ConfigError):
+
+- ``mappings/*.yaml`` (except ``agendas.yaml``): one mapping each, ``name``, ``types``,
+  ``event`` (value specs per event field) and optional ``outbound`` (destination, filter,
+  template). Value spec keys: ``from`` (a field path) | ``value`` (a constant) | ``first``
+  (a list of specs: the first that gives a value); ``convert`` (engine.core.convert name),
+  ``table`` (inline mapping or CSV name), ``default``, ``required``, ``group`` (evaluate
+  in the first segment group that matches: ``{anchor, members, where}``). A list value is
+  ``{for_each: {anchor, members}, where: {PATH: value|[values]}, item: spec | {name: spec}}``.
+- ``mappings/tables/*.csv``: lookup tables, header ``code,value``.
+- ``mappings/templates/*.yaml``: outbound messages, ``message``, ``version``, ``charset``,
+  ``segments`` (``- SEG: {n: value}`` or ``- for_each: FIELD`` + ``segments``);
+  ``{dotted.event.field}`` placeholders are escaped with the template's delimiters.
+
+Evaluating a mapping never raises on message content and never puts a field value into
+an error text: errors name the mapping file and line, the event field and the path.
+The order of a value spec is: source -> table -> convert -> default -> required.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import difflib
+import io
+import re
+from collections.abc import Callable, Mapping as _Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.config import ConfigError, ConfigProblem
+from engine.core import charsets
+from engine.core import convert as _convert
+from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
+from engine.core.header import DEFAULT_DELIMITERS, Delimiters
+from engine.core.hl7message import Message, escape
+from engine.core.paths import FieldPath, PathError, components, first, parse_path
+
+__all__ = [
+    "CONVERTS",
+    "Mapping",
+    "MappingError",
+    "MappingResult",
+    "MappingSet",
+    "Outbound",
+    "Template",
+    "build",
+    "build_outbound",
+    "load_mappings",
+]
+
+TEMPLATES_DIR = "templates"
+TABLES_DIR = "tables"
+NOT_MAPPINGS = frozenset({"agendas.yaml"})  # other YAML files that live in mappings/
+ANY_VALUE = frozenset({"*"})  # outbound `when: {field: "*"}`: the field has any value
+TOP_LEVEL = ("kind", "action", "zd_number", "placer_id", "filler_id")  # AgendaEvent attributes
+
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
+_SEG_RE = re.compile(r"[A-Z][A-Z0-9]{2}")
+_TYPE_RE = re.compile(r"[A-Z][A-Z0-9]{2}(\^[A-Z0-9]{3})?")
+_FIELD_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"2\.[0-9]+(\.[0-9]+)?")
+_MESSAGE_RE = re.compile(r"[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}(\^[A-Z0-9_]{3,7})?")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDER_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*")
+_MSH_FILLED = {1: "MSH-1", 2: "MSH-2", 7: "MSH-7", 9: "MSH-9", 10: "MSH-10", 12: "MSH-12", 18: "MSH-18"}
+
+# convert name -> (function, shape): "text" takes one string, "components" a list of
+# components, "name" (components, subcomponents of the first).
+CONVERTS: dict[str, tuple[Callable[..., Any], str]] = {
+    "dtm": (_convert.dtm, "text"),
+    "date": (_convert.date, "text"),
+    "bsn": (_convert.bsn, "text"),
+    "agb": (_convert.agb, "text"),
+    "phone": (_convert.phone, "text"),
+    "zd_number": (_convert.zd_number, "text"),
+    "dutch_name": (_convert.dutch_name, "name"),
+    "code": (_convert.code, "components"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingError:
+    """Why a message did not map: where in the mapping, which event field, which path.
+
+    Never carries a field value (patient data); ``reason`` says what was wrong with it.
+    """
+
+    file: str
+    line: int
+    field: str  # dotted event field, e.g. "patient.bsn" or "attachments[2].data"
+    path: str  # the HL7 path(s) read, e.g. "PID-3[4=NLMINBIZA].1"; "" for constants
+    reason: str
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        return f"{self.file}:{self.line}: {self.field}{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingResult:
+    """Either an event (errors empty) or the errors (event None)."""
+
+    event: AgendaEvent | None
+    errors: tuple[MappingError, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.event is not None
+
+
+class _Failed:
+    """A value spec reported an error: the caller must not also report it missing."""
+
+
+_FAILED: Any = _Failed()
+_Target = Any  # a Message or a segment group (list[Segment])
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled value specs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Group:
+    """Segment groups: each starts at `anchor` and takes the following `members`."""
+
+    anchor: str
+    members: tuple[str, ...]
+    where: tuple[tuple[FieldPath, frozenset[str]], ...] = ()
+
+    def matching(self, message: _Target) -> list[Any]:
+        groups = message.groups(self.anchor, self.members) if isinstance(message, Message) else []
+        if not self.where:
+            return groups
+        return [g for g in groups if all((first(g, p) or "") in allowed for p, allowed in self.where)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Value:
+    """One value spec, compiled: read, look up, convert, default, require."""
+
+    file: str
+    line: int
+    label: str  # dotted event field, for errors
+    path_text: str  # for errors
+    path: FieldPath | None = None
+    constant: Any = None  # final value of a `value:` spec (already looked up and converted)
+    options: tuple[_Value, ...] = ()  # `first:`
+    group: _Group | None = None
+    table: _Mapping[str, str] | None = None
+    table_name: str = ""
+    convert: str = ""
+    default: Any = None
+    required: bool = False
+
+    def error(self, errors: list[MappingError], reason: str, label: str | None = None) -> Any:
+        errors.append(
+            MappingError(
+                file=self.file, line=self.line, field=label or self.label, path=self.path_text, reason=reason
+            )
+        )
+        return _FAILED
+
+    def evaluate(self, target: _Target, errors: list[MappingError], label: str | None = None) -> Any:
+        """The value, None when absent, or _FAILED after appending errors. Never raises."""
+        try:
+            value = self._value(target, errors, label)
+        except Exception as unexpected:  # a broken message must not escape as an exception
+            return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
+        if value is _FAILED:
+            return value
+        if value is None:
+            if self.default is not None:
+                return self.default
+            if self.required:
+                return self.error(errors, "missing (required)", label)
+        return value
+
+    def _value(self, target: _Target, errors: list[MappingError], label: str | None) -> Any:
+        if self.path is None and not self.options:
+            return self.constant
+        if self.group is not None:
+            groups = self.group.matching(target)
+            if not groups:
+                return None
+            target = groups[0]
+        if self.options:
+            tried: list[MappingError] = []
+            for option in self.options:
+                value = option.evaluate(target, tried, label)
+                if value is not None and value is not _FAILED:
+                    return self._finish(value, errors, label) if (self.table or self.convert) else value
+            # An option that does not convert is passed over ("the first that is a ZD-number");
+            # when nothing fits a required field, why each option failed is the better error.
+            if tried and self.required and self.default is None:
+                errors.extend(tried)
+                return _FAILED
+            return None
+        shape = CONVERTS[self.convert][1] if self.convert else "text"
+        if shape != "text":
+            return self._structured(target, shape, errors, label)
+        raw = first(target, self.path)
+        if not raw or raw == '""':  # "" is HL7's explicit null
+            return None
+        return self._finish(raw, errors, label)
+
+    def _finish(self, raw: Any, errors: list[MappingError], label: str | None) -> Any:
+        if self.table is not None:
+            looked_up = self.table.get(raw) if isinstance(raw, str) else None
+            if looked_up is None:
+                if self.default is not None:
+                    return self.default
+                return self.error(errors, f"value not in table {self.table_name}", label)
+            raw = looked_up
+        if not self.convert:
+            return raw
+        try:
+            return CONVERTS[self.convert][0](raw)
+        except _convert.ConversionError as problem:
+            return self.error(errors, f"cannot convert with {self.convert}: {problem}", label)
+
+    def _structured(self, target: _Target, shape: str, errors: list[MappingError], label: str | None) -> Any:
+        # The first selected value with any content, split before unescaping.
+        for value in components(target, self.path):
+            parts = [[_not_null(s) for s in c] for c in value]
+            if any(any(c) for c in parts):
+                break
+        else:
+            return None
+        function = CONVERTS[self.convert][0]
+        try:
+            if shape == "name":
+                return function([c[0] for c in parts], parts[0])
+            return function([c[0] for c in parts])
+        except _convert.ConversionError as problem:
+            return self.error(errors, f"cannot convert with {self.convert}: {problem}", label)
+
+
+def _not_null(value: str | None) -> str:
+    return "" if value is None or value == '""' else value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _List:
+    """A list value: one item per matching segment group."""
+
+    file: str
+    line: int
+    label: str
+    group: _Group
+    item: _Value | tuple[tuple[str, _Value], ...]
+    required: bool = False
+
+    def evaluate(self, message: _Target, errors: list[MappingError]) -> Any:
+        try:
+            groups = self.group.matching(message)
+        except Exception as unexpected:
+            errors.append(self._error(f"could not be read ({type(unexpected).__name__})"))
+            return _FAILED
+        items: list[Any] = []
+        failed = False
+        for number, group in enumerate(groups, 1):
+            if isinstance(self.item, _Value):
+                value = self.item.evaluate(group, errors, f"{self.label}[{number}]")
+                failed |= value is _FAILED
+                if value is not None and value is not _FAILED:
+                    items.append(value)
+                continue
+            record: dict[str, Any] = {}
+            for name, spec in self.item:
+                value = spec.evaluate(group, errors, f"{self.label}[{number}].{name}")
+                failed |= value is _FAILED
+                if value is not None and value is not _FAILED:
+                    record[name] = value
+            if record:
+                items.append(record)
+        if failed:
+            return _FAILED
+        if not items:
+            if self.required:
+                errors.append(self._error("missing (required): no matching segment group"))
+                return _FAILED
+            return None
+        return tuple(items)
+
+    def _error(self, reason: str) -> MappingError:
+        path = f"{self.group.anchor} groups"
+        return MappingError(file=self.file, line=self.line, field=self.label, path=path, reason=reason)
+
+
+# ---------------------------------------------------------------------------------------
+# Templates
+
+
+_Leaf = tuple[tuple[str, str | None], ...]  # (literal, placeholder name or None) pieces
+# A field: repetitions -> components -> subcomponents -> leaf
+_Field = tuple[tuple[tuple[_Leaf, ...], ...], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _SegmentTemplate:
+    name: str
+    fields: tuple[tuple[int, _Field], ...]  # sorted by field number
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Block:
+    for_each: str  # event field holding a list; {item...} and {index} inside
+    segments: tuple[_SegmentTemplate, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Template:
+    """One outbound message shape, checked at load."""
+
+    name: str  # file name under mappings/templates/
+    file: str
+    message: str  # MSH-9, e.g. SIU^S12^SIU_S12
+    version: str  # MSH-12
+    charset: str  # MSH-18 (HL7 name)
+    codec: str
+    processing_id: str = "P"
+    msh: tuple[tuple[int, _Field], ...] = ()
+    segments: tuple[_SegmentTemplate | _Block, ...] = ()
+    delimiters: Delimiters = DEFAULT_DELIMITERS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outbound:
+    """Send the event to `to` built from `template`, if `when` matches the event."""
+
+    to: str
+    template: Template
+    when: tuple[tuple[str, frozenset[str]], ...] = ()
+    line: int = 0
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, _dt.datetime):
+        text = value.strftime("%Y%m%d%H%M%S")
+        return text + value.strftime("%z") if value.tzinfo is not None else text
+    if isinstance(value, _dt.date):
+        return value.strftime("%Y%m%d")
+    if isinstance(value, _convert.Code):
+        return value.code
+    if isinstance(value, _convert.DutchName):
+        return value.surname
+    if isinstance(value, (tuple, list, dict)):
+        return ""  # a list or record has no single text; name one of its parts
+    return str(value)
+
+
+def _resolve(
+    name: str, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any = None
+) -> Any:
+    parts = name.split(".")
+    head = parts[0]
+    if head == "index":
+        return index
+    if name == "timestamp":
+        return now
+    if head == "item":
+        base, rest = item, parts[1:]
+    elif head == "entry":
+        base, rest = entry, parts[1:]
+    elif name in TOP_LEVEL:
+        return getattr(event, name)
+    else:
+        fields = event.fields
+        for cut in range(len(parts), 0, -1):
+            key = ".".join(parts[:cut])
+            if key in fields:
+                base, rest = fields[key], parts[cut:]
+                break
+        else:
+            return None
+    for part in rest:
+        if base is None:
+            return None
+        if isinstance(base, _Mapping):
+            base = base.get(part)
+        elif isinstance(base, (tuple, list)):
+            number = int(part) if part.isdigit() else 0
+            base = base[number - 1] if 1 <= number <= len(base) else None
+        else:
+            base = getattr(base, part, None) if not part.startswith("_") else None
+    return base
+
+
+def _render_field(value: _Field, d: Delimiters, lookup: Callable[[str], str]) -> str:
+    rep, comp, sub = (d.repetition.decode(), d.component.decode(), d.subcomponent.decode())
+    out_reps = []
+    for repetition in value:
+        out_comps = []
+        for component in repetition:
+            out_subs = []
+            for leaf in component:
+                out_subs.append("".join(lit if name is None else escape(lookup(name), d) for lit, name in leaf))
+            out_comps.append(sub.join(out_subs).rstrip(sub))
+        out_reps.append(comp.join(out_comps).rstrip(comp))
+    return rep.join(out_reps).rstrip(rep)
+
+
+def _render_segment(
+    name: str, fields: Sequence[tuple[int, _Field]], d: Delimiters, lookup: Callable[[str], str]
+) -> list[str]:
+    values: dict[int, str] = {n: _render_field(v, d, lookup) for n, v in fields}
+    top = max(values, default=0)
+    return [name] + [values.get(n, "") for n in range(1, top + 1)]
+
+
+def build(
+    template: Template,
+    event: AgendaEvent,
+    *,
+    control_id: str,
+    timestamp: _dt.datetime,
+    entry: Any = None,
+) -> bytes:
+    """The outbound message for `event`, encoded in the template's charset.
+
+    Placeholders take event values (escaped); MSH-1/2/7/9/10/12/18 are filled here.
+    Characters the charset cannot hold become '?'.
+    """
+    d = template.delimiters
+    field_sep = d.field.decode()
+
+    def lookup_in(item: Any, index: int | None) -> Callable[[str], str]:
+        return lambda name: _format(_resolve(name, event, entry, item, index, timestamp))
+
+    top = lookup_in(None, None)
+    msh = _render_segment("MSH", template.msh, d, top)  # msh[n] is MSH-n
+    msh += [""] * (19 - len(msh))
+    msh[2] = d.encoding.decode()
+    msh[7] = _format(timestamp)
+    msh[9] = template.message
+    msh[10] = escape(control_id, d)
+    msh[11] = msh[11] or template.processing_id
+    msh[12] = template.version
+    msh[18] = template.charset
+    lines = ["MSH" + field_sep + field_sep.join(msh[2:]).rstrip(field_sep)]
+    for part in template.segments:
+        if isinstance(part, _SegmentTemplate):
+            lines.append(field_sep.join(_render_segment(part.name, part.fields, d, top)))
+            continue
+        items = _resolve(part.for_each, event, entry, None, None)
+        if not isinstance(items, (tuple, list)):
+            continue
+        for index, item in enumerate(items, 1):
+            lookup = lookup_in(item, index)
+            for segment in part.segments:
+                lines.append(field_sep.join(_render_segment(segment.name, segment.fields, d, lookup)))
+    return ("\r".join(line.rstrip(field_sep) if line[3:] else line for line in lines) + "\r").encode(
+        template.codec, "replace"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Mappings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mapping:
+    """One mapping file: which messages, how each event field is read, where it goes."""
+
+    name: str
+    file: Path
+    types: tuple[str, ...]
+    values: tuple[tuple[str, _Value | _List], ...]
+    outbound: tuple[Outbound, ...] = ()
+
+    def apply(self, message: Message) -> MappingResult:
+        """Map one message. Never raises on message content; errors never hold values."""
+        errors: list[MappingError] = []
+        got: dict[str, Any] = {}
+        for name, spec in self.values:
+            value = spec.evaluate(message, errors)
+            if value is not None and value is not _FAILED:
+                got[name] = value
+        if errors:
+            return MappingResult(event=None, errors=tuple(errors))
+        top = {name: got.pop(name, None) for name in TOP_LEVEL}
+        try:
+            event = AgendaEvent(**top, fields=got)
+        except (TypeError, ValueError) as problem:
+            line = dict(self.values)["action"].line if "action" in dict(self.values) else 1
+            error = MappingError(file=str(self.file), line=line, field="kind/action", path="", reason=str(problem))
+            return MappingResult(event=None, errors=(error,))
+        return MappingResult(event=event)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingSet:
+    """Every mapping, by the message types it maps; templates and tables by name."""
+
+    mappings: tuple[Mapping, ...]
+    templates: _Mapping[str, Template] = field(default_factory=dict)
+    tables: _Mapping[str, _Mapping[str, str]] = field(default_factory=dict)
+    _by_type: dict[str, Mapping] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_type = {t: m for m in self.mappings for t in m.types}
+        object.__setattr__(self, "_by_type", by_type)
+
+    def for_type(self, type_and_trigger: str) -> Mapping | None:
+        """The mapping for "SRM^S01" (exact first, then one that names just "SRM")."""
+        found = self._by_type.get(type_and_trigger)
+        if found is None:
+            found = self._by_type.get(type_and_trigger.split("^", 1)[0])
+        return found
+
+    def mapping(self, name: str) -> Mapping:
+        for mapping in self.mappings:
+            if mapping.name == name:
+                return mapping
+        raise KeyError(name)
+
+
+def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any) -> bool:
+    for name, allowed in outbound.when:
+        value = _resolve(name, event, entry, None, None)
+        if allowed == ANY_VALUE:
+            if value is None or value == "" or value == () or value == []:
+                return False
+        elif _format(value) not in allowed:
+            return False
+    return True
+
+
+def build_outbound(
+    mapping: Mapping, event: AgendaEvent, entry: Any, *, control_id: str, timestamp: _dt.datetime
+) -> list[tuple[str, bytes]]:
+    """(destination, bytes) for each outbound entry whose `when` matches.
+
+    With more than one outbound entry, each message's MSH-10 is ``control_id-N`` (N its
+    1-based position in the mapping's outbound list), so ids stay unique and stable.
+    """
+    many = len(mapping.outbound) > 1
+    out = []
+    for number, outbound in enumerate(mapping.outbound, 1):
+        if not _when_matches(outbound, event, entry):
+            continue
+        message_id = f"{control_id}-{number}" if many else control_id
+        data = build(outbound.template, event, control_id=message_id, timestamp=timestamp, entry=entry)
+        out.append((outbound.to, data))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Walking YAML nodes (the approach of engine.config: compose, check shapes, report marks)
+
+
+class _Invalid(Exception):
+    """A value is wrong; whoever asked for it reports it at the value's node."""
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing"
+    return repr(node.value)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _text(node: yaml.Node) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise _Invalid(f"expected a single value, got {_kind(node)}")
+    if node.tag == _NULL:
+        raise _Invalid("needs a value")
+    return node.value
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
+
+
+class _Walker:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[ConfigProblem] = []
+
+    def report(self, node: yaml.Node, path: str, message: str, col_offset: int = 0) -> None:
+        mark = node.start_mark
+        self.problems.append(
+            ConfigProblem(
+                file=self.file,
+                line=mark.line + 1,
+                col=mark.column + 1 + col_offset,
+                path=path or "(top)",
+                message=message,
+            )
+        )
+
+    def mapping(
+        self, node: yaml.Node, path: str, keys: Sequence[str] | None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+        """`node` as {key: (key node, value node)}, reporting unknown and duplicate keys."""
+        if not isinstance(node, yaml.MappingNode):
+            expected = f" with keys {', '.join(keys)}" if keys else ""
+            self.report(node, path, f"expected a mapping{expected}, got {_kind(node)}")
+            return None
+        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _NULL:
+                self.report(key_node, path, f"a key must be a plain name, got {_kind(key_node)}")
+                continue
+            key = key_node.value
+            key_path = _join(path, key)
+            if key in entries:
+                line = entries[key][0].start_mark.line + 1
+                self.report(key_node, key_path, f"duplicate key (first at line {line})")
+            elif keys is not None and key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"expected one of: {', '.join(keys)}"
+                self.report(key_node, key_path, f"unknown key; {hint}")
+            else:
+                entries[key] = (key_node, value_node)
+        return entries
+
+    def seq(self, node: yaml.Node, path: str, example: str) -> list[yaml.Node] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.report(node, path, f"expected a list, e.g. {example}, got {_kind(node)}")
+            return None
+        return list(node.value)
+
+    def text(self, node: yaml.Node, path: str) -> str | None:
+        try:
+            return _text(node)
+        except _Invalid as invalid:
+            self.report(node, path, str(invalid))
+            return None
+
+    def boolean(self, node: yaml.Node, path: str) -> bool:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _BOOL and node.value.lower() in ("true", "false"):
+            return node.value.lower() == "true"
+        self.report(node, path, f"expected true or false, got {_kind(node)}")
+        return False
+
+
+def _compose(file: Path, display: str) -> tuple[yaml.Node | None, list[ConfigProblem]]:
+    def fail(line: int | None, col: int | None, path: str, message: str) -> tuple[None, list[ConfigProblem]]:
+        return None, [ConfigProblem(file=display, line=line, col=col, path=path, message=message)]
+
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        return fail(None, None, "(file)", f"cannot read: {error.strerror}")
+    except UnicodeDecodeError:
+        return fail(None, None, "(file)", "not valid UTF-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        context = f" ({error.context})" if error.context else ""
+        return fail(line, col, "(yaml)", f"YAML syntax: {error.problem}{context}")
+    except yaml.YAMLError as error:
+        return fail(1, 1, "(yaml)", f"YAML syntax: {getattr(error, 'reason', None) or error}")
+    if root is None:
+        return fail(1, 1, "(top)", "file is empty")
+    return root, []
+
+
+# ---------------------------------------------------------------------------------------
+# Reading tables
+
+
+def _read_table(file: Path, display: str) -> tuple[dict[str, str] | None, list[ConfigProblem]]:
+    problems: list[ConfigProblem] = []
+
+    def report(line: int, message: str, path: str = "(table)") -> None:
+        problems.append(ConfigProblem(file=display, line=line, col=1, path=path, message=message))
+
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        return None, [ConfigProblem(file=display, line=None, col=None, path="(file)", message=f"cannot read: {error.strerror}")]
+    except UnicodeDecodeError:
+        return None, [ConfigProblem(file=display, line=None, col=None, path="(file)", message="not valid UTF-8")]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    table: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    try:
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != ["code", "value"]:
+            report(1, "the first row must be the header code,value")
+            return None, problems
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                report(line, f"expected 2 columns (code,value), got {len(row)}")
+                continue
+            code, value = row[0].strip(), row[1].strip()
+            if not code:
+                report(line, "empty code")
+            elif code in table:
+                report(line, f"code listed twice (first at line {first_line[code]})", f"(table).{code}")
+            else:
+                table[code] = value
+                first_line[code] = line
+    except csv.Error as error:
+        report(reader.line_num or 1, f"CSV syntax: {error}")
+    return (table if not problems else None), problems
+
+
+# ---------------------------------------------------------------------------------------
+# Reading templates
+
+
+class _TemplateReader(_Walker):
+    def template(self, root: yaml.Node, name: str) -> Template | None:
+        m = self.mapping(root, "", ("message", "version", "charset", "processing_id", "segments"))
+        if m is None:
+            return None
+        start = len(self.problems)
+        values: dict[str, str] = {}
+        for key, required in (("message", True), ("version", True), ("charset", True), ("processing_id", False)):
+            if key not in m:
+                if required:
+                    self.report(root, key, "missing (required)")
+                continue
+            value = self.text(m[key][1], key)
+            if value is None:
+                continue
+            if key == "message" and not _MESSAGE_RE.fullmatch(value):
+                self.report(m[key][1], key, f"{value!r} is not a message type like SIU^S12^SIU_S12")
+            elif key == "version" and not _VERSION_RE.fullmatch(value):
+                self.report(m[key][1], key, f'{value!r} is not an HL7 v2 version like "2.5" (quote it)')
+            elif key == "charset" and value not in charsets.HL7_CHARSETS:
+                self.report(m[key][1], key, f"unknown HL7 charset {value!r}")
+            elif key == "processing_id" and value not in ("P", "T", "D"):
+                self.report(m[key][1], key, "must be P, T or D")
+            values[key] = value
+        msh: tuple[tuple[int, _Field], ...] = ()
+        parts: list[_SegmentTemplate | _Block] = []
+        if "segments" not in m:
+            self.report(root, "segments", "missing (required)")
+        else:
+            items = self.seq(m["segments"][1], "segments", "[{MSH: {3: KOPPEL}}, {PID: {3: ...}}]") or []
+            for index, item in enumerate(items):
+                path = _join("segments", index)
+                if isinstance(item, yaml.MappingNode) and any(k.value == "for_each" for k, _ in item.value):
+                    block = self.block(item, path)
+                    if block is not None:
+                        parts.append(block)
+                    continue
+                segment = self.segment(item, path, allow_msh=index == 0)
+                if segment is None:
+                    continue
+                if segment.name == "MSH":
+                    msh = segment.fields
+                else:
+                    parts.append(segment)
+            if not parts:
+                self.report(m["segments"][1], "segments", "needs at least one segment after MSH")
+        if len(self.problems) > start:
+            return None
+        return Template(
+            name=name,
+            file=self.file,
+            message=values["message"],
+            version=values["version"],
+            charset=values["charset"],
+            codec=charsets.codec_for(values["charset"]),
+            processing_id=values.get("processing_id", "P"),
+            msh=msh,
+            segments=tuple(parts),
+        )
+
+    def block(self, node: yaml.MappingNode, path: str) -> _Block | None:
+        m = self.mapping(node, path, ("for_each", "segments"))
+        if m is None:
+            return None
+        start = len(self.problems)
+        name = self.text(m["for_each"][1], _join(path, "for_each"))
+        if name is not None and not _FIELD_NAME_RE.fullmatch(name):
+            self.report(m["for_each"][1], _join(path, "for_each"), f"{name!r} is not a dotted event field name")
+        segments: list[_SegmentTemplate] = []
+        if "segments" not in m:
+            self.report(node, _join(path, "segments"), "missing (required)")
+        else:
+            for index, item in enumerate(self.seq(m["segments"][1], _join(path, "segments"), "[{OBR: {...}}]") or []):
+                segment = self.segment(item, _join(_join(path, "segments"), index), allow_msh=False, in_block=True)
+                if segment is not None:
+                    segments.append(segment)
+        if len(self.problems) > start or name is None:
+            return None
+        return _Block(for_each=name, segments=tuple(segments))
+
+    def segment(
+        self, node: yaml.Node, path: str, *, allow_msh: bool, in_block: bool = False
+    ) -> _SegmentTemplate | None:
+        if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:
+            self.report(node, path, "expected one segment like {PID: {3: value}}")
+            return None
+        key_node, value_node = node.value[0]
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else ""
+        seg_path = _join(path, name)
+        if not _SEG_RE.fullmatch(name):
+            self.report(key_node, path, f"{name!r} is not a segment name (3 capitals/digits)")
+            return None
+        if name == "MSH" and not allow_msh:
+            self.report(key_node, seg_path, "MSH can only be the first segment")
+            return None
+        if _is_null(value_node):
+            return _SegmentTemplate(name=name, fields=())
+        m = self.mapping(value_node, seg_path, None)
+        if m is None:
+            return None
+        fields: list[tuple[int, _Field]] = []
+        for key, (k_node, v_node) in m.items():
+            f_path = _join(seg_path, key)
+            if not key.isdigit() or not 1 <= int(key) <= 999:
+                self.report(k_node, f_path, "expected a field number from 1 to 999")
+                continue
+            number = int(key)
+            if name == "MSH" and number in _MSH_FILLED:
+                self.report(k_node, f_path, f"{_MSH_FILLED[number]} is filled by the builder")
+                continue
+            value = self.field_value(v_node, f_path, in_block)
+            if value is not None:
+                fields.append((number, value))
+        return _SegmentTemplate(name=name, fields=tuple(sorted(fields)))
+
+    def field_value(self, node: yaml.Node, path: str, in_block: bool) -> _Field | None:
+        def leaf(n: yaml.Node, p: str) -> _Leaf | None:
+            if _is_null(n):
+                return (("", None),)
+            if not isinstance(n, yaml.ScalarNode):
+                self.report(n, p, f"expected a value, got {_kind(n)} (lists nest at most 3 deep)")
+                return None
+            return self.leaf(n, p, in_block)
+
+        def component(n: yaml.Node, p: str) -> tuple[_Leaf, ...] | None:
+            if isinstance(n, yaml.SequenceNode):
+                subs = [leaf(s, _join(p, i)) for i, s in enumerate(n.value)]
+                return None if any(s is None for s in subs) else tuple(subs)  # type: ignore[arg-type]
+            one = leaf(n, p)
+            return None if one is None else (one,)
+
+        def components(n: yaml.SequenceNode, p: str) -> tuple[tuple[_Leaf, ...], ...] | None:
+            comps = [component(c, _join(p, i)) for i, c in enumerate(n.value)]
+            return None if any(c is None for c in comps) else tuple(comps)  # type: ignore[arg-type]
+
+        if not isinstance(node, yaml.SequenceNode):
+            one = leaf(node, path)
+            return None if one is None else (((one,),),)
+        nested = [isinstance(item, yaml.SequenceNode) for item in node.value]
+        if nested and all(nested):
+            reps = [components(r, _join(path, i)) for i, r in enumerate(node.value)]
+            return None if any(r is None for r in reps) else tuple(reps)  # type: ignore[arg-type]
+        # Values (and some lists, the subcomponents of those components): one repetition.
+        comps = components(node, path)
+        return None if comps is None else (comps,)
+
+    def leaf(self, node: yaml.ScalarNode, path: str, in_block: bool) -> _Leaf | None:
+        text = node.value
+        if any(c in text for c in "|\r\n"):
+            self.report(node, path, "literal text must not contain '|' or line breaks")
+            return None
+        pieces: list[tuple[str, str | None]] = []
+        position = 0
+        for match in _PLACEHOLDER_RE.finditer(text):
+            literal = text[position : match.start()]
+            if "{" in literal or "}" in literal:
+                break
+            if literal:
+                pieces.append((literal, None))
+            name = match[1]
+            head = name.split(".", 1)[0]
+            if not _PLACEHOLDER_NAME_RE.fullmatch(name):
+                self.report(node, path, f"placeholder {{{name}}} is not a dotted event field name")
+                return None
+            if head in ("item", "index") and not in_block:
+                self.report(node, path, f"{{{name}}} is only known inside a for_each block")
+                return None
+            pieces.append(("", name))
+            position = match.end()
+        rest = text[position:]
+        if "{" in rest or "}" in rest:
+            self.report(node, path, "unmatched { or } (placeholders look like {patient.bsn})")
+            return None
+        if rest:
+            pieces.append((rest, None))
+        return tuple(pieces) or (("", None),)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading mapping files
+
+
+_SPEC_KEYS = ("from", "value", "first", "convert", "table", "default", "required", "group")
+_LIST_KEYS = ("for_each", "where", "item", "required")
+
+
+class _MappingReader(_Walker):
+    def __init__(self, file: str, tables: _Mapping[str, _Mapping[str, str]], templates: _Mapping[str, Template | None]):
+        super().__init__(file)
+        self.tables = tables
+        self.templates = templates
+
+    def read(self, root: yaml.Node, file: Path) -> tuple[Mapping | None, list[tuple[str, yaml.Node]]]:
+        """The mapping (None if anything is wrong) and its types with their nodes."""
+        m = self.mapping(root, "", ("name", "description", "types", "event", "outbound"))
+        if m is None:
+            return None, []
+        start = len(self.problems)
+        name = None
+        if "name" not in m:
+            self.report(root, "name", "missing (required)")
+        else:
+            name = self.text(m["name"][1], "name")
+            if name is not None and not _NAME_RE.fullmatch(name):
+                self.report(m["name"][1], "name", f"{name!r} is not a valid name: letters, digits, '-', '_', '.'")
+        if "description" in m:
+            self.text(m["description"][1], "description")
+        types: list[tuple[str, yaml.Node]] = []
+        if "types" not in m:
+            self.report(root, "types", "missing (required)")
+        else:
+            for index, node in enumerate(self.seq(m["types"][1], "types", "[SRM^S01, SRM^S04]") or []):
+                value = self.text(node, _join("types", index))
+                if value is None:
+                    continue
+                if not _TYPE_RE.fullmatch(value):
+                    self.report(node, _join("types", index), f"{value!r} is not a message type like SRM^S01 or SRM")
+                elif value in (t for t, _ in types):
+                    self.report(node, _join("types", index), "listed twice")
+                else:
+                    types.append((value, node))
+            if not types and len(self.problems) == start:
+                self.report(m["types"][1], "types", "needs at least one message type")
+        values: list[tuple[str, _Value | _List]] = []
+        if "event" not in m:
+            self.report(root, "event", "missing (required)")
+        else:
+            values = self.event(m["event"][1])
+        outbound: list[Outbound] = []
+        if "outbound" in m and not _is_null(m["outbound"][1]):
+            example = "[{to: his-scheduling, template: his_siu_s12.yaml}]"
+            for index, node in enumerate(self.seq(m["outbound"][1], "outbound", example) or []):
+                entry = self.outbound(node, _join("outbound", index))
+                if entry is not None:
+                    outbound.append(entry)
+        if len(self.problems) > start or name is None:
+            return None, types
+        mapping = Mapping(
+            name=name,
+            file=file,
+            types=tuple(t for t, _ in types),
+            values=tuple(values),
+            outbound=tuple(outbound),
+        )
+        return mapping, types
+
+    def event(self, node: yaml.Node) -> list[tuple[str, _Value | _List]]:
+        m = self.mapping(node, "event", None)
+        if m is None:
+            return []
+        out: list[tuple[str, _Value | _List]] = []
+        for key, (key_node, value_node) in m.items():
+            path = _join("event", key)
+            if not _FIELD_NAME_RE.fullmatch(key):
+                self.report(key_node, path, "an event field is a dotted lower-case name like patient.bsn")
+                continue
+            if isinstance(value_node, yaml.MappingNode) and any(k.value == "for_each" for k, _ in value_node.value):
+                spec: _Value | _List | None = self.list_spec(value_node, path, key)
+            else:
+                spec = self.spec(value_node, path, key)
+            if spec is not None:
+                out.append((key, spec))
+        for needed in ("kind", "action"):
+            if needed not in m:
+                self.report(node, _join("event", needed), "missing (required: every event has a kind and an action)")
+        if "kind" in m:
+            self.check_choices(m["kind"][1], "event.kind", KINDS)
+        if "action" in m:
+            self.check_choices(m["action"][1], "event.action", ACTIONS)
+        return out
+
+    def check_choices(self, node: yaml.Node, path: str, choices: Sequence[str]) -> None:
+        """A constant or table that can only give one of `choices` is checked here, not per message."""
+        if not isinstance(node, yaml.MappingNode):
+            return
+        entries = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        if "value" in entries and isinstance(entries["value"][1], yaml.ScalarNode):
+            value_node = entries["value"][1]
+            if value_node.value not in choices:
+                self.report(value_node, _join(path, "value"), f"{value_node.value!r} is not one of: {', '.join(choices)}")
+        if "table" in entries:
+            table_node = entries["table"][1]
+            if isinstance(table_node, yaml.MappingNode):
+                for k, v in table_node.value:
+                    if isinstance(v, yaml.ScalarNode) and v.value not in choices:
+                        self.report(v, _join(_join(path, "table"), k.value), f"{v.value!r} is not one of: {', '.join(choices)}")
+            elif isinstance(table_node, yaml.ScalarNode) and table_node.value in self.tables:
+                wrong = sorted(set(self.tables[table_node.value].values()) - set(choices))
+                if wrong:
+                    self.report(table_node, _join(path, "table"), f"table gives values that are not one of: {', '.join(choices)}")
+        if "default" in entries and isinstance(entries["default"][1], yaml.ScalarNode):
+            d = entries["default"][1]
+            if d.value not in choices:
+                self.report(d, _join(path, "default"), f"{d.value!r} is not one of: {', '.join(choices)}")
+
+    def path(self, node: yaml.Node, path: str) -> FieldPath | None:
+        text = self.text(node, path)
+        if text is None:
+            return None
+        try:
+            return parse_path(text)
+        except PathError as error:
+            # The problem's own column in the file: a plain scalar starts at its mark, a
+            # quoted one a character later (exact unless the path holds escapes).
+            offset = error.column - 1 + (1 if node.style in ("'", '"') else 0)
+            self.report(node, path, f"bad field path at column {error.column}: {error.reason}", col_offset=offset)
+            return None
+
+    def group(
+        self, node: yaml.Node, path: str, where_node: yaml.Node | None = None, where_path: str = ""
+    ) -> _Group | None:
+        m = self.mapping(node, path, ("anchor", "members", "where"))
+        if m is None:
+            return None
+        start = len(self.problems)
+        anchor = None
+        if "anchor" not in m:
+            self.report(node, _join(path, "anchor"), "missing (required)")
+        else:
+            anchor = self.text(m["anchor"][1], _join(path, "anchor"))
+            if anchor is not None and not _SEG_RE.fullmatch(anchor):
+                self.report(m["anchor"][1], _join(path, "anchor"), f"{anchor!r} is not a segment name")
+        members: list[str] = []
+        if "members" in m:
+            for index, item in enumerate(self.seq(m["members"][1], _join(path, "members"), "[OBR, OBX, NTE]") or []):
+                member = self.text(item, _join(_join(path, "members"), index))
+                if member is not None and not _SEG_RE.fullmatch(member):
+                    self.report(item, _join(_join(path, "members"), index), f"{member!r} is not a segment name")
+                elif member is not None:
+                    members.append(member)
+        where: list[tuple[FieldPath, frozenset[str]]] = []
+        sources = [(m["where"][1], _join(path, "where"))] if "where" in m else []
+        if where_node is not None:
+            sources.append((where_node, where_path))
+        for w_node, w_path in sources:
+            wm = self.mapping(w_node, w_path, None)
+            for key, (k_node, v_node) in (wm or {}).items():
+                fp = self.path(k_node, _join(w_path, key))
+                allowed: list[str] = []
+                if isinstance(v_node, yaml.SequenceNode):
+                    for index, item in enumerate(v_node.value):
+                        value = self.text(item, _join(_join(w_path, key), index))
+                        if value is not None:
+                            allowed.append(value)
+                else:
+                    value = self.text(v_node, _join(w_path, key))
+                    if value is not None:
+                        allowed.append(value)
+                if fp is not None:
+                    where.append((fp, frozenset(allowed)))
+        if len(self.problems) > start or anchor is None:
+            return None
+        return _Group(anchor=anchor, members=tuple(members), where=tuple(where))
+
+    def list_spec(self, node: yaml.MappingNode, path: str, label: str) -> _List | None:
+        m = self.mapping(node, path, _LIST_KEYS)
+        if m is None:
+            return None
+        start = len(self.problems)
+        where = m["where"][1] if "where" in m else None
+        group = self.group(m["for_each"][1], _join(path, "for_each"), where, _join(path, "where"))
+        required = self.boolean(m["required"][1], _join(path, "required")) if "required" in m else False
+        item: _Value | tuple[tuple[str, _Value], ...] | None = None
+        if "item" not in m:
+            self.report(node, _join(path, "item"), "missing (required): a value spec or {name: spec}")
+        else:
+            item_node = m["item"][1]
+            item_path = _join(path, "item")
+            if isinstance(item_node, yaml.MappingNode) and any(
+                k.value in ("from", "value", "first") for k, _ in item_node.value
+            ):
+                item = self.spec(item_node, item_path, label)
+            else:
+                im = self.mapping(item_node, item_path, None)
+                parts: list[tuple[str, _Value]] = []
+                for key, (k_node, v_node) in (im or {}).items():
+                    if not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+                        self.report(k_node, _join(item_path, key), "an item field is a lower-case name like data")
+                        continue
+                    spec = self.spec(v_node, _join(item_path, key), f"{label}.{key}")
+                    if spec is not None:
+                        parts.append((key, spec))
+                item = tuple(parts)
+        if len(self.problems) > start or group is None or item is None:
+            return None
+        line = node.start_mark.line + 1
+        return _List(file=self.file, line=line, label=label, group=group, item=item, required=required)
+
+    def spec(self, node: yaml.Node, path: str, label: str, *, nested: bool = False) -> _Value | None:
+        m = self.mapping(node, path, _SPEC_KEYS)
+        if m is None:
+            return None
+        start = len(self.problems)
+        sources = [k for k in ("from", "value", "first") if k in m]
+        if len(sources) != 1:
+            what = "none" if not sources else " and ".join(sources)
+            self.report(node, path, f"needs exactly one of from, value, first (got {what})")
+            return None
+        line = node.start_mark.line + 1
+        values: dict[str, Any] = dict(file=self.file, line=line, label=label, path_text="")
+        if "required" in m:
+            values["required"] = self.boolean(m["required"][1], _join(path, "required"))
+        convert = ""
+        if "convert" in m:
+            c_node = m["convert"][1]
+            convert = self.text(c_node, _join(path, "convert")) or ""
+            if convert and convert not in CONVERTS:
+                close = difflib.get_close_matches(convert, CONVERTS, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(CONVERTS)}"
+                self.report(c_node, _join(path, "convert"), f"unknown convert {convert!r}; {hint}")
+                convert = ""
+        shape = CONVERTS[convert][1] if convert else "text"
+        if "table" in m:
+            table = self.table(m["table"][1], _join(path, "table"))
+            if table is not None:
+                values["table"], values["table_name"] = table
+            if shape != "text":
+                self.report(m["table"][1], _join(path, "table"), f"cannot combine a table with convert {convert}")
+        values["convert"] = convert
+        if "group" in m:
+            values["group"] = self.group(m["group"][1], _join(path, "group"))
+        source = sources[0]
+        s_node = m[source][1]
+        s_path = _join(path, source)
+        if source == "from":
+            fp = self.path(s_node, s_path)
+            values["path"] = fp
+            values["path_text"] = s_node.value if isinstance(s_node, yaml.ScalarNode) else ""
+            if fp is not None and shape != "text" and fp.component is not None:
+                self.report(
+                    s_node,
+                    s_path,
+                    f"convert {convert} reads the components itself: name a whole field or "
+                    "repetition, e.g. PID-5 or ARQ-7",
+                )
+        elif source == "first":
+            options: list[_Value] = []
+            for index, item in enumerate(self.seq(s_node, s_path, "[{from: MSH-10}, {from: OBR-2}]") or []):
+                option = self.spec(item, _join(s_path, index), label, nested=True)
+                if option is not None:
+                    options.append(option)
+            if not options and len(self.problems) == start:
+                self.report(s_node, s_path, "needs at least one value spec")
+            values["options"] = tuple(options)
+            values["path_text"] = " | ".join(o.path_text or "value" for o in options)
+        if "group" in m and source == "value":
+            self.report(m["group"][1], _join(path, "group"), "a constant is not read from a group")
+        if len(self.problems) > start:
+            return None
+        provisional = _Value(**values)
+        if "default" in m:
+            default = self.constant(m["default"][1], _join(path, "default"), provisional, lookup=False)
+            if default is _FAILED:
+                return None
+            values["default"] = default
+        if source == "value":
+            constant = self.constant(s_node, s_path, provisional, lookup=True)
+            if constant is _FAILED:
+                return None
+            values["constant"] = constant
+        return _Value(**values)
+
+    def constant(self, node: yaml.Node, path: str, spec: _Value, *, lookup: bool) -> Any:
+        """A `value:` or `default:` worked out at load (table for values; convert for both)."""
+        raw = self.text(node, path)
+        if raw is None:
+            return _FAILED
+        if spec.convert and CONVERTS[spec.convert][1] != "text":
+            self.report(node, path, f"a constant cannot be converted with {spec.convert}")
+            return _FAILED
+        errors: list[MappingError] = []
+        finishing = spec if lookup else _Value(file=spec.file, line=spec.line, label=spec.label, path_text="", convert=spec.convert)
+        value = finishing._finish(raw, errors, None)
+        if value is _FAILED or value is None:
+            reason = errors[0].reason if errors else f"{spec.convert} gives no value for it"
+            self.report(node, path, reason)
+            return _FAILED
+        return value
+
+    def table(self, node: yaml.Node, path: str) -> tuple[_Mapping[str, str], str] | None:
+        if isinstance(node, yaml.MappingNode):
+            m = self.mapping(node, path, None)
+            table: dict[str, str] = {}
+            for key, (_, v_node) in (m or {}).items():
+                value = self.text(v_node, _join(path, key))
+                if value is not None:
+                    table[key] = value
+            return table, "(inline)"
+        name = self.text(node, path)
+        if name is None:
+            return None
+        if name not in self.tables:
+            known = ", ".join(sorted(self.tables)) or f"none in {TABLES_DIR}/"
+            self.report(node, path, f"unknown table {name!r} (tables: {known})")
+            return None
+        table_value = self.tables[name]
+        if table_value is None:  # its own problems are reported in the CSV file
+            return None
+        return table_value, name
+
+    def outbound(self, node: yaml.Node, path: str) -> Outbound | None:
+        m = self.mapping(node, path, ("to", "when", "template"))
+        if m is None:
+            return None
+        start = len(self.problems)
+        to = None
+        if "to" not in m:
+            self.report(node, _join(path, "to"), "missing (required)")
+        else:
+            to = self.text(m["to"][1], _join(path, "to"))
+            if to is not None and not _NAME_RE.fullmatch(to):
+                self.report(m["to"][1], _join(path, "to"), f"{to!r} is not a destination name")
+        template = None
+        if "template" not in m:
+            self.report(node, _join(path, "template"), "missing (required)")
+        else:
+            t_node = m["template"][1]
+            t_name = self.text(t_node, _join(path, "template"))
+            if t_name is not None:
+                if t_name not in self.templates:
+                    known = ", ".join(sorted(self.templates)) or f"none in {TEMPLATES_DIR}/"
+                    self.report(t_node, _join(path, "template"), f"unknown template {t_name!r} (templates: {known})")
+                else:
+                    template = self.templates[t_name]  # None: its problems are reported in its file
+        when: list[tuple[str, frozenset[str]]] = []
+        if "when" in m:
+            wm = self.mapping(m["when"][1], _join(path, "when"), None)
+            for key, (k_node, v_node) in (wm or {}).items():
+                w_path = _join(_join(path, "when"), key)
+                if not _PLACEHOLDER_NAME_RE.fullmatch(key):
+                    self.report(k_node, w_path, "expected a dotted event field name like action")
+                    continue
+                nodes = v_node.value if isinstance(v_node, yaml.SequenceNode) else [v_node]
+                allowed = [self.text(n, w_path) for n in nodes]
+                when.append((key, frozenset(a for a in allowed if a is not None)))
+        if len(self.problems) > start or to is None or template is None:
+            return None
+        return Outbound(to=to, template=template, when=tuple(when), line=node.start_mark.line + 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_mappings(mappings_dir: Path) -> MappingSet:
+    """Read tables, templates and every mapping file; raise ConfigError listing all problems."""
+    mappings_dir = Path(mappings_dir)
+    problems: list[ConfigProblem] = []
+    if not mappings_dir.is_dir():
+        raise ConfigError([ConfigProblem(file=str(mappings_dir), line=None, col=None, path="(mappings)", message="not a directory")])
+
+    tables: dict[str, Any] = {}
+    tables_dir = mappings_dir / TABLES_DIR
+    if tables_dir.is_dir():
+        for file in sorted(tables_dir.glob("*.csv")):
+            table, table_problems = _read_table(file, str(file))
+            tables[file.stem] = table
+            problems.extend(table_problems)
+
+    templates: dict[str, Template | None] = {}
+    templates_dir = mappings_dir / TEMPLATES_DIR
+    if templates_dir.is_dir():
+        for file in sorted(templates_dir.glob("*.yaml")):
+            root, file_problems = _compose(file, str(file))
+            problems.extend(file_problems)
+            template = None
+            if root is not None:
+                reader = _TemplateReader(str(file))
+                template = reader.template(root, file.name)
+                problems.extend(reader.problems)
+            templates[file.name] = template
+
+    mappings: list[Mapping] = []
+    seen_types: dict[str, tuple[str, int]] = {}
+    seen_names: dict[str, str] = {}
+    files = sorted(
+        p for p in mappings_dir.glob("*.yaml") if p.is_file() and p.name not in NOT_MAPPINGS and not p.name.startswith(".")
+    )
+    for file in sorted(mappings_dir.glob("*.yml")):
+        problems.append(ConfigProblem(file=str(file), line=None, col=None, path="(file)", message="mapping files must end in .yaml; this one would be ignored"))
+    for file in files:
+        root, file_problems = _compose(file, str(file))
+        problems.extend(file_problems)
+        if root is None:
+            continue
+        reader = _MappingReader(str(file), tables, templates)
+        mapping, types = reader.read(root, file)
+        problems.extend(reader.problems)
+        for message_type, node in types:
+            line = node.start_mark.line + 1
+            if message_type in seen_types:
+                other_file, other_line = seen_types[message_type]
+                problems.append(ConfigProblem(
+                    file=str(file), line=line, col=node.start_mark.column + 1, path="types",
+                    message=f"{message_type} is already mapped by {other_file}:{other_line}",
+                ))
+            else:
+                seen_types[message_type] = (str(file), line)
+        if mapping is not None:
+            if mapping.name in seen_names:
+                problems.append(ConfigProblem(file=str(file), line=1, col=1, path="name", message=f"mapping name {mapping.name!r} is already used by {seen_names[mapping.name]}"))
+            seen_names[mapping.name] = str(file)
+            mappings.append(mapping)
+    if problems:
+        raise ConfigError(problems)
+    return MappingSet(
+        mappings=tuple(mappings),
+        templates={k: v for k, v in templates.items() if v is not None},
+        tables={k: v for k, v in tables.items() if v is not None},
+    )
