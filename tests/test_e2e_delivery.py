@@ -227,6 +227,23 @@ def test_a_connection_dropped_before_the_ack_resends_the_same_message(harness):
     assert harness.a.delivered_ids() == sent
 
 
+def test_a_full_queue_naks_the_source_and_loses_nothing_it_accepted(harness):
+    harness.a.down()
+    harness.start(max_queue=5)
+    sent = ids("FUL", 8)
+    answers = harness.send(sent)
+    assert [cid for _, cid in answers] == sent
+    accepted = [cid for code, cid in answers if code == "AA"]
+    refused = [code for code, _ in answers if code != "AA"]
+    assert accepted == sent[:5]
+    assert refused and set(refused) <= {"AE", "AR", "CE", "CR"}
+    harness.a.up()
+    assert harness.a.wait_for_delivered(accepted, DELIVERY_TIMEOUT), harness.a.stats()
+    assert harness.b.wait_for_delivered(accepted, DELIVERY_TIMEOUT)
+    assert harness.a.delivered_ids() == accepted
+    assert harness.b.delivered_ids() == accepted  # refused means refused for every destination
+
+
 def stored_order(store_url: str, channel: str = "e2e-in") -> list[str]:
     """Control ids of accepted messages in commit (id) order: the order every queue must keep."""
     store = open_store(store_url)
