@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_config(args):
-    from engine.config import ConfigError, load_config
+    from engine.bundle import load_bundle
+    from engine.config import ConfigError
 
     try:
-        return load_config(Path(args.channels), Path(args.mappings)), None
+        return load_bundle(Path(args.channels), Path(args.mappings)), None
     except ConfigError as error:
         return None, error
 
@@ -83,7 +84,10 @@ def _check(args) -> int:
     if error is not None:
         sys.stderr.write(f"{error}\n")
         return 1
-    print(f"ok: {len(config.channels)} channel(s), {len(config.destinations)} destination(s)")
+    mappings = len(config.mappings.mappings) if config.mappings else 0
+    agendas = len(config.book.agendas) if config.book else 0
+    print(f"ok: {len(config.config.channels)} channel(s), {len(config.config.destinations)} destination(s), "
+          f"{mappings} mapping(s), {agendas} agenda(s)")
     return 0
 
 
@@ -91,10 +95,11 @@ def _run(args) -> int:
     from engine import log
 
     log.configure(args.log_level)
-    config, error = _load_config(args)
+    bundle, error = _load_config(args)
     if error is not None:
         sys.stderr.write(f"{error}\n")
         return 1
+    config = bundle.config
     from twisted.internet import reactor
 
     from engine.shell.engine import Engine
@@ -111,7 +116,7 @@ def _run(args) -> int:
     http = None if args.metrics == "off" else args.metrics
     try:
         engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout,
-                        retention=retention)
+                        retention=retention, mappings=bundle.mappings, book=bundle.book)
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         store.close()

@@ -122,3 +122,17 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 21600, 86400),
             registry=r,
         )
+        # mapping and agendas
+        self.mapping_outcomes_total = Counter(
+            "koppel_mapping_outcomes_total",
+            "Mapped messages by outcome: ok, error, held (waiting for its entry), rejected, filtered",
+            ["channel", "mapping", "outcome"],
+            registry=r,
+        )
+        self.agenda_fallback_total = Counter(
+            "koppel_agenda_fallback_total", "Entries no agenda rule selected (put in the fallback agenda)",
+            ["channel"], registry=r,
+        )
+        self.agenda_entries = Gauge(
+            "koppel_agenda_entries", "Agenda entries by agenda and state", ["agenda", "state"], registry=r
+        )

@@ -22,11 +22,12 @@ from engine.log import get_logger
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
+from engine.shell.processor import Processor, Work
 from engine.shell.sender import QueueSender
 from engine.store import QueueTarget
 
 
-def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None) -> ReceiveSettings:
+def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None, processor=None) -> ReceiveSettings:
     source = channel.source
     targets_by_route = [
         (route, tuple(
@@ -56,6 +57,18 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None)
             if sender is not None:
                 sender.enqueued()
 
+    map_routes = [route for route in channel.routes if route.map]
+
+    def on_stored(message_id, assessment, message) -> None:
+        if processor is None or not map_routes:
+            return
+        header = assessment.header
+        for route in map_routes:
+            if route.matches(header.message_type, header.trigger):
+                processor.submit(Work(message_id=message_id, channel=channel.name, mapping=route.map,
+                                      raw=message.raw, codec=header.codec))
+                return
+
     failure = STORE_FAILED
     if channel.ack.store_failure != failure.ack_code:
         failure = replace(STORE_FAILED, ack_code=channel.ack.store_failure)
@@ -78,6 +91,7 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None)
         targets=targets,
         queue_full=queue_full,
         on_queued=on_queued,
+        on_stored=on_stored,
     )
 
 
@@ -119,7 +133,7 @@ class Engine(service.MultiService):
 
     def __init__(self, reactor, config: EngineConfig, store, *, metrics: Metrics | None = None,
                  http_endpoint: str | None = None, drain_timeout: float = 10.0,
-                 retention: float | None = 30 * 86400.0) -> None:
+                 retention: float | None = 30 * 86400.0, mappings=None, book=None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -146,10 +160,17 @@ class Engine(service.MultiService):
                 queue, destinations, store=store, committer=self.committer, reactor=reactor,
                 metrics=self.metrics, log=get_logger(queue=queue),
             )
+        self.processor = None
+        if mappings is not None and book is not None:
+            self.processor = Processor(
+                mappings=mappings, book=book, store=store, committer=self.committer, clock=reactor,
+                metrics=self.metrics, destinations={d.name: d for d in config.destinations},
+                control_ids=control_ids, on_queued=self._wake_senders, log=get_logger(),
+            )
         self.listeners: list[ListenerService] = []
         for channel in config.channels:
             factory = MLLPListenerFactory(
-                receive_settings(channel, config, self.senders),
+                receive_settings(channel, config, self.senders, self.processor),
                 committer=self.committer,
                 metrics=self.metrics,
                 clock=reactor,
@@ -184,6 +205,12 @@ class Engine(service.MultiService):
 
         return d.addCallback(all_bound)
 
+    def _wake_senders(self, targets) -> None:
+        for target in targets:
+            sender = self.senders.get(target.queue)
+            if sender is not None:
+                sender.enqueued()
+
     def _http_bound(self, port):
         self.http_port = port
 
@@ -204,6 +231,8 @@ class Engine(service.MultiService):
         for listener in self.listeners:
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
+        if self.processor is not None:
+            yield self.processor.wait_idle()
         senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
         timeout = self.reactor.callLater(self.drain_timeout, senders.cancel)
         try:

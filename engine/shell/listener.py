@@ -57,6 +57,9 @@ class ReceiveSettings:
     # and tell the senders that entries were committed.
     queue_full: Callable[[tuple[QueueTarget, ...]], bool] = field(default=lambda targets: False)
     on_queued: Callable[[tuple[QueueTarget, ...]], None] = field(default=lambda targets: None)
+    # After an accepted message is committed (and before its ACK is written): hand it on
+    # to mapping. Must not raise.
+    on_stored: Callable[[int, Assessment, ReceivedMessage], None] = field(default=lambda *a: None)
 
     def allows(self, host: str) -> bool:
         if self.allow is None:
@@ -183,6 +186,10 @@ class MLLPReceiver(protocol.Protocol):
             return
         if message.targets:
             factory.settings.on_queued(message.targets)
+        try:
+            factory.settings.on_stored(result.message_id, assessment, message)
+        except Exception as error:  # noqa: BLE001 - mapping trouble never costs the sender its ACK
+            self.log.error("message.handoff_failed", message_id=result.message_id, error=safe_error(error))
         self._settle(answer, assessment, None, message, message_id=result.message_id)
 
     def _not_stored(self, failure, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:

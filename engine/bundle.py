@@ -1,0 +1,87 @@
+"""Everything a running engine reads from disk, loaded once and checked against itself:
+channels (channels/*.yaml), mappings (mappings/*.yaml, templates, tables) and the
+agendas (mappings/agendas.yaml). ``koppel check`` and ``koppel run`` both call
+``load_bundle``, so a config that checks is a config that runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError, ConfigProblem, EngineConfig, load_config
+
+AGENDAS_FILE = "agendas.yaml"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bundle:
+    config: EngineConfig
+    mappings: Any | None  # engine.mapping.MappingSet; None when no route maps
+    book: Any | None  # engine.core.agenda.AgendaBook
+
+
+def load_bundle(channels_dir: Path, mappings_dir: Path) -> Bundle:
+    """Load and cross-check; raise ConfigError listing every problem."""
+    mappings_dir = Path(mappings_dir)
+    problems: list[ConfigProblem] = []
+    config = None
+    try:
+        config = load_config(Path(channels_dir), mappings_dir)
+    except ConfigError as error:
+        problems.extend(error.problems)
+    mappings = book = None
+    has_mapping_files = mappings_dir.is_dir() and any(
+        p.name != AGENDAS_FILE for p in mappings_dir.glob("*.yaml")
+    )
+    if has_mapping_files:
+        from engine.mapping import load_mappings
+
+        try:
+            mappings = load_mappings(mappings_dir)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if (mappings_dir / AGENDAS_FILE).is_file():
+        from engine.agendas_config import load_agendas
+
+        try:
+            book = load_agendas(mappings_dir / AGENDAS_FILE)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if config is not None:
+        problems.extend(_cross_check(config, mappings, book, mappings_dir))
+    if problems:
+        raise ConfigError(problems)
+    return Bundle(config=config, mappings=mappings, book=book)
+
+
+def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> list[ConfigProblem]:
+    problems = []
+    names = {d.name for d in config.destinations}
+    used = False
+    for channel in config.channels:
+        for index, route in enumerate(channel.routes):
+            if route.map is None:
+                continue
+            used = True
+            where = dict(file=str(channel.file), line=None, col=None, path=f"routes[{index}].map")
+            if mappings is None:
+                problems.append(ConfigProblem(**where, message=f"mapping {route.map!r}: no mapping files in {mappings_dir}"))
+                continue
+            try:
+                mapping = mappings.mapping(route.map)
+            except KeyError:
+                known = ", ".join(sorted(m.name for m in mappings.mappings)) or "none"
+                problems.append(ConfigProblem(**where, message=f"unknown mapping {route.map!r} (mappings: {known})"))
+                continue
+            for outbound in mapping.outbound:
+                if outbound.to not in names:
+                    problems.append(ConfigProblem(
+                        file=str(mapping.file), line=outbound.line or None, col=None, path="outbound.to",
+                        message=f"unknown destination {outbound.to!r} (channels define: {', '.join(sorted(names)) or 'none'})",
+                    ))
+    if used and book is None:
+        problems.append(ConfigProblem(file=str(mappings_dir / AGENDAS_FILE), line=None, col=None, path="(file)",
+                                      message="routes map messages but there is no agendas.yaml"))
+    return problems
