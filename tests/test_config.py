@@ -541,7 +541,15 @@ def test_the_bundled_channels_load_cleanly():
     assert scheduler.source.port == 2576
     assert scheduler.accept.types == frozenset({"SIU^S12", "SIU^S13", "SIU^S14", "SIU^S15"})
     assert scheduler.source.peer_allowed("10.1.2.3") and not scheduler.source.peer_allowed("192.168.1.1")
-    assert config.destinations == ()
+    # Bundled destinations are loopback stand-ins: nothing a test runs may reach elsewhere.
+    assert {d.name: d.queue_key for d in config.destinations} == {
+        "his-scheduling": "127.0.0.1:6661",
+        "ris-orders": "127.0.0.1:6662",
+        "lis-orders": "127.0.0.1:6663",
+        "document-archive": "127.0.0.1:6664",
+    }
+    assert [r.map for r in zorgdomein.routes] == [
+        "zorgdomein-srm", "zorgdomein-oru", "zorgdomein-orm", "zorgdomein-oml", "ref"]
 
 
 def test_yaml_anchors_and_merge_keys_share_settings_between_destinations(dirs):
