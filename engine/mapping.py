@@ -13,8 +13,17 @@ with engine.config's ConfigProblem/ConfigError):
   ``{for_each: {anchor, members}, where: {PATH: value|[values]}, item: spec | {name: spec}}``.
 - ``mappings/tables/*.csv``: lookup tables, header ``code,value``.
 - ``mappings/templates/*.yaml``: outbound messages, ``message``, ``version``, ``charset``,
-  ``segments`` (``- SEG: {n: value}`` or ``- for_each: FIELD`` + ``segments``);
-  ``{dotted.event.field}`` placeholders are escaped with the template's delimiters.
+  ``segments`` (``- SEG: {n: value}`` or ``- for_each: FIELD`` + ``segments``); a value is
+  a string, a list (components; a nested list in it: subcomponents) or a list of lists
+  (repetitions). ``{dotted.event.field}`` placeholders (``{patient.name.surname}``,
+  ``{attachments.1.data}``, ``{entry.id}``, ``{timestamp}``; ``{item...}``/``{index}`` in a
+  for_each block) are escaped with the template's delimiters; literal text is not.
+- ``outbound: [{to, template, when}]``: ``when: {field: value | [values] | "*"}`` ("*": the
+  field has any value).
+
+``first:`` takes the first option that gives a value; an option whose value does not
+convert is passed over (those reasons are reported only when the field is required and
+nothing fits).
 
 Evaluating a mapping never raises on message content and never puts a field value into
 an error text: errors name the mapping file and line, the event field and the path.
