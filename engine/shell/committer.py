@@ -28,28 +28,41 @@ class GroupCommitter:
         self._log = log
         self._pending: list[tuple[object, defer.Deferred]] = []
         self._call = None
+        self._due = 0.0
         self._stopped = False
 
     def start(self) -> None:
         self._stopped = False
 
-    def submit(self, op) -> defer.Deferred:
-        """One operation; fires with its result after commit, or fails with the store's error."""
-        return self._enqueue(op)
+    def submit(self, op, *, within: float = 0.0) -> defer.Deferred:
+        """One operation; fires with its result after commit, or fails with the store's error.
 
-    def submit_many(self, ops) -> defer.Deferred:
+        ``within`` lets bookkeeping that nobody waits on (delivery marks) ride along with
+        a later commit, at most that many seconds later, instead of paying for its own:
+        the next message can leave without waiting for an fsync.
+        """
+        return self._enqueue(op, within)
+
+    def submit_many(self, ops, *, within: float = 0.0) -> defer.Deferred:
         """Several operations that commit together or not at all; fires with their results."""
-        return self._enqueue(tuple(ops))
+        return self._enqueue(tuple(ops), within)
 
-    def _enqueue(self, op) -> defer.Deferred:
+    def _enqueue(self, op, within: float) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self._pending.append((op, d))
+        due = self._clock.seconds() + within
         if self._call is None:
-            self._call = self._clock.callLater(0, self.flush)
+            self._call = self._clock.callLater(within, self.flush)
+            self._due = due
+        elif due < self._due:
+            self._call.reset(within)
+            self._due = due
         return d
 
     def flush(self) -> None:
         """Commit everything pending now (also called at shutdown)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
         self._call = None
         work, self._pending = self._pending, []
         if work:
@@ -61,8 +74,6 @@ class GroupCommitter:
 
     def stop(self) -> defer.Deferred:
         """Commit what was already submitted; later submits still work (they commit on their turn)."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
         self.flush()
         return defer.succeed(None)
 

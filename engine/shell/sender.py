@@ -28,6 +28,9 @@ from engine.shell.client import MLLPClientFactory
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
+# Delivery marks ride along with a commit at most this much later (receive commits are
+# immediate). A crash in between resends those messages after restart (at-least-once).
+BOOKKEEPING_WINDOW = 0.02
 
 # The sender's states, in one place: what it is doing now.
 IDLE = "idle"  # nothing to send
@@ -190,9 +193,9 @@ class QueueSender:
                     self.log.info("delivery.resend_after_restart", entry_id=entry.id, control_id=entry.control_id)
             self._resend_candidate = None
             # Best effort, not waited for: recorded in this reactor turn's group commit.
-            self.committer.submit(MarkSending(queue=self.queue, entry_id=entry.id)).addErrback(
-                self._bookkeeping_failed
-            )
+            self.committer.submit(
+                MarkSending(queue=self.queue, entry_id=entry.id), within=BOOKKEEPING_WINDOW
+            ).addErrback(self._bookkeeping_failed)
             try:
                 answer = yield client.request(outbound, timeout=destination.ack_timeout)
                 failure = None
@@ -236,7 +239,9 @@ class QueueSender:
 
     def _delivered(self, entry: QueueEntry, answer: bytes) -> None:
         now = self.reactor.seconds()
-        self.committer.submit(MarkDelivered(entry_id=entry.id, ack=answer, at=now)).addErrback(self._bookkeeping_failed)
+        self.committer.submit(
+            MarkDelivered(entry_id=entry.id, ack=answer, at=now), within=BOOKKEEPING_WINDOW
+        ).addErrback(self._bookkeeping_failed)
         self._done(entry)
         self._histogram("delivery_latency_seconds", entry.destination).observe(max(0.0, now - entry.enqueued_at))
         self._failures_logged.clear()
@@ -244,7 +249,9 @@ class QueueSender:
 
     def _dead_letter(self, entry: QueueEntry, reason: str, answer: bytes | None) -> None:
         now = self.reactor.seconds()
-        self.committer.submit(DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now)).addErrback(
+        self.committer.submit(
+            DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now), within=BOOKKEEPING_WINDOW
+        ).addErrback(
             self._bookkeeping_failed
         )
         self._done(entry)
