@@ -1,0 +1,196 @@
+"""The processor: stored messages mapped into agenda entries, in any arrival order,
+with outbound messages queued and every outcome recorded on the message."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from engine.bundle import load_bundle
+from engine.core.ack import ControlIds
+from engine.core.header import read_header
+from engine.metrics import Metrics
+from engine.shell.committer import GroupCommitter
+from engine.shell.processor import Processor, Work
+from engine.store import Append, ReceivedMessage, open_store
+from tests.conftest import load_sample
+
+REPO = Path(__file__).resolve().parent.parent
+ZD = "ZD200046119"  # the ZD-number of the ZorgDomein ORU samples
+
+
+def srm(zd: str = ZD, trigger: str = "S01") -> bytes:
+    raw = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
+    raw = raw.replace(b"ZD200046139", zd.encode())
+    if trigger != "S01":
+        raw = raw.replace(b"SRM^S01^SRM_S01", f"SRM^{trigger}^SRM_S01".encode())
+        raw = raw.replace(b"g20ce6a9f8ca4f551275", b"g20ce6a9f8ca4f55127" + trigger[-1:].encode())
+    return raw
+
+
+def oru() -> bytes:
+    return load_sample("zorgdomein/zd_oru_r01_request_form_pdf.hl7")
+
+
+def orm() -> bytes:
+    return load_sample("zorgdomein/zd_orm_o01_echo_v24_latin1.hl7").replace(b"ZP100120391", ZD.encode())
+
+
+def siu(trigger: str = "S12", filler: str = "F778") -> bytes:
+    segments = [
+        f"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^{trigger}^SIU_{trigger}|SIU{trigger}{filler}|P|2.5",
+        f"SCH|{ZD}|{filler}|||||^Controle|||30|MIN|^^30^20261210093000+0100^20261210100000+0100|||||||||||||Booked",
+        "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800101|F",
+        "AIS|1||CARPOLI^Polikliniek cardiologie",
+    ]
+    return ("\r".join(segments) + "\r").encode("latin-1")
+
+
+MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu"}
+
+
+class Harness:
+    def __init__(self, tmp_path):
+        self.bundle = load_bundle(REPO / "channels", REPO / "mappings")
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1_795_000_000)
+        self.store = open_store(f"sqlite:///{tmp_path}/k.db")
+        self.committer = GroupCommitter(self.store, clock=self.reactor)
+        self.metrics = Metrics()
+        self.queued = []
+        self.processor = Processor(
+            mappings=self.bundle.mappings, book=self.bundle.book, store=self.store, committer=self.committer,
+            clock=self.reactor, metrics=self.metrics,
+            destinations={d.name: d for d in self.bundle.config.destinations},
+            control_ids=ControlIds("KT-"), on_queued=self.queued.extend,
+        )
+
+    def receive(self, raw: bytes) -> int:
+        header = read_header(raw, default_charset="8859/1")
+        message = ReceivedMessage(
+            channel="zorgdomein-in", peer="127.0.0.1:1", received_at=self.reactor.seconds(),
+            control_id=header.control_id, sender=header.sender, message_type=header.type_and_trigger,
+            structure=None, version=header.version, processing_id="P", charset=header.hl7_charset, raw=raw,
+            payload_hash=b"x" * 32, status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0,
+        )
+        (result,) = self.store.write([Append(message=message)])
+        self.processor.submit(Work(message_id=result.message_id, channel="zorgdomein-in",
+                                   mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
+        self.settle()
+        return result.message_id
+
+    def settle(self):
+        for _ in range(20):  # each step of the processor waits for its commit
+            self.reactor.advance(0)
+
+    def outcome(self, message_id):
+        (row,) = [m for m in self.store.list_messages(limit=1000) if m.id == message_id]
+        return row.processing, row.processing_detail
+
+    def entries(self):
+        return self.store.list_agenda_entries(limit=100)
+
+    def count(self, outcome, mapping):
+        value = self.metrics.registry.get_sample_value(
+            "koppel_mapping_outcomes_total", {"channel": "zorgdomein-in", "mapping": mapping, "outcome": outcome})
+        return value or 0
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.store.close()
+
+
+def test_an_appointment_request_becomes_a_requested_entry_in_its_agenda_and_a_siu_for_the_his(h):
+    message_id = h.receive(srm())
+    (entry,) = h.entries()
+    assert (entry.agenda_id, entry.kind, entry.state, entry.zd_number) == (
+        "cardiology", "appointment-request", "requested", ZD)
+    data = json.loads(entry.data)
+    assert data["patient.birth_date"] == "2000-01-01"
+    assert data["care_product"]["code"] == "CARREG001"
+    assert h.outcome(message_id) == ("mapped", "agenda cardiology: requested")
+    outbound = [m for m in h.store.list_messages(limit=100) if m.origin_id == message_id]
+    assert [m.message_type for m in outbound] == ["SIU^S12"]
+    assert [t.destination for t in h.queued] == ["his-scheduling"]
+    sent = h.store.get_message(outbound[0].id)
+    assert read_header(sent.raw, default_charset="8859/1").control_id == outbound[0].control_id
+    assert h.count("ok", "zorgdomein-srm") == 1
+
+
+def test_a_letter_before_its_request_waits_and_is_attached_when_the_request_arrives(h):
+    letter = h.receive(oru())
+    assert h.outcome(letter)[0] == "held"
+    assert h.entries() == []
+    h.receive(srm())
+    (entry,) = h.entries()
+    assert len(entry.attachments) == 1
+    assert h.store.get_attachment(entry.attachments[0]).data.startswith(b"%PDF")
+    assert h.outcome(letter)[0] == "mapped"
+    history = h.store.agenda_history(entry.id)
+    assert [x.action for x in history] == ["create", "release"]
+    assert h.store.held_events([f"zd:{ZD}"]) == []
+
+
+ARRIVALS = {"SRM": srm, "ORU": oru, "ORM": orm, "SIU": siu}
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(ARRIVALS)), ids="-".join)
+def test_one_referral_ends_the_same_whatever_order_its_messages_arrive_in(h, order):
+    for name in order:
+        h.receive(ARRIVALS[name]())
+    (entry,) = h.entries()
+    assert (entry.kind, entry.state, entry.agenda_id) == ("appointment-request", "booked", "cardiology")
+    assert entry.filler_id == "F778"
+    assert len(entry.attachments) == 1
+    assert h.store.held_events([f"zd:{ZD}", "filler:F778"]) == []
+
+
+def test_a_cancellation_closes_the_entry_and_a_later_booking_is_refused_with_a_reason(h):
+    h.receive(srm())
+    h.receive(srm(trigger="S04"))
+    (entry,) = h.entries()
+    assert entry.state == "cancelled"
+    late = h.receive(siu())
+    outcome, detail = h.outcome(late)
+    assert outcome == "error" and "cancelled" in detail
+    assert "123456782" not in detail
+
+
+def test_a_cancellation_of_an_unknown_request_is_an_error_naming_the_key_kind_not_a_crash(h):
+    message_id = h.receive(srm(zd="ZD200099999", trigger="S04"))
+    outcome, detail = h.outcome(message_id)
+    assert outcome == "error" and "ZD-number" in detail and "ZD200099999" not in detail
+    assert h.entries() == []
+
+
+def test_a_message_that_does_not_map_stays_stored_with_the_mapping_file_line_and_path(h):
+    broken = srm().replace(b"ARQ|ZD200046119|", b"ARQ||")
+    message_id = h.receive(broken)
+    outcome, detail = h.outcome(message_id)
+    assert outcome == "error"
+    assert "zorgdomein-srm.yaml:" in detail and "ARQ-1" in detail
+    assert h.store.get_message(message_id).raw == broken
+    assert h.count("error", "zorgdomein-srm") == 1
+    assert h.entries() == []
+
+
+def test_the_processor_keeps_going_after_an_internal_failure(h, monkeypatch):
+    calls = {"n": 0}
+    original = h.processor._process
+
+    def flaky(work):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(work)
+
+    monkeypatch.setattr(h.processor, "_process", flaky)
+    first = h.receive(srm())
+    second = h.receive(srm(zd="ZD200046120"))
+    assert h.outcome(first) == ("error", "internal error while mapping")
+    assert h.outcome(second)[0] == "mapped"
