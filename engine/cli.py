@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
     run.add_argument("--metrics", default="tcp:9464:interface=127.0.0.1",
                      help="endpoint for /metrics, /healthz, /readyz (default tcp:9464:interface=127.0.0.1); 'off' disables")
+    run.add_argument("--admin", default="tcp:8465:interface=127.0.0.1",
+                     help="endpoint for the JSON admin API (default tcp:8465:interface=127.0.0.1); 'off' disables")
+    run.add_argument("--admin-token-file", default=None, metavar="PATH",
+                     help="file holding the admin API bearer token (or set KOPPEL_ADMIN_TOKEN)")
     run.add_argument("--log-level", default=None, help="debug|info|warning|error (or KOPPEL_LOG_LEVEL)")
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight ACKs on stop")
     run.add_argument("--retention", default="30d",
@@ -112,11 +116,20 @@ def _run(args) -> int:
     except ValueError as error:
         sys.stderr.write(f"--retention: {error}\n")
         return 2
+    from engine.shell.admin import load_token
+
+    admin = None if args.admin == "off" else args.admin
+    try:
+        admin_token = load_token(args.admin_token_file) if admin else None
+    except ValueError as error:
+        sys.stderr.write(f"--admin-token-file: {error}\n")
+        return 2
     store = open_store(args.store)
     http = None if args.metrics == "off" else args.metrics
     try:
         engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout,
-                        retention=retention, mappings=bundle.mappings, book=bundle.book)
+                        retention=retention, mappings=bundle.mappings, book=bundle.book,
+                        admin_endpoint=admin, admin_token=admin_token)
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         store.close()

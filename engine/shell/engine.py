@@ -133,8 +133,13 @@ class Engine(service.MultiService):
 
     def __init__(self, reactor, config: EngineConfig, store, *, metrics: Metrics | None = None,
                  http_endpoint: str | None = None, drain_timeout: float = 10.0,
-                 retention: float | None = 30 * 86400.0, mappings=None, book=None) -> None:
+                 retention: float | None = 30 * 86400.0, mappings=None, book=None,
+                 admin_endpoint: str | None = None, admin_token: str | None = None) -> None:
         super().__init__()
+        if admin_endpoint:
+            from engine.shell.admin import check_exposure
+
+            check_exposure(admin_endpoint, admin_token)  # ValueError: no token on a non-loopback interface
         self.reactor = reactor
         self.config = config
         self.store = store
@@ -180,6 +185,9 @@ class Engine(service.MultiService):
             self.listeners.append(listener)
         self.http_endpoint = http_endpoint
         self.http_port = None
+        self.admin_endpoint = admin_endpoint
+        self.admin_token = admin_token
+        self.admin_port = None
         self.ready = False
 
     def startService(self):
@@ -195,6 +203,11 @@ class Engine(service.MultiService):
             from engine.shell.http import start_http
 
             waits.append(start_http(self.reactor, self.http_endpoint, self).addCallback(self._http_bound))
+        if self.admin_endpoint:
+            from engine.shell.admin import start_admin
+
+            waits.append(start_admin(self.reactor, self.admin_endpoint, self, token=self.admin_token)
+                         .addCallback(lambda port: setattr(self, "admin_port", port)))
         for listener in self.listeners:
             listener.setServiceParent(self)
         d = defer.gatherResults(waits + [defer.maybeDeferred(lambda: None)], consumeErrors=True)
@@ -247,6 +260,8 @@ class Engine(service.MultiService):
         yield self.checkpointer.stop()
         if self.http_port is not None:
             yield self.http_port.stopListening()
+        if self.admin_port is not None:
+            yield self.admin_port.stopListening()
         self.store.close()
         self.log.info("engine.stopped")
 
