@@ -53,7 +53,7 @@ NakAction = Literal["retry", "dead-letter"]
 NAK_ACTIONS: tuple[NakAction, ...] = ("retry", "dead-letter")
 Order = Literal["fifo", "none"]
 ORDERS: tuple[Order, ...] = ("fifo", "none")
-ACK_MODES = ("on-store",)
+ACK_MODES = ("on-store", "on-map")
 STORE_FAILURE_CODES = ("AE", "AR")
 PROCESSING_IDS = ("P", "T", "D")  # HL7 table 0103
 
@@ -287,7 +287,7 @@ class AckConfig:
     `store_failure` is the original-mode code; enhanced mode answers CE/CR for AE/AR.
     """
 
-    mode: Literal["on-store"] = "on-store"
+    mode: Literal["on-store", "on-map"] = "on-store"
     store_failure: Literal["AE", "AR"] = "AE"
 
     def __post_init__(self) -> None:
@@ -880,8 +880,6 @@ class _ChannelReader(_Walker):
             return AckConfig()
 
         def mode(n: yaml.Node, p: str) -> str:
-            if _text(n) == "on-map":
-                raise _Invalid("on-map is not supported yet (it comes with mappings); use on-store")
             return _choice(*ACK_MODES)(n, p)
 
         return AckConfig(

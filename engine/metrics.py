@@ -123,6 +123,10 @@ class Metrics:
             registry=r,
         )
         # mapping and agendas
+        self.filtered_total = Counter(
+            "koppel_filtered_total", "Accepted messages no route took (stored, not mapped or sent)",
+            ["channel"], registry=r,
+        )
         self.mapping_outcomes_total = Counter(
             "koppel_mapping_outcomes_total",
             "Mapped messages by outcome: ok, error, held (waiting for its entry), rejected, filtered",

@@ -244,7 +244,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "accept:\n  versions: [2.5, v3]\n", "a.yaml:5:19: accept.versions[1]: 'v3' is not an HL7 v2 version like \"2.5.1\""),
         (MINIMAL + "accept:\n  processing_ids: [X]\n", "a.yaml:5:20: accept.processing_ids[0]: 'X' is not one of: P, T, D"),
         (MINIMAL + "duplicates:\n  window: -1h\n", "a.yaml:5:11: duplicates.window: invalid duration '-1h': must not be negative; expected a number of seconds or parts with units d, h, m, s, ms from largest to smallest, e.g. 30s, 10m, 1h30m, 500ms"),
-        (MINIMAL + "ack:\n  mode: on-map\n", "a.yaml:5:9: ack.mode: on-map is not supported yet (it comes with mappings); use on-store"),
+        (MINIMAL + "ack:\n  mode: on-mapp\n", "a.yaml:5:9: ack.mode: 'on-mapp' is not one of: on-store, on-map"),
         (MINIMAL + "ack:\n  store_failure: CE\n", "a.yaml:5:18: ack.store_failure: 'CE' is not one of: AE, AR"),
         # destinations
         (MINIMAL + "destinations:\n  d:\n    ack_timeout: 1s\n", "a.yaml:6:5: destinations.d.endpoint: missing (required)"),

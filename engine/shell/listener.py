@@ -59,7 +59,8 @@ class ReceiveSettings:
     on_queued: Callable[[tuple[QueueTarget, ...]], None] = field(default=lambda targets: None)
     # After an accepted message is committed (and before its ACK is written): hand it on
     # to mapping. Must not raise.
-    on_stored: Callable[[int, Assessment, ReceivedMessage], None] = field(default=lambda *a: None)
+    on_stored: Callable[..., object] = field(default=lambda *a: None)
+    ack_mode: str = "on-store"  # on-map: the ACK waits for the mapping outcome
 
     def allows(self, host: str) -> bool:
         if self.allow is None:
@@ -186,11 +187,34 @@ class MLLPReceiver(protocol.Protocol):
             return
         if message.targets:
             factory.settings.on_queued(message.targets)
+        outcome = None
         try:
-            factory.settings.on_stored(result.message_id, assessment, message)
+            outcome = factory.settings.on_stored(
+                result.message_id, assessment, message, lambda rejection: factory.acknowledge(assessment, rejection)
+            )
         except Exception as error:  # noqa: BLE001 - mapping trouble never costs the sender its ACK
             self.log.error("message.handoff_failed", message_id=result.message_id, error=safe_error(error))
+        if outcome is not None and factory.settings.ack_mode == "on-map":
+            outcome.addCallback(self._mapped, answer, assessment, message, result.message_id)
+            outcome.addErrback(self._not_mapped, answer, assessment, message, result.message_id)
+            return
         self._settle(answer, assessment, None, message, message_id=result.message_id)
+
+    def _mapped(self, outcome, answer, assessment, message, message_id) -> None:
+        """ack: on-map: AA once mapped (or held for its entry), else the NAK the processor stored."""
+        if getattr(outcome, "ack", None):
+            factory = self.factory
+            answer.ack, answer.code, answer.done = outcome.ack, outcome.ack_code, True
+            factory.count(factory.metrics.received, "other", "rejected").inc()
+            self.log.warning("message.rejected", message_id=message_id, control_id=message.control_id,
+                             type=message.message_type, code=outcome.ack_code, reason=outcome.rejection.text)
+            self._flush()
+            return
+        self._settle(answer, assessment, None, message, message_id=message_id)
+
+    def _not_mapped(self, failure, answer, assessment, message, message_id) -> None:
+        self.log.error("message.mapping_failed", message_id=message_id, error=safe_error(failure.value))
+        self._settle(answer, assessment, INTERNAL_ERROR, message, message_id=message_id)
 
     def _not_stored(self, failure, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
         self.log.error(
@@ -390,7 +414,9 @@ class MLLPListenerFactory(protocol.Factory):
     def message_for(self, assessment: Assessment, payload: bytes, peer: str) -> ReceivedMessage:
         """The store record, with the ACK we will send once it is committed."""
         header = assessment.header
-        targets = self.settings.targets(assessment) if assessment.accepted else ()
+        # on-map: raw forwards are queued only once the message has mapped (see on_stored).
+        on_map = self.settings.ack_mode == "on-map"
+        targets = self.settings.targets(assessment) if assessment.accepted and not on_map else ()
         if targets and self.settings.queue_full(targets):
             assessment = replace(assessment, rejection=QUEUE_FULL)
             targets = ()

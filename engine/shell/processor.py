@@ -22,11 +22,14 @@ from typing import Any, Callable
 from twisted.internet import defer
 
 from engine.core import agenda as ag
+from engine.core.errors import ErrorCode, ErrorLocation, Rejection
+from engine.core.paths import PathError, parse_path
 from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.log import get_logger, safe_error
 from engine.store import (
     Append,
+    Enqueue,
     HoldEvent,
     PutAttachment,
     QueueTarget,
@@ -44,6 +47,45 @@ class Work:
     mapping: str  # mapping name (the route's `map`)
     raw: bytes
     codec: str
+    # ack: on-map: raw forwards to queue only if mapping succeeds, and how to answer a failure
+    forward: tuple[QueueTarget, ...] = ()
+    nak: Callable[[Rejection], tuple[str, bytes]] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What became of one message: mapped, held (waiting for its entry) or error."""
+
+    status: str
+    detail: str
+    rejection: Rejection | None = None  # what an on-map channel answers (None: AA)
+    ack_code: str | None = None  # the NAK built for an on-map channel, stored with the message
+    ack: bytes | None = None
+
+
+def _mapping_rejection(errors) -> Rejection:
+    """AE naming the first failing field: 101 when it was missing, else 102."""
+    first = errors[0]
+    location = None
+    try:
+        path = parse_path(first.path.split(",")[0].strip()) if first.path else None
+    except PathError:
+        path = None
+    if path is not None:
+        sequence = path.occurrence if isinstance(path.occurrence, int) else 1
+        location = ErrorLocation(segment=path.segment, sequence=sequence, field=path.field)
+    missing = "missing" in first.reason
+    return Rejection(
+        ack_code="AE",
+        error_code=ErrorCode.REQUIRED_FIELD_MISSING if missing else ErrorCode.DATA_TYPE,
+        text=f"{first.field}: {first.reason}"[:200],
+        location=location,
+    )
+
+
+def _agenda_rejection(reject) -> Rejection:
+    code = ErrorCode.UNKNOWN_KEY if reject.code == "unknown-entry" else ErrorCode.APPLICATION_INTERNAL_ERROR
+    return Rejection(ack_code="AE", error_code=code, text=reject.reason[:200])
 
 
 def _plain(value: Any) -> Any:
@@ -112,11 +154,14 @@ class Processor:
         self._running = False
         self.idle: defer.Deferred | None = None
 
-    def submit(self, work: Work) -> None:
-        self._queue.append(work)
+    def submit(self, work: Work) -> defer.Deferred:
+        """Queue one stored message; fires with its Outcome once that is committed."""
+        done: defer.Deferred = defer.Deferred()
+        self._queue.append((work, done))
         if not self._running:
             self._running = True
             self._drain().addErrback(self._crashed)
+        return done
 
     def wait_idle(self) -> defer.Deferred:
         """Fires when everything submitted so far is processed (for shutdown and tests)."""
@@ -129,15 +174,21 @@ class Processor:
     @defer.inlineCallbacks
     def _drain(self):
         while self._queue:
-            work = self._queue.popleft()
+            work, done = self._queue.popleft()
             try:
-                yield self._process(work)
+                outcome = yield self._process(work)
             except Exception as error:  # noqa: BLE001 - one message's failure never stops the rest
                 self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
                 self._outcome(work, "error")
-                yield self.committer.submit(
-                    SetProcessing(message_id=work.message_id, outcome="error", detail="internal error while mapping")
-                )
+                rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                      text="internal error while mapping")
+                outcome = Outcome(status="error", detail="internal error while mapping", rejection=rejection)
+                try:
+                    outcome = yield self._fail(work, outcome)
+                except Exception as store_error:  # noqa: BLE001
+                    self.log.error("mapping.outcome_not_stored", message_id=work.message_id,
+                                   error=safe_error(store_error))
+            done.callback(outcome)
         self._running = False
         idle, self.idle = self.idle, None
         if idle is not None:
@@ -162,8 +213,8 @@ class Processor:
             detail = "; ".join(str(e) for e in result.errors[:3])
             self._outcome(work, "error")
             self.log.warning("mapping.error", message_id=work.message_id, mapping=mapping.name, reason=detail)
-            yield self.committer.submit(SetProcessing(message_id=work.message_id, outcome="error", detail=detail))
-            return
+            outcome = Outcome(status="error", detail=detail, rejection=_mapping_rejection(result.errors))
+            return (yield self._fail(work, outcome))
         event = result.event
         existing_record = self.store.find_agenda_entry(ag.correlation_keys(event))
         existing = entry_from_record(existing_record) if existing_record else None
@@ -173,18 +224,18 @@ class Processor:
         if isinstance(decision, ag.Reject):
             self._outcome(work, "rejected")
             self.log.warning("agenda.rejected", message_id=work.message_id, reason=decision.reason, code=decision.code)
-            yield self.committer.submit(
-                SetProcessing(message_id=work.message_id, outcome="error", detail=decision.reason)
-            )
-            return
+            outcome = Outcome(status="error", detail=decision.reason, rejection=_agenda_rejection(decision))
+            return (yield self._fail(work, outcome))
         if isinstance(decision, ag.Hold):
             self._outcome(work, "held")
             self.log.info("agenda.held", message_id=work.message_id, key_kind=decision.key.split(":", 1)[0])
-            yield self.committer.submit_many([
+            ops = [
                 HoldEvent(keys=decision.keys, message_id=work.message_id, event=event_to_json(event), at=at),
                 SetProcessing(message_id=work.message_id, outcome="held", detail=decision.reason),
-            ])
-            return
+            ]
+            yield self.committer.submit_many(ops + self._forward_ops(work, at))
+            self._queued(ops)
+            return Outcome(status="held", detail=decision.reason)
         entry = decision.entry
         ops: list = [self._attachment_op(a) for a in decision.attachments]
         if isinstance(decision, ag.Create):
@@ -196,8 +247,9 @@ class Processor:
             ops.append(self._save_op(entry, int(existing_record.id), work.message_id, event.action,
                                      existing.state, decision.changed, at))
         ops.extend(self._outbound_ops(mapping, event, entry, work, at))
-        ops.append(SetProcessing(message_id=work.message_id, outcome="mapped",
-                                 detail=f"agenda {entry.agenda_id}: {entry.state}"))
+        ops.extend(self._forward_ops(work, at))
+        detail = f"agenda {entry.agenda_id}: {entry.state}"
+        ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
         results = yield self.committer.submit_many(ops)
         self._outcome(work, "ok")
         entry_id = int(existing_record.id) if existing_record else next(
@@ -205,6 +257,25 @@ class Processor:
         self._queued(ops)
         if entry_id is not None:
             yield self._release_held(entry.with_id(str(entry_id)), entry_id, work)
+        return Outcome(status="mapped", detail=detail)
+
+    @defer.inlineCallbacks
+    def _fail(self, work: Work, outcome: Outcome):
+        """Record a failed outcome; on an on-map channel also the NAK the sender gets."""
+        if work.nak is None or outcome.rejection is None:
+            yield self.committer.submit(
+                SetProcessing(message_id=work.message_id, outcome=outcome.status, detail=outcome.detail))
+            return outcome
+        code, ack = work.nak(outcome.rejection)
+        yield self.committer.submit(SetProcessing(message_id=work.message_id, outcome=outcome.status,
+                                                  detail=outcome.detail, ack_code=code, ack=ack))
+        return dataclasses.replace(outcome, ack_code=code, ack=ack)
+
+    @staticmethod
+    def _forward_ops(work: Work, at: float) -> list:
+        if not work.forward:
+            return []
+        return [Enqueue(message_id=work.message_id, targets=work.forward, at=at, audit=False)]
 
     @defer.inlineCallbacks
     def _release_held(self, entry: ag.AgendaEntry, entry_id: int, work: Work):
@@ -272,3 +343,5 @@ class Processor:
         for op in ops:
             if isinstance(op, Append) and op.message.targets:
                 self.on_queued(op.message.targets)
+            elif isinstance(op, Enqueue):
+                self.on_queued(op.targets)

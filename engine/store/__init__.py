@@ -320,11 +320,13 @@ class DeadLetter:
 
 @_value
 class Enqueue:
-    """Queue a stored message again (operator resend). Result: tuple of new entry ids."""
+    """Queue a stored message (operator resend, audited; or a forward decided after
+    mapping, not audited). Result: tuple of new entry ids."""
 
     message_id: int
     targets: tuple[QueueTarget, ...]
     at: float
+    audit: bool = True
 
 
 @_value
@@ -449,11 +451,17 @@ class ReleaseHeld:
 
 @_value
 class SetProcessing:
-    """Record what mapping did with a stored message: mapped, filtered, held or error."""
+    """Record what mapping did with a stored message: mapped, filtered, held or error.
+
+    With ``ack`` (``ack: on-map`` channels) the message was answered with a NAK after
+    all: it becomes ``rejected`` with that ACK, so a resend is processed afresh.
+    """
 
     message_id: int
     outcome: str
     detail: str | None = None
+    ack_code: str | None = None
+    ack: bytes | None = None
 
 
 

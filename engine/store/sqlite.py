@@ -349,7 +349,8 @@ class _Transaction:
         new_ids = []
         for t in op.targets:
             entry_id = self._insert_entry(t.queue, t.destination, op.message_id, op.at, None)
-            self._audit(op.at, "resend", t.queue, entry_id, op.message_id, f"to {t.destination}")
+            if op.audit:
+                self._audit(op.at, "resend", t.queue, entry_id, op.message_id, f"to {t.destination}")
             new_ids.append(entry_id)
         return tuple(new_ids)
 
@@ -497,9 +498,16 @@ class _Transaction:
         return released
 
     def _set_processing(self, op: SetProcessing) -> None:
+        if op.ack is None:
+            self._conn.execute(
+                "UPDATE messages SET processing = ?, processing_detail = ? WHERE id = ?",
+                (op.outcome, op.detail, op.message_id),
+            )
+            return
         self._conn.execute(
-            "UPDATE messages SET processing = ?, processing_detail = ? WHERE id = ?",
-            (op.outcome, op.detail, op.message_id),
+            "UPDATE messages SET processing = ?, processing_detail = ?, status = 'rejected', ack_code = ?, "
+            "ack = ?, error = ? WHERE id = ?",
+            (op.outcome, op.detail, op.ack_code, op.ack, op.detail, op.message_id),
         )
 
     def _mark_sending(self, op: MarkSending) -> None:
