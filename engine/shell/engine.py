@@ -16,18 +16,28 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 
 from engine.config import ChannelConfig, EngineConfig
-from engine.core.errors import Rejection
+from engine.core.errors import ErrorCode, Rejection
 from engine.core.intake import STORE_FAILED, AcceptRules
 from engine.log import get_logger
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
-from engine.shell.processor import Processor, Work
+from engine.shell.processor import Outcome, Processor, Work
 from engine.shell.sender import QueueSender
-from engine.store import QueueTarget
+from engine.store import Enqueue, QueueTarget, SetProcessing
 
 
-def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None, processor=None) -> ReceiveSettings:
+FILTERED = Rejection(
+    ack_code="AR",
+    error_code=ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+    text="no route on this channel takes this message",
+)
+
+
+def receive_settings(
+    channel: ChannelConfig, config: EngineConfig, senders=None, processor=None, *, committer=None, metrics=None,
+    log=None,
+) -> ReceiveSettings:
     source = channel.source
     targets_by_route = [
         (route, tuple(
@@ -58,16 +68,36 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None,
                 sender.enqueued()
 
     map_routes = [route for route in channel.routes if route.map]
+    on_map = channel.ack.mode == "on-map"
 
-    def on_stored(message_id, assessment, message) -> None:
-        if processor is None or not map_routes:
-            return
+    def on_stored(message_id, assessment, message, nak):
+        """Hand a committed message on: to its mapping, or count it as filtered.
+
+        Returns a Deferred of the Outcome when an on-map channel must wait for it."""
         header = assessment.header
+        forward = targets(assessment) if on_map else ()
         for route in map_routes:
-            if route.matches(header.message_type, header.trigger):
-                processor.submit(Work(message_id=message_id, channel=channel.name, mapping=route.map,
-                                      raw=message.raw, codec=header.codec))
-                return
+            if route.matches(header.message_type, header.trigger) and processor is not None:
+                return processor.submit(Work(
+                    message_id=message_id, channel=channel.name, mapping=route.map, raw=message.raw,
+                    codec=header.codec, forward=forward, nak=nak if on_map else None,
+                ))
+        if message.targets:
+            return None
+        if forward:  # on-map, nothing to map: queue the raw forwards now
+            d = committer.submit(Enqueue(message_id=message_id, targets=forward, at=message.received_at, audit=False))
+            return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
+        metrics.filtered_total.labels(channel.name).inc()
+        log.info("message.filtered", message_id=message_id, type=message.message_type)
+        detail = f"no route takes {header.type_and_trigger or 'this message'}"
+        if not on_map:
+            committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail), within=0.02)
+            return None
+        code, ack = nak(FILTERED)
+        d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
+                                           ack_code=code, ack=ack))
+        return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
+                                               ack_code=code, ack=ack))
 
     failure = STORE_FAILED
     if channel.ack.store_failure != failure.ack_code:
@@ -92,6 +122,7 @@ def receive_settings(channel: ChannelConfig, config: EngineConfig, senders=None,
         queue_full=queue_full,
         on_queued=on_queued,
         on_stored=on_stored,
+        ack_mode=channel.ack.mode,
     )
 
 
@@ -175,7 +206,8 @@ class Engine(service.MultiService):
         self.listeners: list[ListenerService] = []
         for channel in config.channels:
             factory = MLLPListenerFactory(
-                receive_settings(channel, config, self.senders, self.processor),
+                receive_settings(channel, config, self.senders, self.processor, committer=self.committer,
+                                 metrics=self.metrics, log=self.log),
                 committer=self.committer,
                 metrics=self.metrics,
                 clock=reactor,
