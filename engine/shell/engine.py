@@ -69,6 +69,7 @@ def receive_settings(
 
     map_routes = [route for route in channel.routes if route.map]
     on_map = channel.ack.mode == "on-map"
+    log = log or get_logger(channel=channel.name)
 
     def on_stored(message_id, assessment, message, nak):
         """Hand a committed message on: to its mapping, or count it as filtered.
@@ -87,7 +88,8 @@ def receive_settings(
         if forward:  # on-map, nothing to map: queue the raw forwards now
             d = committer.submit(Enqueue(message_id=message_id, targets=forward, at=message.received_at, audit=False))
             return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
-        metrics.filtered_total.labels(channel.name).inc()
+        if metrics is not None:
+            metrics.filtered_total.labels(channel.name).inc()
         log.info("message.filtered", message_id=message_id, type=message.message_type)
         detail = f"no route takes {header.type_and_trigger or 'this message'}"
         if not on_map:
