@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON line")
     bench.add_argument("file", nargs="?", default=None)
 
+    preview = sub.add_parser("map", help="preview what a message becomes (entry, outbound), no side effects")
+    config_args(preview)
+    preview.add_argument("--channel", required=True, help="the channel the message arrives on")
+    preview.add_argument("--store", default=None, help="decide against the entries in this store (read-only)")
+    preview.add_argument("--raw", action="store_true", help="the file's bytes are one message, untouched")
+    preview.add_argument("file")
+    preview.set_defaults(func=_map)
+
     messages = sub.add_parser("messages", help="list stored messages (headers only)")
     messages.add_argument("--store", default=DEFAULT_STORE)
     messages.add_argument("--channel")
@@ -191,6 +199,12 @@ def _react_deferred(go):
         if done.code not in (0, None):
             return int(done.code)
     return box[0] if box else 1
+
+
+def _map(args) -> int:
+    from engine.preview import run
+
+    return run(args)
 
 
 def _messages(args) -> int:

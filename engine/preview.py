@@ -1,0 +1,122 @@
+"""``koppel map``: what a message would become, without side effects.
+
+Runs the same code as the engine (header, channel routes, mapping, agenda decision,
+outbound templates) on a file and prints JSON: the route and mapping chosen, the
+event, the agenda entry it would create or change, and the outbound messages. With
+``--store`` it decides against the entry already stored for the message's keys
+(read-only); without, as if nothing were stored yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from engine.core import agenda as ag
+from engine.core.ack import ControlIds
+from engine.core.files import split_messages
+from engine.core.header import read_header
+from engine.core.hl7message import Message
+from engine.core.intake import AcceptRules, check_accept
+from engine.shell.processor import _plain, entry_from_record
+
+
+def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.datetime | None = None) -> dict:
+    config = bundle.config
+    try:
+        channel = config.channel(channel_name)
+    except KeyError:
+        raise ValueError(f"no channel {channel_name!r} (channels: {', '.join(c.name for c in config.channels)})")
+    now = now or dt.datetime.now(dt.timezone.utc).astimezone()
+    header = read_header(raw, default_charset=channel.source.charset)
+    result: dict = {"channel": channel.name, "type": header.type_and_trigger, "control_id": header.control_id}
+    rules = AcceptRules(types=channel.accept.types, versions=channel.accept.versions,
+                        processing_ids=channel.accept.processing_ids)
+    rejection = header.rejection or check_accept(header, rules)
+    if rejection is not None:
+        result["accepted"] = False
+        result["answer"] = {"code": rejection.ack_code, "error_code": int(rejection.error_code), "text": rejection.text}
+        return result
+    result["accepted"] = True
+    routes = [r for r in channel.routes if r.matches(header.message_type, header.trigger)]
+    result["forward_to"] = sorted({name for r in routes for name in r.to})
+    map_route = next((r for r in routes if r.map), None)
+    if map_route is None:
+        result["mapping"] = None
+        result["outcome"] = "forwarded" if result["forward_to"] else "filtered"
+        return result
+    mapping = bundle.mappings.mapping(map_route.map)
+    result["mapping"] = {"name": mapping.name, "file": str(mapping.file)}
+    mapped = mapping.apply(Message.parse(raw, codec=header.codec))
+    if not mapped.ok:
+        result["outcome"] = "error"
+        result["errors"] = [str(e) for e in mapped.errors]
+        return result
+    event = mapped.event
+    result["event"] = {"kind": event.kind, "action": event.action, "zd_number": event.zd_number,
+                       "placer_id": event.placer_id, "filler_id": event.filler_id,
+                       "fields": _plain({k: v for k, v in event.fields.items() if k != "attachments"}),
+                       "attachments": len(event.fields.get("attachments") or ())}
+    existing = None
+    if store is not None:
+        record = store.find_agenda_entry(ag.correlation_keys(event))
+        existing = entry_from_record(record) if record else None
+    decision = ag.decide(event, existing, now=now, message_id="preview", book=bundle.book)
+    result["decision"] = type(decision).__name__.lower()
+    if isinstance(decision, (ag.Reject, ag.Hold)):
+        result["outcome"] = "error" if isinstance(decision, ag.Reject) else "held"
+        result["reason"] = decision.reason
+        return result
+    entry = decision.entry
+    result["outcome"] = "mapped"
+    result["fallback_agenda"] = bool(getattr(decision, "fallback", False))
+    result["entry"] = {"agenda": entry.agenda_id, "kind": entry.kind, "state": entry.state,
+                       "zd_number": entry.zd_number, "placer_id": entry.placer_id, "filler_id": entry.filler_id,
+                       "data": _plain({k: v for k, v in entry.data.items() if k != "attachments"}),
+                       "attachments": list(entry.attachments)}
+    from engine.mapping import build_outbound
+
+    outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now)
+    result["outbound"] = [
+        {"to": name, "message": data.decode(read_header(data, default_charset="8859/1").codec, "replace")
+         .replace("\r", "\n")}
+        for name, data in outbound
+    ]
+    return result
+
+
+def run(args) -> int:
+    from engine.bundle import load_bundle
+    from engine.config import ConfigError
+
+    try:
+        bundle = load_bundle(Path(args.channels), Path(args.mappings))
+    except ConfigError as error:
+        sys.stderr.write(f"{error}\n")
+        return 2
+    store = None
+    if args.store:
+        from engine.store import open_store
+
+        store = open_store(args.store)
+    status = 0
+    try:
+        with open(args.file, "rb") as handle:
+            messages = split_messages(handle.read(), raw=args.raw)
+        out = []
+        for raw in messages:
+            try:
+                out.append(preview(bundle, args.channel, raw, store=store))
+            except ValueError as error:
+                sys.stderr.write(f"error: {error}\n")
+                return 2
+        for item in out:
+            if item.get("outcome") not in ("mapped", "held", "forwarded"):
+                status = 1
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False, default=str))
+    finally:
+        if store is not None:
+            store.close()
+    return status

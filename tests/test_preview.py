@@ -1,0 +1,57 @@
+"""koppel map previews a message's agenda entry and outbound messages without side effects."""
+
+import json
+from pathlib import Path
+
+from engine.cli import main
+from engine.store import open_store
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "tests" / "samples" / "zorgdomein"
+
+
+def run(capsys, *args):
+    code = main(["map", "--channels", str(REPO / "channels"), "--mappings", str(REPO / "mappings"), *args])
+    return code, capsys.readouterr()
+
+
+def test_an_appointment_request_previews_as_a_cardiology_entry_and_a_siu_for_the_his(capsys):
+    code, out = run(capsys, "--channel", "zorgdomein-in", str(SAMPLES / "zd_srm_s01_appointment_request.hl7"))
+    assert code == 0
+    result = json.loads(out.out)
+    assert result["mapping"]["name"] == "zorgdomein-srm"
+    assert result["entry"]["agenda"] == "cardiology"
+    assert result["entry"]["state"] == "requested"
+    assert result["event"]["fields"]["patient.name"]["own_surname"] == "Boer"
+    (outbound,) = result["outbound"]
+    assert outbound["to"] == "his-scheduling"
+    assert outbound["message"].startswith("MSH|^~\\&|") and "SIU^S12" in outbound["message"]
+
+
+def test_a_letter_on_its_own_previews_as_held_until_its_request(capsys):
+    code, out = run(capsys, "--channel", "zorgdomein-in", str(SAMPLES / "zd_oru_r01_request_form_pdf.hl7"))
+    result = json.loads(out.out)
+    assert (code, result["outcome"], result["decision"]) == (0, "held", "hold")
+
+
+def test_a_message_the_channel_does_not_accept_previews_its_ar(capsys, tmp_path):
+    adt = REPO / "tests" / "samples" / "public" / "hapi_adt_a03.hl7"
+    code, out = run(capsys, "--channel", "zorgdomein-in", str(adt))
+    result = json.loads(out.out)
+    assert code == 1 and result["accepted"] is False and result["answer"]["code"] == "AR"
+
+
+def test_preview_reads_but_never_writes_the_store(capsys, tmp_path):
+    url = f"sqlite:///{tmp_path}/k.db"
+    open_store(url).close()
+    code, _ = run(capsys, "--channel", "zorgdomein-in", "--store", url,
+                  str(SAMPLES / "zd_srm_s01_appointment_request.hl7"))
+    assert code == 0
+    store = open_store(url)
+    assert store.list_messages() == [] and store.list_agenda_entries() == []
+    store.close()
+
+
+def test_an_unknown_channel_is_a_usage_error(capsys):
+    code, out = run(capsys, "--channel", "nope", str(SAMPLES / "zd_srm_s01_appointment_request.hl7"))
+    assert code == 2 and "no channel 'nope'" in out.err
