@@ -194,3 +194,13 @@ def test_the_processor_keeps_going_after_an_internal_failure(h, monkeypatch):
     second = h.receive(srm(zd="ZD200046120"))
     assert h.outcome(first) == ("error", "internal error while mapping")
     assert h.outcome(second)[0] == "mapped"
+
+
+def test_the_agenda_gauge_counts_entries_by_agenda_and_state(h):
+    h.receive(srm())
+    h.receive(srm(zd="ZD200046120"))
+    h.receive(srm(zd="ZD200046120", trigger="S04"))
+    h.processor.refresh_gauges()
+    sample = h.metrics.registry.get_sample_value
+    assert sample("koppel_agenda_entries", {"agenda": "cardiology", "state": "requested"}) == 1
+    assert sample("koppel_agenda_entries", {"agenda": "cardiology", "state": "cancelled"}) == 1

@@ -232,6 +232,12 @@ class Engine(service.MultiService):
             self.pruner.start()
         for sender in self.senders.values():
             sender.start()
+        if self.processor is not None:
+            from twisted.internet import task
+
+            self._gauges = task.LoopingCall(self.processor.refresh_gauges)
+            self._gauges.clock = self.reactor
+            self._gauges.start(15.0, now=True)
         waits = []
         if self.http_endpoint:
             from engine.shell.http import start_http
@@ -279,6 +285,8 @@ class Engine(service.MultiService):
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
         if self.processor is not None:
+            if getattr(self, "_gauges", None) is not None and self._gauges.running:
+                self._gauges.stop()
             yield self.processor.wait_idle()
         senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
         timeout = self.reactor.callLater(self.drain_timeout, senders.cancel)

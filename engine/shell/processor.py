@@ -154,6 +154,18 @@ class Processor:
         self._running = False
         self.idle: defer.Deferred | None = None
 
+    def refresh_gauges(self) -> None:
+        """koppel_agenda_entries from the store (called now and then, not per message)."""
+        try:
+            counts = self.store.agenda_counts()
+        except Exception as error:  # noqa: BLE001 - a gauge must never stop processing
+            self.log.warning("agenda.gauge_failed", error=safe_error(error))
+            return
+        gauge = self.metrics.agenda_entries
+        gauge.clear()
+        for (agenda_id, state), count in counts.items():
+            gauge.labels(agenda_id, state).set(count)
+
     def submit(self, work: Work) -> defer.Deferred:
         """Queue one stored message; fires with its Outcome once that is committed."""
         done: defer.Deferred = defer.Deferred()

@@ -834,6 +834,11 @@ class SQLiteStore:
         r = rows[0]
         return AttachmentRecord(sha256=r[0], media_type=r[1], filename=r[2], size=r[3], data=r[4])
 
+    def agenda_counts(self) -> dict[tuple[str, str], int]:
+        """Entries per (agenda, state), for the agenda gauge."""
+        rows = self._query("SELECT agenda_id, state, COUNT(*) FROM agenda_entries GROUP BY agenda_id, state")
+        return {(agenda, state): count for agenda, state, count in rows}
+
     def processing_counts(self) -> dict[str, int]:
         return dict(
             self._query("SELECT processing, COUNT(*) FROM messages WHERE processing IS NOT NULL GROUP BY processing")
