@@ -155,7 +155,7 @@ class _Params:
             value = values[-1].decode("utf-8")
         except UnicodeDecodeError:
             raise _bad(f"parameter {name!r} is not UTF-8") from None
-        return value if value != "" else None
+        return value  # "" is a value: an empty filter matches nothing, an empty limit is an error
 
     def limit(self) -> int:
         text = self.text("limit")
@@ -183,7 +183,7 @@ class _Params:
                 raise _bad(f"{name} must be a finite number of epoch seconds or an ISO 8601 time")
             return value
         try:
-            stamp = dt.datetime.fromisoformat(text)
+            stamp = dt.datetime.fromisoformat(text.upper())  # RFC 3339 allows a lower-case t and z
         except ValueError:
             raise _bad(f"{name} must be epoch seconds or an ISO 8601 date/time, e.g. 2024-05-01T08:00:00Z") from None
         if stamp.tzinfo is None:
@@ -208,28 +208,30 @@ def _entry_id(text: str) -> int:
 # --------------------------------------------------------------------------- the resource
 
 
-_ROUTES: list[tuple[str, tuple[str | None, ...], str]] = [
-    ("GET", ("channels",), "channels"),
-    ("GET", ("queues",), "queues"),
-    ("GET", ("queues", None), "queue"),
-    ("POST", ("queues", None, "pause"), "pause"),
-    ("POST", ("queues", None, "resume"), "resume"),
-    ("POST", ("queues", None, "retry-now"), "retry_now"),
-    ("GET", ("dead-letters",), "dead_letters"),
-    ("GET", ("dead-letters", None), "dead_letter"),
-    ("POST", ("dead-letters", None, "replay"), "replay"),
-    ("POST", ("dead-letters", None, "drop"), "drop"),
-    ("GET", ("messages",), "messages"),
-    ("GET", ("messages", None), "message"),
-    ("GET", ("agenda",), "agenda"),
-    ("GET", ("agenda", None), "agenda_entry"),
+# (method, path under /api/ with None for a captured segment, handler, query parameters it takes)
+_ROUTES: list[tuple[str, tuple[str | None, ...], str, frozenset[str]]] = [
+    ("GET", ("channels",), "channels", frozenset()),
+    ("GET", ("queues",), "queues", frozenset()),
+    ("GET", ("queues", None), "queue", frozenset({"limit"})),
+    ("POST", ("queues", None, "pause"), "pause", frozenset()),
+    ("POST", ("queues", None, "resume"), "resume", frozenset()),
+    ("POST", ("queues", None, "retry-now"), "retry_now", frozenset()),
+    ("GET", ("dead-letters",), "dead_letters", frozenset({"queue", "limit"})),
+    ("GET", ("dead-letters", None), "dead_letter", frozenset()),
+    ("POST", ("dead-letters", None, "replay"), "replay", frozenset()),
+    ("POST", ("dead-letters", None, "drop"), "drop", frozenset()),
+    ("GET", ("messages",), "messages",
+     frozenset({"channel", "type", "control_id", "zd", "status", "since", "until", "limit"})),
+    ("GET", ("messages", None), "message", frozenset({"include"})),
+    ("GET", ("agenda",), "agenda", frozenset({"agenda", "state", "since", "until", "limit"})),
+    ("GET", ("agenda", None), "agenda_entry", frozenset({"include"})),
 ]
 
 
-def _match(segments: list[str]) -> tuple[list[tuple[str, str, list[str]]], bool]:
-    """Routes whose path fits `segments` as (method, handler, captured); and whether any did."""
+def _match(segments: list[str]) -> tuple[list[tuple[str, str, list[str], frozenset[str]]], bool]:
+    """Routes whose path fits `segments` as (method, handler, captured, parameters); and whether any did."""
     found = []
-    for method, pattern, handler in _ROUTES:
+    for method, pattern, handler, known in _ROUTES:
         if len(pattern) != len(segments):
             continue
         captured = []
@@ -241,7 +243,7 @@ def _match(segments: list[str]) -> tuple[list[tuple[str, str, list[str]]], bool]
             elif want != got:
                 break
         else:
-            found.append((method, handler, captured))
+            found.append((method, handler, captured, known))
     return found, bool(found)
 
 
@@ -323,12 +325,17 @@ class AdminAPI(resource.Resource):
         routes, any_path = _match(segments[1:])
         method = request.method.decode("ascii", "replace")
         lookup = "GET" if method == "HEAD" else method
-        for route_method, handler, captured in routes:
+        for route_method, handler, captured, known in routes:
             if route_method == lookup:
-                params = _Params(request.args)
-                return getattr(self, "_" + handler)(request, params, *captured)
+                # A misspelt filter must not quietly widen a search to everything.
+                unknown = sorted(name.decode("utf-8", "replace") for name in request.args
+                                 if name.decode("utf-8", "replace") not in known)
+                if unknown:
+                    raise _bad(f"unknown parameter {unknown[0]!r}; this path takes "
+                               f"{', '.join(sorted(known)) or 'no parameters'}")
+                return getattr(self, "_" + handler)(request, _Params(request.args), *captured)
         if any_path:
-            allowed = ", ".join(sorted({m for m, _, _ in routes}))
+            allowed = ", ".join(sorted({route[0] for route in routes}))
             raise ApiError(405, "method_not_allowed", f"use {allowed} here", {"Allow": allowed})
         raise _not_found("no such path")
 
@@ -367,8 +374,8 @@ class AdminAPI(resource.Resource):
 
             try:
                 return operator._queue_key(text)
-            except operator._Fail as fail:
-                raise _bad(fail.message) from None
+            except operator._Fail as fail:  # no queue can have that key
+                raise _not_found(fail.message) from None
         try:
             return self.engine.config.destination(text).queue_key
         except KeyError:
@@ -524,7 +531,7 @@ class AdminAPI(resource.Resource):
         except (UnicodeDecodeError, ValueError):
             raise _bad('the body must be JSON: {"reason": "why"}') from None
         reason = body.get("reason") if isinstance(body, dict) else None
-        if not isinstance(reason, str) or not " ".join(reason.split()):
+        if not isinstance(reason, str) or not any(char.isalnum() for char in reason):
             raise _bad('give a reason in the JSON body: {"reason": "why"} (it is kept in the audit log)')
         return " ".join(reason.split())[:500]
 
@@ -555,8 +562,6 @@ class AdminAPI(resource.Resource):
         from engine.operator import _agenda_json
 
         control_id, zd = params.text("control_id"), params.text("zd")
-        if control_id is not None and zd is not None and control_id != zd:
-            raise _bad("control_id and zd name different messages; give one of them")
         status = params.text("status")
         if status not in (None, "accepted", "rejected"):
             raise _bad("status must be accepted or rejected")
@@ -564,7 +569,10 @@ class AdminAPI(resource.Resource):
             channel=params.text("channel"), message_type=params.text("type"), control_id=control_id or zd,
             since=params.time("since"), until=params.time("until"), status=status, limit=params.limit(),
         )
-        rows = yield self._read(self.engine.store.list_messages, **query)
+        if control_id is not None and zd is not None and control_id != zd:
+            rows = []  # filters combine with AND: one MSH-10 cannot be two values
+        else:
+            rows = yield self._read(self.engine.store.list_messages, **query)
         out: dict[str, Any] = {"messages": [self._summary_json(m) for m in rows]}
         if zd is not None:
             entry = yield self._read(self.engine.store.find_agenda_entry, [f"zd:{zd}"])
