@@ -720,3 +720,25 @@ else:  # pragma: no cover
     @pytest.mark.skip(reason="schemathesis is not installed: pip install -e '.[test]'")
     def test_the_live_api_conforms_to_its_openapi_file():
         pass
+
+
+def test_the_openapi_file_describes_exactly_the_routes_the_api_serves():
+    import yaml
+
+    spec = yaml.safe_load(OPENAPI.read_text())
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops
+                  if method in ("get", "post", "put", "delete", "patch")}
+    served = set()
+    for method, pattern, _, _ in admin._ROUTES:
+        names = iter(["queue"] if pattern[0] == "queues" else ["id"])
+        served.add((method, "/api/" + "/".join(p if p is not None else "{%s}" % next(names) for p in pattern)))
+    assert documented == served
+    refs = spec["components"]["parameters"]
+    for method, pattern, _, known in admin._ROUTES:
+        path = next(p for m, p in served if m == method and p.count("/") == len(pattern) + 1
+                    and all(a == b or b is None for a, b in zip(p.split("/")[2:], pattern)))
+        params = spec["paths"][path].get("parameters", []) + spec["paths"][path][method.lower()].get("parameters", [])
+        params = [refs[p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p for p in params]
+        assert {p["name"] for p in params if p["in"] == "query"} == known, (method, path)
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["bearer"]["description"]}
