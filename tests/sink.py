@@ -359,7 +359,7 @@ class KoppelProcess:
         self.port = None
         self.proc = subprocess.Popen(
             [str(KOPPEL), "run", "--channels", str(self.channels), "--mappings", str(mappings),
-             "--store", self.store_url, "--metrics", "off", "--log-level", self.log_level],
+             "--store", self.store_url, "--metrics", "off", "--admin", "off", "--log-level", self.log_level],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()

@@ -89,7 +89,7 @@ class EngineProcess:
                     "--channels", str(self.workdir / "channels"),
                     "--mappings", str(self.workdir / "mappings"),
                     "--store", self.store_url,
-                    "--metrics", "tcp:0:interface=127.0.0.1",
+                    "--metrics", "tcp:0:interface=127.0.0.1", "--admin", "off",
                     "--log-level", "info",
                 ],
                 cwd=self.workdir,

@@ -71,7 +71,7 @@ def start_koppel(tmp: Path, port: int, synchronous: str) -> subprocess.Popen:
     (tmp / "mappings").mkdir(exist_ok=True)
     return subprocess.Popen(
         [PY, "-m", "engine.cli", "run", "--channels", str(channels), "--mappings", str(tmp / "mappings"),
-         "--store", store, "--metrics", "off", "--log-level", "warning"],
+         "--store", store, "--metrics", "off", "--admin", "off", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
