@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight ACKs on stop")
     run.add_argument("--retention", default="30d",
                      help="keep delivered entries and message bodies this long (default 30d; 'never' keeps all)")
+
+    run.add_argument("--pid-file", default="var/koppel.pid",
+                     help="where to write the process id, for koppel reload (default var/koppel.pid; '' for none)")
+
+    reload = sub.add_parser("reload", help="make the running engine re-read channels and mappings (SIGHUP)")
+    reload.add_argument("--pid-file", default="var/koppel.pid")
 
     check = sub.add_parser("check", help="validate channels and mappings")
     config_args(check)
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "send": _send,
         "bench": _bench,
         "messages": _messages,
+        "reload": _reload,
     }.get(args.command) or args.func
     return handler(args) or 0
 
@@ -154,10 +162,64 @@ def _run(args) -> int:
 
         defer.maybeDeferred(engine.startService).addErrback(started_failed)
 
+    def reload():
+        """SIGHUP / koppel reload: a config that does not load is reported; the running one stays."""
+        reloaded, problem = _load_config(args)
+        if problem is not None:
+            engine.metrics.config_reloads.labels("failed").inc()
+            engine.metrics.config_last_reload_successful.set(0)
+            for item in problem.problems[:50]:
+                engine.log.error("config.reload_failed", problem=str(item))
+            return
+        d = engine.reload(reloaded)
+
+        def done(_):
+            engine.metrics.config_reloads.labels("ok").inc()
+            engine.metrics.config_last_reload_successful.set(1)
+            engine.metrics.config_last_reload_success_timestamp.set(reactor.seconds())
+
+        def failed(failure):
+            engine.metrics.config_reloads.labels("failed").inc()
+            engine.metrics.config_last_reload_successful.set(0)
+            engine.log.error("config.reload_failed", problem=failure.getErrorMessage()[:200])
+
+        d.addCallbacks(done, failed)
+
+    import signal
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    pid_file = Path(args.pid_file) if args.pid_file else None
+    if pid_file is not None:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+    engine.metrics.config_last_reload_successful.set(1)
+    engine.metrics.config_last_reload_success_timestamp.set(reactor.seconds())
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: engine.stopService() if engine.running else None)
-    reactor.run()
+    try:
+        reactor.run()
+    finally:
+        if pid_file is not None and pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink()
     return exit_code[0]
+
+
+def _reload(args) -> int:
+    """Ask the running engine (by its pid file) to re-read channels and mappings."""
+    import signal
+
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+    except (OSError, ValueError):
+        sys.stderr.write(f"no running engine found: cannot read pid file {args.pid_file}\n")
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        sys.stderr.write(f"no process {pid} (stale pid file {args.pid_file})\n")
+        return 1
+    print(f"reload requested from engine {pid}; see its log for config.reloaded or config.reload_failed")
+    return 0
 
 
 def _send(args) -> int:

@@ -21,6 +21,15 @@ class Metrics:
         r = self.registry
         self.build_info = Info("koppel_build", "Koppel version", registry=r)
         self.build_info.info({"version": __version__})
+        self.config_reloads = Counter(
+            "koppel_config_reloads_total", "Config reloads (SIGHUP / koppel reload) by result", ["result"], registry=r
+        )
+        self.config_last_reload_successful = Gauge(
+            "koppel_config_last_reload_successful", "1 if the last config (re)load succeeded", registry=r
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "koppel_config_last_reload_success_timestamp_seconds", "When the running config was loaded", registry=r
+        )
         # receive path
         self.received = Counter(
             "koppel_received_messages_total",

@@ -475,7 +475,8 @@ def test_systemd_unit_is_hardened():
     assert one("Restart") == "on-failure"
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one("EnvironmentFile").lstrip("-") == "/etc/koppel/koppel.env"
-    assert "reload is coming" in UNIT.read_text().lower()
+    assert one("RuntimeDirectory") == "koppel"  # holds the pid file koppel reload reads
+    assert "--pid-file /run/koppel/koppel.pid" in one("ExecStart")
 
 
 def test_systemd_commands_use_real_options_and_stop_outlasts_the_drain():

@@ -188,35 +188,11 @@ class Engine(service.MultiService):
                 "would be stored again after its first copy was pruned"
             )
         self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log) if retention else None
-        control_ids = default_control_ids(time.time(), os.getpid())
+        self.control_ids = default_control_ids(time.time(), os.getpid())
         self.senders: dict[str, QueueSender] = {}
-        by_queue: dict[str, dict] = {}
-        for destination in config.destinations:
-            by_queue.setdefault(destination.queue_key, {})[destination.name] = destination
-        for queue, destinations in by_queue.items():
-            self.senders[queue] = QueueSender(
-                queue, destinations, store=store, committer=self.committer, reactor=reactor,
-                metrics=self.metrics, log=get_logger(queue=queue),
-            )
         self.processor = None
-        if mappings is not None and book is not None:
-            self.processor = Processor(
-                mappings=mappings, book=book, store=store, committer=self.committer, clock=reactor,
-                metrics=self.metrics, destinations={d.name: d for d in config.destinations},
-                control_ids=control_ids, on_queued=self._wake_senders, log=get_logger(),
-            )
         self.listeners: list[ListenerService] = []
-        for channel in config.channels:
-            factory = MLLPListenerFactory(
-                receive_settings(channel, config, self.senders, self.processor, committer=self.committer,
-                                 metrics=self.metrics, log=self.log),
-                committer=self.committer,
-                metrics=self.metrics,
-                clock=reactor,
-                control_ids=control_ids,
-            )
-            listener = ListenerService(reactor, channel.source.listen, factory, self.metrics)
-            self.listeners.append(listener)
+        self._apply(config, mappings, book, starting=True)
         self.http_endpoint = http_endpoint
         self.http_port = None
         self.admin_endpoint = admin_endpoint
@@ -257,6 +233,72 @@ class Engine(service.MultiService):
             self.log.info("engine.started", channels=len(self.listeners))
 
         return d.addCallback(all_bound)
+
+    def _apply(self, config: EngineConfig, mappings, book, *, starting: bool) -> list:
+        """Build (or, on reload, bring in line) senders, processor and listeners for a config.
+
+        Returns Deferreds of what is being stopped (removed listeners and senders).
+        """
+        reactor, store = self.reactor, self.store
+        stopping = []
+        by_queue: dict[str, dict] = {}
+        for destination in config.destinations:
+            by_queue.setdefault(destination.queue_key, {})[destination.name] = destination
+        for queue in list(self.senders):
+            if queue not in by_queue:
+                stopping.append(self.senders.pop(queue).stop())
+        for queue, destinations in by_queue.items():
+            sender = self.senders.get(queue)
+            if sender is not None:
+                sender.update(destinations)
+                continue
+            sender = self.senders[queue] = QueueSender(
+                queue, destinations, store=store, committer=self.committer, reactor=reactor,
+                metrics=self.metrics, log=get_logger(queue=queue),
+            )
+            if not starting:
+                sender.start()
+        destinations_by_name = {d.name: d for d in config.destinations}
+        if mappings is not None and book is not None:
+            if self.processor is None:
+                self.processor = Processor(
+                    mappings=mappings, book=book, store=store, committer=self.committer, clock=reactor,
+                    metrics=self.metrics, destinations=destinations_by_name,
+                    control_ids=self.control_ids, on_queued=self._wake_senders, log=get_logger(),
+                )
+            else:  # messages already queued for mapping are mapped with the new rules
+                self.processor.mappings, self.processor.book = mappings, book
+                self.processor.destinations = destinations_by_name
+        running = {listener.factory.settings.channel: listener for listener in self.listeners}
+        wanted = {channel.name: channel for channel in config.channels}
+        for name, listener in running.items():
+            channel = wanted.get(name)
+            if channel is None or channel.source.listen != listener.endpoint:
+                self.listeners.remove(listener)
+                stopping.append(defer.maybeDeferred(listener.disownServiceParent))
+        for channel in config.channels:
+            settings = receive_settings(channel, config, self.senders, self.processor, committer=self.committer,
+                                        metrics=self.metrics, log=self.log)
+            listener = running.get(channel.name)
+            if listener is not None and listener in self.listeners:
+                listener.factory.settings = settings  # open connections keep going, with the new rules
+                continue
+            factory = MLLPListenerFactory(settings, committer=self.committer, metrics=self.metrics,
+                                          clock=reactor, control_ids=self.control_ids)
+            listener = ListenerService(reactor, channel.source.listen, factory, self.metrics)
+            self.listeners.append(listener)
+            if not starting:
+                listener.setServiceParent(self)
+        self.config = config
+        return stopping
+
+    @defer.inlineCallbacks
+    def reload(self, bundle):
+        """Apply a config that already loaded and checked; unchanged listeners keep their connections."""
+        stopping = self._apply(bundle.config, bundle.mappings, bundle.book, starting=False)
+        yield defer.DeferredList(stopping)
+        self.ready = all(listener.port is not None for listener in self.listeners)
+        self.log.info("config.reloaded", channels=len(self.listeners), queues=len(self.senders))
 
     def _wake_senders(self, targets) -> None:
         for target in targets:

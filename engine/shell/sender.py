@@ -104,6 +104,16 @@ class QueueSender:
         d = self._running or defer.succeed(None)
         return d.addBoth(lambda _: self._disconnect())
 
+    def update(self, destinations: dict[str, DestinationConfig]) -> None:
+        """New settings from a config reload; a changed endpoint reconnects on the next send."""
+        endpoint_changed = next(iter(destinations.values())).endpoint != self.settings.endpoint
+        self.destinations = destinations
+        self.settings = next(iter(destinations.values()))
+        self.max_queue = min(d.max_queue for d in destinations.values())
+        if endpoint_changed and self.state != SENDING:
+            self._disconnect()
+        self.wake()
+
     def wake(self) -> None:
         """New entries were committed (or an operator acted): look again now."""
         if self._wake is not None and not self._wake.called:
