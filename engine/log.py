@@ -45,3 +45,29 @@ def safe_error(error: BaseException) -> str:
     errno = getattr(error, "errno", None)
     name = type(error).__name__
     return f"{name}({errno})" if errno is not None else name
+
+
+class Repeats:
+    """Summarise an event that repeats (a destination down, a scanner knocking).
+
+    ``count(key)`` returns how many times ``key`` was seen when this occurrence should be
+    logged (the first three, then the 4th, 8th, 16th, ...), else None. Keys are bounded:
+    past ``limit`` distinct keys the table starts afresh rather than grow.
+    """
+
+    def __init__(self, *, first: int = 3, limit: int = 1024) -> None:
+        self._first = first
+        self._limit = limit
+        self._seen: dict[object, int] = {}
+
+    def count(self, key: object) -> int | None:
+        if key not in self._seen and len(self._seen) >= self._limit:
+            self._seen.clear()
+        seen = self._seen.get(key, 0) + 1
+        self._seen[key] = seen
+        if seen <= self._first or seen & (seen - 1) == 0:
+            return seen
+        return None
+
+    def reset(self) -> None:
+        self._seen.clear()

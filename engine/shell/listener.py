@@ -31,7 +31,7 @@ from engine.core.intake import (
     assess_oversize,
 )
 from engine.core.errors import Rejection
-from engine.log import get_logger, safe_error
+from engine.log import Repeats, get_logger, safe_error
 from engine.store import Append, QueueTarget, ReceivedMessage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -359,20 +359,25 @@ class MLLPListenerFactory(protocol.Factory):
         self._stamp_second = -1.0
         self._stamp = ""
         self._children: dict = {}
+        self._refusals = Repeats()
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
         port = getattr(addr, "port", 0)
         channel = self.settings.channel
         if not self.settings.allows(host):
-            self.metrics.connections_refused.labels(channel, "not-allowed").inc()
-            self.log.warning("connection.refused", reason="not-allowed", peer=f"{host}:{port}")
+            self._refused("not-allowed", host, port)
             return None
         if len(self.receivers) >= self.settings.max_connections:
-            self.metrics.connections_refused.labels(channel, "too-many").inc()
-            self.log.warning("connection.refused", reason="too-many", peer=f"{host}:{port}")
+            self._refused("too-many", host, port)
             return None
         return MLLPReceiver(self, f"{host}:{port}")
+
+    def _refused(self, reason: str, host: str, port: int) -> None:
+        self.metrics.connections_refused.labels(self.settings.channel, reason).inc()
+        seen = self._refusals.count((reason, host))
+        if seen is not None:  # a scanner or a retry loop is logged, not logged thousands of times
+            self.log.warning("connection.refused", reason=reason, peer=f"{host}:{port}", repeated=seen)
 
     def opened(self, receiver: MLLPReceiver) -> None:
         self.receivers.add(receiver)
