@@ -30,6 +30,7 @@ class GroupCommitter:
         self._call = None
         self._due = 0.0
         self._stopped = False
+        self.healthy = True  # did the last transaction commit? (readiness)
 
     def start(self) -> None:
         self._stopped = False
@@ -88,10 +89,12 @@ class GroupCommitter:
         try:
             results = self._store.write(ops)
         except Exception as error:  # noqa: BLE001 - the store's failure is answered, not raised
+            self.healthy = False
             self._count_error(error)
             if len(work) == 1:
                 return [(work[0][1], False, error)]
             return [outcome for item in work for outcome in self._commit([item])]
+        self.healthy = True
         if self._metrics is not None:
             self._metrics.store_commit.observe(time.perf_counter() - started)
             self._metrics.store_batch.observe(len(ops))

@@ -24,7 +24,9 @@ from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
 from engine.shell.processor import Outcome, Processor, Work
 from engine.shell.sender import QueueSender
-from engine.store import Enqueue, QueueTarget, SetProcessing
+from engine.store import Enqueue, Heartbeat, QueueTarget, SetProcessing
+
+HEARTBEAT_INTERVAL = 5.0
 
 
 FILTERED = Rejection(
@@ -208,9 +210,12 @@ class Engine(service.MultiService):
             self.pruner.start()
         for sender in self.senders.values():
             sender.start()
-        if self.processor is not None:
-            from twisted.internet import task
+        from twisted.internet import task
 
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
+        if self.processor is not None:
             self._gauges = task.LoopingCall(self.processor.refresh_gauges)
             self._gauges.clock = self.reactor
             self._gauges.start(15.0, now=True)
@@ -300,6 +305,18 @@ class Engine(service.MultiService):
         self.ready = all(listener.port is not None for listener in self.listeners)
         self.log.info("config.reloaded", channels=len(self.listeners), queues=len(self.senders))
 
+    def _beat(self) -> None:
+        """Prove the store still commits, even when no messages arrive (for /readyz)."""
+        self.committer.submit(Heartbeat(at=self.reactor.seconds())).addErrback(lambda failure: None)
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready = running, every listener bound, the store committing, a config loaded."""
+        listeners = {listener.factory.settings.channel: listener.port is not None for listener in self.listeners}
+        store_ok = self.committer.healthy
+        ready = self.running and self.ready and all(listeners.values()) and store_ok
+        return ready, {"listeners": listeners, "store": "ok" if store_ok else "failing",
+                       "config": "loaded", "channels": len(listeners)}
+
     def _wake_senders(self, targets) -> None:
         for target in targets:
             sender = self.senders.get(target.queue)
@@ -326,6 +343,8 @@ class Engine(service.MultiService):
         for listener in self.listeners:
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
+        if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         if self.processor is not None:
             if getattr(self, "_gauges", None) is not None and self._gauges.running:
                 self._gauges.stop()

@@ -33,10 +33,9 @@ class _Health(resource.Resource):
         request.setHeader(b"content-type", b"application/json")
         if not self.readiness:
             return b'{"status": "alive"}'
-        listeners = {l.factory.settings.channel: l.port is not None for l in self.engine.listeners}
-        ready = self.engine.ready and all(listeners.values()) and self.engine.running
+        ready, details = self.engine.readiness()
         request.setResponseCode(200 if ready else 503)
-        return json.dumps({"status": "ready" if ready else "not-ready", "listeners": listeners}).encode()
+        return json.dumps({"status": "ready" if ready else "not-ready", **details}).encode()
 
 
 def site_for(engine) -> server.Site:

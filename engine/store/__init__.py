@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, Union
 
 __all__ = [
+    "Heartbeat",
     "MarkSending",
     "SetProcessing",
     "ReleaseHeld",
@@ -392,6 +393,13 @@ class PruneResult:
 
 
 @_value
+class Heartbeat:
+    """A tiny write that proves the store still commits (readiness). Result: None."""
+
+    at: float
+
+
+@_value
 class MarkSending:
     """The sender is putting this entry on the wire (so a restart knows it may be a resend)."""
 
@@ -476,6 +484,7 @@ WriteOp = Union[
     ReplayDeadLetters,
     DropDeadLetters,
     Prune,
+    Heartbeat,
     MarkSending,
     SaveAgendaEntry,
     PutAttachment,

@@ -175,6 +175,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         why="the entry each queue last put on the wire, so a resend after a crash is counted",
         statements=("ALTER TABLE queues ADD COLUMN inflight INTEGER",),
     ),
+    Migration(
+        version=5,
+        why="a one-row heartbeat the engine rewrites to prove the store still commits",
+        statements=("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -35,6 +35,7 @@ from engine.store import (
     DropDeadLetters,
     Enqueue,
     HeldRecord,
+    Heartbeat,
     HoldEvent,
     MarkDelivered,
     MarkSending,
@@ -510,6 +511,11 @@ class _Transaction:
             (op.outcome, op.detail, op.ack_code, op.ack, op.detail, op.message_id),
         )
 
+    def _heartbeat(self, op: Heartbeat) -> None:
+        self._conn.execute(
+            "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = ?", (op.at, op.at)
+        )
+
     def _mark_sending(self, op: MarkSending) -> None:
         self._conn.execute(
             "INSERT INTO queues (queue, inflight) VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET inflight = ?",
@@ -518,6 +524,7 @@ class _Transaction:
 
     _handlers: dict[type, Any] = {
         MarkSending: _mark_sending,
+        Heartbeat: _heartbeat,
         SaveAgendaEntry: _save_agenda_entry,
         PutAttachment: _put_attachment,
         HoldEvent: _hold_event,
