@@ -296,8 +296,6 @@ def test_referrals_land_in_their_agendas_and_their_messages_reach_the_hospital_s
     assert len(h.sinks["his-scheduling"].records) == 1  # a cancellation builds no new SIU^S12
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a held letter released by its request is attached, but no "
-                                       "MDM^T02 is built for the archive (Processor._release_held)")
 def test_a_letter_that_came_before_its_request_still_reaches_the_document_archive(harness):
     h = harness
     h.send("zorgdomein-in", oru(ZD_A, PDF_A, "verwijsbrief-a.pdf"), srm(ZD_A, "SRMA1"))

@@ -281,11 +281,6 @@ def test_every_metric_has_the_value_the_flow_implies(flow):
     assert value(m, "koppel_build_info", version=__version__) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the listener hands every stored message to on_stored, rejected ones too "
-    "(engine/shell/listener.py MLLPReceiver._stored -> engine/shell/engine.py receive_settings.on_stored): "
-    "an AR'd message whose type has a map route is mapped (agenda entry, outbound message), "
-    "one without is counted in koppel_filtered_total"))
 def test_a_rejected_message_is_neither_mapped_nor_counted_as_filtered(flow):
     port, metrics_port, sinks = flow
     client = Client(port)

@@ -181,15 +181,15 @@ def test_a_message_that_does_not_map_stays_stored_with_the_mapping_file_line_and
 
 def test_the_processor_keeps_going_after_an_internal_failure(h, monkeypatch):
     calls = {"n": 0}
-    original = h.processor._process
+    original = h.processor._plan
 
-    def flaky(work):
+    def flaky(work, view):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return original(work)
+        return original(work, view)
 
-    monkeypatch.setattr(h.processor, "_process", flaky)
+    monkeypatch.setattr(h.processor, "_plan", flaky)
     first = h.receive(srm())
     second = h.receive(srm(zd="ZD200046120"))
     assert h.outcome(first) == ("error", "internal error while mapping")
@@ -204,3 +204,33 @@ def test_the_agenda_gauge_counts_entries_by_agenda_and_state(h):
     sample = h.metrics.registry.get_sample_value
     assert sample("koppel_agenda_entries", {"agenda": "cardiology", "state": "requested"}) == 1
     assert sample("koppel_agenda_entries", {"agenda": "cardiology", "state": "cancelled"}) == 1
+
+
+def test_a_released_letter_is_sent_to_the_archive_like_one_that_arrived_in_order(h):
+    h.receive(oru())
+    h.receive(srm())
+    archived = [m for m in h.store.list_messages(limit=100) if m.message_type and m.message_type.startswith("MDM")]
+    assert len(archived) == 1
+    assert [t.destination for t in h.queued].count("document-archive") == 1
+
+
+def test_messages_planned_in_one_batch_see_each_other_before_anything_is_committed(h):
+    from engine.shell.processor import Work as W
+
+    works = []
+    for raw in (oru(), srm(), orm(), siu()):
+        header = read_header(raw, default_charset="8859/1")
+        (result,) = h.store.write([Append(message=ReceivedMessage(
+            channel="zorgdomein-in", peer="127.0.0.1:1", received_at=h.reactor.seconds(),
+            control_id=header.control_id, sender=header.sender, message_type=header.type_and_trigger,
+            structure=None, version=header.version, processing_id="P", charset=header.hl7_charset, raw=raw,
+            payload_hash=b"y" * 32, status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0))])
+        works.append(W(message_id=result.message_id, channel="zorgdomein-in",
+                       mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
+    for work in works:  # all queued before the processor gets a turn: one batch, one commit
+        h.processor.submit(work)
+    h.settle()
+    (entry,) = h.entries()
+    assert (entry.state, entry.filler_id, len(entry.attachments)) == ("booked", "F778", 1)
+    assert all(h.outcome(w.message_id)[0] == "mapped" for w in works)
+    assert h.store.held_events([f"zd:{ZD}"]) == []

@@ -188,6 +188,9 @@ class MLLPReceiver(protocol.Protocol):
         if message.targets:
             factory.settings.on_queued(message.targets)
         outcome = None
+        if message.status != "accepted":  # a rejected message is kept for the record, never mapped
+            self._settle(answer, assessment, None, message, message_id=result.message_id)
+            return
         try:
             outcome = factory.settings.on_stored(
                 result.message_id, assessment, message, lambda rejection: factory.acknowledge(assessment, rejection)

@@ -103,18 +103,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def event_to_json(event: ag.AgendaEvent) -> str:
+def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
+    """A held event, with the mapping that made it (its outbound messages are built on release)."""
     return json.dumps(
         {"kind": event.kind, "action": event.action, "zd_number": event.zd_number, "placer_id": event.placer_id,
-         "filler_id": event.filler_id, "fields": _plain(event.fields)},
+         "filler_id": event.filler_id, "fields": _plain(event.fields), "mapping": mapping},
         sort_keys=True,
     )
 
 
-def event_from_json(text: str) -> ag.AgendaEvent:
+def event_from_json(text: str) -> tuple[ag.AgendaEvent, str | None]:
     data = json.loads(text)
-    return ag.AgendaEvent(kind=data["kind"], action=data["action"], zd_number=data.get("zd_number"),
-                          placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=data["fields"])
+    event = ag.AgendaEvent(kind=data["kind"], action=data["action"], zd_number=data.get("zd_number"),
+                           placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=data["fields"])
+    return event, data.get("mapping")
 
 
 def entry_from_record(record) -> ag.AgendaEntry:
@@ -150,8 +152,9 @@ class Processor:
         self.control_ids = control_ids
         self.on_queued = on_queued
         self.log = log or get_logger()
-        self._queue: deque[Work] = deque()
+        self._queue: deque = deque()
         self._running = False
+        self._next_entry_id: int | None = None  # assigned here: entries are created only by this processor
         self.idle: defer.Deferred | None = None
 
     def refresh_gauges(self) -> None:
@@ -172,8 +175,12 @@ class Processor:
         self._queue.append((work, done))
         if not self._running:
             self._running = True
-            self._drain().addErrback(self._crashed)
+            # Start on the next turn, so everything committed in this one is planned as one batch.
+            self.clock.callLater(0, self._start)
         return done
+
+    def _start(self) -> None:
+        self._drain().addErrback(self._crashed)
 
     def wait_idle(self) -> defer.Deferred:
         """Fires when everything submitted so far is processed (for shutdown and tests)."""
@@ -186,25 +193,39 @@ class Processor:
     @defer.inlineCallbacks
     def _drain(self):
         while self._queue:
-            work, done = self._queue.popleft()
+            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
             try:
-                outcome = yield self._process(work)
-            except Exception as error:  # noqa: BLE001 - one message's failure never stops the rest
-                self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
-                self._outcome(work, "error")
-                rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                      text="internal error while mapping")
-                outcome = Outcome(status="error", detail="internal error while mapping", rejection=rejection)
-                try:
-                    outcome = yield self._fail(work, outcome)
-                except Exception as store_error:  # noqa: BLE001
-                    self.log.error("mapping.outcome_not_stored", message_id=work.message_id,
-                                   error=safe_error(store_error))
-            done.callback(outcome)
+                outcomes = yield self._commit_batch([work for work, _ in batch])
+            except Exception as error:  # noqa: BLE001 - retried one by one so one bad message fails alone
+                if len(batch) > 1:
+                    self.log.warning("mapping.batch_failed", size=len(batch), error=safe_error(error))
+                outcomes = []
+                for work, _ in batch:
+                    try:
+                        (outcome,) = yield self._commit_batch([work])
+                    except Exception as single_error:  # noqa: BLE001
+                        outcome = yield self._internal_error(work, single_error)
+                    outcomes.append(outcome)
+            for (_, done), outcome in zip(batch, outcomes):
+                done.callback(outcome)
         self._running = False
         idle, self.idle = self.idle, None
         if idle is not None:
             idle.callback(None)
+
+    @defer.inlineCallbacks
+    def _internal_error(self, work: Work, error: BaseException):
+        self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
+        self._outcome(work, "error")
+        rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
+                              text="internal error while mapping")
+        outcome, op = self._failure(work, Outcome(status="error", detail="internal error while mapping",
+                                                  rejection=rejection))
+        try:
+            yield self.committer.submit(op)
+        except Exception as store_error:  # noqa: BLE001
+            self.log.error("mapping.outcome_not_stored", message_id=work.message_id, error=safe_error(store_error))
+        return outcome
 
     def _crashed(self, failure) -> None:
         self._running = False
@@ -217,7 +238,32 @@ class Processor:
         return dt.datetime.fromtimestamp(self.clock.seconds(), dt.timezone.utc).astimezone()
 
     @defer.inlineCallbacks
-    def _process(self, work: Work):
+    def _commit_batch(self, works: list[Work]):
+        """Plan every message of the batch against an in-memory view (so later messages see
+        earlier ones), then commit all of it in one transaction."""
+        view = _BatchView(self)
+        plans = []
+        for work in works:
+            try:
+                plans.append(self._plan(work, view))
+            except Exception as error:  # noqa: BLE001 - this message fails alone
+                self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
+                self._outcome(work, "error")
+                rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
+                                      text="internal error while mapping")
+                outcome, op = self._failure(work, Outcome(status="error", detail="internal error while mapping",
+                                                          rejection=rejection))
+                plans.append((outcome, [op]))
+        ops = [op for _, plan_ops in plans for op in plan_ops if op is not None]
+        view.finish(ops)
+        ops = [op for op in ops if op is not None]
+        if ops:
+            yield self.committer.submit_many(ops)
+        view.committed()
+        self._queued(ops)
+        return [outcome for outcome, _ in plans]
+
+    def _plan(self, work: Work, view: "_BatchView") -> tuple[Outcome, list]:
         mapping = self.mappings.mapping(work.mapping)
         message = Message.parse(work.raw, codec=work.codec)
         result = mapping.apply(message)
@@ -225,63 +271,106 @@ class Processor:
             detail = "; ".join(str(e) for e in result.errors[:3])
             self._outcome(work, "error")
             self.log.warning("mapping.error", message_id=work.message_id, mapping=mapping.name, reason=detail)
-            outcome = Outcome(status="error", detail=detail, rejection=_mapping_rejection(result.errors))
-            return (yield self._fail(work, outcome))
+            outcome, op = self._failure(work, Outcome(status="error", detail=detail,
+                                                      rejection=_mapping_rejection(result.errors)))
+            return outcome, [op]
         event = result.event
-        existing_record = self.store.find_agenda_entry(ag.correlation_keys(event))
-        existing = entry_from_record(existing_record) if existing_record else None
+        existing = view.find(ag.correlation_keys(event))
         now = self._now()
         decision = ag.decide(event, existing, now=now, message_id=str(work.message_id), book=self.book)
         at = self.clock.seconds()
         if isinstance(decision, ag.Reject):
             self._outcome(work, "rejected")
             self.log.warning("agenda.rejected", message_id=work.message_id, reason=decision.reason, code=decision.code)
-            outcome = Outcome(status="error", detail=decision.reason, rejection=_agenda_rejection(decision))
-            return (yield self._fail(work, outcome))
+            outcome, op = self._failure(work, Outcome(status="error", detail=decision.reason,
+                                                      rejection=_agenda_rejection(decision)))
+            return outcome, [op]
         if isinstance(decision, ag.Hold):
             self._outcome(work, "held")
             self.log.info("agenda.held", message_id=work.message_id, key_kind=decision.key.split(":", 1)[0])
-            ops = [
-                HoldEvent(keys=decision.keys, message_id=work.message_id, event=event_to_json(event), at=at),
-                SetProcessing(message_id=work.message_id, outcome="held", detail=decision.reason),
-            ]
-            yield self.committer.submit_many(ops + self._forward_ops(work, at))
-            self._queued(ops)
-            return Outcome(status="held", detail=decision.reason)
+            ops = view.hold(decision, work, event, at)
+            return Outcome(status="held", detail=decision.reason), ops + self._forward_ops(work, at)
         entry = decision.entry
         ops: list = [self._attachment_op(a) for a in decision.attachments]
         if isinstance(decision, ag.Create):
             if decision.fallback:
                 self.metrics.agenda_fallback_total.labels(work.channel).inc()
                 self.log.warning("agenda.fallback", message_id=work.message_id, agenda=entry.agenda_id)
-            ops.append(self._save_op(entry, None, work.message_id, event.action, None, (), at))
+            entry = entry.with_id(str(view.new_id()))
+            ops.append(self._save_op(entry, int(entry.id), work.message_id, event.action, None, (), at, new=True))
         elif not decision.noop:
-            ops.append(self._save_op(entry, int(existing_record.id), work.message_id, event.action,
+            ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
                                      existing.state, decision.changed, at))
+        view.put(entry)
         ops.extend(self._outbound_ops(mapping, event, entry, work, at))
         ops.extend(self._forward_ops(work, at))
         detail = f"agenda {entry.agenda_id}: {entry.state}"
         ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
-        results = yield self.committer.submit_many(ops)
+        ops.extend(self._release(entry, view, work.channel, at))
         self._outcome(work, "ok")
-        entry_id = int(existing_record.id) if existing_record else next(
-            (r for op, r in zip(ops, results) if isinstance(op, SaveAgendaEntry)), None)
-        self._queued(ops)
-        if entry_id is not None:
-            yield self._release_held(entry.with_id(str(entry_id)), entry_id, work)
-        return Outcome(status="mapped", detail=detail)
+        return Outcome(status="mapped", detail=detail), ops
 
-    @defer.inlineCallbacks
-    def _fail(self, work: Work, outcome: Outcome):
-        """Record a failed outcome; on an on-map channel also the NAK the sender gets."""
+    def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str, at: float) -> list:
+        """Apply events that waited for this entry (a letter before its request), in arrival
+        order, each with its own mapping's outbound messages; repeat while that frees more."""
+        ops: list = []
+        while True:
+            held = view.held_for(ag.entry_keys(entry))
+            if not held:
+                return ops
+            released = ag.release([(str(h.message_id), h.event) for h in held], entry, now=self._now(),
+                                  book=self.book)
+            ops.extend(self._attachment_op(a) for a in released.attachments)
+            state = entry.state
+            for item, (message_id, decision) in zip(held, released.results):
+                if isinstance(decision, ag.Update):
+                    if not decision.noop:
+                        ops.append(self._save_op(decision.entry, int(entry.id), int(message_id), "release", state,
+                                                 decision.changed, at))
+                        state = decision.entry.state
+                        mapping = self._mapping_named(item.mapping)
+                        if mapping is not None:
+                            work = Work(message_id=int(message_id), channel=channel, mapping=item.mapping,
+                                        raw=b"", codec="latin-1")
+                            event = self._original_event(item, mapping)
+                            ops.extend(self._outbound_ops(mapping, event, decision.entry, work, at))
+                    ops.append(SetProcessing(message_id=int(message_id), outcome="mapped",
+                                             detail=f"agenda {decision.entry.agenda_id}: released"))
+                else:
+                    ops.append(SetProcessing(message_id=int(message_id), outcome="error", detail=decision.reason))
+            view.released(held, ops, at)
+            entry = released.entry.with_id(entry.id)
+            view.put(entry)
+            self.log.info("agenda.released", entry_id=entry.id, count=len(held))
+
+    def _original_event(self, item: "_Held", mapping) -> ag.AgendaEvent:
+        """The held event as its mapping made it (typed values for the templates): a stored
+        one is mapped again from its message; one held in this batch is still at hand."""
+        if item.id is None:
+            return item.event
+        stored = self.store.get_message(item.message_id)
+        if stored is None:
+            return item.event
+        codec = read_header(stored.raw, default_charset=stored.charset or "8859/1").codec
+        result = mapping.apply(Message.parse(stored.raw, codec=codec))
+        return result.event if result.ok else item.event
+
+    def _mapping_named(self, name: str | None):
+        if not name:
+            return None
+        try:
+            return self.mappings.mapping(name)
+        except KeyError:  # the mapping was removed by a reload since the event was held
+            return None
+
+    def _failure(self, work: Work, outcome: Outcome) -> tuple[Outcome, SetProcessing]:
+        """The op recording a failed outcome; on an on-map channel also the NAK the sender gets."""
         if work.nak is None or outcome.rejection is None:
-            yield self.committer.submit(
-                SetProcessing(message_id=work.message_id, outcome=outcome.status, detail=outcome.detail))
-            return outcome
+            return outcome, SetProcessing(message_id=work.message_id, outcome=outcome.status, detail=outcome.detail)
         code, ack = work.nak(outcome.rejection)
-        yield self.committer.submit(SetProcessing(message_id=work.message_id, outcome=outcome.status,
-                                                  detail=outcome.detail, ack_code=code, ack=ack))
-        return dataclasses.replace(outcome, ack_code=code, ack=ack)
+        op = SetProcessing(message_id=work.message_id, outcome=outcome.status, detail=outcome.detail,
+                           ack_code=code, ack=ack)
+        return dataclasses.replace(outcome, ack_code=code, ack=ack), op
 
     @staticmethod
     def _forward_ops(work: Work, at: float) -> list:
@@ -289,36 +378,9 @@ class Processor:
             return []
         return [Enqueue(message_id=work.message_id, targets=work.forward, at=at, audit=False)]
 
-    @defer.inlineCallbacks
-    def _release_held(self, entry: ag.AgendaEntry, entry_id: int, work: Work):
-        """Replay events that waited for this entry (a letter before its request), in arrival order."""
-        while True:
-            held = self.store.held_events(ag.entry_keys(entry))
-            if not held:
-                return
-            pairs = [(str(h.message_id), event_from_json(h.event)) for h in held]
-            released = ag.release(pairs, entry, now=self._now(), book=self.book)
-            at = self.clock.seconds()
-            ops: list = [self._attachment_op(a) for a in released.attachments]
-            state = entry.state
-            for message_id, decision in released.results:
-                if isinstance(decision, ag.Update):
-                    if not decision.noop:
-                        ops.append(self._save_op(decision.entry, entry_id, int(message_id), "release",
-                                                 state, decision.changed, at))
-                        state = decision.entry.state
-                    ops.append(SetProcessing(message_id=int(message_id), outcome="mapped",
-                                             detail=f"agenda {decision.entry.agenda_id}: released"))
-                else:
-                    ops.append(SetProcessing(message_id=int(message_id), outcome="error", detail=decision.reason))
-            ops.append(ReleaseHeld(ids=tuple(h.id for h in held), at=at))
-            yield self.committer.submit_many(ops)
-            self.log.info("agenda.released", entry_id=entry_id, count=len(held))
-            entry = released.entry
-
-    def _save_op(self, entry, entry_id, message_id, action, from_state, changed, at) -> SaveAgendaEntry:
+    def _save_op(self, entry, entry_id, message_id, action, from_state, changed, at, *, new=False) -> SaveAgendaEntry:
         return SaveAgendaEntry(
-            entry_id=entry_id, agenda_id=entry.agenda_id, kind=entry.kind, state=entry.state,
+            new=new, entry_id=entry_id, agenda_id=entry.agenda_id, kind=entry.kind, state=entry.state,
             zd_number=entry.zd_number, placer_id=entry.placer_id, filler_id=entry.filler_id,
             data=json.dumps(_plain(entry.data), sort_keys=True), attachments=entry.attachments,
             keys=ag.entry_keys(entry), at=at, message_id=message_id, action=action, from_state=from_state,
@@ -357,3 +419,102 @@ class Processor:
                 self.on_queued(op.message.targets)
             elif isinstance(op, Enqueue):
                 self.on_queued(op.targets)
+
+
+BATCH = 256  # messages planned against one in-memory view and committed together
+
+
+@dataclasses.dataclass(slots=True)
+class _Held:
+    """A held event as the view knows it: from the store (id) or from this batch (op index)."""
+
+    id: int | None
+    message_id: int
+    event: ag.AgendaEvent
+    mapping: str | None
+    keys: tuple[str, ...]
+    op_indexes: tuple[int, ...] = ()  # positions of this batch's HoldEvent/SetProcessing ops
+
+
+class _BatchView:
+    """What one batch sees: the store, plus the entries and held events the batch changed.
+
+    Entries created in the batch get ids here (the engine is the only writer of entries),
+    so later messages of the same batch can update them before anything is committed.
+    """
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        self.store = processor.store
+        self.entries: dict[str, ag.AgendaEntry] = {}  # key -> latest entry
+        self.batch_held: list[_Held] = []
+        self.released_ids: set[int] = set()
+        self.dropped_ops: set[int] = set()
+        self.pending_ops: list = []
+
+    def new_id(self) -> int:
+        processor = self.processor
+        if processor._next_entry_id is None:
+            processor._next_entry_id = self.store.next_agenda_entry_id()
+        entry_id = processor._next_entry_id
+        processor._next_entry_id += 1
+        return entry_id
+
+    def find(self, keys) -> ag.AgendaEntry | None:
+        for key in keys:
+            if key in self.entries:
+                return self.entries[key]
+        record = self.store.find_agenda_entry(keys)
+        if record is None:
+            return None
+        entry = entry_from_record(record)
+        self.put(entry)
+        return entry
+
+    def put(self, entry: ag.AgendaEntry) -> None:
+        for key in ag.entry_keys(entry):
+            self.entries[key] = entry
+
+    def hold(self, decision, work: Work, event, at: float) -> list:
+        ops = [
+            HoldEvent(keys=decision.keys, message_id=work.message_id, event=event_to_json(event, work.mapping), at=at),
+            SetProcessing(message_id=work.message_id, outcome="held", detail=decision.reason),
+        ]
+        self.batch_held.append(_Held(id=None, message_id=work.message_id, event=event, mapping=work.mapping,
+                                     keys=tuple(decision.keys), op_indexes=()))
+        self.pending_ops.append((self.batch_held[-1], ops))
+        return ops
+
+    def held_for(self, keys) -> list[_Held]:
+        keys = tuple(keys)
+        found: list[_Held] = []
+        for record in self.store.held_events(keys):
+            if record.id in self.released_ids:
+                continue
+            event, mapping = event_from_json(record.event)
+            found.append(_Held(id=record.id, message_id=record.message_id, event=event, mapping=mapping,
+                               keys=record.keys))
+        wanted = set(keys)
+        found.extend(h for h in self.batch_held if wanted & set(h.keys))
+        return found
+
+    def released(self, held: list[_Held], ops: list, at: float) -> None:
+        stored = tuple(h.id for h in held if h.id is not None)
+        if stored:
+            self.released_ids.update(stored)
+            ops.append(ReleaseHeld(ids=stored, at=at))
+        for item in held:
+            if item.id is None:  # held and released in the same batch: never stored as held
+                self.batch_held.remove(item)
+                for owner, hold_ops in self.pending_ops:
+                    if owner is item:
+                        self.dropped_ops.update(id(op) for op in hold_ops)
+
+    def finish(self, ops: list) -> None:
+        """Drop the hold ops of events this batch held and released again."""
+        for index, op in enumerate(ops):
+            if op is not None and id(op) in self.dropped_ops:
+                ops[index] = None
+
+    def committed(self) -> None:
+        pass

@@ -427,6 +427,7 @@ class SaveAgendaEntry:
     action: str
     from_state: str | None
     changed: tuple[str, ...] = ()
+    new: bool = False  # create with this entry_id (the engine assigns ids so a batch can refer to them)
 
 
 @_value
@@ -550,6 +551,8 @@ class MessageStore(Protocol):
     ) -> list[AgendaRecord]: ...
 
     def agenda_history(self, entry_id: int) -> list[AgendaHistoryRecord]: ...
+
+    def next_agenda_entry_id(self) -> int: ...
 
     def held_events(self, keys: Sequence[str]) -> list[HeldRecord]: ...
 

@@ -439,11 +439,11 @@ class _Transaction:
     def _save_agenda_entry(self, op: SaveAgendaEntry) -> int:
         execute = self._conn.execute
         attachments = " ".join(op.attachments)
-        if op.entry_id is None:
+        if op.entry_id is None or op.new:
             cur = execute(
-                "INSERT INTO agenda_entries (agenda_id, kind, state, zd_number, placer_id, filler_id, "
-                "data, attachments, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (op.agenda_id, op.kind, op.state, op.zd_number, op.placer_id, op.filler_id, op.data,
+                "INSERT INTO agenda_entries (id, agenda_id, kind, state, zd_number, placer_id, filler_id, "
+                "data, attachments, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (op.entry_id, op.agenda_id, op.kind, op.state, op.zd_number, op.placer_id, op.filler_id, op.data,
                  attachments, op.at, op.at),
             )
             entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
@@ -801,6 +801,10 @@ class SQLiteStore:
             sql += " WHERE " + " AND ".join(where)
         rows = self._query(sql + " ORDER BY updated_at DESC, id DESC LIMIT ?", (*params, limit))
         return [self._agenda(r) for r in rows]
+
+    def next_agenda_entry_id(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(id), 0) + 1 FROM agenda_entries")
+        return int(rows[0][0])
 
     def agenda_history(self, entry_id: int) -> list[AgendaHistoryRecord]:
         rows = self._query(
