@@ -227,6 +227,19 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def peer_allowed(allow: tuple[_IPNetwork, ...] | None, host: str) -> bool:
+    """Whether a peer address may connect (None: any; IPv4-mapped IPv6 peers count as IPv4)."""
+    if allow is None:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SourceConfig:
     """Where a channel listens and what it tolerates from the peers that connect."""
@@ -250,16 +263,7 @@ class SourceConfig:
         _check(self.max_connections > 0, "max_connections must be more than 0")
 
     def peer_allowed(self, host: str) -> bool:
-        """Whether a peer address may connect (IPv4-mapped IPv6 peers count as IPv4)."""
-        if self.allow is None:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return peer_allowed(self.allow, host)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

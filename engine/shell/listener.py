@@ -18,6 +18,7 @@ from typing import Callable
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 
+from engine.config import peer_allowed
 from engine.core import mllp
 from engine.core.ack import ControlIds, format_timestamp
 from engine.core.intake import (
@@ -63,15 +64,7 @@ class ReceiveSettings:
     ack_mode: str = "on-store"  # on-map: the ACK waits for the mapping outcome
 
     def allows(self, host: str) -> bool:
-        if self.allow is None:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return peer_allowed(self.allow, host)
 
 
 class _Answer:
