@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Callable
+
 from engine.core.header import Delimiters
 
 
 def escape_text(text: str, delimiters: Delimiters) -> str:
     """Escape every delimiter in ``text`` so it reads back as one field value."""
+    return _escaper(delimiters)(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _escaper(delimiters: Delimiters) -> Callable[[str], str]:
+    """A function escaping text for ``delimiters``, worked out once per delimiter set.
+
+    Text without any delimiter, escape character, CR or LF (nearly every value) is returned
+    as it is after one regex scan; anything else goes through the replacements in order.
+    """
     esc = delimiters.escape.decode("latin-1")
     if not esc:
-        return text
-    out = text.replace(esc, f"{esc}E{esc}")
+        return _unchanged
+    replacements = [(esc, f"{esc}E{esc}")]
     for char, code in (
         (delimiters.field, "F"),
         (delimiters.component, "S"),
@@ -18,5 +32,21 @@ def escape_text(text: str, delimiters: Delimiters) -> str:
         (delimiters.repetition, "R"),
     ):
         if char:
-            out = out.replace(char.decode("latin-1"), f"{esc}{code}{esc}")
-    return out.replace("\r", f"{esc}X0D{esc}").replace("\n", f"{esc}X0A{esc}")
+            replacements.append((char.decode("latin-1"), f"{esc}{code}{esc}"))
+    replacements.append(("\r", f"{esc}X0D{esc}"))
+    replacements.append(("\n", f"{esc}X0A{esc}"))
+    special = re.compile("[" + "".join(re.escape(old) for old, _ in replacements) + "]").search
+    steps = tuple(replacements)
+
+    def escape(text: str) -> str:
+        if special(text) is None:
+            return text
+        for old, new in steps:
+            text = text.replace(old, new)
+        return text
+
+    return escape
+
+
+def _unchanged(text: str) -> str:
+    return text
