@@ -48,6 +48,7 @@ from engine.config import ConfigError, ConfigProblem
 from engine.core import charsets
 from engine.core import convert as _convert
 from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
+from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape
 from engine.core.paths import FieldPath, PathError, components, first, parse_path
@@ -346,6 +347,11 @@ class Template:
     msh: tuple[tuple[int, _Field], ...] = ()
     segments: tuple[_SegmentTemplate | _Block, ...] = ()
     delimiters: Delimiters = DEFAULT_DELIMITERS
+    _plan: Any = field(default=None, init=False, repr=False, compare=False)  # _TemplatePlan
+
+    def __post_init__(self) -> None:
+        # Placeholders resolved into accessors and static fields rendered once, at load.
+        object.__setattr__(self, "_plan", _TemplatePlan(self))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,41 +388,80 @@ def _format(value: Any) -> str:
 def _resolve(
     name: str, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any = None
 ) -> Any:
+    """The value a placeholder (or `when`/`for_each` name) stands for; None when absent."""
+    return _accessor(name)(event, entry, item, index, now)
+
+
+_Accessor = Callable[[AgendaEvent, Any, Any, "int | None", Any], Any]
+_ACCESSORS: dict[str, _Accessor] = {}
+
+
+def _accessor(name: str) -> _Accessor:
+    """``name`` worked out once into a function of (event, entry, item, index, now).
+
+    Heads: ``index``, ``timestamp``, ``item...``, ``entry...``, the top-level event
+    attributes, else the longest dotted prefix that is an event field, then each further
+    part a key (mappings), a 1-based number (lists) or a public attribute.
+    """
+    found = _ACCESSORS.get(name)
+    if found is None:
+        found = _ACCESSORS[name] = _compile_accessor(name)
+    return found
+
+
+def _compile_accessor(name: str) -> _Accessor:
     parts = name.split(".")
     head = parts[0]
     if head == "index":
-        return index
+        return lambda event, entry, item, index, now: index
     if name == "timestamp":
-        return now
+        return lambda event, entry, item, index, now: now
     if head == "item":
-        base, rest = item, parts[1:]
-    elif head == "entry":
-        base, rest = entry, parts[1:]
-    elif name in TOP_LEVEL:
-        return getattr(event, name)
-    else:
+        steps = _steps(parts[1:])
+        if not steps:
+            return lambda event, entry, item, index, now: item
+        return lambda event, entry, item, index, now: _walk(item, steps)
+    if head == "entry":
+        steps = _steps(parts[1:])
+        if not steps:
+            return lambda event, entry, item, index, now: entry
+        return lambda event, entry, item, index, now: _walk(entry, steps)
+    if name in TOP_LEVEL:
+        return lambda event, entry, item, index, now: getattr(event, name)
+    if len(parts) == 1:
+        return lambda event, entry, item, index, now: event.fields.get(name)
+    candidates = tuple((".".join(parts[:cut]), _steps(parts[cut:])) for cut in range(len(parts), 0, -1))
+
+    def dotted(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
         fields = event.fields
-        for cut in range(len(parts), 0, -1):
-            key = ".".join(parts[:cut])
+        for key, steps in candidates:
             if key in fields:
-                base, rest = fields[key], parts[cut:]
-                break
-        else:
-            return None
-    for part in rest:
+                return _walk(fields[key], steps) if steps else fields[key]
+        return None
+
+    return dotted
+
+
+def _steps(parts: Sequence[str]) -> tuple[tuple[str, int, bool], ...]:
+    """(part, its number for lists or 0, private) per remaining part of a dotted name."""
+    return tuple((part, int(part) if part.isdigit() else 0, part.startswith("_")) for part in parts)
+
+
+def _walk(base: Any, steps: tuple[tuple[str, int, bool], ...]) -> Any:
+    for part, number, private in steps:
         if base is None:
             return None
-        if isinstance(base, _Mapping):
+        if type(base) is dict or isinstance(base, _Mapping):
             base = base.get(part)
         elif isinstance(base, (tuple, list)):
-            number = int(part) if part.isdigit() else 0
             base = base[number - 1] if 1 <= number <= len(base) else None
         else:
-            base = getattr(base, part, None) if not part.startswith("_") else None
+            base = getattr(base, part, None) if not private else None
     return base
 
 
 def _render_field(value: _Field, d: Delimiters, lookup: Callable[[str], str]) -> str:
+    """Reference rendering of one field (the compiled plan gives the same text)."""
     rep, comp, sub = (d.repetition.decode(), d.component.decode(), d.subcomponent.decode())
     out_reps = []
     for repetition in value:
@@ -430,12 +475,159 @@ def _render_field(value: _Field, d: Delimiters, lookup: Callable[[str], str]) ->
     return rep.join(out_reps).rstrip(rep)
 
 
-def _render_segment(
-    name: str, fields: Sequence[tuple[int, _Field]], d: Delimiters, lookup: Callable[[str], str]
-) -> list[str]:
-    values: dict[int, str] = {n: _render_field(v, d, lookup) for n, v in fields}
-    top = max(values, default=0)
-    return [name] + [values.get(n, "") for n in range(1, top + 1)]
+class _Slots:
+    """The placeholder leaves of one context (the top level, or one for_each block), each
+    worked out once per message (per item in a block), escaped, in a list; static leaves
+    follow them in the same list, so a leaf is an index into it."""
+
+    def __init__(self, escape_fn: Callable[[str], str]) -> None:
+        self.escape = escape_fn
+        self.dynamic: list[tuple[str, Any]] = []  # ("one", accessor) | ("mixed", pieces)
+        self.dynamic_index: dict[_Leaf, int] = {}
+        self.static: list[str] = []
+        self.static_index: dict[str, int] = {}
+        self.offset = 0  # set by finish(): where the static values start
+        self.single: tuple[_Accessor, ...] | None = None  # set by finish(): every leaf one placeholder
+
+    def leaf(self, leaf: _Leaf) -> tuple[bool, int]:
+        """(dynamic?, index among the dynamic or static values)."""
+        if all(name is None for _, name in leaf):
+            text = "".join(lit for lit, _ in leaf)
+            number = self.static_index.get(text)
+            if number is None:
+                number = self.static_index[text] = len(self.static)
+                self.static.append(text)
+            return False, number
+        number = self.dynamic_index.get(leaf)
+        if number is None:
+            number = self.dynamic_index[leaf] = len(self.dynamic)
+            if len(leaf) == 1:
+                self.dynamic.append(("one", _accessor(leaf[0][1])))  # type: ignore[arg-type]
+            else:
+                pieces = tuple((lit, None if name is None else _accessor(name)) for lit, name in leaf)
+                self.dynamic.append(("mixed", pieces))
+        return True, number
+
+    def finish(self) -> None:
+        self.offset = len(self.dynamic)
+        if all(kind == "one" for kind, _ in self.dynamic):
+            self.single = tuple(get for _, get in self.dynamic)
+
+    def values(self, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> list[str]:
+        esc = self.escape
+        fmt = _format
+        if self.single is not None:
+            out = []
+            for get in self.single:
+                value = get(event, entry, item, index, now)
+                out.append(esc(value if value.__class__ is str else fmt(value)))
+        else:
+            out = []
+            for kind, what in self.dynamic:
+                if kind == "one":
+                    value = what(event, entry, item, index, now)
+                    out.append(esc(value if value.__class__ is str else fmt(value)))
+                else:
+                    out.append(
+                        "".join(
+                            lit if get is None else esc(fmt(get(event, entry, item, index, now)))
+                            for lit, get in what
+                        )
+                    )
+        out += self.static
+        return out
+
+
+class _SegmentPlan:
+    """One template segment: the parts list with static fields filled in, and for each
+    field with placeholders how to put it together from the context's values."""
+
+    __slots__ = ("parts", "dynamic", "sub", "comp", "rep")
+
+    def __init__(self, name: str, fields: Sequence[tuple[int, _Field]], d: Delimiters, slots: _Slots) -> None:
+        self.rep, self.comp, self.sub = d.repetition.decode(), d.component.decode(), d.subcomponent.decode()
+        top = max((n for n, _ in fields), default=0)
+        self.parts: list[str] = [name] + [""] * top
+        dynamic = []
+        for n, value in fields:
+            leaves = [[[slots.leaf(leaf) for leaf in component] for component in repetition] for repetition in value]
+            if not any(is_dynamic for repetition in leaves for component in repetition for is_dynamic, _ in component):
+                self.parts[n] = _render_field(value, d, _no_lookup)
+                continue
+            dynamic.append((n, leaves))
+        self.dynamic = dynamic  # resolved to value-list indexes by bind()
+
+    def bind(self, slots: _Slots) -> None:
+        """Turn (dynamic?, number) leaves into indexes of the context's value list."""
+        offset = slots.offset
+        bound = []
+        for n, leaves in self.dynamic:
+            reps = tuple(
+                tuple(tuple(number if is_dynamic else offset + number for is_dynamic, number in component) for component in repetition)
+                for repetition in leaves
+            )
+            if len(reps) == 1 and len(reps[0]) == 1 and len(reps[0][0]) == 1:
+                bound.append((n, reps[0][0][0], None))
+            else:
+                bound.append((n, -1, reps))
+        self.dynamic = bound
+
+    def render(self, values: list[str]) -> list[str]:
+        parts = self.parts.copy()
+        sub, comp, rep = self.sub, self.comp, self.rep
+        for n, single, reps in self.dynamic:
+            if reps is None:
+                parts[n] = values[single].rstrip(sub).rstrip(comp).rstrip(rep)
+                continue
+            out_reps = []
+            for repetition in reps:
+                out_comps = []
+                for component in repetition:
+                    if len(component) == 1:
+                        out_comps.append(values[component[0]].rstrip(sub))
+                    else:
+                        out_comps.append(sub.join([values[i] for i in component]).rstrip(sub))
+                out_reps.append(comp.join(out_comps).rstrip(comp))
+            parts[n] = rep.join(out_reps).rstrip(rep)
+        return parts
+
+
+def _no_lookup(name: str) -> str:
+    raise AssertionError(f"static field looked up {name!r}")
+
+
+class _TemplatePlan:
+    """A template worked out once: segment plans and the value slots of each context."""
+
+    def __init__(self, template: Template) -> None:
+        d = template.delimiters
+        escape_fn = escaper(d)
+        self.escape = escape_fn
+        self.field_sep = d.field.decode()
+        self.encoding = d.encoding.decode()
+        top = _Slots(escape_fn)
+        self.top = top
+        self.msh = _SegmentPlan("MSH", template.msh, d, top)
+        parts: list[tuple[_SegmentPlan | None, _Accessor | None, _Slots | None, tuple[_SegmentPlan, ...]]] = []
+        blocks: list[tuple[_Slots, tuple[_SegmentPlan, ...]]] = []
+        for part in template.segments:
+            if isinstance(part, _SegmentTemplate):
+                parts.append((_SegmentPlan(part.name, part.fields, d, top), None, None, ()))
+                continue
+            slots = _Slots(escape_fn)
+            segments = tuple(_SegmentPlan(s.name, s.fields, d, slots) for s in part.segments)
+            blocks.append((slots, segments))
+            parts.append((None, _accessor(part.for_each), slots, segments))
+        top.finish()
+        self.msh.bind(top)
+        for plan, _, _, _ in parts:
+            if plan is not None:
+                plan.bind(top)
+        for slots, segments in blocks:
+            slots.finish()
+            for plan in segments:
+                plan.bind(slots)
+        self.parts = tuple(parts)
 
 
 def build(
@@ -451,34 +643,30 @@ def build(
     Placeholders take event values (escaped); MSH-1/2/7/9/10/12/18 are filled here.
     Characters the charset cannot hold become '?'.
     """
-    d = template.delimiters
-    field_sep = d.field.decode()
-
-    def lookup_in(item: Any, index: int | None) -> Callable[[str], str]:
-        return lambda name: _format(_resolve(name, event, entry, item, index, timestamp))
-
-    top = lookup_in(None, None)
-    msh = _render_segment("MSH", template.msh, d, top)  # msh[n] is MSH-n
+    plan: _TemplatePlan = template._plan
+    field_sep = plan.field_sep
+    top = plan.top.values(event, entry, None, None, timestamp)
+    msh = plan.msh.render(top)  # msh[n] is MSH-n
     msh += [""] * (19 - len(msh))
-    msh[2] = d.encoding.decode()
+    msh[2] = plan.encoding
     msh[7] = _format(timestamp)
     msh[9] = template.message
-    msh[10] = escape(control_id, d)
+    msh[10] = plan.escape(control_id)
     msh[11] = msh[11] or template.processing_id
     msh[12] = template.version
     msh[18] = template.charset
     lines = ["MSH" + field_sep + field_sep.join(msh[2:]).rstrip(field_sep)]
-    for part in template.segments:
-        if isinstance(part, _SegmentTemplate):
-            lines.append(field_sep.join(_render_segment(part.name, part.fields, d, top)))
+    for segment, for_each, slots, segments in plan.parts:
+        if segment is not None:
+            lines.append(field_sep.join(segment.render(top)))
             continue
-        items = _resolve(part.for_each, event, entry, None, None)
+        items = for_each(event, entry, None, None, None)  # type: ignore[misc]
         if not isinstance(items, (tuple, list)):
             continue
         for index, item in enumerate(items, 1):
-            lookup = lookup_in(item, index)
-            for segment in part.segments:
-                lines.append(field_sep.join(_render_segment(segment.name, segment.fields, d, lookup)))
+            values = slots.values(event, entry, item, index, timestamp)  # type: ignore[union-attr]
+            for block_segment in segments:
+                lines.append(field_sep.join(block_segment.render(values)))
     return ("\r".join(line.rstrip(field_sep) if line[3:] else line for line in lines) + "\r").encode(
         template.codec, "replace"
     )

@@ -11,11 +11,11 @@ from engine.core.header import Delimiters
 
 def escape_text(text: str, delimiters: Delimiters) -> str:
     """Escape every delimiter in ``text`` so it reads back as one field value."""
-    return _escaper(delimiters)(text)
+    return escaper(delimiters)(text)
 
 
 @functools.lru_cache(maxsize=64)
-def _escaper(delimiters: Delimiters) -> Callable[[str], str]:
+def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     """A function escaping text for ``delimiters``, worked out once per delimiter set.
 
     Text without any delimiter, escape character, CR or LF (nearly every value) is returned

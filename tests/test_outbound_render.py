@@ -1,0 +1,94 @@
+"""Outbound templates: pinned bytes for every kind of leaf, placeholder and segment shape
+(mixed literal and placeholder text, trailing empties, literals ending in a delimiter, repetitions,
+subcomponents, value types, dotted look-ups, entry/timestamp/index/item, for_each blocks,
+outbound `when`), so a faster renderer must give exactly these bytes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from engine.core.agenda import AgendaEvent
+from engine.core.convert import Code, DutchName
+from engine.mapping import build, build_outbound, load_mappings
+
+TEMPLATE = r'''
+message: SIU^S12^SIU_S12
+version: "2.5"
+charset: 8859/1
+segments:
+  - MSH: {3: "{sender}", 4: "dept {sender}x", 8: [a, "", ""], 11: "{missing}", 17: NLD}
+  - ZZ1: {2: "Dr. {name} en {name}!", 3: ["", "", ""], 4: ["lit^", "{empty}", ""], 5: [["{a}", "{b}"], [""], ["{flag}", "{no}"]], 9: ["", ["", "{a}", ""], ""]}
+  - ZZ2:
+  - ZZ3: {1: "", 2: ""}
+  - ZZ4: {1: "{when}", 2: "{day}", 3: "{code}", 4: "{name_obj}", 5: "{name_obj.initials}", 6: "{number}", 7: "{items}", 8: "{rec}", 9: "{rec.x}"}
+  - ZZ5: {1: "{items.2.code}", 2: "{items.9.code}", 3: "{items.x}", 4: "{code._private}", 5: "{entry.id}", 6: "{entry.nothing}", 7: "{timestamp}", 8: "{zd_number}", 9: "{kind}"}
+  - ZZ6: {1: "{deep.a.b}", 2: "{deep.a}", 3: "{deep}", 4: "{deep.a.c}", 5: "{naive}"}
+  - for_each: items
+    segments:
+      - OBR: {1: "{index}", 2: ["{item.code}", "{item.text}"], 3: "{item}", 4: "{sender}", 5: "{item.code.x}", 6: "{index.x}"}
+      - ZOB:
+  - for_each: nothing
+    segments:
+      - ZNO: {1: "{index}"}
+  - for_each: sender
+    segments:
+      - ZNS: {1: "{index}"}
+  - ZEN: {1: end}
+'''
+
+MAPPING = """\
+name: m
+types: [SRM^S01]
+event:
+  kind: {value: appointment-request}
+  action: {value: create}
+outbound:
+  - {to: a, template: t.yaml}
+  - {to: b, template: t.yaml, when: {sender: '*', kind: [appointment-request]}}
+  - {to: c, template: t.yaml, when: {missing: '*'}}
+"""
+
+TZ = dt.timezone(dt.timedelta(hours=1))
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=TZ)
+
+
+class Entry:
+    id = "E-1|x"
+
+
+@pytest.fixture()
+def mappings(tmp_path: Path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.yaml").write_text(TEMPLATE, encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(MAPPING, encoding="utf-8")
+    return load_mappings(tmp_path)
+
+
+def event() -> AgendaEvent:
+    name = DutchName(surname="de Boer", own_prefix="de", own_surname="Boer", initials="W.", partner_prefix="", partner_surname="")
+    return AgendaEvent(
+        kind="appointment-request",
+        action="create",
+        zd_number="ZD1^2",
+        fields={
+            "sender": "S|nd^er", "name": "Jan~Piet\r\n", "empty": "", "a": "A&a", "b": "B\\b", "flag": True, "no": False,
+            "when": dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=TZ), "day": dt.date(2026, 1, 2),
+            "code": Code(code="C1", text="T", system="S"), "name_obj": name, "number": 42,
+            "items": ({"code": "I1", "text": "één"}, {"code": "I^2", "text": None}, "plain", 7, ("t1",)),
+            "rec": {"x": "y"}, "deep.a": {"b": "deep-ab"}, "deep": {"a": {"c": "never"}},
+            "naive": dt.datetime(2026, 3, 4, 5, 6, 7), "nothing": None,
+        },
+    )
+
+
+def test_build_renders_every_template_shape_byte_for_byte(mappings):
+    data = build(mappings.templates["t.yaml"], event(), control_id="K\\1", timestamp=NOW, entry=Entry())
+    assert data == b'MSH|^~\\&|S\\F\\nd\\S\\er|dept S\\F\\nd\\S\\erx|||20260102030405+0100|a|SIU^S12^SIU_S12|K\\E\\1|P|2.5|||||NLD|8859/1\rZZ1||Dr. Jan\\R\\Piet\\X0D\\\\X0A\\ en Jan\\R\\Piet\\X0D\\\\X0A\\!||lit|A\\T\\a^B\\E\\b~~Y^N||||^&A\\T\\a\rZZ2\rZZ3\rZZ4|20260304050607+0100|20260102|C1|de Boer|W.|42|||y\rZZ5|I\\S\\2||||E-1\\F\\x||20260102030405+0100|ZD1\\S\\2|appointment-request\rZZ6|deep-ab||||20260304050607\rOBR|1|I1^\xe9\xe9n||S\\F\\nd\\S\\er||1\rZOB\rOBR|2|I\\S\\2||S\\F\\nd\\S\\er||2\rZOB\rOBR|3||plain|S\\F\\nd\\S\\er||3\rZOB\rOBR|4||7|S\\F\\nd\\S\\er||4\rZOB\rOBR|5|||S\\F\\nd\\S\\er||5\rZOB\rZEN|end\r'
+
+
+def test_build_outbound_numbers_control_ids_and_checks_when(mappings):
+    got = build_outbound(mappings.mapping("m"), event(), Entry(), control_id="K7", timestamp=NOW)
+    assert got == [('a', b'MSH|^~\\&|S\\F\\nd\\S\\er|dept S\\F\\nd\\S\\erx|||20260102030405+0100|a|SIU^S12^SIU_S12|K7-1|P|2.5|||||NLD|8859/1\rZZ1||Dr. Jan\\R\\Piet\\X0D\\\\X0A\\ en Jan\\R\\Piet\\X0D\\\\X0A\\!||lit|A\\T\\a^B\\E\\b~~Y^N||||^&A\\T\\a\rZZ2\rZZ3\rZZ4|20260304050607+0100|20260102|C1|de Boer|W.|42|||y\rZZ5|I\\S\\2||||E-1\\F\\x||20260102030405+0100|ZD1\\S\\2|appointment-request\rZZ6|deep-ab||||20260304050607\rOBR|1|I1^\xe9\xe9n||S\\F\\nd\\S\\er||1\rZOB\rOBR|2|I\\S\\2||S\\F\\nd\\S\\er||2\rZOB\rOBR|3||plain|S\\F\\nd\\S\\er||3\rZOB\rOBR|4||7|S\\F\\nd\\S\\er||4\rZOB\rOBR|5|||S\\F\\nd\\S\\er||5\rZOB\rZEN|end\r'), ('b', b'MSH|^~\\&|S\\F\\nd\\S\\er|dept S\\F\\nd\\S\\erx|||20260102030405+0100|a|SIU^S12^SIU_S12|K7-2|P|2.5|||||NLD|8859/1\rZZ1||Dr. Jan\\R\\Piet\\X0D\\\\X0A\\ en Jan\\R\\Piet\\X0D\\\\X0A\\!||lit|A\\T\\a^B\\E\\b~~Y^N||||^&A\\T\\a\rZZ2\rZZ3\rZZ4|20260304050607+0100|20260102|C1|de Boer|W.|42|||y\rZZ5|I\\S\\2||||E-1\\F\\x||20260102030405+0100|ZD1\\S\\2|appointment-request\rZZ6|deep-ab||||20260304050607\rOBR|1|I1^\xe9\xe9n||S\\F\\nd\\S\\er||1\rZOB\rOBR|2|I\\S\\2||S\\F\\nd\\S\\er||2\rZOB\rOBR|3||plain|S\\F\\nd\\S\\er||3\rZOB\rOBR|4||7|S\\F\\nd\\S\\er||4\rZOB\rOBR|5|||S\\F\\nd\\S\\er||5\rZOB\rZEN|end\r')]
