@@ -176,6 +176,18 @@ class _Value:
     convert: str = ""
     default: Any = None
     required: bool = False
+    # A plain text read (a path, no group, no first:, a text convert or none): the path's
+    # compiled ``first``, so evaluate can go straight to it.
+    _reader: Any = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if (
+            self.path is not None
+            and not self.options
+            and self.group is None
+            and (not self.convert or CONVERTS[self.convert][1] == "text")
+        ):
+            object.__setattr__(self, "_reader", self.path._first)
 
     def error(self, errors: list[MappingError], reason: str, label: str | None = None) -> Any:
         errors.append(
@@ -187,8 +199,18 @@ class _Value:
 
     def evaluate(self, target: _Target, errors: list[MappingError], label: str | None = None) -> Any:
         """The value, None when absent, or _FAILED after appending errors. Never raises."""
+        reader = self._reader
         try:
-            value = self._value(target, errors, label)
+            if reader is not None:  # the straight line of _value for a plain text read
+                value = reader(target)
+                if not value or value == '""':  # "" is HL7's explicit null
+                    value = None
+                elif self.table is None and not self.convert:
+                    return value
+                else:
+                    value = self._finish(value, errors, label)
+            else:
+                value = self._value(target, errors, label)
         except Exception as unexpected:  # a broken message must not escape as an exception
             return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
         if value is _FAILED:

@@ -281,3 +281,23 @@ def test_select_never_raises_on_arbitrary_bytes(raw):
     message = Message.parse(b"MSH" + raw, codec="utf-8")
     for path in PATHS:
         select(message, path)
+
+
+FIRST_PATHS = PATHS + [parse_path(p) for p in (
+    "MSH-3", "MSH-9", "PID-5", "PID-5.1", "PID-5.1.1", "PID[2]-3.2.1", "OBX-5", "OBX[2]-5.3", "NTE-3.1.2",
+    "PID-3[1].1", "PID-3[2]", "OBX-5[*]", "ZZZ-1",
+)]
+
+
+@given(body=HL7ISH, codec=st.sampled_from(["latin-1", "utf-8"]))
+@settings(max_examples=300)
+def test_first_is_the_first_non_empty_selected_value(body, codec):
+    """``first`` (with its straight line for one occurrence and the first repetition) agrees
+    with ``select`` on messages, with any delimiters, and on groups."""
+    for raw in (body.encode("utf-8"), ("MSH" + body).encode("utf-8"), ("MSH|^~\\&|" + body).encode("utf-8")):
+        message = Message.parse(raw, codec=codec)
+        for path in FIRST_PATHS:
+            assert first(message, path) == next((v for v in select(message, path) if v), None), path
+        for group in message.groups("PID", ("OBX", "NTE")):
+            for path in FIRST_PATHS:
+                assert first(group, path) == next((v for v in select(group, path) if v), None), path

@@ -17,7 +17,8 @@ content. MSH-1 and MSH-2 read as the delimiters themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field as _field
 
 from engine.core.hl7message import Message, Segment, _Separators, _unescape
 
@@ -49,6 +50,11 @@ class FieldPath:
     match: tuple[int, str] | None = None
     component: int | None = None
     subcomponent: int | None = None
+    # ``first`` for this path, worked out once (see _compile_first); not part of equality.
+    _first: Callable[[Source], str | None] = _field(init=False, repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_first", _compile_first(self))
 
     def __str__(self) -> str:
         return self.text
@@ -241,6 +247,10 @@ def select(message_or_group: Source, path: FieldPath) -> list[str]:
 
 def first(message_or_group: Source, path: FieldPath) -> str | None:
     """The first non-empty value ``path`` selects, or None."""
+    return path._first(message_or_group)
+
+
+def _first(message_or_group: Source, path: FieldPath) -> str | None:
     for segment in _segments(message_or_group, path):
         for raw, seps in _parts(segment, path):
             if raw:
@@ -248,6 +258,76 @@ def first(message_or_group: Source, path: FieldPath) -> str | None:
                 if value:
                     return value
     return None
+
+
+def _compile_first(path: FieldPath) -> Callable[[Source], str | None]:
+    """``first`` for one path: the general walk, with a straight line for the common case
+    (a Message or a group, one occurrence, the first repetition, not MSH-1/MSH-2) that gives the same
+    value without building the lists of segments and parts."""
+    name, occ, n = path.segment, path.occurrence, path.field
+    comp, sub = path.component, path.subcomponent
+
+    def general(source: Source) -> str | None:
+        return _first(source, path)
+
+    if occ == ALL or path.repetition != 1 or path.match is not None or (name == "MSH" and n <= 2):
+        return general
+    occ_index = occ - 1  # type: ignore[operator]
+
+    def straight(source: Source) -> str | None:
+        if source.__class__ is Message:
+            by_name = source._by_name  # type: ignore[union-attr]
+            if by_name is None:
+                by_name = source._index()[1]  # type: ignore[union-attr]
+            found = by_name.get(name)
+            if not found or occ_index >= len(found):
+                return None
+            segment = found[occ_index]
+        elif source.__class__ is list:  # a group
+            seen = 0
+            for segment in source:  # type: ignore[union-attr]
+                if segment.name == name:
+                    if seen == occ_index:
+                        break
+                    seen += 1
+            else:
+                return None
+        else:
+            return _first(source, path)
+        fields = segment._fields
+        if fields is None:
+            fields = segment._split()
+        if n >= len(fields):
+            return None
+        value = fields[n]
+        if not value:
+            return None
+        seps = segment._seps
+        rs = seps.repetition
+        if rs:
+            value = value.split(rs, 1)[0]
+        if comp is not None:
+            cs = seps.component
+            if cs:
+                comps = value.split(cs)
+                value = comps[comp - 1] if comp <= len(comps) else ""
+            elif comp != 1:
+                value = ""
+            if sub is not None:
+                ss = seps.subcomponent
+                if ss:
+                    subs = value.split(ss)
+                    value = subs[sub - 1] if sub <= len(subs) else ""
+                elif sub != 1:
+                    value = ""
+        if not value:
+            return None
+        e = seps.escape
+        if e and e in value:
+            value = _unescape(value, e, seps.table, seps.codec)
+        return value or None
+
+    return straight
 
 
 def components(message_or_group: Source, path: FieldPath) -> list[list[list[str]]]:
