@@ -1,9 +1,18 @@
-"""Delivery: one ordered sender per queue (a destination's host:port).
+"""Delivery: one sender per queue (a destination's host:port).
 
-One persistent connection, one message in flight, the next only after its ACK.
-Entries are streamed from the store a page at a time, so memory stays flat
-however long the queue. The verdict on each answer is the pure ``judge``; the
-backoff is the pure ``backoff_delay``; this class only connects, waits and records.
+A queue is sent over lanes: a lane is one connection with at most one message in
+flight, the next only after its ACK. ``order: fifo`` (the default) is one lane that
+holds on its head until it is delivered or dead-lettered. ``order: none`` with
+``parallel: N`` is N lanes that each take the next due entry: a message that fails
+is recorded (its next attempt time in the store) and set aside until due while the
+lanes go on with the others.
+
+Entries are streamed from the store a page at a time, so memory stays flat however
+long the queue: FIFO holds one page; unordered holds one page, the entries in flight
+and at most ``SET_ASIDE`` entries waiting out a backoff; the rest of those are read
+from the store again when the earliest of them is due. The verdict on each answer is
+the pure ``judge``; the backoff is the pure ``backoff_delay``; this class only
+connects, waits and records.
 
 Bookkeeping (delivered, failed, dead) goes through the group committer without
 waiting for it before the next send: a crash before that commit resends the
@@ -12,7 +21,10 @@ message after restart (at-least-once, counted as a redelivery), it never loses i
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
+from collections import deque
 from typing import Callable
 
 from twisted.internet import defer, task
@@ -28,6 +40,9 @@ from engine.shell.client import MLLPClientFactory
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
+# Unordered: at most this many entries waiting out a backoff are kept in memory (the
+# earliest due); the others are read from the store again when the earliest of them is due.
+SET_ASIDE = 1000
 # Delivery marks ride along with a commit at most this much later (receive commits are
 # immediate). A crash in between resends those messages after restart (at-least-once).
 BOOKKEEPING_WINDOW = 0.02
@@ -36,10 +51,89 @@ BOOKKEEPING_WINDOW = 0.02
 IDLE = "idle"  # nothing to send
 CONNECTING = "connecting"
 SENDING = "sending"  # a message is on the wire, waiting for its ACK
-BACKOFF = "backoff"  # the head failed; waiting before the next attempt
+BACKOFF = "backoff"  # the head failed (unordered: everything left failed); waiting before the next attempt
 PAUSED = "paused"  # an operator paused the queue
 STOPPED = "stopped"
 STATES = (IDLE, CONNECTING, SENDING, BACKOFF, PAUSED, STOPPED)
+# A sender with several lanes shows the busiest lane's state.
+_PRECEDENCE = (SENDING, CONNECTING, BACKOFF, PAUSED, IDLE, STOPPED)
+
+FIFO = "fifo"
+UNORDERED = "none"
+
+
+class Lane:
+    """One connection to the destination with at most one message in flight."""
+
+    def __init__(self, sender: QueueSender, index: int) -> None:
+        self.sender = sender
+        self.index = index
+        self.state = IDLE
+        self.client = None
+        self.up = False  # counted in the destination_connected gauge
+        self.connect_error = ""
+        self.connect_failures = 0  # in a row (unordered: the lane backs off, not only the entry)
+        self.hold_until = 0.0  # unordered: no new connect attempt before this
+        self.running: defer.Deferred | None = None
+        self._wake: defer.Deferred | None = None
+
+    @defer.inlineCallbacks
+    def connected(self):
+        """The lane's client, connecting first if needed; None if that failed (``connect_error``)."""
+        sender = self.sender
+        if self.client is not None and self.client.transport is not None and self.client.transport.connected:
+            return self.client
+        self.state = CONNECTING
+        self._set_up(False)
+        try:
+            d = sender._connect()
+            d.addTimeout(sender.settings.connect_timeout, sender.reactor)
+            client = yield d
+        except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
+            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError))  # not an ACK timeout
+            self.connect_error = "connect timed out" if timed_out else _describe(error)
+            self.connect_failures += 1
+            return None
+        self.client = client
+        self.connect_failures = 0
+        client.lost_d.addCallback(self._lost, client)
+        self._set_up(True)
+        sender.log.info("destination.connected", **({"lane": self.index} if sender.mode == UNORDERED else {}))
+        return client
+
+    def _lost(self, _, client) -> None:
+        if self.client is client:
+            self.client = None
+            self._set_up(False)
+
+    def disconnect(self) -> None:
+        client, self.client = self.client, None
+        if client is not None and client.transport is not None:
+            client.transport.abortConnection()
+        self._set_up(False)
+
+    def _set_up(self, up: bool) -> None:
+        self.up = up
+        self.sender._connected_changed()
+
+    def sleep(self, seconds: float | None) -> defer.Deferred:
+        """Wait ``seconds`` (None: until woken); ``wake()`` ends any wait early."""
+        wake = self._wake = defer.Deferred()
+        if seconds is not None:
+            call = self.sender.reactor.callLater(seconds, self.wake)
+
+            def cancel_timer(result):
+                if call.active():
+                    call.cancel()
+                return result
+
+            wake.addBoth(cancel_timer)
+        return wake
+
+    def wake(self) -> None:
+        if self._wake is not None and not self._wake.called:
+            wake, self._wake = self._wake, None
+            wake.callback(None)
 
 
 class QueueSender:
@@ -68,21 +162,38 @@ class QueueSender:
         self.poll_interval = poll_interval
         self.log = log or get_logger(queue=queue)
         self._connect = connect or self._connect_endpoint
-        self.state = IDLE
         self.depth = 0
         self.max_queue = min(d.max_queue for d in destinations.values())
+        self.mode = FIFO if self.settings.order == FIFO else UNORDERED
+        self._lanes: list[Lane] = [Lane(self, 0)]
+        self._generation = 0  # bumped when a reload changes the order: the old loops end
+        self._switching: defer.Deferred | None = None
+        # FIFO: the current page, head last
         self._buffer: list[QueueEntry] = []
         self._last_id = 0  # entries up to here are handled (or in flight)
-        self._client = None
-        self._wake: defer.Deferred | None = None
+        # unordered: see _take
+        self._page: deque[QueueEntry] = deque()
+        self._cursor = 0  # entries up to here have been read once
+        self._sweep: tuple[int, int] | None = None  # (after_id, last id) while re-reading set-aside entries
+        self._aside: list[tuple[float, int, QueueEntry]] = []  # (due, id, entry), earliest first
+        self._aside_ids: set[int] = set()
+        self._dropped_due = math.inf  # earliest due time of set-aside entries not kept in memory
+        self._dropped_probe: QueueEntry | None = None  # the entry with that due time
+        self._inflight: set[int] = set()
+        self._unsettled: dict[int, tuple[object, float | None]] = {}  # id -> (token, due if still pending)
         self._running: defer.Deferred | None = None
+        self._started = False
         self._stopping = False
         self._paused = False
         self._poller = task.LoopingCall(self.poll)
         self._poller.clock = reactor
         self._failures_logged: dict[str, int] = {}
-        self._connect_error = ""
         self._resend_candidate: int | None = None  # on the wire when the engine last stopped
+
+    @property
+    def state(self) -> str:
+        states = {lane.state for lane in self._lanes}
+        return next((s for s in _PRECEDENCE if s in states), STOPPED)
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -92,16 +203,16 @@ class QueueSender:
             self.log.warning("queue.inflight_unknown", error=safe_error(error))
         self.poll()
         self._poller.start(self.poll_interval, now=False)
-        self._running = self._run()
-        self._running.addErrback(self._crashed)
+        self._started = True
+        self._start_loops()
 
     def stop(self) -> defer.Deferred:
-        """Stop after the message in flight (if any) is answered or times out."""
+        """Stop after the messages in flight (if any) are answered or time out."""
         self._stopping = True
         if self._poller.running:
             self._poller.stop()
         self.wake()
-        d = self._running or defer.succeed(None)
+        d = self._switching or self._all_running()
         return d.addBoth(lambda _: self._disconnect())
 
     def update(self, destinations: dict[str, DestinationConfig]) -> None:
@@ -110,15 +221,24 @@ class QueueSender:
         self.destinations = destinations
         self.settings = next(iter(destinations.values()))
         self.max_queue = min(d.max_queue for d in destinations.values())
-        if endpoint_changed and self.state != SENDING:
-            self._disconnect()
+        if endpoint_changed:
+            for lane in self._lanes:
+                if lane.state != SENDING:
+                    lane.disconnect()
+        mode = FIFO if self.settings.order == FIFO else UNORDERED
+        if self._started and not self._stopping:
+            if mode != self.mode:
+                self._switch(mode)
+            elif mode == UNORDERED:
+                self._add_lanes()  # fewer: the extra lanes end after their message in flight
+        else:
+            self.mode = mode
         self.wake()
 
     def wake(self) -> None:
         """New entries were committed (or an operator acted): look again now."""
-        if self._wake is not None and not self._wake.called:
-            wake, self._wake = self._wake, None
-            wake.callback(None)
+        for lane in list(self._lanes):
+            lane.wake()
 
     def enqueued(self, count: int = 1) -> None:
         self.depth += count
@@ -143,6 +263,8 @@ class QueueSender:
             self._paused = paused
             self.log.info("queue.paused" if paused else "queue.resumed")
             self.wake()
+        elif self.mode == UNORDERED:
+            self._poll_unordered(head)
         elif self.state == BACKOFF and head and head[0].next_attempt_at <= self.reactor.seconds():
             buffered = self._buffer[-1] if self._buffer else None
             if buffered is not None and buffered.id == head[0].id and head[0].attempts >= buffered.attempts:
@@ -153,87 +275,61 @@ class QueueSender:
         elif self.state == IDLE and head:
             self.wake()  # entries queued by another process (resend, replay)
 
-    # -- the loop -------------------------------------------------------------------
+    def _poll_unordered(self, head: list[QueueEntry]) -> None:
+        probe = self._aside[0][2] if self._aside else self._dropped_probe
+        if probe is not None:
+            try:
+                stored = self.store.get_entry(probe.id)
+            except Exception as error:  # noqa: BLE001 - a store hiccup must not stop delivery
+                self.log.warning("queue.poll_failed", error=safe_error(error))
+                return
+            if (
+                stored is not None
+                and stored.state == "pending"
+                and stored.attempts >= probe.attempts  # our own failure record is committed
+                and stored.next_attempt_at < probe.next_attempt_at
+            ):
+                self._retry_now(stored.next_attempt_at)
+                return
+        if head and any(lane.state in (IDLE, BACKOFF) for lane in self._lanes):
+            self.wake()  # entries queued by another process (resend, replay)
+
+    # -- FIFO: one lane that holds on its head ----------------------------------------
     @defer.inlineCallbacks
-    def _run(self):
-        while not self._stopping:
+    def _run(self, lane: Lane, generation: int):
+        while not self._stopping and generation == self._generation:
             if self._paused:
-                self.state = PAUSED
-                yield self._sleep(None)
+                lane.state = PAUSED
+                yield lane.sleep(None)
                 continue
             entry = self._head()
             if entry is None:
-                self.state = IDLE
-                yield self._sleep(None)
+                lane.state = IDLE
+                yield lane.sleep(None)
                 continue
             now = self.reactor.seconds()
             destination = self.destinations.get(entry.destination, self.settings)
             # Given up only after at least one attempt: a message that waited behind a blocked
             # head gets its own try before it can become a dead letter.
-            if (
-                destination.give_up_after is not None
-                and entry.attempts
-                and now - entry.enqueued_at > destination.give_up_after
-            ):
+            if self._gave_up(entry, destination, now):
                 self._dead_letter(entry, "gave up: undelivered for longer than give_up_after", None)
                 continue
             if entry.next_attempt_at > now:
-                self.state = BACKOFF
-                yield self._sleep(entry.next_attempt_at - now)
+                lane.state = BACKOFF
+                yield lane.sleep(entry.next_attempt_at - now)
                 continue
-            try:
-                outbound = prepare(
-                    entry.raw,
-                    rewrite=destination.rewrite,
-                    source_charset=entry.charset,
-                    target_charset=destination.charset,
-                )
-            except OutboundError as error:
-                self._dead_letter(entry, str(error), None)
-                continue
-            client = yield self._connected()
-            if client is None:
-                yield self._failed(entry, self._connect_error, None)
-                continue
-            self.state = SENDING
-            self._count("delivery_sent_total", entry.destination).inc()
-            if entry.attempts or entry.id == self._resend_candidate:
-                self._count("delivery_redeliveries_total", entry.destination).inc()
-                if entry.id == self._resend_candidate and not entry.attempts:
-                    self.log.info("delivery.resend_after_restart", entry_id=entry.id, control_id=entry.control_id)
-            self._resend_candidate = None
-            # Best effort, not waited for: recorded in this reactor turn's group commit.
-            self.committer.submit(
-                MarkSending(queue=self.queue, entry_id=entry.id), within=BOOKKEEPING_WINDOW
-            ).addErrback(self._bookkeeping_failed)
-            try:
-                answer = yield client.request(outbound, timeout=destination.ack_timeout)
-                failure = None
-            except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
-                answer, failure = None, _describe(error)
-                self._disconnect()
-            outcome = judge(
-                answer,
-                sent_control_id=entry.control_id or "",
-                on_nak=_on_nak(destination),
-                failure=failure,
-            )
-            if outcome.code:
-                self._count("delivery_acks_total", entry.destination, outcome.code).inc()
-            if outcome.verdict == "delivered":
-                self._delivered(entry, answer)
-            elif outcome.verdict == "dead-letter":
-                self._dead_letter(entry, outcome.reason, answer)
+            failed = yield self._attempt(lane, entry, destination)
+            if failed is not None:
+                entry, delay = failed
+                self._buffer[-1] = entry
+                lane.state = BACKOFF
+                yield lane.sleep(delay)
             else:
-                if outcome.resync:
-                    self._disconnect()  # the stream cannot be trusted: start clean next time
-                yield self._failed(entry, outcome.reason, answer)
-            if outcome.verdict != "retry":
                 # Send the next message on a later turn: the answer fired inside the client's
                 # dataReceived, and a second (unsolicited) frame in the same read must find
                 # no request waiting, or it would be taken for the next message's answer.
-                yield self._sleep(0)
-        self.state = STOPPED
+                yield lane.sleep(0)
+        lane.state = STOPPED
 
     def _head(self) -> QueueEntry | None:
         if not self._buffer:
@@ -241,17 +337,286 @@ class QueueSender:
             self._buffer.reverse()  # pop() from the end is O(1)
         return self._buffer[-1] if self._buffer else None
 
+    # -- unordered: lanes that take the next due entry ---------------------------------
+    @defer.inlineCallbacks
+    def _run_lane(self, lane: Lane, generation: int):
+        while not self._stopping and generation == self._generation and lane.index < self.settings.parallel:
+            now = self.reactor.seconds()
+            if self._paused:
+                lane.state = PAUSED
+                yield lane.sleep(None)
+                continue
+            if lane.hold_until > now:  # the destination refused this lane: back off, then connect again
+                lane.state = BACKOFF
+                yield lane.sleep(lane.hold_until - now)
+                continue
+            entry = self._take(now)
+            if entry is None:
+                due = self._next_due()
+                lane.state = IDLE if due is None else BACKOFF
+                yield lane.sleep(None if due is None else max(0.0, due - now))
+                continue
+            destination = self.destinations.get(entry.destination, self.settings)
+            if self._gave_up(entry, destination, now):
+                self._dead_letter(entry, "gave up: undelivered for longer than give_up_after", None)
+                continue
+            if entry.next_attempt_at > now:  # taken for give_up_after, not yet past it after all
+                self._inflight.discard(entry.id)
+                self._set_aside(entry, due=entry.next_attempt_at)
+                continue
+            try:
+                failed = yield self._attempt(lane, entry, destination)
+            except BaseException:
+                self._inflight.discard(entry.id)
+                raise
+            if failed is not None:
+                entry, _ = failed
+                self._inflight.discard(entry.id)
+                self._set_aside(entry)
+                if lane.connect_failures:  # not connected: this lane waits before it tries again
+                    retry = self.settings.retry
+                    lane.hold_until = now + backoff_delay(
+                        lane.connect_failures, initial=retry.initial, factor=retry.factor, maximum=retry.max,
+                        jitter=retry.jitter, draw=self.draw(),
+                    )
+                    continue
+            # The next request on this connection on a later turn (see _run).
+            yield lane.sleep(0)
+        lane.state = STOPPED
+        if lane.index >= self.settings.parallel and not self._stopping and generation == self._generation:
+            lane.disconnect()  # parallel lowered by a reload
+            if lane in self._lanes:
+                self._lanes.remove(lane)
+
+    def _take(self, now: float) -> QueueEntry | None:
+        """The next due entry, now in flight: set-aside ones first, then the store in id order."""
+        if self._aside and self._aside[0][0] <= now:
+            _, _, entry = self._aside.pop(0)
+            self._aside_ids.discard(entry.id)
+            self._inflight.add(entry.id)
+            return entry
+        while True:
+            while self._page:
+                entry = self._page.popleft()
+                if self._due(entry) > now:
+                    self._set_aside(entry)
+                    continue
+                self._inflight.add(entry.id)
+                return entry
+            if not self._refill(now):
+                return None
+
+    def _refill(self, now: float) -> bool:
+        """Read the next page: re-read set-aside entries no longer in memory once the earliest
+        is due (a sweep up to the cursor), else the entries after the cursor."""
+        if self._sweep is None and self._dropped_due <= now:
+            self._sweep = (0, self._cursor)
+            self._dropped_due, self._dropped_probe = math.inf, None
+        if self._sweep is not None:
+            after, last = self._sweep
+            page = self.store.queue_head(self.queue, PAGE, after_id=after)
+            mine = [e for e in page if e.id <= last]
+            self._sweep = (mine[-1].id, last) if len(mine) == PAGE else None
+            self._page.extend(e for e in mine if not self._known(e))
+            return True
+        page = self.store.queue_head(self.queue, PAGE, after_id=self._cursor)
+        if not page:
+            return False
+        self._cursor = page[-1].id
+        self._page.extend(e for e in page if not self._known(e))
+        return True
+
+    def _known(self, entry: QueueEntry) -> bool:
+        """Already in memory, in flight, or handled with its bookkeeping not yet committed."""
+        if entry.id in self._inflight or entry.id in self._aside_ids:
+            return True
+        unsettled = self._unsettled.get(entry.id)
+        if unsettled is None:
+            return False
+        due = unsettled[1]
+        if due is not None:  # failed, its record not committed yet, and not kept: read it again later
+            self._note_dropped(due, entry)
+        return True
+
+    def _due(self, entry: QueueEntry) -> float:
+        """When something must happen to an entry: its next attempt, or giving up on it."""
+        due = entry.next_attempt_at
+        destination = self.destinations.get(entry.destination, self.settings)
+        if destination.give_up_after is not None and entry.attempts:
+            due = min(due, math.nextafter(entry.enqueued_at + destination.give_up_after, math.inf))
+        return due
+
+    def _set_aside(self, entry: QueueEntry, due: float | None = None) -> None:
+        """Keep an entry until it is due, or (too many kept) note it to be read again then."""
+        due = self._due(entry) if due is None else due
+        if len(self._aside) >= SET_ASIDE:
+            if due >= self._aside[-1][0]:
+                self._note_dropped(due, entry)
+                return
+            last_due, last_id, last = self._aside.pop()
+            self._aside_ids.discard(last_id)
+            self._note_dropped(last_due, last)
+        bisect.insort(self._aside, (due, entry.id, entry))
+        self._aside_ids.add(entry.id)
+
+    def _note_dropped(self, due: float, entry: QueueEntry) -> None:
+        if due < self._dropped_due:
+            self._dropped_due, self._dropped_probe = due, entry
+
+    def _next_due(self) -> float | None:
+        due = min(self._aside[0][0] if self._aside else math.inf, self._dropped_due)
+        return None if due == math.inf else due
+
+    def _retry_now(self, at: float) -> None:
+        """An operator moved the set-aside entries' next attempt to ``at`` (retry-now)."""
+        aside, self._aside = self._aside, []
+        self._aside_ids.clear()
+        for _, _, entry in aside:
+            self._set_aside(_with(entry, next_attempt_at=min(entry.next_attempt_at, at)))
+        if self._dropped_due != math.inf:
+            self._dropped_due = min(self._dropped_due, at)
+        for lane in self._lanes:
+            lane.hold_until = 0.0
+        self.log.info("queue.retry_now")
+        self.wake()
+
+    # -- lanes and modes --------------------------------------------------------------
+    def _start_loops(self) -> None:
+        generation = self._generation
+        if self.mode == FIFO:
+            self._lanes = self._lanes[:1]
+            self._start_lane(self._lanes[0], generation)
+        else:
+            for lane in self._lanes:
+                self._start_lane(lane, generation)
+            self._add_lanes()
+
+    def _add_lanes(self) -> None:
+        while len(self._lanes) < self.settings.parallel:
+            free = set(range(self.settings.parallel)) - {lane.index for lane in self._lanes}
+            lane = Lane(self, min(free))
+            self._lanes.append(lane)
+            self._start_lane(lane, self._generation)
+
+    def _start_lane(self, lane: Lane, generation: int) -> None:
+        run = self._run if self.mode == FIFO else self._run_lane
+        lane.running = run(lane, generation)
+        lane.running.addErrback(self._crashed, lane, generation)
+        self._running = lane.running if self.mode == FIFO else None
+
+    def _all_running(self) -> defer.Deferred:
+        if self._running is not None:
+            return self._running
+        running = [lane.running for lane in self._lanes if lane.running is not None]
+        return defer.DeferredList(running).addCallback(lambda _: None)
+
+    def _switch(self, mode: str) -> None:
+        """A reload changed the order: let the lanes finish what is in flight, then start over."""
+        self._generation += 1
+        old = self._all_running()
+        self.wake()
+
+        def restart(_):
+            self._switching = None
+            if self._stopping:
+                return
+            self.committer.flush()  # the new mode reads the queue from its head: marks first
+            for lane in self._lanes:
+                lane.disconnect()
+            self.mode = mode
+            self._lanes = [Lane(self, 0)]
+            self._reset()
+            self._start_loops()
+            return self._all_running()
+
+        self._switching = old.addCallback(restart)
+
+    def _reset(self) -> None:
+        """Forget what was read; it is read from the store again (after a crash or a switch)."""
+        self._buffer = []
+        self._last_id = 0
+        self._page.clear()
+        self._cursor = 0
+        self._sweep = None
+        self._aside, self._aside_ids = [], set()
+        self._dropped_due, self._dropped_probe = math.inf, None
+
+    # -- one attempt, both modes ---------------------------------------------------------
+    @defer.inlineCallbacks
+    def _attempt(self, lane: Lane, entry: QueueEntry, destination: DestinationConfig):
+        """Send ``entry`` on ``lane`` and record the verdict; (failed entry, delay) if it is retried."""
+        try:
+            outbound = prepare(
+                entry.raw,
+                rewrite=destination.rewrite,
+                source_charset=entry.charset,
+                target_charset=destination.charset,
+            )
+        except OutboundError as error:
+            self._dead_letter(entry, str(error), None)
+            return None
+        client = yield lane.connected()
+        if client is None:
+            return self._failed(entry, lane.connect_error, None)
+        lane.state = SENDING
+        self._count("delivery_sent_total", entry.destination).inc()
+        if entry.attempts or entry.id == self._resend_candidate:
+            self._count("delivery_redeliveries_total", entry.destination).inc()
+            if entry.id == self._resend_candidate and not entry.attempts:
+                self.log.info("delivery.resend_after_restart", entry_id=entry.id, control_id=entry.control_id)
+        if self.mode == FIFO or entry.id == self._resend_candidate:
+            self._resend_candidate = None
+        # Best effort, not waited for: recorded in this reactor turn's group commit.
+        self.committer.submit(
+            MarkSending(queue=self.queue, entry_id=entry.id), within=BOOKKEEPING_WINDOW
+        ).addErrback(self._bookkeeping_failed)
+        try:
+            answer = yield client.request(outbound, timeout=destination.ack_timeout)
+            failure = None
+        except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
+            answer, failure = None, _describe(error)
+            lane.disconnect()
+        outcome = judge(
+            answer,
+            sent_control_id=entry.control_id or "",
+            on_nak=_on_nak(destination),
+            failure=failure,
+        )
+        if outcome.code:
+            self._count("delivery_acks_total", entry.destination, outcome.code).inc()
+        if outcome.verdict == "delivered":
+            self._delivered(entry, answer)
+        elif outcome.verdict == "dead-letter":
+            self._dead_letter(entry, outcome.reason, answer)
+        else:
+            if outcome.resync:
+                lane.disconnect()  # the stream cannot be trusted: start clean next time
+            return self._failed(entry, outcome.reason, answer)
+        return None
+
+    def _gave_up(self, entry: QueueEntry, destination: DestinationConfig, now: float) -> bool:
+        return (
+            destination.give_up_after is not None
+            and bool(entry.attempts)
+            and now - entry.enqueued_at > destination.give_up_after
+        )
+
     def _done(self, entry: QueueEntry) -> None:
-        self._buffer.pop()
-        self._last_id = entry.id
+        if self.mode == FIFO:
+            self._buffer.pop()
+            self._last_id = entry.id
+        else:
+            self._inflight.discard(entry.id)
         self.depth = max(0, self.depth - 1)
         self._gauge("queue_depth").set(self.depth)
 
     def _delivered(self, entry: QueueEntry, answer: bytes) -> None:
         now = self.reactor.seconds()
-        self.committer.submit(
-            MarkDelivered(entry_id=entry.id, ack=answer, at=now), within=BOOKKEEPING_WINDOW
-        ).addErrback(self._bookkeeping_failed)
+        self._settling(
+            entry.id,
+            None,
+            self.committer.submit(MarkDelivered(entry_id=entry.id, ack=answer, at=now), within=BOOKKEEPING_WINDOW),
+        )
         self._done(entry)
         self._histogram("delivery_latency_seconds", entry.destination).observe(max(0.0, now - entry.enqueued_at))
         self._failures_logged.clear()
@@ -259,10 +624,12 @@ class QueueSender:
 
     def _dead_letter(self, entry: QueueEntry, reason: str, answer: bytes | None) -> None:
         now = self.reactor.seconds()
-        self.committer.submit(
-            DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now), within=BOOKKEEPING_WINDOW
-        ).addErrback(
-            self._bookkeeping_failed
+        self._settling(
+            entry.id,
+            None,
+            self.committer.submit(
+                DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now), within=BOOKKEEPING_WINDOW
+            ),
         )
         self._done(entry)
         self._count("dead_letters_total", entry.destination).inc()
@@ -275,8 +642,8 @@ class QueueSender:
             reason=reason,
         )
 
-    def _failed(self, entry: QueueEntry, reason: str, answer: bytes | None) -> defer.Deferred:
-        """Record the failed attempt and wait out the backoff (an operator may cut it short)."""
+    def _failed(self, entry: QueueEntry, reason: str, answer: bytes | None) -> tuple[QueueEntry, float]:
+        """Record the failed attempt (committed at once); the entry as it now is, and its backoff."""
         destination = self.destinations.get(entry.destination, self.settings)
         attempt = entry.attempts + 1
         retry = destination.retry
@@ -286,14 +653,28 @@ class QueueSender:
         )
         now = self.reactor.seconds()
         next_at = now + delay
-        self._buffer[-1] = _with(entry, attempts=attempt, next_attempt_at=next_at, last_error=reason)
-        self.committer.submit(
-            RecordFailure(entry_id=entry.id, error=reason, ack=answer, next_attempt_at=next_at, at=now)
-        ).addErrback(self._bookkeeping_failed)
+        self._settling(
+            entry.id,
+            next_at,
+            self.committer.submit(
+                RecordFailure(entry_id=entry.id, error=reason, ack=answer, next_attempt_at=next_at, at=now)
+            ),
+        )
         self._count("delivery_retries_total", entry.destination).inc()
         self._log_failure(entry, reason, attempt, delay)
-        self.state = BACKOFF
-        return self._sleep(delay)
+        return _with(entry, attempts=attempt, next_attempt_at=next_at, last_error=reason), delay
+
+    def _settling(self, entry_id: int, due: float | None, d: defer.Deferred) -> None:
+        """Bookkeeping submitted for an entry: until it commits, the store still shows the entry
+        as it was, so a re-read must not take it for a new one."""
+        token = object()
+        self._unsettled[entry_id] = (token, due)
+
+        def settled(_):
+            if self._unsettled.get(entry_id, (None,))[0] is token:
+                del self._unsettled[entry_id]
+
+        d.addErrback(self._bookkeeping_failed).addBoth(settled)
 
     def _log_failure(self, entry: QueueEntry, reason: str, attempt: int, delay: float) -> None:
         """The first failures are logged each; after that one line per power of two."""
@@ -311,70 +692,34 @@ class QueueSender:
             )
 
     # -- connection -----------------------------------------------------------------
-    @defer.inlineCallbacks
-    def _connected(self):
-        if self._client is not None and self._client.transport is not None and self._client.transport.connected:
-            return self._client
-        self.state = CONNECTING
-        self._gauge("destination_connected").set(0)
-        try:
-            d = self._connect()
-            d.addTimeout(self.settings.connect_timeout, self.reactor)
-            client = yield d
-        except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
-            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError))  # not an ACK timeout
-            self._connect_error = "connect timed out" if timed_out else _describe(error)
-            return None
-        self._client = client
-        client.lost_d.addCallback(self._lost, client)
-        self._gauge("destination_connected").set(1)
-        self.log.info("destination.connected")
-        return client
-
-    def _lost(self, _, client) -> None:
-        if self._client is client:
-            self._client = None
-            self._gauge("destination_connected").set(0)
+    def _connected_changed(self) -> None:
+        self._gauge("destination_connected").set(1 if any(lane.up for lane in self._lanes) else 0)
 
     def _disconnect(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and client.transport is not None:
-            client.transport.abortConnection()
-        self._gauge("destination_connected").set(0)
+        for lane in self._lanes:
+            lane.disconnect()
 
     def _connect_endpoint(self) -> defer.Deferred:
         endpoint = clientFromString(self.reactor, self.settings.endpoint)
         return endpoint.connect(MLLPClientFactory(clock=self.reactor))
 
     # -- helpers ----------------------------------------------------------------------
-    def _sleep(self, seconds: float | None) -> defer.Deferred:
-        """Wait ``seconds`` (None: until woken); ``wake()`` ends any wait early."""
-        wake = self._wake = defer.Deferred()
-        if seconds is not None:
-            call = self.reactor.callLater(seconds, self.wake)
-
-            def cancel_timer(result):
-                if call.active():
-                    call.cancel()
-                return result
-
-            wake.addBoth(cancel_timer)
-        return wake
-
     def _bookkeeping_failed(self, failure) -> None:
         self.log.error("queue.bookkeeping_failed", error=safe_error(failure.value))
 
-    def _crashed(self, failure) -> None:
+    def _crashed(self, failure, lane: Lane, generation: int) -> None:
         self.log.error("queue.sender_crashed", error=safe_error(failure.value))
-        self.state = STOPPED
+        lane.state = STOPPED
         if not self._stopping:  # start again after a pause rather than stop delivering
-            self.reactor.callLater(self.poll_interval, self._restart)
+            self.reactor.callLater(self.poll_interval, self._restart, lane, generation)
 
-    def _restart(self) -> None:
-        if not self._stopping:
-            self._buffer = []
-            self._running = self._run()
-            self._running.addErrback(self._crashed)
+    def _restart(self, lane: Lane, generation: int) -> None:
+        if not self._stopping and generation == self._generation and lane in self._lanes:
+            if self.mode == FIFO:
+                self._buffer = []
+            else:  # what was read may be out of step: read it again (in flight and unsettled are kept)
+                self._reset()
+            self._start_lane(lane, generation)
 
     def _gauge(self, name: str):
         return getattr(self.metrics, name).labels(self.queue)
@@ -407,4 +752,3 @@ def _with(entry: QueueEntry, **changes) -> QueueEntry:
     from dataclasses import replace
 
     return replace(entry, **changes)
-
