@@ -394,9 +394,13 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "Y" if value else "N"
     if isinstance(value, _dt.datetime):
+        if value.__class__ is _dt.datetime and value.year >= 1000:
+            return _format_datetime(value)
         text = value.strftime("%Y%m%d%H%M%S")
         return text + value.strftime("%z") if value.tzinfo is not None else text
     if isinstance(value, _dt.date):
+        if value.__class__ is _dt.date and value.year >= 1000:
+            return "%d%02d%02d" % (value.year, value.month, value.day)
         return value.strftime("%Y%m%d")
     if isinstance(value, _convert.Code):
         return value.code
@@ -405,6 +409,38 @@ def _format(value: Any) -> str:
     if isinstance(value, (tuple, list, dict)):
         return ""  # a list or record has no single text; name one of its parts
     return str(value)
+
+
+def _format_datetime(value: _dt.datetime) -> str:
+    """strftime("%Y%m%d%H%M%S") + strftime("%z") (when aware), without strftime (slow) for
+    a plain datetime from year 1000 with an offset of whole minutes."""
+    text = "%d%02d%02d%02d%02d%02d" % (value.year, value.month, value.day, value.hour, value.minute, value.second)
+    tzinfo = value.tzinfo
+    if tzinfo is None:
+        return text
+    if tzinfo.__class__ is _dt.timezone:  # a fixed offset (what convert.dtm gives)
+        suffix = _FIXED_OFFSETS.get(tzinfo)
+        if suffix is None:
+            suffix = _FIXED_OFFSETS[tzinfo] = _offset_text(value)
+        return text + suffix if suffix is not _STRFTIME else value.strftime("%Y%m%d%H%M%S") + value.strftime("%z")
+    suffix = _offset_text(value)
+    return text + suffix if suffix is not _STRFTIME else value.strftime("%Y%m%d%H%M%S") + value.strftime("%z")
+
+
+_STRFTIME = "(strftime)"  # an offset _offset_text leaves to strftime
+_FIXED_OFFSETS: dict[_dt.tzinfo, str] = {}
+
+
+def _offset_text(value: _dt.datetime) -> str:
+    """strftime("%z") for whole minutes; _STRFTIME for anything else."""
+    offset = value.utcoffset()
+    if offset is None:
+        return ""
+    seconds = offset.days * 86400 + offset.seconds
+    if offset.microseconds or seconds % 60:
+        return _STRFTIME
+    hours, minutes = divmod(abs(seconds) // 60, 60)
+    return "%s%02d%02d" % ("+" if seconds >= 0 else "-", hours, minutes)
 
 
 def _resolve(
@@ -469,13 +505,29 @@ def _steps(parts: Sequence[str]) -> tuple[tuple[str, int, bool], ...]:
     return tuple((part, int(part) if part.isdigit() else 0, part.startswith("_")) for part in parts)
 
 
+_MAPPING, _SEQUENCE, _OBJECT = 0, 1, 2
+_KINDS: dict[type, int] = {}  # how _walk goes into a value of each type
+
+
+def _kind_of(cls: type) -> int:
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = _KINDS[cls] = (
+            _MAPPING if issubclass(cls, _Mapping) else _SEQUENCE if issubclass(cls, (tuple, list)) else _OBJECT
+        )
+    return kind
+
+
 def _walk(base: Any, steps: tuple[tuple[str, int, bool], ...]) -> Any:
     for part, number, private in steps:
         if base is None:
             return None
-        if type(base) is dict or isinstance(base, _Mapping):
+        kind = _KINDS.get(base.__class__)
+        if kind is None:
+            kind = _kind_of(base.__class__)
+        if kind == _MAPPING:
             base = base.get(part)
-        elif isinstance(base, (tuple, list)):
+        elif kind == _SEQUENCE:
             base = base[number - 1] if 1 <= number <= len(base) else None
         else:
             base = getattr(base, part, None) if not private else None

@@ -9,6 +9,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.core.agenda import AgendaEvent
 from engine.core.convert import Code, DutchName
@@ -92,3 +94,27 @@ def test_build_renders_every_template_shape_byte_for_byte(mappings):
 def test_build_outbound_numbers_control_ids_and_checks_when(mappings):
     got = build_outbound(mappings.mapping("m"), event(), Entry(), control_id="K7", timestamp=NOW)
     assert got == [('a', b'MSH|^~\\&|S\\F\\nd\\S\\er|dept S\\F\\nd\\S\\erx|||20260102030405+0100|a|SIU^S12^SIU_S12|K7-1|P|2.5|||||NLD|8859/1\rZZ1||Dr. Jan\\R\\Piet\\X0D\\\\X0A\\ en Jan\\R\\Piet\\X0D\\\\X0A\\!||lit|A\\T\\a^B\\E\\b~~Y^N||||^&A\\T\\a\rZZ2\rZZ3\rZZ4|20260304050607+0100|20260102|C1|de Boer|W.|42|||y\rZZ5|I\\S\\2||||E-1\\F\\x||20260102030405+0100|ZD1\\S\\2|appointment-request\rZZ6|deep-ab||||20260304050607\rOBR|1|I1^\xe9\xe9n||S\\F\\nd\\S\\er||1\rZOB\rOBR|2|I\\S\\2||S\\F\\nd\\S\\er||2\rZOB\rOBR|3||plain|S\\F\\nd\\S\\er||3\rZOB\rOBR|4||7|S\\F\\nd\\S\\er||4\rZOB\rOBR|5|||S\\F\\nd\\S\\er||5\rZOB\rZEN|end\r'), ('b', b'MSH|^~\\&|S\\F\\nd\\S\\er|dept S\\F\\nd\\S\\erx|||20260102030405+0100|a|SIU^S12^SIU_S12|K7-2|P|2.5|||||NLD|8859/1\rZZ1||Dr. Jan\\R\\Piet\\X0D\\\\X0A\\ en Jan\\R\\Piet\\X0D\\\\X0A\\!||lit|A\\T\\a^B\\E\\b~~Y^N||||^&A\\T\\a\rZZ2\rZZ3\rZZ4|20260304050607+0100|20260102|C1|de Boer|W.|42|||y\rZZ5|I\\S\\2||||E-1\\F\\x||20260102030405+0100|ZD1\\S\\2|appointment-request\rZZ6|deep-ab||||20260304050607\rOBR|1|I1^\xe9\xe9n||S\\F\\nd\\S\\er||1\rZOB\rOBR|2|I\\S\\2||S\\F\\nd\\S\\er||2\rZOB\rOBR|3||plain|S\\F\\nd\\S\\er||3\rZOB\rOBR|4||7|S\\F\\nd\\S\\er||4\rZOB\rOBR|5|||S\\F\\nd\\S\\er||5\rZOB\rZEN|end\r')]
+
+
+def _strftime(value: dt.date) -> str:
+    if isinstance(value, dt.datetime):
+        text = value.strftime("%Y%m%d%H%M%S")
+        return text + value.strftime("%z") if value.tzinfo is not None else text
+    return value.strftime("%Y%m%d")
+
+
+OFFSETS = st.one_of(
+    st.none(),
+    st.sampled_from([dt.timezone.utc, TZ, dt.timezone(dt.timedelta(hours=-3, minutes=-30))]),
+    st.timedeltas(min_value=dt.timedelta(hours=-23, minutes=-59), max_value=dt.timedelta(hours=23, minutes=59)).map(dt.timezone),
+    st.timezones(),
+)
+
+
+@given(st.datetimes(timezones=OFFSETS))
+@settings(max_examples=500)
+def test_datetimes_format_as_strftime_does(value):
+    from engine.mapping import _format
+
+    assert _format(value) == _strftime(value)
+    assert _format(value.date()) == _strftime(value.date())
