@@ -433,3 +433,44 @@ def test_random_event_sequences_never_raise_and_keep_valid_states(events):
             assert later.from_state == earlier.to_state
     for decision in store.decisions:
         assert isinstance(decision, (Create, Update, Hold, Reject))
+
+
+# Select rules: the precomputed criteria agree with the plain reading ------------------------
+
+_PATTERN = st.text(alphabet="aAbBİı*", min_size=1, max_size=4)
+_CODE_VALUE = st.one_of(
+    st.none(),
+    st.text(alphabet="aAbBİı* ", max_size=4),
+    st.lists(st.text(alphabet="aAbBİı", max_size=3), max_size=3),
+    st.fixed_dictionaries({"code": st.text(alphabet="aAbB", max_size=3)}),
+)
+
+
+def _plain_rule_matches(rule, event) -> bool:
+    from engine.core.agenda import SELECT_FIELDS, _FOLDED, _codes, _matches
+
+    for name, field_name in SELECT_FIELDS.items():
+        patterns = getattr(rule, name)
+        if patterns is None:
+            continue
+        values = [event.kind] if field_name is None else _codes(event.fields.get(field_name))
+        if not any(_matches(p, v, fold=name in _FOLDED) for p in patterns for v in values):
+            return False
+    return True
+
+
+@given(
+    criteria=st.dictionaries(
+        st.sampled_from(["specialism", "care_product", "cluster", "location_agb"]),
+        st.frozensets(_PATTERN, min_size=1, max_size=3),
+        min_size=1,
+    ),
+    fields=st.dictionaries(st.sampled_from(["specialism", "care_product", "cluster", "location_agb"]), _CODE_VALUE),
+)
+@settings(max_examples=300)
+def test_select_rules_match_as_the_plain_reading(criteria, fields):
+    from engine.core.agenda import SelectRule
+
+    rule = SelectRule(**criteria)
+    event = AgendaEvent(kind="referral", action="create", zd_number="ZD1", fields=fields)
+    assert rule.matches(event) == _plain_rule_matches(rule, event)

@@ -397,25 +397,46 @@ class SelectRule:
     prd_specialty: frozenset[str] | None = None
     location_agb: frozenset[str] | None = None
     kind: frozenset[str] | None = None
+    # Per given criterion, in SELECT_FIELDS order: (event field or None, fold, the exact
+    # patterns, the prefixes of the "X*" patterns), casefolded where fold; see _matches.
+    _criteria: tuple[tuple[str | None, bool, frozenset[str], tuple[str, ...]], ...] = field(
+        init=False, repr=False, compare=False, default=()
+    )
 
     def __post_init__(self) -> None:
         if all(getattr(self, name) is None for name in SELECT_FIELDS):
             raise ValueError("a select rule needs at least one criterion")
-        for name in SELECT_FIELDS:
+        criteria = []
+        for name, field_name in SELECT_FIELDS.items():
             codes = getattr(self, name)
             if codes is not None:
                 if not codes:
                     raise ValueError(f"select rule criterion {name} is an empty list")
-                object.__setattr__(self, name, frozenset(codes))
+                codes = frozenset(codes)
+                object.__setattr__(self, name, codes)
+                fold = name in _FOLDED
+                patterns = [p.casefold() if fold else p for p in codes]
+                exact = frozenset(p for p in patterns if not p.endswith("*"))
+                prefixes = tuple(sorted(p[:-1] for p in patterns if p.endswith("*")))
+                criteria.append((field_name, fold, exact, prefixes))
+        object.__setattr__(self, "_criteria", tuple(criteria))
 
     def matches(self, event: AgendaEvent) -> bool:
-        for name, field_name in SELECT_FIELDS.items():
-            patterns = getattr(self, name)
-            if patterns is None:
-                continue
-            values = [event.kind] if field_name is None else _codes(event.fields.get(field_name))
-            fold = name in _FOLDED
-            if not any(_matches(p, v, fold=fold) for p in patterns for v in values):
+        return self._matches(event, {})
+
+    def _matches(self, event: AgendaEvent, seen: dict[tuple[str | None, bool], list[str]]) -> bool:
+        """``matches``, with the event's codes per field read once per ``seen`` (one select)."""
+        for field_name, fold, exact, prefixes in self._criteria:
+            values = seen.get((field_name, fold))
+            if values is None:
+                values = [event.kind] if field_name is None else _codes(event.fields.get(field_name))
+                if fold:
+                    values = [v.casefold() for v in values]
+                seen[(field_name, fold)] = values
+            for value in values:
+                if value in exact or (prefixes and value.startswith(prefixes)):
+                    break
+            else:
                 return False
         return True
 
@@ -439,7 +460,13 @@ class Agenda:
             raise ValueError("the fallback agenda takes what no rule selects; it has no rules")
 
     def matches(self, event: AgendaEvent) -> bool:
-        return any(rule.matches(event) for rule in self.rules)
+        return self._matches(event, {})
+
+    def _matches(self, event: AgendaEvent, seen: dict[tuple[str | None, bool], list[str]]) -> bool:
+        for rule in self.rules:
+            if rule._matches(event, seen):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -469,8 +496,9 @@ class AgendaBook:
     def select(self, event: AgendaEvent) -> tuple[Agenda, bool]:
         """(agenda, is_fallback): the first agenda in file order with a matching rule, else
         the fallback agenda with True (never silent: the caller counts it)."""
+        seen: dict[tuple[str | None, bool], list[str]] = {}  # the event's codes, read once
         for agenda in self.agendas:
-            if not agenda.fallback and agenda.matches(event):
+            if not agenda.fallback and agenda._matches(event, seen):
                 return agenda, False
         return self.fallback, True
 
