@@ -93,15 +93,22 @@ def receive_settings(
         if metrics is not None:
             metrics.filtered_total.labels(channel.name).inc()
         log.info("message.filtered", message_id=message_id, type=message.message_type)
-        detail = f"no route takes {header.type_and_trigger or 'this message'}"
-        if not on_map:
-            committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail), within=0.02)
+        detail = _filtered_detail(header)
+        if not on_map:  # recorded in the insert already (receive_marks)
             return None
         code, ack = nak(FILTERED)
         d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
                                            ack_code=code, ack=ack))
         return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
                                                ack_code=code, ack=ack))
+
+    def receive_marks(assessment, chosen_targets) -> dict:
+        if on_map or chosen_targets or not assessment.accepted:
+            return {}
+        header = assessment.header
+        if any(route.matches(header.message_type, header.trigger) for route in map_routes):
+            return {}
+        return {"processing": "filtered", "processing_detail": _filtered_detail(header)}
 
     failure = STORE_FAILED
     if channel.ack.store_failure != failure.ack_code:
@@ -127,7 +134,12 @@ def receive_settings(
         on_queued=on_queued,
         on_stored=on_stored,
         ack_mode=channel.ack.mode,
+        receive_marks=receive_marks,
     )
+
+
+def _filtered_detail(header) -> str:
+    return f"no route takes {header.type_and_trigger or 'this message'}"
 
 
 class ListenerService(service.Service):

@@ -62,6 +62,9 @@ class ReceiveSettings:
     # to mapping. Must not raise.
     on_stored: Callable[..., object] = field(default=lambda *a: None)
     ack_mode: str = "on-store"  # on-map: the ACK waits for the mapping outcome
+    # Fields known at receive time for the stored row (e.g. processing="filtered"), so an
+    # on-store channel records what no route takes in the same insert, not a later update.
+    receive_marks: Callable[..., dict] = field(default=lambda assessment, targets: {})
 
     def allows(self, host: str) -> bool:
         return peer_allowed(self.allow, host)
@@ -442,6 +445,7 @@ class MLLPListenerFactory(protocol.Factory):
             error=None if accepted else assessment.rejection.text,
             duplicate_window=self.settings.duplicate_window if accepted else 0.0,
             targets=targets,
+            **self.settings.receive_marks(assessment, targets),
         )
 
     def drain(self) -> defer.Deferred:

@@ -106,6 +106,8 @@ class ReceivedMessage:
     duplicate_window: float
     targets: tuple[QueueTarget, ...] = ()
     origin_id: int | None = None  # set on messages Koppel built from another (outbound mapping)
+    processing: str | None = None  # known at receive time: "filtered" when no route takes it
+    processing_detail: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("accepted", "rejected"):

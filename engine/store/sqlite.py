@@ -138,7 +138,8 @@ _FIND_DUPLICATE = (
 _INSERT_MESSAGE = (
     "INSERT INTO messages (channel, peer, received_at, control_id, sender, message_type, "
     "structure, version, processing_id, charset, size, payload_hash, status, ack_code, ack, "
-    "error, raw, origin_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "error, raw, origin_id, processing, processing_detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_ENTRY = (
     "INSERT INTO queue_entries (queue, destination, message_id, state, enqueued_at, "
@@ -293,6 +294,8 @@ class _Transaction:
                 m.error,
                 m.raw,
                 m.origin_id,
+                m.processing,
+                m.processing_detail,
             ),
         )
         message_id = int(cur.lastrowid)  # type: ignore[arg-type]
