@@ -33,6 +33,11 @@ UNREADABLE = AckReply(code="", control_id="", text="unreadable acknowledgement",
 
 
 def read_ack(payload: bytes) -> AckReply:
+    fast = _read_plain_ack(payload)
+    return fast if fast is not None else _read_any_ack(payload)
+
+
+def _read_any_ack(payload: bytes) -> AckReply:
     header = read_header(payload, default_charset="8859/1")
     if header.rejection is not None and header.rejection.ack_code == "AR" and len(header.fields) < 3:
         return UNREADABLE
@@ -62,3 +67,29 @@ def read_ack(payload: bytes) -> AckReply:
         text=text.decode(codec, "replace"),
         readable=True,
     )
+
+
+def _read_plain_ack(payload: bytes) -> AckReply | None:
+    """The common case, read without a full header parse (every delivered message has one):
+    ``MSH|^~\\&|...`` with CR segments, an MSA with a known code and plain ASCII MSA-2, no ERR.
+    Anything else returns None and takes the general path."""
+    if not payload.startswith(b"MSH|^~\\&|") or b"\n" in payload or b"ERR|" in payload:
+        return None
+    start = payload.find(b"\rMSA|")
+    if start < 0:
+        return None
+    end = payload.find(b"\r", start + 1)
+    fields = payload[start + 1 : end if end >= 0 else len(payload)].split(b"|")
+    if len(fields) < 3:
+        return None
+    code = fields[1].split(b"^", 1)[0].strip().upper()
+    control_id = fields[2]
+    if len(fields) > 3 and fields[3] or not control_id.isascii():
+        return None
+    try:
+        code_text = code.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if code_text not in KNOWN_CODES:
+        return None
+    return AckReply(code=code_text, control_id=control_id.decode("ascii"), text="", readable=True)

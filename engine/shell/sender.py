@@ -158,6 +158,7 @@ class QueueSender:
         self.committer = committer
         self.reactor = reactor
         self.metrics = metrics
+        self._children: dict = {}
         self.draw = draw
         self.poll_interval = poll_interval
         self.log = log or get_logger(queue=queue)
@@ -722,13 +723,21 @@ class QueueSender:
             self._start_lane(lane, generation)
 
     def _gauge(self, name: str):
-        return getattr(self.metrics, name).labels(self.queue)
+        return self._child(name, self.queue)
 
     def _count(self, name: str, *labels: str):
-        return getattr(self.metrics, name).labels(*labels)
+        return self._child(name, *labels)
 
     def _histogram(self, name: str, destination: str):
-        return getattr(self.metrics, name).labels(destination)
+        return self._child(name, destination)
+
+    def _child(self, name: str, *labels: str):
+        """A metric child, looked up once: labels() costs more than the increment (profiled)."""
+        key = (name, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = getattr(self.metrics, name).labels(*labels)
+        return child
 
 
 def _on_nak(destination: DestinationConfig) -> dict[str, str]:
