@@ -39,11 +39,16 @@ class MLLPClient(protocol.Protocol):
         return d
 
     def dataReceived(self, data: bytes) -> None:
+        # Only requests written before these bytes arrived can be answered by them: a request
+        # made while this read is dispatched (the sender's next message) must not take a
+        # second, unsolicited frame of the same read for its answer.
+        answerable = len(self._waiting)
         for event in self.reader.feed(data):
             if type(event) is mllp.FrameReceived:
-                if not self._waiting:
+                if answerable == 0 or not self._waiting:
                     self.junk += 1  # an answer nobody asked for: never matched later
                     continue
+                answerable -= 1
                 d, call = self._waiting.popleft()
                 if call is not None and call.active():
                     call.cancel()
