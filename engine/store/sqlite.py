@@ -193,6 +193,7 @@ class _Transaction:
         # queue -> [pending, dead, delivered] deltas, applied once at the end
         self._counts: dict[str, list[int]] = {}
         self._last_error: dict[str, str | None] = {}
+        self._inflight: dict[str, int] = {}
 
     def apply(self, op: WriteOp) -> WriteResult:
         if type(op) is Append:
@@ -206,6 +207,11 @@ class _Transaction:
 
     def finish(self) -> None:
         self._flush_entries()
+        if self._inflight:
+            self._conn.executemany(
+                "INSERT INTO queues (queue, inflight) VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET inflight = ?",
+                [(queue, entry_id, entry_id) for queue, entry_id in self._inflight.items()],
+            )
         if not self._counts and not self._last_error:
             return
         execmany = self._conn.executemany
@@ -520,10 +526,8 @@ class _Transaction:
         )
 
     def _mark_sending(self, op: MarkSending) -> None:
-        self._conn.execute(
-            "INSERT INTO queues (queue, inflight) VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET inflight = ?",
-            (op.queue, op.entry_id, op.entry_id),
-        )
+        # Only the last mark per queue in a transaction matters: written once, in finish().
+        self._inflight[op.queue] = op.entry_id
 
     _handlers: dict[type, Any] = {
         MarkSending: _mark_sending,
