@@ -234,3 +234,21 @@ def test_messages_planned_in_one_batch_see_each_other_before_anything_is_committ
     assert (entry.state, entry.filler_id, len(entry.attachments)) == ("booked", "F778", 1)
     assert all(h.outcome(w.message_id)[0] == "mapped" for w in works)
     assert h.store.held_events([f"zd:{ZD}"]) == []
+
+
+def test_entry_data_is_stored_as_the_same_json_the_plain_conversion_gives():
+    import datetime as dt
+
+    from engine.core.convert import Code, DutchName
+    from engine.shell.processor import _plain, to_json
+
+    data = {
+        "when": dt.datetime(2026, 1, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        "born": dt.date(2000, 1, 1),
+        "patient.name": DutchName(surname="van 't Hek - de Vries", own_prefix="de", own_surname="Vries",
+                                  partner_prefix="van 't", partner_surname="Hek", initials="P.D.", given="",
+                                  use="L"),
+        "care_product": Code(code="CARREG001", text="consult", system="99zda"),
+        "attachments": ({"data": "QQ==", "filename": "brief.pdf"},),
+    }
+    assert json.loads(to_json(data)) == json.loads(json.dumps(_plain(data)))

@@ -103,6 +103,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _json_default(value: Any) -> Any:
+    """What json cannot encode itself, without first copying the whole document (hot path)."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    fields = getattr(value, "__dataclass_fields__", None)
+    if fields is not None:
+        return {name: getattr(value, name) for name in fields}
+    if hasattr(value, "items"):
+        return dict(value.items())
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    raise TypeError(f"cannot store a {type(value).__name__} in an agenda entry")
+
+
+def to_json(value: Any) -> str:
+    """Entry data and held events as stored (same JSON as ``_plain`` then ``json.dumps``)."""
+    return json.dumps(value if isinstance(value, dict) else dict(value.items()), default=_json_default)
+
+
 def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
     """A held event, with the mapping that made it (its outbound messages are built on release)."""
     return json.dumps(
@@ -382,7 +401,7 @@ class Processor:
         return SaveAgendaEntry(
             new=new, entry_id=entry_id, agenda_id=entry.agenda_id, kind=entry.kind, state=entry.state,
             zd_number=entry.zd_number, placer_id=entry.placer_id, filler_id=entry.filler_id,
-            data=json.dumps(_plain(entry.data), sort_keys=True), attachments=entry.attachments,
+            data=to_json(entry.data), attachments=entry.attachments,
             keys=ag.entry_keys(entry), at=at, message_id=message_id, action=action, from_state=from_state,
             changed=tuple(changed),
         )
@@ -451,6 +470,7 @@ class _BatchView:
         self.released_ids: set[int] = set()
         self.dropped_ops: set[int] = set()
         self.pending_ops: list = []
+        self.store_has_held: bool | None = None
 
     def new_id(self) -> int:
         processor = self.processor
@@ -488,7 +508,9 @@ class _BatchView:
     def held_for(self, keys) -> list[_Held]:
         keys = tuple(keys)
         found: list[_Held] = []
-        for record in self.store.held_events(keys):
+        if self.store_has_held is None:  # asked once per batch: usually nothing waits at all
+            self.store_has_held = self.store.has_held_events()
+        for record in self.store.held_events(keys) if self.store_has_held else ():
             if record.id in self.released_ids:
                 continue
             event, mapping = event_from_json(record.event)

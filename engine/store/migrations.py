@@ -180,6 +180,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         why="a one-row heartbeat the engine rewrites to prove the store still commits",
         statements=("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",),
     ),
+    Migration(
+        version=6,
+        why="find whether any event is still held without scanning released ones",
+        statements=("CREATE INDEX held_events_open ON held_events (id) WHERE released_at IS NULL",),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -827,6 +827,9 @@ class SQLiteStore:
             for r in rows
         ]
 
+    def has_held_events(self) -> bool:
+        return bool(self._query("SELECT 1 FROM held_events WHERE released_at IS NULL LIMIT 1"))
+
     def held_events(self, keys: Sequence[str]) -> list[HeldRecord]:
         """Unreleased events held for any of `keys`, in arrival order."""
         if not keys:
