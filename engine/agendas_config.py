@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import ConfigError, ConfigProblem, _bool, _Invalid, _line_col, _name, _text, _Walker
+from engine.config import ConfigError, ConfigProblem, _bool, _Invalid, _name, _text, _Walker, compose_file
 from engine.core.agenda import KINDS, SELECT_FIELDS, Agenda, AgendaBook, SelectRule
 
 __all__ = ["load_agendas"]
@@ -151,31 +151,9 @@ _SKIP: SelectRule = None  # type: ignore[assignment]  # a rule with reported pro
 
 def _read(file: Path, display: str) -> tuple[AgendaBook | None, list[ConfigProblem]]:
     reader = _AgendasReader(display)
-
-    def fail(line: int | None, col: int | None, path: str, message: str):
-        return None, [ConfigProblem(file=display, line=line, col=col, path=path, message=message)]
-
-    try:
-        data = file.read_bytes()
-    except OSError as error:
-        return fail(None, None, "(file)", f"cannot read: {error.strerror}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line, col = _line_col(data.decode("utf-8", errors="replace"), error.start)
-        return fail(line, col, "(file)", "not valid UTF-8")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        context = f" ({error.context})" if error.context else ""
-        return fail(line, col, "(yaml)", f"YAML syntax: {error.problem}{context}")
-    except yaml.YAMLError as error:
-        reason = getattr(error, "reason", None) or str(error)
-        return fail(*_line_col(text, getattr(error, "position", 0)), "(yaml)", f"YAML syntax: {reason}")
+    root, problems = compose_file(file, display, empty="expected agendas: [...]")
     if root is None:
-        return fail(1, 1, "(top)", "file is empty; expected agendas: [...]")
+        return None, problems
     book = reader.book(root)
     return book, reader.problems
 

@@ -1035,11 +1035,15 @@ class _ChannelReader(_Walker):
 _FileOutcome = tuple[_FileResult, list[ConfigProblem]]
 
 
-def _read_file(file: Path, display: str) -> _FileOutcome:
-    reader = _ChannelReader(file, display)
+def compose_file(file: Path, display: str, *, empty: str) -> tuple[yaml.Node | None, list[ConfigProblem]]:
+    """A YAML file as a node tree (marks kept for file:line:col), or the located problem.
 
-    def fail(line: int | None, col: int | None, path: str, message: str) -> _FileOutcome:
-        return reader.result, [ConfigProblem(file=display, line=line, col=col, path=path, message=message)]
+    Every config file (channels, mappings, templates, agendas) is read through here, so
+    unreadable files, bad encodings and YAML syntax errors are reported alike.
+    """
+
+    def fail(line: int | None, col: int | None, path: str, message: str):
+        return None, [ConfigProblem(file=display, line=line, col=col, path=path, message=message)]
 
     try:
         data = file.read_bytes()
@@ -1061,7 +1065,15 @@ def _read_file(file: Path, display: str) -> _FileOutcome:
         reason = getattr(error, "reason", None) or str(error)
         return fail(*_line_col(text, getattr(error, "position", 0)), "(yaml)", f"YAML syntax: {reason}")
     if root is None:
-        return fail(1, 1, "(top)", "file is empty; expected a channel with name and source")
+        return fail(1, 1, "(top)", f"file is empty; {empty}")
+    return root, []
+
+
+def _read_file(file: Path, display: str) -> _FileOutcome:
+    reader = _ChannelReader(file, display)
+    root, problems = compose_file(file, display, empty="expected a channel with name and source")
+    if root is None:
+        return reader.result, problems
     reader.channel(root)
     return reader.result, reader.problems
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import ConfigError, ConfigProblem
+from engine.config import ConfigError, ConfigProblem, compose_file
 from engine.core import charsets
 from engine.core import convert as _convert
 from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
@@ -937,27 +937,7 @@ class _Walker:
 
 
 def _compose(file: Path, display: str) -> tuple[yaml.Node | None, list[ConfigProblem]]:
-    def fail(line: int | None, col: int | None, path: str, message: str) -> tuple[None, list[ConfigProblem]]:
-        return None, [ConfigProblem(file=display, line=line, col=col, path=path, message=message)]
-
-    try:
-        text = file.read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        return fail(None, None, "(file)", f"cannot read: {error.strerror}")
-    except UnicodeDecodeError:
-        return fail(None, None, "(file)", "not valid UTF-8")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        context = f" ({error.context})" if error.context else ""
-        return fail(line, col, "(yaml)", f"YAML syntax: {error.problem}{context}")
-    except yaml.YAMLError as error:
-        return fail(1, 1, "(yaml)", f"YAML syntax: {getattr(error, 'reason', None) or error}")
-    if root is None:
-        return fail(1, 1, "(top)", "file is empty")
-    return root, []
+    return compose_file(file, display, empty="expected a mapping or template")
 
 
 # ---------------------------------------------------------------------------------------

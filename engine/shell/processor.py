@@ -63,6 +63,11 @@ class Outcome:
     ack: bytes | None = None
 
 
+INTERNAL_MAPPING_ERROR = Rejection(
+    ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, text="internal error while mapping"
+)
+
+
 def _mapping_rejection(errors) -> Rejection:
     """AE naming the first failing field: 101 when it was missing, else 102."""
     first = errors[0]
@@ -232,14 +237,16 @@ class Processor:
         if idle is not None:
             idle.callback(None)
 
-    @defer.inlineCallbacks
-    def _internal_error(self, work: Work, error: BaseException):
+    def _internal_failure(self, work: Work, error: BaseException) -> tuple[Outcome, SetProcessing]:
+        """A bug or a store read failing while mapping: the message fails alone, logged by class."""
         self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
         self._outcome(work, "error")
-        rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
-                              text="internal error while mapping")
-        outcome, op = self._failure(work, Outcome(status="error", detail="internal error while mapping",
-                                                  rejection=rejection))
+        return self._failure(work, Outcome(status="error", detail="internal error while mapping",
+                                           rejection=INTERNAL_MAPPING_ERROR))
+
+    @defer.inlineCallbacks
+    def _internal_error(self, work: Work, error: BaseException):
+        outcome, op = self._internal_failure(work, error)
         try:
             yield self.committer.submit(op)
         except Exception as store_error:  # noqa: BLE001
@@ -266,12 +273,7 @@ class Processor:
             try:
                 plans.append(self._plan(work, view))
             except Exception as error:  # noqa: BLE001 - this message fails alone
-                self.log.error("mapping.failed", message_id=work.message_id, error=safe_error(error))
-                self._outcome(work, "error")
-                rejection = Rejection(ack_code="AE", error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
-                                      text="internal error while mapping")
-                outcome, op = self._failure(work, Outcome(status="error", detail="internal error while mapping",
-                                                          rejection=rejection))
+                outcome, op = self._internal_failure(work, error)
                 plans.append((outcome, [op]))
         ops = [op for _, plan_ops in plans for op in plan_ops if op is not None]
         view.finish(ops)
