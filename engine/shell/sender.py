@@ -35,7 +35,7 @@ from engine.config import DestinationConfig
 from engine.core.delivery import judge
 from engine.core.outbound import OutboundError, prepare
 from engine.core.retry import backoff_delay
-from engine.log import get_logger, safe_error
+from engine.log import Repeats, get_logger, safe_error
 from engine.shell.client import MLLPClientFactory
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
@@ -188,7 +188,7 @@ class QueueSender:
         self._paused = False
         self._poller = task.LoopingCall(self.poll)
         self._poller.clock = reactor
-        self._failures_logged: dict[str, int] = {}
+        self._failures_logged = Repeats()
         self._resend_candidate: int | None = None  # on the wire when the engine last stopped
 
     @property
@@ -620,7 +620,7 @@ class QueueSender:
         )
         self._done(entry)
         self._histogram("delivery_latency_seconds", entry.destination).observe(max(0.0, now - entry.enqueued_at))
-        self._failures_logged.clear()
+        self._failures_logged.reset()
         self.log.debug("delivery.acked", entry_id=entry.id, message_id=entry.message_id, control_id=entry.control_id)
 
     def _dead_letter(self, entry: QueueEntry, reason: str, answer: bytes | None) -> None:
@@ -679,9 +679,8 @@ class QueueSender:
 
     def _log_failure(self, entry: QueueEntry, reason: str, attempt: int, delay: float) -> None:
         """The first failures are logged each; after that one line per power of two."""
-        seen = self._failures_logged.get(reason, 0) + 1
-        self._failures_logged[reason] = seen
-        if seen <= 3 or seen & (seen - 1) == 0:
+        seen = self._failures_logged.count(reason)
+        if seen is not None:
             self.log.warning(
                 "delivery.retry",
                 entry_id=entry.id,
