@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--control-id")
     messages.add_argument("--status", choices=["accepted", "rejected"])
     messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--json", action="store_true", help="print JSON")
 
     from engine import operator
 
@@ -270,16 +271,28 @@ def _map(args) -> int:
 
 
 def _messages(args) -> int:
+    """Stored messages, newest first: headers and what became of them, never bodies."""
+    import datetime as dt
+
     from engine.store import open_store
 
     store = open_store(args.store)
     try:
         rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
                                    limit=args.limit)
+        if args.json:
+            import json
+
+            print(json.dumps([{name: getattr(row, name) for name in row.__dataclass_fields__} for row in rows],
+                             indent=2))
+            return 0
+        print("ID\tRECEIVED\tCHANNEL\tTYPE\tCONTROL-ID\tSTATUS\tACK\tSIZE\tPROCESSING\tDETAIL")
         for row in rows:
-            print("\t".join(str(getattr(row, name, "")) for name in
-                            ("id", "received_at", "channel", "message_type", "control_id", "status",
-                             "ack_code", "size")))
+            received = dt.datetime.fromtimestamp(row.received_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+            origin = f" (built from {row.origin_id})" if row.origin_id else ""
+            print("\t".join(str(value) if value is not None else "-" for value in (
+                row.id, received, row.channel, row.message_type, row.control_id, row.status, row.ack_code,
+                row.size, row.processing, (row.processing_detail or row.error or "") + origin)))
     finally:
         store.close()
     return 0
