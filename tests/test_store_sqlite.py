@@ -603,3 +603,32 @@ def test_a_store_from_a_newer_koppel_refuses_to_open(tmp_path):
 def test_the_store_package_does_not_import_twisted():
     code = "import sys, engine.store, engine.store.sqlite; assert 'twisted' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_many_deliveries_in_one_transaction_are_each_recorded_and_counted_once(store):
+    results = store.write([Append(message=received(f"D{i}")) for i in range(650)])
+    entries = store.queue_head(HIX.queue, 1000)
+    assert len(entries) == 650
+    first = entries[0].id
+    ops = [MarkDelivered(entry_id=e.id, ack=b"ACK" + str(e.id).encode(), at=T0 + 1) for e in entries]
+    ops.insert(10, MarkDelivered(entry_id=first, ack=b"again", at=T0 + 2))  # the same entry twice
+    out = store.write(ops)
+    assert out.count(True) == 650 and out.count(False) == 1
+    assert out[10] is False
+    assert store.queue_depths()[HIX.queue] == 0
+    (stats,) = store.queue_stats(T0 + 3)
+    assert stats.delivered_count == 650
+    assert store.get_entry(entries[500].id).last_ack == b"ACK" + str(entries[500].id).encode()
+    assert store.get_entry(first).last_ack.startswith(b"ACK")
+    assert len(results) == 650
+
+
+def test_a_delivery_is_applied_before_a_later_op_in_the_same_transaction_reads_it(store):
+    store.write([Append(message=received("E1"))])
+    (entry,) = store.queue_head(HIX.queue, 10)
+    delivered, failed = store.write([
+        MarkDelivered(entry_id=entry.id, ack=b"AA", at=T0 + 1),
+        RecordFailure(entry_id=entry.id, error="late", ack=None, next_attempt_at=T0 + 9, at=T0 + 2),
+    ])
+    assert (delivered, failed) == (True, False)  # the failure finds it delivered, as if applied in order
+    assert store.get_entry(entry.id).state == "delivered"

@@ -184,6 +184,10 @@ def _entry(row: tuple[Any, ...]) -> QueueEntry:
 # --------------------------------------------------------------------------- unit of work
 
 
+# Ops that never read or change queue entries, so deliveries may wait for the end beside them.
+_BESIDE_DELIVERIES = frozenset({MarkSending, Heartbeat, SetProcessing})
+
+
 class _Transaction:
     """Applies ops inside one open transaction; batches entry inserts and counter updates."""
 
@@ -194,6 +198,52 @@ class _Transaction:
         self._counts: dict[str, list[int]] = {}
         self._last_error: dict[str, str | None] = {}
         self._inflight: dict[str, int] = {}
+        self._deliveries: list[tuple[MarkDelivered, int]] = []
+
+    def apply_all(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Results in op order. Deliveries are written together at the end (one statement per
+        few hundred, not one each), or earlier if another op could see them."""
+        results: list[WriteResult] = []
+        for op in ops:
+            if type(op) is MarkDelivered:
+                self._deliveries.append((op, len(results)))
+                results.append(None)  # filled in by _flush_deliveries
+            else:
+                if self._deliveries and type(op) not in _BESIDE_DELIVERIES:
+                    self._flush_deliveries(results)
+                results.append(self.apply(op))
+        self._flush_deliveries(results)
+        return results
+
+    def _flush_deliveries(self, results: list[WriteResult]) -> None:
+        marks, self._deliveries = self._deliveries, []
+        deliveries: list[tuple[MarkDelivered, int]] = []
+        seen: set[int] = set()
+        for op, index in marks:
+            if op.entry_id in seen:  # marked twice in one transaction: the first mark counts
+                results[index] = False
+            else:
+                seen.add(op.entry_id)
+                deliveries.append((op, index))
+        for start in range(0, len(deliveries), 300):
+            chunk = deliveries[start : start + 300]
+            values = ", ".join("(?, ?, ?)" for _ in chunk)
+            params = [value for op, _ in chunk for value in (op.entry_id, op.ack, op.at)]
+            rows = self._conn.execute(
+                f"WITH done(id, ack, at) AS (VALUES {values}) "
+                "UPDATE queue_entries SET state = 'delivered', attempts = attempts + 1, last_ack = done.ack, "
+                "last_attempt_at = done.at, done_at = done.at FROM done "
+                "WHERE queue_entries.id = done.id AND queue_entries.state = 'pending' "
+                "RETURNING queue_entries.id, queue_entries.queue",
+                params,
+            ).fetchall()
+            delivered = dict(rows)
+            for op, index in chunk:
+                queue = delivered.get(op.entry_id)
+                results[index] = queue is not None
+                if queue is not None:
+                    self._count(queue, pending=-1, delivered=1)
+                    self._last_error[queue] = None
 
     def apply(self, op: WriteOp) -> WriteResult:
         if type(op) is Append:
@@ -659,7 +709,7 @@ class SQLiteStore:
             raise StoreError(f"store write could not start: {exc}") from exc
         try:
             tx = _Transaction(conn)
-            results = [tx.apply(op) for op in ops]
+            results = tx.apply_all(ops)
             tx.finish()
             conn.execute("COMMIT")
             return results
