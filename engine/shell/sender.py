@@ -22,6 +22,7 @@ message after restart (at-least-once, counted as a redelivery), it never loses i
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from collections import deque
@@ -556,9 +557,11 @@ class QueueSender:
         except OutboundError as error:
             self._dead_letter(entry, str(error), None)
             return None
-        client = yield lane.connected()
-        if client is None:
-            return self._failed(entry, lane.connect_error, None)
+        client = lane.client
+        if client is None or client.transport is None or not client.transport.connected:
+            client = yield lane.connected()  # only when (re)connecting: a Deferred less per message
+            if client is None:
+                return self._failed(entry, lane.connect_error, None)
         lane.state = SENDING
         self._count("delivery_sent_total", entry.destination).inc()
         if entry.attempts or entry.id == self._resend_candidate:
@@ -580,7 +583,7 @@ class QueueSender:
         outcome = judge(
             answer,
             sent_control_id=entry.control_id or "",
-            on_nak=_on_nak(destination),
+            on_nak=_on_nak(destination),  # cached per destination config
             failure=failure,
         )
         if outcome.code:
@@ -739,6 +742,7 @@ class QueueSender:
         return child
 
 
+@functools.lru_cache(maxsize=256)
 def _on_nak(destination: DestinationConfig) -> dict[str, str]:
     nak = destination.on_nak
     return {"AE": nak.AE, "CE": nak.CE, "AR": nak.AR, "CR": nak.CR}
