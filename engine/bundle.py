@@ -49,7 +49,8 @@ def load_bundle(channels_dir: Path, mappings_dir: Path) -> Bundle:
             book = load_agendas(mappings_dir / AGENDAS_FILE)
         except ConfigError as error:
             problems.extend(error.problems)
-    if config is not None:
+    mappings_failed = has_mapping_files and mappings is None
+    if config is not None and not mappings_failed:  # a mapping that failed to load is reported already
         problems.extend(_cross_check(config, mappings, book, mappings_dir))
     if problems:
         raise ConfigError(problems)
@@ -65,7 +66,9 @@ def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> li
             if route.map is None:
                 continue
             used = True
-            where = dict(file=str(channel.file), line=None, col=None, path=f"routes[{index}].map")
+            path = f"routes[{index}].map"
+            line, col = channel.mark(path)
+            where = dict(file=str(channel.file), line=line, col=col, path=path)
             if mappings is None:
                 problems.append(ConfigProblem(**where, message=f"mapping {route.map!r}: no mapping files in {mappings_dir}"))
                 continue

@@ -395,6 +395,14 @@ class ChannelConfig:
     duplicate_window: float = DEFAULT_DUPLICATE_WINDOW  # seconds; 0 disables duplicate detection
     ack: AckConfig = AckConfig()
     routes: tuple[RouteConfig, ...] = ()
+    # Where checks made later (mapping names, after mappings load) point: dotted path -> (line, col).
+    marks: tuple[tuple[str, int, int], ...] = ()
+
+    def mark(self, path: str) -> tuple[int | None, int | None]:
+        for where, line, col in self.marks:
+            if where == path:
+                return line, col
+        return None, None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -820,6 +828,10 @@ class _ChannelReader(_Walker):
                 duplicate_window=duplicate_window,
                 ack=ack,
                 routes=routes,
+                marks=tuple(
+                    (located.path, located.node.start_mark.line + 1, located.node.start_mark.column + 1)
+                    for located in self.result.route_maps
+                ),
             )
 
     def routes(self, node: yaml.Node, path: str) -> tuple[RouteConfig, ...]:
