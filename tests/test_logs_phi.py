@@ -21,15 +21,12 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 
-from conftest import SAMPLES_DIR, load_sample, sample_names
+from conftest import load_sample, sample_names
 from sink import KOPPEL, ROOT, Sink
 
 START_TIMEOUT = 20.0

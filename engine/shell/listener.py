@@ -363,7 +363,6 @@ class MLLPListenerFactory(protocol.Factory):
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
         port = getattr(addr, "port", 0)
-        channel = self.settings.channel
         if not self.settings.allows(host):
             self._refused("not-allowed", host, port)
             return None

@@ -7,7 +7,6 @@ Usage: python tests/benchmarks/pyhl7_server.py PORT
 import asyncio
 import sys
 
-import hl7
 from hl7.mllp import start_hl7_server
 
 
