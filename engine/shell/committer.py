@@ -121,10 +121,12 @@ class GroupCommitter:
 class Checkpointer:
     """Runs the store's WAL checkpoint in a thread now and then, off the commit path."""
 
-    def __init__(self, store, *, reactor, interval: float = 0.25, log=None) -> None:
+    def __init__(self, store, *, reactor, interval: float = 0.25, log=None, in_thread=None) -> None:
         self._store = store
         self._reactor = reactor
         self._log = log
+        # How to run a blocking call off the reactor thread (injected; tests run it inline).
+        self._in_thread = in_thread or self._reactor_thread_pool
         self._loop = task.LoopingCall(self._once)
         self._loop.clock = reactor
         self._interval = interval
@@ -134,14 +136,15 @@ class Checkpointer:
         if hasattr(self._store, "checkpoint"):
             self._loop.start(self._interval, now=False)
 
-    def _once(self):
+    def _reactor_thread_pool(self, function) -> defer.Deferred:
         from twisted.internet import threads
 
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), function)
+
+    def _once(self):
         if self._running is not None:
             return None
-        self._running = threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._store.checkpoint
-        )
+        self._running = defer.maybeDeferred(self._in_thread, self._store.checkpoint)
         self._running.addErrback(self._failed)
         self._running.addBoth(self._done)
         return None
