@@ -32,26 +32,30 @@ from engine.store import (
     Append,
     DeadLetter,
     PutAttachment,
-    QueueTarget,
-    ReceivedMessage,
     RecordFailure,
     SaveAgendaEntry,
     open_store,
     write_one,
 )
 
+from tests.test_operator import (
+    AR_ACK,
+    HIX,
+    HIX_Q,
+    NOW,
+    RIS,
+    RIS_Q,
+    T0,
+    TEST_BSN,
+    TEST_NAME,
+    received,
+    referral,
+)  # the operator tests' synthetic world
+
 ROOT = Path(__file__).resolve().parent.parent
 OPENAPI = ROOT / "deploy" / "openapi" / "koppel-admin.yaml"
 
-T0 = 1_700_000_000.0
-NOW = T0 + 192.0
 TOKEN = "s3cret-admin-token"
-HIX_Q = "127.0.0.1:6661"
-RIS_Q = "127.0.0.1:7000"
-HIX = QueueTarget(queue=HIX_Q, destination="hix-agenda")
-RIS = QueueTarget(queue=RIS_Q, destination="ris")
-TEST_BSN = "123456782"
-TEST_NAME = "Testpatiënt"
 ZD = "ZD900000017"
 
 CHANNEL = """
@@ -66,31 +70,6 @@ destinations:
 routes:
   - to: [hix-agenda, ris]
 """
-
-AR_ACK = (
-    b"MSH|^~\\&|RIS|ZIEKENHUIS|ZorgDomein|ZD|20231114221500||ACK^S01^ACK|RIS42|P|2.4\r"
-    b"MSA|AR|ZD001|unknown appointment type\r"
-)
-
-
-def referral(control_id: str) -> bytes:
-    return (
-        f"MSH|^~\\&|ZorgDomein|ZD|HIX|ZIEKENHUIS|20231114221320||SRM^S01^SRM_S01|{control_id}|P|2.4\r"
-        f"PID|1||{TEST_BSN}^^^NLMINBIZA^NNNLD||{TEST_NAME}^Jan||19800101|M\r"
-    ).encode("latin-1")
-
-
-def received(control_id: str, *, at: float, targets=(), status: str = "accepted",
-             message_type: str = "SRM^S01") -> ReceivedMessage:
-    raw = referral(control_id)
-    return ReceivedMessage(
-        channel="zorgdomein-in", peer="127.0.0.1:40000", received_at=at, control_id=control_id,
-        sender="ZorgDomein|ZD", message_type=message_type, structure="SRM_S01", version="2.4",
-        processing_id="P", charset="8859/1", raw=raw, payload_hash=hashlib.sha256(raw).digest(),
-        status=status, ack_code="AA" if status == "accepted" else "AR", ack=b"MSH|ack",
-        error=None if status == "accepted" else "type not accepted", duplicate_window=0,
-        targets=tuple(targets),
-    )
 
 
 def populate(url: str) -> dict[str, int]:

@@ -57,11 +57,12 @@ def referral(control_id: str) -> bytes:
     ).encode("latin-1")
 
 
-def received(control_id: str, *, at: float, targets=(), status: str = "accepted") -> ReceivedMessage:
+def received(control_id: str, *, at: float, targets=(), status: str = "accepted",
+             message_type: str = "SRM^S01") -> ReceivedMessage:
     raw = referral(control_id)
     return ReceivedMessage(
         channel="zorgdomein-in", peer="127.0.0.1:40000", received_at=at, control_id=control_id,
-        sender="ZorgDomein|ZD", message_type="SRM^S01", structure="SRM_S01", version="2.4",
+        sender="ZorgDomein|ZD", message_type=message_type, structure="SRM_S01", version="2.4",
         processing_id="P", charset="8859/1", raw=raw, payload_hash=hashlib.sha256(raw).digest(),
         status=status, ack_code="AA" if status == "accepted" else "AR", ack=b"MSH|ack",
         error=None if status == "accepted" else "type not accepted", duplicate_window=0,
