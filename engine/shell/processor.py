@@ -1,11 +1,12 @@
 """After a message is stored and acknowledged (``ack: on-store``): map it into the
 agendas and queue what the mapping builds for the hospital's systems.
 
-Messages are processed one at a time per engine, in commit order, each decision
-committed before the next is read, so two messages about the same referral can never
-race. The logic is pure (``Mapping.apply``, ``decide``, ``release``, ``build_outbound``);
-this class reads the current entry from the store, turns a decision into write
-operations and commits them in one transaction with the message's processing outcome.
+Messages are planned in commit order, a batch at a time (what one reactor turn
+committed), against a view of the store plus what earlier messages of the batch
+changed, so two messages about the same referral can never race; each batch commits in
+one transaction with every message's processing outcome. The logic is pure
+(``Mapping.apply``, ``decide``, ``release``, ``build_outbound``); this class reads the
+current entries, turns decisions into write operations and commits them.
 A mapping error never loses the message: it stays stored with outcome ``error`` and a
 reason naming the mapping file:line and path (never a value).
 """
@@ -280,7 +281,6 @@ class Processor:
         ops = [op for op in ops if op is not None]
         if ops:
             yield self.committer.submit_many(ops)
-        view.committed()
         self._queued(ops)
         return [outcome for outcome, _ in plans]
 
@@ -447,14 +447,13 @@ BATCH = 256  # messages planned against one in-memory view and committed togethe
 
 @dataclasses.dataclass(slots=True)
 class _Held:
-    """A held event as the view knows it: from the store (id) or from this batch (op index)."""
+    """A held event as the view knows it: from the store (id) or held in this batch (id None)."""
 
     id: int | None
     message_id: int
     event: ag.AgendaEvent
     mapping: str | None
     keys: tuple[str, ...]
-    op_indexes: tuple[int, ...] = ()  # positions of this batch's HoldEvent/SetProcessing ops
 
 
 class _BatchView:
@@ -503,7 +502,7 @@ class _BatchView:
             SetProcessing(message_id=work.message_id, outcome="held", detail=decision.reason),
         ]
         self.batch_held.append(_Held(id=None, message_id=work.message_id, event=event, mapping=work.mapping,
-                                     keys=tuple(decision.keys), op_indexes=()))
+                                     keys=tuple(decision.keys)))
         self.pending_ops.append((self.batch_held[-1], ops))
         return ops
 
@@ -539,6 +538,3 @@ class _BatchView:
         for index, op in enumerate(ops):
             if op is not None and id(op) in self.dropped_ops:
                 ops[index] = None
-
-    def committed(self) -> None:
-        pass
