@@ -12,6 +12,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionClosed, TimeoutError
 
 from engine.core import mllp
+from engine.shell.wire import send_now
 
 
 class MLLPClient(protocol.Protocol):
@@ -35,7 +36,7 @@ class MLLPClient(protocol.Protocol):
         if timeout is not None:
             call = self.clock.callLater(timeout, self._timed_out, d)
         self._waiting.append((d, call))
-        self.transport.write(mllp.encode_frame(payload))
+        send_now(self.transport, mllp.encode_frame(payload))
         return d
 
     def dataReceived(self, data: bytes) -> None:

@@ -34,6 +34,7 @@ from engine.core.intake import (
 from engine.core.errors import Rejection
 from engine.log import Repeats, get_logger, safe_error
 from engine.store import Append, QueueTarget, ReceivedMessage
+from engine.shell.wire import send_now
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -280,7 +281,7 @@ class MLLPReceiver(protocol.Protocol):
         while answers and answers[0].done:
             answer = answers.popleft()
             if answer.ack:
-                self.transport.write(mllp.encode_frame(answer.ack))
+                send_now(self.transport, mllp.encode_frame(answer.ack))
                 factory.count(metrics.acks_sent, answer.code).inc()
             else:
                 factory.count(metrics.acks_withheld, answer.code).inc()
