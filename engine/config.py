@@ -426,7 +426,7 @@ class EngineConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Walking YAML nodes
+# Walking YAML nodes (channel, mapping, template and agenda files alike)
 
 _NULL = "tag:yaml.org,2002:null"
 _BOOL = "tag:yaml.org,2002:bool"
@@ -446,6 +446,10 @@ class _Required:
 
 
 _REQUIRED: Any = _Required()
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
 
 
 def _is_plain_key(node: yaml.Node) -> bool:
@@ -473,6 +477,40 @@ def _line_col(text: str, index: int) -> tuple[int, int]:
     return line, index - (text.rfind("\n", 0, index) + 1) + 1
 
 
+def _list(node: yaml.Node, example: str) -> list[yaml.Node]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise _Invalid(f"expected a list, e.g. {example}, got {_kind(node)}")
+    return node.value
+
+
+def _merged(node: yaml.MappingNode, bad: list[yaml.Node]) -> dict[str, _Entry]:
+    """Entries brought in by YAML merge keys (`<<: *defaults`), with YAML's precedence:
+    a mapping's own keys beat what it merges, and earlier merged mappings beat later ones.
+    Merged values that are not mappings are put in `bad`."""
+    merged: dict[str, _Entry] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE:
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                bad.append(source)
+                continue
+            for key, entry in _entries(source, bad).items():
+                merged.setdefault(key, entry)
+    return merged
+
+
+def _entries(node: yaml.Node, bad: list[yaml.Node] | None = None) -> dict[str, _Entry]:
+    """A mapping's entries as YAML loads them (merges applied), reporting nothing, so a reader
+    can tell which shape a node has before it reads it. {} for anything but a mapping."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    entries = _merged(node, [] if bad is None else bad)
+    entries.update((k.value, (k, v)) for k, v in node.value if _is_plain_key(k))
+    return entries
+
+
 class _Mapping:
     """The checked keys of one YAML mapping, read by name with a reader per value."""
 
@@ -481,6 +519,13 @@ class _Mapping:
         self.node = node
         self.path = path
         self.entries = entries
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> yaml.Node:
+        """The value node of `key`, for readers that check it themselves."""
+        return self.entries[key][1]
 
     def get(self, key: str, read: _Reader[_T], default: Any = _REQUIRED) -> Any:
         """The value of `key` read by `read`; `default` if absent. Problems are reported."""
@@ -491,11 +536,7 @@ class _Mapping:
                 self.walker.report(self.node, path, "missing (required)")
                 return None
             return default
-        try:
-            return read(entry[1], path)
-        except _Invalid as invalid:
-            self.walker.report(entry[1], path, str(invalid))
-            return None if default is _REQUIRED else default
+        return self.walker.read(entry[1], path, read, None if default is _REQUIRED else default)
 
     def items(self) -> Iterable[tuple[str, yaml.Node, yaml.Node]]:
         for key, (key_node, value_node) in self.entries.items():
@@ -509,27 +550,43 @@ class _Walker:
         self.file = file
         self.problems: list[ConfigProblem] = []
 
-    def report(self, node: yaml.Node, path: str, message: str) -> None:
+    def report(self, node: yaml.Node, path: str, message: str, *, col_offset: int = 0) -> None:
+        """`col_offset`: how far into the node's text the problem is (a bad character in a value)."""
         mark = node.start_mark
         self.problems.append(
-            ConfigProblem(file=self.file, line=mark.line + 1, col=mark.column + 1, path=path, message=message)
+            ConfigProblem(
+                file=self.file,
+                line=mark.line + 1,
+                col=mark.column + 1 + col_offset,
+                path=path or "(top)",
+                message=message,
+            )
         )
+
+    def read(self, node: yaml.Node, path: str, read: _Reader[_T], default: Any = None) -> Any:
+        """`node` read by `read`, or `default` once the problem is reported."""
+        try:
+            return read(node, path)
+        except _Invalid as invalid:
+            self.report(node, path, str(invalid))
+            return default
 
     def mapping(self, node: yaml.Node, path: str, keys: Sequence[str] | None) -> _Mapping | None:
         """Check that `node` is a mapping with only `keys` (None: any keys), each once."""
         if not isinstance(node, yaml.MappingNode):
             expected = f" with keys {', '.join(keys)}" if keys else ""
-            self.report(node, path or "(top)", f"expected a mapping{expected}, got {_kind(node)}")
+            self.report(node, path, f"expected a mapping{expected}, got {_kind(node)}")
             return None
-        entries: dict[str, _Entry] = {}
-        for key_node, value_node in self._merged(node, path):
-            entries.setdefault(key_node.value, (key_node, value_node))
+        bad: list[yaml.Node] = []
+        entries = _merged(node, bad)
+        for source in bad:
+            self.report(source, _join(path, "<<"), f"can only merge a mapping, got {_kind(source)}")
         explicit: set[str] = set()
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
                 continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _NULL:
-                self.report(key_node, path or "(top)", f"a key must be a plain name, got {_kind(key_node)}")
+                self.report(key_node, path, f"a key must be a plain name, got {_kind(key_node)}")
                 continue
             key = key_node.value
             key_path = _join(path, key)
@@ -549,23 +606,9 @@ class _Walker:
                 del entries[key]
         return _Mapping(self, node, path, entries)
 
-    def _merged(self, node: yaml.MappingNode, path: str) -> list[_Entry]:
-        """Entries brought in by YAML merge keys (`<<: *defaults`), with YAML's precedence:
-        a mapping's own keys beat what it merges, and earlier merged mappings beat later ones."""
-        merged: dict[str, _Entry] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag != _MERGE:
-                continue
-            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-            for source in sources:
-                if not isinstance(source, yaml.MappingNode):
-                    self.report(source, _join(path, "<<"), f"can only merge a mapping, got {_kind(source)}")
-                    continue
-                own = {k.value: (k, v) for k, v in self._merged(source, path)}
-                own.update((k.value, (k, v)) for k, v in source.value if _is_plain_key(k))
-                for key, entry in own.items():
-                    merged.setdefault(key, entry)
-        return list(merged.values())
+    def nodes(self, node: yaml.Node, path: str, *, example: str) -> list[yaml.Node]:
+        """A list's item nodes, for a caller that checks each item itself; [] if not a list."""
+        return self.read(node, path, lambda n, p: _list(n, example), [])
 
     def seq(
         self,
@@ -581,13 +624,12 @@ class _Walker:
 
         `empty`, if given, is why an empty list is refused ("would refuse every peer").
         """
-        if not isinstance(node, yaml.SequenceNode):
-            raise _Invalid(f"expected a list, e.g. {example}, got {_kind(node)}")
-        if empty is not None and not node.value:
+        items = _list(node, example)
+        if empty is not None and not items:
             raise _Invalid(empty)
         out: list[_T] = []
         seen: dict[Any, int] = {}
-        for index, item in enumerate(node.value):
+        for index, item in enumerate(items):
             item_path = _join(path, index)
             try:
                 value = read(item, item_path)
@@ -623,7 +665,7 @@ def _text(node: yaml.Node, path: str = "") -> str:
 
 def _nullable(read: _Reader[_T]) -> _Reader[_T | None]:
     def read_or_none(node: yaml.Node, path: str) -> _T | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+        if _is_null(node):
             return None
         return read(node, path)
 
@@ -904,7 +946,7 @@ class _ChannelReader(_Walker):
         )
 
     def destinations(self, node: yaml.Node, path: str) -> None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+        if _is_null(node):
             return
         m = self.mapping(node, path, None)
         if m is None:
@@ -996,7 +1038,7 @@ class _ChannelReader(_Walker):
             if number in _REWRITE_FORBIDDEN:
                 self.report(key_node, key_path, f"cannot be rewritten: {_REWRITE_FORBIDDEN[number]}")
                 continue
-            if isinstance(value_node, yaml.ScalarNode) and value_node.tag == _NULL:
+            if _is_null(value_node):
                 self.report(value_node, key_path, 'needs a value (write "" to empty the field)')
                 continue
             try:

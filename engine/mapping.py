@@ -44,7 +44,21 @@ from typing import Any
 
 import yaml
 
-from engine.config import ConfigError, ConfigProblem, compose_file
+from engine.config import (
+    _NAME_RE,
+    _TYPE_RE,
+    _VERSION_RE,
+    ConfigError,
+    ConfigProblem,
+    _bool,
+    _entries,
+    _is_null,
+    _join,
+    _kind,
+    _text,
+    _Walker,
+    compose_file,
+)
 from engine.core import charsets
 from engine.core import convert as _convert
 from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
@@ -72,13 +86,8 @@ NOT_MAPPINGS = frozenset({"agendas.yaml"})  # other YAML files that live in mapp
 ANY_VALUE = frozenset({"*"})  # outbound `when: {field: "*"}`: the field has any value
 TOP_LEVEL = ("kind", "action", "zd_number", "placer_id", "filler_id")  # AgendaEvent attributes
 
-_NULL = "tag:yaml.org,2002:null"
-_BOOL = "tag:yaml.org,2002:bool"
 _SEG_RE = re.compile(r"[A-Z][A-Z0-9]{2}")
-_TYPE_RE = re.compile(r"[A-Z][A-Z0-9]{2}(\^[A-Z0-9]{3})?")
 _FIELD_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_VERSION_RE = re.compile(r"2\.[0-9]+(\.[0-9]+)?")
 _MESSAGE_RE = re.compile(r"[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}(\^[A-Z0-9_]{3,7})?")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _PLACEHOLDER_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*")
@@ -837,105 +846,6 @@ def build_outbound(
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Walking YAML nodes (the approach of engine.config: compose, check shapes, report marks)
-
-
-class _Invalid(Exception):
-    """A value is wrong; whoever asked for it reports it at the value's node."""
-
-
-def _kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    if node.tag == _NULL:
-        return "nothing"
-    return repr(node.value)
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _text(node: yaml.Node) -> str:
-    if not isinstance(node, yaml.ScalarNode):
-        raise _Invalid(f"expected a single value, got {_kind(node)}")
-    if node.tag == _NULL:
-        raise _Invalid("needs a value")
-    return node.value
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
-
-
-class _Walker:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[ConfigProblem] = []
-
-    def report(self, node: yaml.Node, path: str, message: str, col_offset: int = 0) -> None:
-        mark = node.start_mark
-        self.problems.append(
-            ConfigProblem(
-                file=self.file,
-                line=mark.line + 1,
-                col=mark.column + 1 + col_offset,
-                path=path or "(top)",
-                message=message,
-            )
-        )
-
-    def mapping(
-        self, node: yaml.Node, path: str, keys: Sequence[str] | None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
-        """`node` as {key: (key node, value node)}, reporting unknown and duplicate keys."""
-        if not isinstance(node, yaml.MappingNode):
-            expected = f" with keys {', '.join(keys)}" if keys else ""
-            self.report(node, path, f"expected a mapping{expected}, got {_kind(node)}")
-            return None
-        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _NULL:
-                self.report(key_node, path, f"a key must be a plain name, got {_kind(key_node)}")
-                continue
-            key = key_node.value
-            key_path = _join(path, key)
-            if key in entries:
-                line = entries[key][0].start_mark.line + 1
-                self.report(key_node, key_path, f"duplicate key (first at line {line})")
-            elif keys is not None and key not in keys:
-                close = difflib.get_close_matches(key, keys, n=1)
-                hint = f"did you mean {close[0]}?" if close else f"expected one of: {', '.join(keys)}"
-                self.report(key_node, key_path, f"unknown key; {hint}")
-            else:
-                entries[key] = (key_node, value_node)
-        return entries
-
-    def seq(self, node: yaml.Node, path: str, example: str) -> list[yaml.Node] | None:
-        if not isinstance(node, yaml.SequenceNode):
-            self.report(node, path, f"expected a list, e.g. {example}, got {_kind(node)}")
-            return None
-        return list(node.value)
-
-    def text(self, node: yaml.Node, path: str) -> str | None:
-        try:
-            return _text(node)
-        except _Invalid as invalid:
-            self.report(node, path, str(invalid))
-            return None
-
-    def boolean(self, node: yaml.Node, path: str) -> bool:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _BOOL and node.value.lower() in ("true", "false"):
-            return node.value.lower() == "true"
-        self.report(node, path, f"expected true or false, got {_kind(node)}")
-        return False
-
-
 def _compose(file: Path, display: str) -> tuple[yaml.Node | None, list[ConfigProblem]]:
     return compose_file(file, display, empty="expected a mapping or template")
 
@@ -1000,27 +910,27 @@ class _TemplateReader(_Walker):
                 if required:
                     self.report(root, key, "missing (required)")
                 continue
-            value = self.text(m[key][1], key)
+            value = self.read(m[key], key, _text)
             if value is None:
                 continue
             if key == "message" and not _MESSAGE_RE.fullmatch(value):
-                self.report(m[key][1], key, f"{value!r} is not a message type like SIU^S12^SIU_S12")
+                self.report(m[key], key, f"{value!r} is not a message type like SIU^S12^SIU_S12")
             elif key == "version" and not _VERSION_RE.fullmatch(value):
-                self.report(m[key][1], key, f'{value!r} is not an HL7 v2 version like "2.5" (quote it)')
+                self.report(m[key], key, f'{value!r} is not an HL7 v2 version like "2.5" (quote it)')
             elif key == "charset" and value not in charsets.HL7_CHARSETS:
-                self.report(m[key][1], key, f"unknown HL7 charset {value!r}")
+                self.report(m[key], key, f"unknown HL7 charset {value!r}")
             elif key == "processing_id" and value not in ("P", "T", "D"):
-                self.report(m[key][1], key, "must be P, T or D")
+                self.report(m[key], key, "must be P, T or D")
             values[key] = value
         msh: tuple[tuple[int, _Field], ...] = ()
         parts: list[_SegmentTemplate | _Block] = []
         if "segments" not in m:
             self.report(root, "segments", "missing (required)")
         else:
-            items = self.seq(m["segments"][1], "segments", "[{MSH: {3: KOPPEL}}, {PID: {3: ...}}]") or []
+            items = self.nodes(m["segments"], "segments", example="[{MSH: {3: KOPPEL}}, {PID: {3: ...}}]")
             for index, item in enumerate(items):
                 path = _join("segments", index)
-                if isinstance(item, yaml.MappingNode) and any(k.value == "for_each" for k, _ in item.value):
+                if "for_each" in _entries(item):
                     block = self.block(item, path)
                     if block is not None:
                         parts.append(block)
@@ -1033,7 +943,7 @@ class _TemplateReader(_Walker):
                 else:
                     parts.append(segment)
             if not parts:
-                self.report(m["segments"][1], "segments", "needs at least one segment after MSH")
+                self.report(m["segments"], "segments", "needs at least one segment after MSH")
         if len(self.problems) > start:
             return None
         return Template(
@@ -1053,14 +963,14 @@ class _TemplateReader(_Walker):
         if m is None:
             return None
         start = len(self.problems)
-        name = self.text(m["for_each"][1], _join(path, "for_each"))
+        name = self.read(m["for_each"], _join(path, "for_each"), _text)
         if name is not None and not _FIELD_NAME_RE.fullmatch(name):
-            self.report(m["for_each"][1], _join(path, "for_each"), f"{name!r} is not a dotted event field name")
+            self.report(m["for_each"], _join(path, "for_each"), f"{name!r} is not a dotted event field name")
         segments: list[_SegmentTemplate] = []
         if "segments" not in m:
             self.report(node, _join(path, "segments"), "missing (required)")
         else:
-            for index, item in enumerate(self.seq(m["segments"][1], _join(path, "segments"), "[{OBR: {...}}]") or []):
+            for index, item in enumerate(self.nodes(m["segments"], _join(path, "segments"), example="[{OBR: {...}}]")):
                 segment = self.segment(item, _join(_join(path, "segments"), index), allow_msh=False, in_block=True)
                 if segment is not None:
                     segments.append(segment)
@@ -1089,7 +999,7 @@ class _TemplateReader(_Walker):
         if m is None:
             return None
         fields: list[tuple[int, _Field]] = []
-        for key, (k_node, v_node) in m.items():
+        for key, k_node, v_node in m.items():
             f_path = _join(seg_path, key)
             if not key.isdigit() or not 1 <= int(key) <= 999:
                 self.report(k_node, f_path, "expected a field number from 1 to 999")
@@ -1180,7 +1090,7 @@ class _MappingReader(_Walker):
         self.tables = tables
         self.templates = templates
 
-    def read(self, root: yaml.Node, file: Path) -> tuple[Mapping | None, list[tuple[str, yaml.Node]]]:
+    def read_mapping(self, root: yaml.Node, file: Path) -> tuple[Mapping | None, list[tuple[str, yaml.Node]]]:
         """The mapping (None if anything is wrong) and its types with their nodes."""
         m = self.mapping(root, "", ("name", "description", "types", "event", "outbound"))
         if m is None:
@@ -1190,17 +1100,17 @@ class _MappingReader(_Walker):
         if "name" not in m:
             self.report(root, "name", "missing (required)")
         else:
-            name = self.text(m["name"][1], "name")
+            name = self.read(m["name"], "name", _text)
             if name is not None and not _NAME_RE.fullmatch(name):
-                self.report(m["name"][1], "name", f"{name!r} is not a valid name: letters, digits, '-', '_', '.'")
+                self.report(m["name"], "name", f"{name!r} is not a valid name: letters, digits, '-', '_', '.'")
         if "description" in m:
-            self.text(m["description"][1], "description")
+            self.read(m["description"], "description", _text)
         types: list[tuple[str, yaml.Node]] = []
         if "types" not in m:
             self.report(root, "types", "missing (required)")
         else:
-            for index, node in enumerate(self.seq(m["types"][1], "types", "[SRM^S01, SRM^S04]") or []):
-                value = self.text(node, _join("types", index))
+            for index, node in enumerate(self.nodes(m["types"], "types", example="[SRM^S01, SRM^S04]")):
+                value = self.read(node, _join("types", index), _text)
                 if value is None:
                     continue
                 if not _TYPE_RE.fullmatch(value):
@@ -1210,16 +1120,16 @@ class _MappingReader(_Walker):
                 else:
                     types.append((value, node))
             if not types and len(self.problems) == start:
-                self.report(m["types"][1], "types", "needs at least one message type")
+                self.report(m["types"], "types", "needs at least one message type")
         values: list[tuple[str, _Value | _List]] = []
         if "event" not in m:
             self.report(root, "event", "missing (required)")
         else:
-            values = self.event(m["event"][1])
+            values = self.event(m["event"])
         outbound: list[Outbound] = []
-        if "outbound" in m and not _is_null(m["outbound"][1]):
+        if "outbound" in m and not _is_null(m["outbound"]):
             example = "[{to: his-scheduling, template: his_siu_s12.yaml}]"
-            for index, node in enumerate(self.seq(m["outbound"][1], "outbound", example) or []):
+            for index, node in enumerate(self.nodes(m["outbound"], "outbound", example=example)):
                 entry = self.outbound(node, _join("outbound", index))
                 if entry is not None:
                     outbound.append(entry)
@@ -1239,12 +1149,12 @@ class _MappingReader(_Walker):
         if m is None:
             return []
         out: list[tuple[str, _Value | _List]] = []
-        for key, (key_node, value_node) in m.items():
+        for key, key_node, value_node in m.items():
             path = _join("event", key)
             if not _FIELD_NAME_RE.fullmatch(key):
                 self.report(key_node, path, "an event field is a dotted lower-case name like patient.bsn")
                 continue
-            if isinstance(value_node, yaml.MappingNode) and any(k.value == "for_each" for k, _ in value_node.value):
+            if "for_each" in _entries(value_node):
                 spec: _Value | _List | None = self.list_spec(value_node, path, key)
             else:
                 spec = self.spec(value_node, path, key)
@@ -1254,16 +1164,14 @@ class _MappingReader(_Walker):
             if needed not in m:
                 self.report(node, _join("event", needed), "missing (required: every event has a kind and an action)")
         if "kind" in m:
-            self.check_choices(m["kind"][1], "event.kind", KINDS)
+            self.check_choices(m["kind"], "event.kind", KINDS)
         if "action" in m:
-            self.check_choices(m["action"][1], "event.action", ACTIONS)
+            self.check_choices(m["action"], "event.action", ACTIONS)
         return out
 
     def check_choices(self, node: yaml.Node, path: str, choices: Sequence[str]) -> None:
         """A constant or table that can only give one of `choices` is checked here, not per message."""
-        if not isinstance(node, yaml.MappingNode):
-            return
-        entries = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        entries = _entries(node)
         if "value" in entries and isinstance(entries["value"][1], yaml.ScalarNode):
             value_node = entries["value"][1]
             if value_node.value not in choices:
@@ -1271,9 +1179,9 @@ class _MappingReader(_Walker):
         if "table" in entries:
             table_node = entries["table"][1]
             if isinstance(table_node, yaml.MappingNode):
-                for k, v in table_node.value:
+                for key, (_, v) in _entries(table_node).items():
                     if isinstance(v, yaml.ScalarNode) and v.value not in choices:
-                        self.report(v, _join(_join(path, "table"), k.value), f"{v.value!r} is not one of: {', '.join(choices)}")
+                        self.report(v, _join(_join(path, "table"), key), f"{v.value!r} is not one of: {', '.join(choices)}")
             elif isinstance(table_node, yaml.ScalarNode) and table_node.value in self.tables:
                 wrong = sorted(set(self.tables[table_node.value].values()) - set(choices))
                 if wrong:
@@ -1284,7 +1192,7 @@ class _MappingReader(_Walker):
                 self.report(d, _join(path, "default"), f"{d.value!r} is not one of: {', '.join(choices)}")
 
     def path(self, node: yaml.Node, path: str) -> FieldPath | None:
-        text = self.text(node, path)
+        text = self.read(node, path, _text)
         if text is None:
             return None
         try:
@@ -1307,33 +1215,33 @@ class _MappingReader(_Walker):
         if "anchor" not in m:
             self.report(node, _join(path, "anchor"), "missing (required)")
         else:
-            anchor = self.text(m["anchor"][1], _join(path, "anchor"))
+            anchor = self.read(m["anchor"], _join(path, "anchor"), _text)
             if anchor is not None and not _SEG_RE.fullmatch(anchor):
-                self.report(m["anchor"][1], _join(path, "anchor"), f"{anchor!r} is not a segment name")
+                self.report(m["anchor"], _join(path, "anchor"), f"{anchor!r} is not a segment name")
         members: list[str] = []
         if "members" in m:
-            for index, item in enumerate(self.seq(m["members"][1], _join(path, "members"), "[OBR, OBX, NTE]") or []):
-                member = self.text(item, _join(_join(path, "members"), index))
+            for index, item in enumerate(self.nodes(m["members"], _join(path, "members"), example="[OBR, OBX, NTE]")):
+                member = self.read(item, _join(_join(path, "members"), index), _text)
                 if member is not None and not _SEG_RE.fullmatch(member):
                     self.report(item, _join(_join(path, "members"), index), f"{member!r} is not a segment name")
                 elif member is not None:
                     members.append(member)
         where: list[tuple[FieldPath, frozenset[str]]] = []
-        sources = [(m["where"][1], _join(path, "where"))] if "where" in m else []
+        sources = [(m["where"], _join(path, "where"))] if "where" in m else []
         if where_node is not None:
             sources.append((where_node, where_path))
         for w_node, w_path in sources:
             wm = self.mapping(w_node, w_path, None)
-            for key, (k_node, v_node) in (wm or {}).items():
+            for key, k_node, v_node in (wm.items() if wm else ()):
                 fp = self.path(k_node, _join(w_path, key))
                 allowed: list[str] = []
                 if isinstance(v_node, yaml.SequenceNode):
                     for index, item in enumerate(v_node.value):
-                        value = self.text(item, _join(_join(w_path, key), index))
+                        value = self.read(item, _join(_join(w_path, key), index), _text)
                         if value is not None:
                             allowed.append(value)
                 else:
-                    value = self.text(v_node, _join(w_path, key))
+                    value = self.read(v_node, _join(w_path, key), _text)
                     if value is not None:
                         allowed.append(value)
                 if fp is not None:
@@ -1347,23 +1255,21 @@ class _MappingReader(_Walker):
         if m is None:
             return None
         start = len(self.problems)
-        where = m["where"][1] if "where" in m else None
-        group = self.group(m["for_each"][1], _join(path, "for_each"), where, _join(path, "where"))
-        required = self.boolean(m["required"][1], _join(path, "required")) if "required" in m else False
+        where = m["where"] if "where" in m else None
+        group = self.group(m["for_each"], _join(path, "for_each"), where, _join(path, "where"))
+        required = self.read(m["required"], _join(path, "required"), _bool, False) if "required" in m else False
         item: _Value | tuple[tuple[str, _Value], ...] | None = None
         if "item" not in m:
             self.report(node, _join(path, "item"), "missing (required): a value spec or {name: spec}")
         else:
-            item_node = m["item"][1]
+            item_node = m["item"]
             item_path = _join(path, "item")
-            if isinstance(item_node, yaml.MappingNode) and any(
-                k.value in ("from", "value", "first") for k, _ in item_node.value
-            ):
+            if _entries(item_node).keys() & {"from", "value", "first"}:
                 item = self.spec(item_node, item_path, label)
             else:
                 im = self.mapping(item_node, item_path, None)
                 parts: list[tuple[str, _Value]] = []
-                for key, (k_node, v_node) in (im or {}).items():
+                for key, k_node, v_node in (im.items() if im else ()):
                     if not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
                         self.report(k_node, _join(item_path, key), "an item field is a lower-case name like data")
                         continue
@@ -1389,11 +1295,11 @@ class _MappingReader(_Walker):
         line = node.start_mark.line + 1
         values: dict[str, Any] = dict(file=self.file, line=line, label=label, path_text="")
         if "required" in m:
-            values["required"] = self.boolean(m["required"][1], _join(path, "required"))
+            values["required"] = self.read(m["required"], _join(path, "required"), _bool, False)
         convert = ""
         if "convert" in m:
-            c_node = m["convert"][1]
-            convert = self.text(c_node, _join(path, "convert")) or ""
+            c_node = m["convert"]
+            convert = self.read(c_node, _join(path, "convert"), _text) or ""
             if convert and convert not in CONVERTS:
                 close = difflib.get_close_matches(convert, CONVERTS, n=1)
                 hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(CONVERTS)}"
@@ -1401,16 +1307,16 @@ class _MappingReader(_Walker):
                 convert = ""
         shape = CONVERTS[convert][1] if convert else "text"
         if "table" in m:
-            table = self.table(m["table"][1], _join(path, "table"))
+            table = self.table(m["table"], _join(path, "table"))
             if table is not None:
                 values["table"], values["table_name"] = table
             if shape != "text":
-                self.report(m["table"][1], _join(path, "table"), f"cannot combine a table with convert {convert}")
+                self.report(m["table"], _join(path, "table"), f"cannot combine a table with convert {convert}")
         values["convert"] = convert
         if "group" in m:
-            values["group"] = self.group(m["group"][1], _join(path, "group"))
+            values["group"] = self.group(m["group"], _join(path, "group"))
         source = sources[0]
-        s_node = m[source][1]
+        s_node = m[source]
         s_path = _join(path, source)
         if source == "from":
             fp = self.path(s_node, s_path)
@@ -1425,7 +1331,7 @@ class _MappingReader(_Walker):
                 )
         elif source == "first":
             options: list[_Value] = []
-            for index, item in enumerate(self.seq(s_node, s_path, "[{from: MSH-10}, {from: OBR-2}]") or []):
+            for index, item in enumerate(self.nodes(s_node, s_path, example="[{from: MSH-10}, {from: OBR-2}]")):
                 option = self.spec(item, _join(s_path, index), label, nested=True)
                 if option is not None:
                     options.append(option)
@@ -1434,12 +1340,12 @@ class _MappingReader(_Walker):
             values["options"] = tuple(options)
             values["path_text"] = " | ".join(o.path_text or "value" for o in options)
         if "group" in m and source == "value":
-            self.report(m["group"][1], _join(path, "group"), "a constant is not read from a group")
+            self.report(m["group"], _join(path, "group"), "a constant is not read from a group")
         if len(self.problems) > start:
             return None
         provisional = _Value(**values)
         if "default" in m:
-            default = self.constant(m["default"][1], _join(path, "default"), provisional, lookup=False)
+            default = self.constant(m["default"], _join(path, "default"), provisional, lookup=False)
             if default is _FAILED:
                 return None
             values["default"] = default
@@ -1452,7 +1358,7 @@ class _MappingReader(_Walker):
 
     def constant(self, node: yaml.Node, path: str, spec: _Value, *, lookup: bool) -> Any:
         """A `value:` or `default:` worked out at load (table for values; convert for both)."""
-        raw = self.text(node, path)
+        raw = self.read(node, path, _text)
         if raw is None:
             return _FAILED
         if spec.convert and CONVERTS[spec.convert][1] != "text":
@@ -1471,12 +1377,12 @@ class _MappingReader(_Walker):
         if isinstance(node, yaml.MappingNode):
             m = self.mapping(node, path, None)
             table: dict[str, str] = {}
-            for key, (_, v_node) in (m or {}).items():
-                value = self.text(v_node, _join(path, key))
+            for key, _, v_node in (m.items() if m else ()):
+                value = self.read(v_node, _join(path, key), _text)
                 if value is not None:
                     table[key] = value
             return table, "(inline)"
-        name = self.text(node, path)
+        name = self.read(node, path, _text)
         if name is None:
             return None
         if name not in self.tables:
@@ -1497,15 +1403,15 @@ class _MappingReader(_Walker):
         if "to" not in m:
             self.report(node, _join(path, "to"), "missing (required)")
         else:
-            to = self.text(m["to"][1], _join(path, "to"))
+            to = self.read(m["to"], _join(path, "to"), _text)
             if to is not None and not _NAME_RE.fullmatch(to):
-                self.report(m["to"][1], _join(path, "to"), f"{to!r} is not a destination name")
+                self.report(m["to"], _join(path, "to"), f"{to!r} is not a destination name")
         template = None
         if "template" not in m:
             self.report(node, _join(path, "template"), "missing (required)")
         else:
-            t_node = m["template"][1]
-            t_name = self.text(t_node, _join(path, "template"))
+            t_node = m["template"]
+            t_name = self.read(t_node, _join(path, "template"), _text)
             if t_name is not None:
                 if t_name not in self.templates:
                     known = ", ".join(sorted(self.templates)) or f"none in {TEMPLATES_DIR}/"
@@ -1514,14 +1420,14 @@ class _MappingReader(_Walker):
                     template = self.templates[t_name]  # None: its problems are reported in its file
         when: list[tuple[str, frozenset[str]]] = []
         if "when" in m:
-            wm = self.mapping(m["when"][1], _join(path, "when"), None)
-            for key, (k_node, v_node) in (wm or {}).items():
+            wm = self.mapping(m["when"], _join(path, "when"), None)
+            for key, k_node, v_node in (wm.items() if wm else ()):
                 w_path = _join(_join(path, "when"), key)
                 if not _PLACEHOLDER_NAME_RE.fullmatch(key):
                     self.report(k_node, w_path, "expected a dotted event field name like action")
                     continue
                 nodes = v_node.value if isinstance(v_node, yaml.SequenceNode) else [v_node]
-                allowed = [self.text(n, w_path) for n in nodes]
+                allowed = [self.read(n, w_path, _text) for n in nodes]
                 when.append((key, frozenset(a for a in allowed if a is not None)))
         if len(self.problems) > start or to is None or template is None:
             return None
@@ -1574,7 +1480,7 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
         if root is None:
             continue
         reader = _MappingReader(str(file), tables, templates)
-        mapping, types = reader.read(root, file)
+        mapping, types = reader.read_mapping(root, file)
         problems.extend(reader.problems)
         for message_type, node in types:
             line = node.start_mark.line + 1

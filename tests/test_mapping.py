@@ -626,3 +626,23 @@ def test_yaml_syntax_errors_are_located(tmp_path):
     write(tmp_path, "bad.yaml", "name: [unclosed\n")
     (problem,) = problems(tmp_path)
     assert problem.startswith("bad.yaml:2:1: (yaml): YAML syntax:")
+
+
+def test_merge_keys_share_value_specs_and_list_specs_as_in_channel_files(tmp_path):
+    write(tmp_path, "test.yaml", MINIMAL + (
+        "  message.id: &msh10 {from: MSH-10, required: true}\n"
+        "  message.copy: {<<: *msh10}\n"
+        "  resources: &resources\n"
+        "    for_each: {anchor: AIS, members: [AIG, AIL, AIP]}\n"
+        "    item: {from: AIS-3.2}\n"
+        "  resources_again: {<<: *resources}\n"
+    ))
+    loaded = load_mappings(tmp_path)
+    _, e = mapped(loaded, sample(ZD / "zd_srm_s01_appointment_request.hl7"))
+    assert e.fields["message.id"] == e.fields["message.copy"] == "g20ce6a9f8ca4f551275"
+    assert e.fields["resources"] == e.fields["resources_again"] == ("consult cardioloog",)
+
+
+def test_a_merge_of_something_other_than_a_mapping_is_reported_where_it_is_written(tmp_path):
+    write(tmp_path, "bad.yaml", MINIMAL + "  message.id: {<<: [MSH-10], from: MSH-10}\n")
+    assert problems(tmp_path) == ["bad.yaml:6:21: event.message.id.<<: can only merge a mapping, got 'MSH-10'"]
