@@ -1182,7 +1182,8 @@ class _MappingReader(_Walker):
                 for key, (_, v) in _entries(table_node).items():
                     if isinstance(v, yaml.ScalarNode) and v.value not in choices:
                         self.report(v, _join(_join(path, "table"), key), f"{v.value!r} is not one of: {', '.join(choices)}")
-            elif isinstance(table_node, yaml.ScalarNode) and table_node.value in self.tables:
+            elif isinstance(table_node, yaml.ScalarNode) and self.tables.get(table_node.value) is not None:
+                # (a table that failed to load is None: its own problems are reported already)
                 wrong = sorted(set(self.tables[table_node.value].values()) - set(choices))
                 if wrong:
                     self.report(table_node, _join(path, "table"), f"table gives values that are not one of: {', '.join(choices)}")

@@ -597,6 +597,12 @@ def test_csv_tables_need_their_header_and_unique_codes(tmp_path):
     ]
 
 
+def test_a_broken_table_named_by_kind_is_reported_not_crashed_on(tmp_path):
+    write(tmp_path, "tables/kinds.csv", "key;value\n")
+    write(tmp_path, "test.yaml", MINIMAL.replace("{value: appointment-request}", "{from: MSH-9.2, table: kinds}"))
+    assert problems(tmp_path) == ["tables/kinds.csv:1:1: (table): the first row must be the header code,value"]
+
+
 def test_template_problems_are_located_in_the_template_file(tmp_path):
     write(tmp_path, "templates/t.yaml", """
         message: SIU^S12
