@@ -8,8 +8,10 @@ and ACK latency percentiles. ``rate`` paces the total send rate for latency runs
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from collections.abc import Iterator
 
 from twisted.internet import defer, task
 
@@ -37,10 +39,24 @@ def template_parts(message: bytes) -> tuple[bytes, bytes]:
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest value with at least ``fraction`` of the values at or below it."""
     if not sorted_values:
         return float("nan")
-    index = min(len(sorted_values) - 1, max(0, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    # (round() rounds halves to even, which picked the next value for every other exact rank)
+    index = min(len(sorted_values) - 1, max(0, math.ceil(round(fraction * len(sorted_values), 9)) - 1))
     return sorted_values[index]
+
+
+def send_times(index: int, connections: int, rate: float) -> Iterator[float]:
+    """When connection ``index`` sends its next message, in seconds from the start of a paced run.
+
+    Connections are staggered (connection i starts i/rate later), so the total rate arrives
+    evenly spread, not as a burst of one message per connection every interval."""
+    interval = connections / rate
+    at = index / rate
+    while True:
+        yield at
+        at += interval
 
 
 @defer.inlineCallbacks
@@ -51,18 +67,16 @@ def run_bench(reactor, target: str, *, connections: int, messages: int, message:
     failures = {"nak": 0, "mismatch": 0, "error": 0}
     counter = iter(range(messages))
     run_id = f"B{int(time.time() * 1000) % 10**9}-"
-    interval = connections / rate if rate else None
 
     @defer.inlineCallbacks
     def worker(index: int):
         client = yield connect(reactor, host_port_endpoint(target, timeout))
-        next_at = time.perf_counter()
+        times = send_times(index, connections, rate) if rate else None
         for number in counter:
-            if interval:
-                delay = next_at - time.perf_counter()
+            if times is not None:
+                delay = paced_from + next(times) - time.perf_counter()
                 if delay > 0:
                     yield task.deferLater(reactor, delay, lambda: None)
-                next_at += interval
             control_id = f"{run_id}{number}"
             started = time.perf_counter()
             try:
@@ -79,6 +93,7 @@ def run_bench(reactor, target: str, *, connections: int, messages: int, message:
                 failures["nak"] += 1
         client.transport.loseConnection()
 
+    paced_from = time.perf_counter() + 0.05  # after the connections are up
     started = time.perf_counter()
     yield defer.gatherResults([worker(i) for i in range(connections)], consumeErrors=True)
     elapsed = time.perf_counter() - started

@@ -4,7 +4,9 @@ For each server (Koppel with the store at synchronous=FULL and NORMAL, a bare
 Twisted MLLP echo as the ceiling, python-hl7's asyncio MLLP server as the peer
 baseline) it runs ``koppel bench`` with the 2.6 KB referral over 1 and 8
 connections, then a paced run at 1,000 msg/s for the p99, and samples the
-server's RSS. Usage: python tests/benchmarks/receive_bench.py [--messages N]
+server's RSS. For Koppel it also reads the store's commit count and time from /metrics
+during the 8-connection run, to show where the time goes. Usage:
+python tests/benchmarks/receive_bench.py [--messages N]
 """
 
 from __future__ import annotations
@@ -63,7 +65,23 @@ class RssSampler(threading.Thread):
             time.sleep(0.2)
 
 
-def start_koppel(tmp: Path, port: int, synchronous: str) -> subprocess.Popen:
+def commit_stats(metrics_port: int | None) -> tuple[float, float, float]:
+    """(commits, seconds inside them, messages in them) so far, from the engine's /metrics."""
+    if metrics_port is None:
+        return (0.0, 0.0, 0.0)
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("koppel_store_commit_seconds_count", "koppel_store_commit_seconds_sum", "koppel_store_commit_batch_size_sum"):
+            values[name] = float(value)
+    return (values["koppel_store_commit_seconds_count"], values["koppel_store_commit_seconds_sum"],
+            values["koppel_store_commit_batch_size_sum"])
+
+
+def start_koppel(tmp: Path, port: int, synchronous: str, metrics_port: int) -> subprocess.Popen:
     channels = tmp / f"channels-{synchronous}"
     channels.mkdir()
     (channels / "bench.yaml").write_text(f"name: bench\nsource:\n  listen: tcp:{port}:interface=127.0.0.1\n")
@@ -71,7 +89,7 @@ def start_koppel(tmp: Path, port: int, synchronous: str) -> subprocess.Popen:
     (tmp / "mappings").mkdir(exist_ok=True)
     return subprocess.Popen(
         [PY, "-m", "engine.cli", "run", "--channels", str(channels), "--mappings", str(tmp / "mappings"),
-         "--store", store, "--metrics", "off", "--admin", "off", "--log-level", "warning"],
+         "--store", store, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1", "--admin", "off", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -90,26 +108,37 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20000)
     args = parser.parse_args()
     servers = {
-        "Koppel (store FULL)": lambda tmp, port: start_koppel(tmp, port, "FULL"),
-        "Koppel (store NORMAL)": lambda tmp, port: start_koppel(tmp, port, "NORMAL"),
-        "bare Twisted MLLP echo (ceiling)": lambda tmp, port: subprocess.Popen(
+        "Koppel (store FULL)": lambda tmp, port, mport: start_koppel(tmp, port, "FULL", mport),
+        "Koppel (store NORMAL)": lambda tmp, port, mport: start_koppel(tmp, port, "NORMAL", mport),
+        "bare Twisted MLLP echo (ceiling)": lambda tmp, port, mport: subprocess.Popen(
             [PY, str(HERE / "echo_server.py"), str(port)], stdout=subprocess.DEVNULL),
-        "python-hl7 asyncio MLLP server": lambda tmp, port: subprocess.Popen(
+        "python-hl7 asyncio MLLP server": lambda tmp, port, mport: subprocess.Popen(
             [PY, str(HERE / "pyhl7_server.py"), str(port)], stdout=subprocess.DEVNULL),
     }
     rows = []
+    commit_notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name, start in servers.items():
             port = free_port()
-            proc = start(tmp, port)
+            metrics_port = free_port() if name.startswith("Koppel") else None
+            proc = start(tmp, port, metrics_port)
             try:
                 wait_port(port)
                 bench(port, 8, 500)  # warm up
                 sampler = RssSampler(proc.pid)
                 sampler.start()
                 one = bench(port, 1, max(1000, args.messages // 4))
+                before = commit_stats(metrics_port)
                 eight = bench(port, 8, args.messages)
+                after = commit_stats(metrics_port)
+                if metrics_port is not None:
+                    commits, inside, messages = (a - b for a, b in zip(after, before))
+                    seconds = args.messages / eight["msg_per_s"]
+                    commit_notes.append(
+                        f"{name}, 8 connections: {commits:,.0f} commits, {messages / commits:.1f} messages each, "
+                        f"{1e6 * inside / commits:,.0f} us each; {100 * inside / seconds:.0f}% of the run inside a commit"
+                    )
                 paced = bench(port, 8, 5000, rate=1000)
                 sampler.stop = True
                 sampler.join()
@@ -125,6 +154,9 @@ def main() -> None:
         errors = sum(r["nak"] + r["mismatch"] + r["error"] for r in (one, eight, paced))
         print(f"| {name} | {one['msg_per_s']:,.0f} | {eight['msg_per_s']:,.0f} | {eight['p50_ms']} / {eight['p99_ms']} "
               f"| {paced['p99_ms']} | {rss:.0f} | {errors} |")
+    print()
+    for note in commit_notes:
+        print(note)
 
 
 if __name__ == "__main__":
