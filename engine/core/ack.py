@@ -9,6 +9,8 @@ same inputs always give the same bytes.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -89,6 +91,7 @@ class ControlIds:
         return f"{self.prefix}{value}"
 
 
+@functools.lru_cache(maxsize=64)  # a handful of versions on the wire; bounded against odd ones
 def version_tuple(version: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in version.strip().split("."))

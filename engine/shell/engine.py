@@ -70,6 +70,7 @@ def receive_settings(
                 sender.enqueued()
 
     map_routes = [route for route in channel.routes if route.map]
+    filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
 
@@ -90,8 +91,8 @@ def receive_settings(
         if forward:  # on-map, nothing to map: queue the raw forwards now
             d = committer.submit(Enqueue(message_id=message_id, targets=forward, at=message.received_at, audit=False))
             return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
-        if metrics is not None:
-            metrics.filtered_total.labels(channel.name).inc()
+        if filtered_count is not None:
+            filtered_count.inc()
         log.info("message.filtered", message_id=message_id, type=message.message_type)
         detail = _filtered_detail(header)
         if not on_map:  # recorded in the insert already (receive_marks)
