@@ -38,19 +38,8 @@ from engine.store import (
     write_one,
 )
 
-from tests.test_operator import (
-    AR_ACK,
-    HIX,
-    HIX_Q,
-    NOW,
-    RIS,
-    RIS_Q,
-    T0,
-    TEST_BSN,
-    TEST_NAME,
-    received,
-    referral,
-)  # the operator tests' synthetic world
+from tests.factories import T0, TEST_BSN, TEST_NAME, received, referral
+from tests.test_operator import AR_ACK, HIX, HIX_Q, NOW, RIS, RIS_Q  # the operator tests' synthetic world
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENAPI = ROOT / "deploy" / "openapi" / "koppel-admin.yaml"
@@ -78,11 +67,12 @@ def populate(url: str) -> dict[str, int]:
     store = open_store(url)
     try:
         ids = {
-            "m1": write_one(store, Append(message=received("ZD001", at=T0, targets=(HIX, RIS)))).message_id,
-            "m2": write_one(store, Append(message=received("ZD002", at=T0 + 60, targets=(HIX,)))).message_id,
-            "zd": write_one(store, Append(message=received(ZD, at=T0 + 120, targets=(HIX,),
+            "m1": write_one(store, Append(message=received("ZD001", received_at=T0, targets=(HIX, RIS)))).message_id,
+            "m2": write_one(store, Append(message=received("ZD002", received_at=T0 + 60, targets=(HIX,)))).message_id,
+            "zd": write_one(store, Append(message=received(ZD, received_at=T0 + 120, targets=(HIX,),
                                                            message_type="ORU^R01"))).message_id,
-            "rejected": write_one(store, Append(message=received("ZD004", at=T0, status="rejected"))).message_id,
+            "rejected": write_one(store, Append(message=received("ZD004", received_at=T0,
+                                                                 status="rejected"))).message_id,
         }
         hix = [e.id for e in store.queue_head(HIX_Q)]
         (ris_dead,) = [e.id for e in store.queue_head(RIS_Q)]
@@ -485,7 +475,7 @@ def test_message_search_filters_by_channel_type_control_id_and_time(world):
     assert first == {
         "id": world.ids["rejected"], "channel": "zorgdomein-in", "peer": "127.0.0.1:40000", "received_at": T0,
         "control_id": "ZD004", "sender": "ZorgDomein|ZD", "type": "SRM^S01", "version": "2.4",
-        "size": len(referral("ZD004")), "status": "rejected", "ack_code": "AR", "error": "type not accepted",
+        "size": len(referral("ZD004")), "status": "rejected", "ack_code": "AR", "error": "message type not accepted",
         "duplicates": 0, "processing": None, "processing_detail": None, "origin_id": None,
     }
 

@@ -4,7 +4,7 @@ import json
 
 from engine.cli import main
 from engine.store import Append, SetProcessing, open_store
-from tests.test_store_sqlite import received
+from tests.factories import received
 
 
 def test_messages_shows_processing_outcomes_and_no_bodies(tmp_path, capsys):

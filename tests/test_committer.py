@@ -7,14 +7,13 @@ SQLite store where durability is the point.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import pytest
 from twisted.internet.task import Clock
 
 from engine.metrics import Metrics
 from engine.shell.committer import GroupCommitter
-from engine.store import Append, AppendResult, ReceivedMessage, StoreError, open_store
+from engine.store import Append, AppendResult, StoreError, open_store
+from tests.factories import received
 
 POISON = "poison"
 
@@ -170,39 +169,11 @@ def test_a_submit_after_stop_still_commits_on_its_turn(committer, store, clock):
     assert results_of([d]) == [(True, "result-of-late")]
 
 
-def message(control_id: str, body: bytes = b"") -> ReceivedMessage:
-    raw = (
-        b"MSH|^~\\&|ZorgDomein||Koppel||20260102161545+0100||ORU^R01|" + control_id.encode()
-        + b"|P|2.4\rPID|1||123456782^^^NLMINBIZA^NNNLD" + body + b"\r"
-    )
-    import hashlib
-
-    return ReceivedMessage(
-        channel="zorgdomein-in",
-        peer="127.0.0.1:40000",
-        received_at=datetime(2026, 1, 2, tzinfo=timezone.utc).timestamp(),
-        control_id=control_id,
-        sender="ZorgDomein|",
-        message_type="ORU^R01",
-        structure=None,
-        version="2.4",
-        processing_id="P",
-        charset="8859/1",
-        raw=raw,
-        payload_hash=hashlib.sha256(raw).digest(),
-        status="accepted",
-        ack_code="AA",
-        ack=b"MSH|^~\\&|ACK for " + control_id.encode(),
-        error=None,
-        duplicate_window=86400.0,
-    )
-
-
 def test_with_sqlite_a_batch_is_durable_when_its_deferreds_fire(tmp_path, clock):
     url = f"sqlite:///{tmp_path}/koppel.db"
     store = open_store(url)
     committer = GroupCommitter(store, clock=clock)
-    ds = [committer.submit(Append(message=message(f"MSG{n}"))) for n in range(3)]
+    ds = [committer.submit(Append(message=received(f"MSG{n}"))) for n in range(3)]
     clock.advance(0)
     results = [value for ok, value in results_of(ds)]
     assert all(isinstance(r, AppendResult) and r.duplicate_of is None for r in results)
@@ -219,8 +190,8 @@ def test_with_sqlite_a_batch_is_durable_when_its_deferreds_fire(tmp_path, clock)
 def test_with_sqlite_a_duplicate_in_the_same_batch_resolves_to_the_first_copy(tmp_path, clock):
     store = open_store(f"sqlite:///{tmp_path}/koppel.db")
     committer = GroupCommitter(store, clock=clock)
-    first = committer.submit(Append(message=message("MSG1")))
-    again = committer.submit(Append(message=message("MSG1")))
+    first = committer.submit(Append(message=received("MSG1")))
+    again = committer.submit(Append(message=received("MSG1")))
     clock.advance(0)
     [(_, a), (_, b)] = results_of([first, again])
     assert b.duplicate_of == a.message_id

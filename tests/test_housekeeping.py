@@ -9,7 +9,7 @@ from engine.config import ChannelConfig, EngineConfig, SourceConfig
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.engine import Engine
 from engine.store import Append, DeadLetter, MarkDelivered, open_store
-from tests.test_store_sqlite import HIX, T0, received
+from tests.factories import HIX, T0, received
 
 DAY = 86_400.0
 
@@ -66,7 +66,7 @@ def test_the_checkpointer_never_runs_two_checkpoints_at_once():
 def test_pruning_removes_old_delivered_messages_in_slices_and_keeps_pending_and_dead_ones(store):
     clock = MemoryReactorClock()
     clock.advance(T0 + 40 * DAY)
-    appended = store.write([Append(message=received(f"P{i}", window=0)) for i in range(2503)])
+    appended = store.write([Append(message=received(f"P{i}", duplicate_window=0)) for i in range(2503)])
     entries = {e.message_id: e.id for e in store.queue_head(HIX.queue, 3000)}
     ids = [r.message_id for r in appended]
     store.write([MarkDelivered(entry_id=entries[m], ack=b"AA", at=T0) for m in ids[:2500]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -13,20 +12,17 @@ from engine.store import (
     Append,
     DeadLetter,
     QueueTarget,
-    ReceivedMessage,
     RecordFailure,
     open_store,
     write_one,
 )
+from tests.factories import T0, TEST_BSN, TEST_NAME, received
 
-T0 = 1_700_000_000.0
 NOW = T0 + 192.0  # 3m12s after the first message
 HIX_Q = "127.0.0.1:6661"
 RIS_Q = "127.0.0.1:7000"
 HIX = QueueTarget(queue=HIX_Q, destination="hix-agenda")
 RIS = QueueTarget(queue=RIS_Q, destination="ris")
-TEST_BSN = "123456782"
-TEST_NAME = "Testpatiënt"
 
 CHANNEL = """
 name: zorgdomein-in
@@ -49,27 +45,6 @@ AR_ACK = (
 )
 
 
-def referral(control_id: str) -> bytes:
-    """A synthetic SRM^S01 for a test patient (test BSN), so tests can prove it is never shown."""
-    return (
-        f"MSH|^~\\&|ZorgDomein|ZD|HIX|ZIEKENHUIS|20231114221320||SRM^S01^SRM_S01|{control_id}|P|2.4\r"
-        f"PID|1||{TEST_BSN}^^^NLMINBIZA^NNNLD||{TEST_NAME}^Jan||19800101|M\r"
-    ).encode("latin-1")
-
-
-def received(control_id: str, *, at: float, targets=(), status: str = "accepted",
-             message_type: str = "SRM^S01") -> ReceivedMessage:
-    raw = referral(control_id)
-    return ReceivedMessage(
-        channel="zorgdomein-in", peer="127.0.0.1:40000", received_at=at, control_id=control_id,
-        sender="ZorgDomein|ZD", message_type=message_type, structure="SRM_S01", version="2.4",
-        processing_id="P", charset="8859/1", raw=raw, payload_hash=hashlib.sha256(raw).digest(),
-        status=status, ack_code="AA" if status == "accepted" else "AR", ack=b"MSH|ack",
-        error=None if status == "accepted" else "type not accepted", duplicate_window=0,
-        targets=tuple(targets),
-    )
-
-
 class World:
     """A store with three accepted messages, one rejected, a failing head and a dead letter."""
 
@@ -81,10 +56,10 @@ class World:
         monkeypatch.setattr(operator, "_now", lambda: NOW)
         self.store = open_store(self.url)
         s = self.store
-        self.m1 = write_one(s, Append(message=received("ZD001", at=T0, targets=(HIX, RIS)))).message_id
-        self.m2 = write_one(s, Append(message=received("ZD002", at=T0 + 60, targets=(HIX,)))).message_id
-        self.m3 = write_one(s, Append(message=received("ZD003", at=T0 + 120, targets=(HIX,)))).message_id
-        self.rejected = write_one(s, Append(message=received("ZD004", at=T0, status="rejected"))).message_id
+        self.m1 = write_one(s, Append(message=received("ZD001", received_at=T0, targets=(HIX, RIS)))).message_id
+        self.m2 = write_one(s, Append(message=received("ZD002", received_at=T0 + 60, targets=(HIX,)))).message_id
+        self.m3 = write_one(s, Append(message=received("ZD003", received_at=T0 + 120, targets=(HIX,)))).message_id
+        self.rejected = write_one(s, Append(message=received("ZD004", received_at=T0, status="rejected"))).message_id
         self.hix = [e.id for e in s.queue_head(HIX_Q)]  # m1, m2, m3
         (self.ris_dead,) = [e.id for e in s.queue_head(RIS_Q)]
         write_one(s, RecordFailure(entry_id=self.hix[0], error="connection refused", ack=None,
@@ -263,7 +238,7 @@ def test_dead_letters_show_of_an_unknown_id_exits_1(world, capsys):
 
 
 def test_replay_puts_the_dead_letter_back_at_the_tail_of_its_queue(world, capsys):
-    write_one(world.store, Append(message=received("ZD005", at=T0 + 130, targets=(RIS,))))
+    write_one(world.store, Append(message=received("ZD005", received_at=T0 + 130, targets=(RIS,))))
     code, out, _ = world.run(capsys, "dead-letters", "replay", str(world.ris_dead))
     assert code == 0
     head = world.store.queue_head(RIS_Q)

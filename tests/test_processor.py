@@ -14,8 +14,9 @@ from engine.core.header import read_header
 from engine.metrics import Metrics
 from engine.shell.committer import GroupCommitter
 from engine.shell.processor import Processor, Work
-from engine.store import Append, ReceivedMessage, open_store
+from engine.store import Append, open_store
 from tests.conftest import load_sample
+from tests.factories import received
 
 REPO = Path(__file__).resolve().parent.parent
 ZD = "ZD200046119"  # the ZD-number of the ZorgDomein ORU samples
@@ -67,19 +68,21 @@ class Harness:
             control_ids=ControlIds("KT-"), on_queued=self.queued.extend,
         )
 
-    def receive(self, raw: bytes) -> int:
+    def append(self, raw: bytes) -> Work:
+        """Store ``raw`` as the listener would, its header fields read from it; the work to process it."""
         header = read_header(raw, default_charset="8859/1")
-        message = ReceivedMessage(
-            channel="zorgdomein-in", peer="127.0.0.1:1", received_at=self.reactor.seconds(),
-            control_id=header.control_id, sender=header.sender, message_type=header.type_and_trigger,
-            structure=None, version=header.version, processing_id="P", charset=header.hl7_charset, raw=raw,
-            payload_hash=b"x" * 32, status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0,
-        )
+        message = received(header.control_id, raw=raw, received_at=self.reactor.seconds(), sender=header.sender,
+                           message_type=header.type_and_trigger, structure=None, version=header.version,
+                           charset=header.hl7_charset, duplicate_window=0, targets=())
         (result,) = self.store.write([Append(message=message)])
-        self.processor.submit(Work(message_id=result.message_id, channel="zorgdomein-in",
-                                   mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
+        return Work(message_id=result.message_id, channel="zorgdomein-in", mapping=MAPPING_OF[header.message_type],
+                    raw=raw, codec=header.codec)
+
+    def receive(self, raw: bytes) -> int:
+        work = self.append(raw)
+        self.processor.submit(work)
         self.settle()
-        return result.message_id
+        return work.message_id
 
     def settle(self):
         for _ in range(20):  # each step of the processor waits for its commit
@@ -215,18 +218,7 @@ def test_a_released_letter_is_sent_to_the_archive_like_one_that_arrived_in_order
 
 
 def test_messages_planned_in_one_batch_see_each_other_before_anything_is_committed(h):
-    from engine.shell.processor import Work as W
-
-    works = []
-    for raw in (oru(), srm(), orm(), siu()):
-        header = read_header(raw, default_charset="8859/1")
-        (result,) = h.store.write([Append(message=ReceivedMessage(
-            channel="zorgdomein-in", peer="127.0.0.1:1", received_at=h.reactor.seconds(),
-            control_id=header.control_id, sender=header.sender, message_type=header.type_and_trigger,
-            structure=None, version=header.version, processing_id="P", charset=header.hl7_charset, raw=raw,
-            payload_hash=b"y" * 32, status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0))])
-        works.append(W(message_id=result.message_id, channel="zorgdomein-in",
-                       mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
+    works = [h.append(raw) for raw in (oru(), srm(), orm(), siu())]
     for work in works:  # all queued before the processor gets a turn: one batch, one commit
         h.processor.submit(work)
     h.settle()

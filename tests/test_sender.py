@@ -9,9 +9,6 @@ at a time (``Harness.run``), so every retry happens at the second it is due.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import replace
-
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
@@ -25,6 +22,7 @@ from engine.shell import sender as sender_module
 from engine.shell.client import MLLPClient
 from engine.shell.committer import GroupCommitter
 from engine.store import Append, QueueTarget, ReceivedMessage, RetryNow, SetPaused, StoreError, open_store
+from tests.factories import received
 
 T0 = 1_767_370_545.0  # 2026-01-02 16:15:45 UTC
 NAME = "hix-agenda"
@@ -160,34 +158,16 @@ class Harness:
 
     def enqueue(self, *control_ids: str, raw: bytes | None = None) -> list[int]:
         """Store received messages queued for the destination, as the listener does."""
-        now = self.reactor.seconds()
-        results = self.store.write([Append(message=self.received(c, now, raw)) for c in control_ids])
+        results = self.store.write([Append(message=self.message(c, raw=raw)) for c in control_ids])
         self.sender.enqueued(len(control_ids))
         return [r.message_id for r in results]
 
-    @staticmethod
-    def received(control_id: str, at: float, raw: bytes | None) -> ReceivedMessage:
-        raw = raw or hl7(control_id)
-        return ReceivedMessage(
-            channel="zorgdomein-in",
-            peer="127.0.0.1",
-            received_at=at,
-            control_id=control_id,
-            sender="ZorgDomein",
-            message_type="ORU^R01",
-            structure=None,
-            version="2.4",
-            processing_id="P",
-            charset="8859/1",
-            raw=raw,
-            payload_hash=hashlib.sha256(raw).digest(),
-            status="accepted",
-            ack_code="AA",
-            ack=ack("AA", control_id),
-            error=None,
-            duplicate_window=0,
-            targets=(QueueTarget(queue=QUEUE, destination=NAME),),
-        )
+    def message(self, control_id: str, *, raw: bytes | None = None, **fields) -> ReceivedMessage:
+        """A received ORU queued for the destination, received now; ``fields`` as in tests.factories."""
+        fields.setdefault("received_at", self.reactor.seconds())
+        fields.setdefault("targets", (QueueTarget(queue=QUEUE, destination=NAME),))
+        return received(control_id, raw=raw or hl7(control_id), message_type="ORU^R01", structure=None,
+                        duplicate_window=0, **fields)
 
     def start(self) -> None:
         self.sender.start()
@@ -313,9 +293,9 @@ def test_two_destinations_on_one_host_port_share_one_ordered_queue_with_their_ow
         QUEUE, {NAME: h.config, "ris": ris}, store=h.store, committer=h.committer, reactor=h.reactor,
         metrics=h.metrics, connect=h.destination.connect, draw=lambda: 0.5,
     )
-    to_ris = h.received("C2", T0, None)
     h.enqueue("C1")
-    h.store.write([Append(message=replace(to_ris, targets=(QueueTarget(queue=QUEUE, destination="ris"),)))])
+    h.store.write([Append(message=h.message("C2", received_at=T0,
+                                            targets=(QueueTarget(queue=QUEUE, destination="ris"),)))])
     h.enqueue("C3")
     h.start()
     for _ in range(3):
@@ -337,7 +317,7 @@ def test_a_destination_charset_reencodes_the_outbound_bytes(make):
 def test_a_message_that_cannot_be_converted_is_dead_lettered_and_the_queue_moves_on(make):
     h = make(charset="8859/1")
     raw = hl7("C1", pid="PID|1||123456782||Ωmega^Test", charset="UNICODE UTF-8", encoding="utf-8")
-    h.store.write([Append(message=replace(h.received("C1", T0, raw), charset="UNICODE UTF-8"))])
+    h.store.write([Append(message=h.message("C1", raw=raw, received_at=T0, charset="UNICODE UTF-8"))])
     h.enqueue("C2")
     h.start()
     assert h.destination.received() == ["C2"]

@@ -14,7 +14,7 @@ from engine.store import (
     open_store,
 )
 from engine.store import Append
-from tests.test_store_sqlite import received
+from tests.factories import received
 
 
 @pytest.fixture

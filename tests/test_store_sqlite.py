@@ -33,56 +33,9 @@ from engine.store import (
 )
 from engine.store import migrations
 from engine.store.sqlite import SQLiteStore, parse_sqlite_url
+from tests.factories import DAY, HIX, T0, received, referral
 
-HIX = QueueTarget(queue="10.1.2.3:6661", destination="hix-agenda")
 RIS = QueueTarget(queue="10.1.2.4:7000", destination="ris")
-T0 = 1_700_000_000.0
-DAY = 86_400.0
-
-
-def referral(control_id: str = "ZD123", note: str = "verwijzing", *, sender: str = "ZorgDomein|ZD") -> bytes:
-    """A synthetic SRM^S01 (test patient, test BSN 123456782), with a non-ASCII byte."""
-    return (
-        f"MSH|^~\\&|{sender}|HIX|ZIEKENHUIS|20240101120000||SRM^S01^SRM_S01|{control_id}|P|2.4"
-        "|||||NLD|8859/1\r"
-        "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatiënt^Jan||19800101|M\r"
-        f"NTE|1||{note}\r"
-    ).encode("latin-1")
-
-
-def received(
-    control_id: str | None = "ZD123",
-    *,
-    raw: bytes | None = None,
-    at: float = T0,
-    channel: str = "zorgdomein-in",
-    sender: str | None = "ZorgDomein|ZD",
-    status: str = "accepted",
-    window: float = DAY,
-    targets: tuple[QueueTarget, ...] = (HIX,),
-    ack: bytes | None = None,
-) -> ReceivedMessage:
-    raw = referral(control_id or "") if raw is None else raw
-    return ReceivedMessage(
-        channel=channel,
-        peer="127.0.0.1:40000",
-        received_at=at,
-        control_id=control_id,
-        sender=sender,
-        message_type="SRM^S01",
-        structure="SRM_S01",
-        version="2.4",
-        processing_id="P",
-        charset="8859/1",
-        raw=raw,
-        payload_hash=hashlib.sha256(raw).digest(),
-        status=status,  # type: ignore[arg-type]
-        ack_code="AA" if status == "accepted" else "AR",
-        ack=ack if ack is not None else b"MSH|^~\\&|ACK for " + (control_id or "?").encode(),
-        error=None if status == "accepted" else "message type not accepted",
-        duplicate_window=window,
-        targets=targets if status == "accepted" else (),
-    )
 
 
 @pytest.fixture
@@ -170,9 +123,9 @@ def test_get_message_of_an_unknown_id_is_none(store):
 
 
 def test_list_messages_filters_and_lists_newest_first_without_bodies(store):
-    a = append(store, received("A1", at=T0)).message_id
-    b = append(store, received("B1", at=T0 + 10, channel="other")).message_id
-    c = append(store, received("C1", at=T0 + 20, status="rejected")).message_id
+    a = append(store, received("A1", received_at=T0)).message_id
+    b = append(store, received("B1", received_at=T0 + 10, channel="other")).message_id
+    c = append(store, received("C1", received_at=T0 + 20, status="rejected")).message_id
     assert [m.id for m in store.list_messages()] == [c, b, a]
     assert [m.id for m in store.list_messages(channel="other")] == [b]
     assert [m.id for m in store.list_messages(control_id="A1")] == [a]
@@ -189,7 +142,7 @@ def test_list_messages_filters_and_lists_newest_first_without_bodies(store):
 
 def test_a_resent_message_within_the_window_gets_the_first_ack_and_id_and_is_counted(store):
     first = append(store, received(ack=b"first ack"))
-    again = append(store, received(at=T0 + 60, ack=b"a different ack"))
+    again = append(store, received(received_at=T0 + 60, ack=b"a different ack"))
     assert again == AppendResult(message_id=first.message_id, duplicate_of=first.message_id, ack=b"first ack")
     assert len(store.list_messages()) == 1
     stored = store.get_message(first.message_id)
@@ -214,19 +167,19 @@ def test_the_same_payload_from_another_sender_or_channel_is_not_a_duplicate(stor
 
 
 def test_a_resend_after_the_window_is_stored_again(store):
-    append(store, received(at=T0, window=3600))
-    late = append(store, received(at=T0 + 3601, window=3600))
+    append(store, received(received_at=T0, duplicate_window=3600))
+    late = append(store, received(received_at=T0 + 3601, duplicate_window=3600))
     assert late.duplicate_of is None
     assert len(store.list_messages()) == 2
 
 
 def test_a_zero_window_turns_duplicate_detection_off(store):
-    append(store, received(window=0))
-    assert append(store, received(at=T0 + 1, window=0)).duplicate_of is None
+    append(store, received(duplicate_window=0))
+    assert append(store, received(received_at=T0 + 1, duplicate_window=0)).duplicate_of is None
 
 
 def test_duplicates_inside_one_batch_are_found(store):
-    results = store.write([Append(message=received(ack=b"ack 1")), Append(message=received(at=T0 + 1))])
+    results = store.write([Append(message=received(ack=b"ack 1")), Append(message=received(received_at=T0 + 1))])
     assert results[1].duplicate_of == results[0].message_id
     assert results[1].ack == b"ack 1"
     assert store.get_message(results[0].message_id).duplicate_count == 1
@@ -296,7 +249,7 @@ def test_results_align_with_ops(store):
 
 
 def fill(store, n: int, targets=(HIX,)) -> list[int]:
-    results = store.write([Append(message=received(f"M{i}", at=T0 + i, targets=targets)) for i in range(n)])
+    results = store.write([Append(message=received(f"M{i}", received_at=T0 + i, targets=targets)) for i in range(n)])
     return [r.message_id for r in results]
 
 
@@ -452,7 +405,7 @@ def test_queue_depth_counters_match_the_entries_after_a_mixed_history(store):
 
 def test_prune_removes_finished_entries_and_unreferenced_old_messages_only(store):
     ids = fill(store, 4)
-    rejected = append(store, received("R", status="rejected", at=T0)).message_id
+    rejected = append(store, received("R", status="rejected", received_at=T0)).message_id
     e = store.queue_head(HIX.queue, 10)
     store.write([
         MarkDelivered(entry_id=e[0].id, ack=b"", at=T0 + 10),
@@ -499,7 +452,7 @@ def test_data_survives_close_and_reopen(tmp_path):
         assert again.get_message(mid).raw == referral()
         assert again.queue_depths() == {HIX.queue: 1}
         assert again.is_paused(HIX.queue)
-        assert append(again, received(at=T0 + 1)).duplicate_of == mid
+        assert append(again, received(received_at=T0 + 1)).duplicate_of == mid
     finally:
         again.close()
 
@@ -523,7 +476,7 @@ def test_a_reader_thread_reads_committed_data_while_the_writer_writes(store):
     reader.start()
     try:
         for batch in range(30):
-            store.write([Append(message=received(f"B{batch}-{i}", at=T0 + batch)) for i in range(10)])
+            store.write([Append(message=received(f"B{batch}-{i}", received_at=T0 + batch)) for i in range(10)])
     finally:
         stop.set()
         reader.join()
@@ -575,7 +528,7 @@ def test_an_old_version_store_is_migrated_on_open_and_keeps_its_data(tmp_path):
     try:
         assert store.schema_version() == migrations.LATEST
         assert store.get_message(1).raw == raw
-        assert append(store, received(at=T0 + 1)).duplicate_of == 1
+        assert append(store, received(received_at=T0 + 1)).duplicate_of == 1
         fill(store, 1)
         assert store.queue_depths() == {HIX.queue: 1}
     finally:
