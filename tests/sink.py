@@ -12,7 +12,7 @@ unless scripted to:
 * go down (stop listening, cut connections) and come back on the same port
                                                    ``sink.down()`` / ``sink.up()``
 
-The second half of the module is what the e2e test and the soak/bench scripts share:
+The second half of the module is what the e2e tests and the soak/bench scripts share:
 writing a channel directory, running ``koppel run`` as a subprocess (port learned from the
 ``listener.started`` log line), and a blocking MLLP source that resends until ACKed, like a
 real sender does when the engine is killed under it.
@@ -289,7 +289,7 @@ def _cut(conn: socket.socket) -> None:
 
 
 # =============================================================================== harness
-# Shared by tests/test_e2e_delivery.py and tests/benchmarks/*.py.
+# Shared by the tests that run ``koppel run`` (tests/test_e2e_*.py and others) and tests/benchmarks/*.py.
 
 # Synthetic referral; the BSN is the test number 123456782.
 MESSAGE_TEMPLATE = (
@@ -339,50 +339,145 @@ def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:
 
 
 class KoppelProcess:
-    """``koppel run`` as a child process; ``port`` is the channel's bound port (from the log)."""
+    """``koppel run`` as a child process, read through its JSON log.
 
-    def __init__(self, channels: Path, store_url: str, *, log_level: str = "info", workdir: Path | None = None):
+    One harness for every test and script that runs the engine, so each does not grow its own.
+    ``port`` is the first channel's bound port and ``ports`` every channel's (from the
+    ``listener.started`` lines of the current run); ``events`` counts log events over all runs.
+    ``args`` go on the command line after the defaults; ``env`` replaces the environment.
+    The log is kept in memory, the last ``history`` lines (None: all of it, for tests that
+    search the whole output), so a test waits on a log line instead of sleeping.
+    """
+
+    def __init__(self, channels: Path, store_url: str, *, log_level: str = "info", workdir: Path | None = None,
+                 metrics: str = "off", admin: str = "off", args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, history: int | None = 5000):
         self.channels = channels
         self.store_url = store_url
         self.log_level = log_level
         self.workdir = workdir or channels.parent
+        self.metrics = metrics
+        self.admin = admin
+        self.args = tuple(args)
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
-        self.lines: deque[str] = deque(maxlen=5000)
+        self.ports: dict[str, int] = {}
+        self.lines: deque[str] = deque(maxlen=history)
         self.events: dict[str, int] = {}
+        self._logged: deque[tuple[int, dict]] = deque(maxlen=history)  # (line number, event)
+        self._count = 0  # lines read, all runs
+        self._run_start = 0  # line number where the current run's output begins
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self._bound = threading.Event()
 
-    def start(self, timeout: float = 20.0) -> int:
+    def launch(self) -> subprocess.Popen:
+        """Start the process without waiting for it (for a test that expects it to refuse)."""
         mappings = self.workdir / "mappings"
         mappings.mkdir(exist_ok=True)
+        self._drained()
         self._bound.clear()
         self.port = None
+        self.ports = {}
+        with self._lock:
+            self._run_start = self._count
         self.proc = subprocess.Popen(
             [str(KOPPEL), "run", "--channels", str(self.channels), "--mappings", str(mappings),
-             "--store", self.store_url, "--metrics", "off", "--admin", "off", "--log-level", self.log_level],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir,
+             "--store", self.store_url, "--metrics", self.metrics, "--admin", self.admin,
+             "--log-level", self.log_level, *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        if not self._bound.wait(timeout):
-            tail = "\n".join(list(self.lines)[-20:])
-            self.kill()
-            raise RuntimeError(f"koppel run did not report listener.started within {timeout}s:\n{tail}")
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        return self.proc
+
+    def start(self, timeout: float = 20.0, *, until: str = "listener.started") -> int | None:
+        """Launch and wait for the log event ``until``; ``engine.started`` waits for every listener."""
+        self.launch()
+        self.wait_for(until, timeout=timeout)
         return self.port
 
     def _read(self, proc: subprocess.Popen) -> None:
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self.lines.append(line)
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
             try:
                 event = json.loads(line)
             except ValueError:
-                continue
-            name = event.get("event", "")
-            self.events[name] = self.events.get(name, 0) + 1
+                event = None
+            if not isinstance(event, dict):
+                event = None
+            name = event.get("event", "") if event else None
+            with self._lock:  # port and ports first: whoever sees the event sees them set
+                if name == "listener.started" and proc is self.proc:
+                    port = int(event["port"])
+                    self.ports[event.get("channel")] = port
+                    if self.port is None:
+                        self.port = port
+                if name is not None:
+                    self.events[name] = self.events.get(name, 0) + 1
+                    self._logged.append((self._count, event))
+                self.lines.append(line)
+                self._count += 1
             if name == "listener.started" and proc is self.proc:
-                self.port = int(event["port"])
                 self._bound.set()
 
+    # -- reading the log ----------------------------------------------------------------
+    def mark(self) -> int:
+        """A place in the log; ``logged(after=mark)`` and ``wait_for(after=mark)`` look past it."""
+        with self._lock:
+            return self._count
+
+    def logged(self, after: int | None = None) -> list[dict]:
+        """The JSON log events after ``after`` (default: since the current run started)."""
+        after = self._run_start if after is None else after
+        with self._lock:
+            return [event for number, event in self._logged if number >= after]
+
+    def wait_for(self, match, *, after: int | None = None, timeout: float = 20.0) -> dict:
+        """The first log event (after ``after``) named ``match`` or for which ``match(event)`` holds.
+
+        Gives up at once if the process exits, so a refused start fails with its output, not a timeout.
+        """
+        test = (lambda event: event.get("event") == match) if isinstance(match, str) else match
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = self.alive()
+            if not alive:
+                self._drained()  # its last lines may still be in the pipe
+            for event in self.logged(after):
+                if test(event):
+                    return event
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"koppel run did not log {match!r} within {timeout}s "
+                           f"(exit code {self.proc.returncode}):\n{self.tail(30)}")
+
+    def output(self) -> str:
+        """Every line kept, every run, stdout and stderr together."""
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def tail(self, n: int = 30) -> str:
+        with self._lock:
+            return "\n".join(list(self.lines)[-n:])
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        """Rows from the SQLite store, opened read-only beside the running engine."""
+        import sqlite3
+
+        from engine.store.sqlite import parse_sqlite_url
+
+        path = (self.workdir / parse_sqlite_url(self.store_url).path).resolve()
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    # -- the process ----------------------------------------------------------------
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
@@ -390,11 +485,18 @@ class KoppelProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def wait(self, timeout: float = 15.0) -> int:
+        """The exit code, once the process ended and everything it wrote has been read."""
+        code = self.proc.wait(timeout)
+        self._drained()
+        return code
+
     def kill(self) -> None:
         """SIGKILL: no drain, no goodbye."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._drained()
 
     def terminate(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait for the graceful stop; SIGKILL if it hangs."""
@@ -407,7 +509,13 @@ class KoppelProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._drained()
         return self.proc.returncode
+
+    def _drained(self) -> None:
+        """Let the reader finish the dead process's output, so no line of it lands in the next run."""
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
 
     def rss_kib(self) -> int | None:
         try:
@@ -418,9 +526,6 @@ class KoppelProcess:
         except (OSError, TypeError):
             return None
         return None
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(list(self.lines)[-n:])
 
 
 def read_ack_code(answer: bytes) -> tuple[str, str]:

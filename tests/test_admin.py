@@ -13,8 +13,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
@@ -38,6 +36,7 @@ from engine.store import (
     write_one,
 )
 
+from sink import KoppelProcess
 from tests.factories import T0, TEST_BSN, TEST_NAME, received, referral
 from tests.test_operator import AR_ACK, HIX, HIX_Q, NOW, RIS, RIS_Q  # the operator tests' synthetic world
 
@@ -570,67 +569,27 @@ def test_a_store_failure_is_503_with_a_json_body_and_no_detail(world):
 # --------------------------------------------------------------------------- the live engine
 
 
-class Live:
-    """``koppel run`` with the admin API on 127.0.0.1 port 0, on a populated store."""
-
-    def __init__(self, workdir: Path, env_token: str | None, admin: str = "tcp:0:interface=127.0.0.1") -> None:
-        self.workdir = workdir
-        (workdir / "channels").mkdir(exist_ok=True)
-        (workdir / "mappings").mkdir(exist_ok=True)
-        # Destinations that refuse connections: entries stay queued, the sender backs off.
-        (workdir / "channels" / "zorgdomein-in.yaml").write_text(
-            CHANNEL.replace("port=6661", "port=9").replace("port=7000", "port=13"))
-        self.store_url = f"sqlite://{workdir}/koppel.db"
-        env = {k: v for k, v in os.environ.items() if k != "KOPPEL_ADMIN_TOKEN"}
-        env["PYTHONUNBUFFERED"] = "1"
-        if env_token is not None:
-            env["KOPPEL_ADMIN_TOKEN"] = env_token
-        self.log_path = workdir / "engine.log"
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "run", "--channels", str(workdir / "channels"),
-                 "--mappings", str(workdir / "mappings"), "--store", self.store_url, "--metrics", "off",
-                 "--admin", admin, "--log-level", "info"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-            )
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def wait_port(self) -> int:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for event in self.events():
-                if event.get("event") == "admin.started":
-                    return int(event["port"])
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"admin API did not start: rc={self.proc.poll()}\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+def live_engine(workdir: Path, env_token: str | None, admin: str = "tcp:0:interface=127.0.0.1") -> KoppelProcess:
+    """``koppel run`` (not started yet) with the admin API on 127.0.0.1 port 0, on the store in ``workdir``."""
+    (workdir / "channels").mkdir(exist_ok=True)
+    # Destinations that refuse connections: entries stay queued, the sender backs off.
+    (workdir / "channels" / "zorgdomein-in.yaml").write_text(
+        CHANNEL.replace("port=6661", "port=9").replace("port=7000", "port=13"))
+    env = {k: v for k, v in os.environ.items() if k != "KOPPEL_ADMIN_TOKEN"}
+    if env_token is not None:
+        env["KOPPEL_ADMIN_TOKEN"] = env_token
+    # The whole log is kept: a test searches all of it for patient data.
+    return KoppelProcess(workdir / "channels", f"sqlite://{workdir}/koppel.db", admin=admin, env=env, history=None)
 
 
 def test_koppel_run_refuses_a_non_loopback_admin_endpoint_without_a_token(tmp_path):
-    live = Live(tmp_path, env_token=None, admin="tcp:0:interface=0.0.0.0")
+    engine = live_engine(tmp_path, env_token=None, admin="tcp:0:interface=0.0.0.0")
+    engine.launch()
     try:
-        assert live.proc.wait(timeout=20) == 2
+        assert engine.wait(20) == 2
     finally:
-        live.stop()
-    output = live.log_path.read_text()
+        engine.terminate()
+    output = engine.output()
     assert "not on a loopback interface and no admin token is configured" in output
     assert "--admin-token-file" in output and "KOPPEL_ADMIN_TOKEN" in output
 
@@ -639,12 +598,13 @@ def test_koppel_run_refuses_a_non_loopback_admin_endpoint_without_a_token(tmp_pa
 def live(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("admin-live")
     ids = populate(f"sqlite://{workdir}/koppel.db")
-    engine = Live(workdir, env_token=TOKEN)
+    engine = live_engine(workdir, env_token=TOKEN)
     try:
-        port = engine.wait_port()
+        engine.launch()
+        port = engine.wait_for("admin.started")["port"]
         yield f"http://127.0.0.1:{port}", ids, engine
     finally:
-        engine.stop()
+        engine.terminate()
 
 
 def test_the_live_api_authenticates_and_serves_url_encoded_queue_keys(live):
@@ -662,11 +622,11 @@ def test_the_live_api_authenticates_and_serves_url_encoded_queue_keys(live):
     body = requests.get(f"{base}/api/messages/{ids['m1']}?include=body", headers=auth, timeout=10).json()
     assert base64.b64decode(body["body"]) == referral("ZD001")
     deadline = time.monotonic() + 5
-    while not [e for e in engine.events() if e.get("event") == "admin.body_read"] and time.monotonic() < deadline:
+    while not [e for e in engine.logged() if e.get("event") == "admin.body_read"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    (event,) = [e for e in engine.events() if e.get("event") == "admin.body_read"]
+    (event,) = [e for e in engine.logged() if e.get("event") == "admin.body_read"]
     assert event["message_id"] == ids["m1"] and event["token"] == fingerprint(TOKEN)
-    assert TEST_BSN not in engine.log_path.read_text()
+    assert TEST_BSN not in engine.output()
 
 
 try:

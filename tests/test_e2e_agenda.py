@@ -24,7 +24,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -111,36 +110,6 @@ def siu(zd: str, filler: str, control_id: str, trigger: str = "S12") -> bytes:
 
 
 # ------------------------------------------------------------------------------- harness
-class Engine(KoppelProcess):
-    """``koppel run`` on the bundled mappings; metrics on an ephemeral port, admin off, and
-    the bound port of every channel (from the ``listener.started`` log lines)."""
-
-    def start(self, timeout: float = 20.0) -> dict[str, int]:
-        self.proc = subprocess.Popen(
-            [str(KOPPEL), "run", "--channels", str(self.channels), "--mappings", str(self.workdir / "mappings"),
-             "--store", self.store_url, "--metrics", "tcp:0:interface=127.0.0.1", "--admin", "off",
-             "--log-level", self.log_level],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self.events.get("engine.started"):
-            if time.monotonic() > deadline or not self.alive():
-                tail = self.tail(20)
-                self.kill()
-                raise RuntimeError(f"koppel run did not start within {timeout}s:\n{tail}")
-            time.sleep(0.02)
-        ports = {}
-        for line in list(self.lines):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listener.started":
-                ports[event["channel"]] = int(event["port"])
-        return ports
-
-
 def copy_bundle(tmp: Path, sinks: dict[str, Sink]) -> Path:
     """The bundled channels with listeners on tcp:0 and destinations at the sinks; mappings as is."""
     channels = tmp / "channels"
@@ -161,8 +130,10 @@ class Harness:
         self.tmp = tmp
         self.sinks = {name: Sink(name=name).start() for name in DESTINATIONS}
         self.store_url = f"sqlite:///{tmp / 'koppel.db'}"
-        self.engine = Engine(copy_bundle(tmp, self.sinks), self.store_url, workdir=tmp)
-        self.ports = self.engine.start()
+        self.engine = KoppelProcess(copy_bundle(tmp, self.sinks), self.store_url, workdir=tmp,
+                                    metrics="tcp:0:interface=127.0.0.1")
+        self.engine.start(until="engine.started")
+        self.ports = self.engine.ports
         self.sent = 0
 
     def koppel(self, *args: str) -> subprocess.CompletedProcess:

@@ -9,8 +9,6 @@ deadline, and every process started here is killed by a finalizer.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import signal
@@ -28,6 +26,7 @@ import pytest
 from conftest import load_sample
 from engine.core.response import read_ack
 from engine.store import open_store
+from sink import KoppelProcess
 
 CHANNEL = "zorgdomein-in"
 CHANNEL_YAML = f"""\
@@ -51,7 +50,6 @@ ZORGDOMEIN = [
     "zorgdomein/zd_oru_r01_request_form_pdf.hl7",
     "zorgdomein/zd_srm_s01_appointment_request.hl7",
 ]
-START_TIMEOUT = 20.0
 ACK_TIMEOUT = 10.0
 
 
@@ -62,77 +60,6 @@ def message(control_id: str) -> bytes:
         "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800623|M\r"
         f"OBX|1|TX|||load test document {control_id}\r"
     ).encode("ascii")
-
-
-# --------------------------------------------------------------------------- the engine process
-
-
-class EngineProcess:
-    """``koppel run`` in a temporary directory, its port read from the ``listener.started`` log."""
-
-    def __init__(self, workdir: Path, store_url: str) -> None:
-        self.workdir = workdir
-        self.store_url = store_url
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.starts = 0
-
-    def start(self) -> int:
-        self.starts += 1
-        self.log_path = self.workdir / f"engine-{self.starts}.log"
-        self.err_path = self.workdir / f"engine-{self.starts}.err"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "engine.cli", "run",
-                    "--channels", str(self.workdir / "channels"),
-                    "--mappings", str(self.workdir / "mappings"),
-                    "--store", self.store_url,
-                    "--metrics", "tcp:0:interface=127.0.0.1", "--admin", "off",
-                    "--log-level", "info",
-                ],
-                cwd=self.workdir,
-                stdout=out,
-                stderr=err,
-                env=env,
-            )
-        self.port = self._wait_for_port()
-        return self.port
-
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            for event in self.events():
-                if event.get("event") == "listener.started" and event.get("channel") == CHANNEL:
-                    return int(event["port"])
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"engine did not start: rc={self.proc.poll()}\n{self.output()}")
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] + self.err_path.read_text(errors="replace")[-3000:]
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -152,7 +79,7 @@ def store_url(workdir):
 def engine(workdir, store_url):
     """A (not yet started) engine; killed at teardown whatever the test did."""
     (workdir / "var").mkdir(exist_ok=True)
-    process = EngineProcess(workdir, store_url)
+    process = KoppelProcess(workdir / "channels", store_url, workdir=workdir, metrics="tcp:0:interface=127.0.0.1")
     yield process
     process.kill()
 
@@ -312,12 +239,12 @@ def test_every_acked_message_survives_kill_9_under_load_exactly_once(engine, sto
         resend_in_flight(port, in_flight, acked)
         load = Load(port, connections=4, tag=f"K{run}").start()
         load.wait_for_acks(10**9, timeout=1.5)  # ~1.5 s of load, then the kill
-        engine.signal(signal.SIGKILL)
+        engine.proc.send_signal(signal.SIGKILL)
         engine.wait()
         load.stop.set()
         load.join()
         assert load.wrong == []
-        assert len(load.acked) > 0, engine.output()
+        assert len(load.acked) > 0, engine.tail()
         acked.extend(load.acked)
         in_flight = list(load.unacked.values())
         print(f"run {run}: {len(load.acked)} ACKed, {len(in_flight)} in flight at the kill")
@@ -330,8 +257,8 @@ def test_every_acked_message_survives_kill_9_under_load_exactly_once(engine, sto
         missing = [c for c in acked if counts[c] == 0]
         assert missing == [], f"{len(missing)} ACKed messages lost after kill -9"
         assert [c for c, n in counts.items() if n > 1] == [], "a message was stored twice"
-        engine.signal(signal.SIGTERM)
-        assert engine.wait() == 0, engine.output()
+        engine.proc.send_signal(signal.SIGTERM)
+        assert engine.wait() == 0, engine.tail()
 
 
 def resend_in_flight(port: int, in_flight: list[tuple[str, bytes]], acked: list[str]) -> None:
@@ -356,13 +283,13 @@ def test_sigterm_under_load_exits_0_and_every_acked_message_is_stored(engine, st
     port = engine.start()
     load = Load(port, connections=4, tag="T").start()
     load.wait_for_acks(1000, timeout=1.5)
-    engine.signal(signal.SIGTERM)
-    assert engine.wait() == 0, engine.output()
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.wait() == 0, engine.tail()
     load.stop.set()
     load.join()
     assert load.wrong == []
     assert len(load.acked) > 0
     counts = stored_control_ids(store_url)
     assert [c for c in load.acked if counts[c] != 1] == []
-    events = [e.get("event") for e in engine.events()]
+    events = [e.get("event") for e in engine.logged()]
     assert events[-1] == "engine.stopped"

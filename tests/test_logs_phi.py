@@ -14,22 +14,17 @@ when present. A control proves the checker finds an injected leak.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
-import sqlite3
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
 from conftest import load_sample, sample_names
-from sink import KOPPEL, ROOT, Sink
+from sink import ROOT, KoppelProcess, Sink
 
-START_TIMEOUT = 20.0
 ACK_TIMEOUT = 3.0
 MIN_LENGTH = 4
 
@@ -296,80 +291,6 @@ def bundled_config(tmp: Path, sinks: dict[str, Sink]) -> tuple[Path, Path]:
     return channels, mappings
 
 
-class Engine:
-    """``koppel run`` with stdout and stderr to files; ports per channel from ``listener.started``."""
-
-    def __init__(self, tmp: Path, channels: Path, mappings: Path, *, log_level: str = "debug",
-                 metrics: str = "tcp:0:interface=127.0.0.1", extra: tuple[str, ...] = ()) -> None:
-        self.tmp = tmp
-        self.store = tmp / "var" / "koppel.db"
-        self.store.parent.mkdir(exist_ok=True)
-        self.args = [str(KOPPEL), "run", "--channels", str(channels), "--mappings", str(mappings),
-                     "--store", f"sqlite:///{self.store}", "--metrics", metrics, "--admin", "off",
-                     "--log-level", log_level, *extra]
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-        self.ports: dict[str, int] = {}
-
-    def start(self) -> dict[str, int]:
-        self.runs += 1
-        self.out = self.tmp / f"engine-{self.runs}.out"
-        self.err = self.tmp / f"engine-{self.runs}.err"
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(self.args, cwd=self.tmp, stdout=out, stderr=err,
-                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            events = self.events()
-            if any(e.get("event") == "engine.started" for e in events):
-                self.ports = {e["channel"]: int(e["port"]) for e in events if e.get("event") == "listener.started"}
-                return self.ports
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.kill()
-        raise AssertionError(f"engine did not start:\n{self.output()[-3000:]}")
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.out.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def output(self) -> str:
-        """Everything the engine wrote, every run, stdout and stderr."""
-        parts = []
-        for n in range(1, self.runs + 1):
-            for suffix in ("out", "err"):
-                path = self.tmp / f"engine-{n}.{suffix}"
-                if path.exists():
-                    parts.append(path.read_bytes().decode("utf-8", "replace"))
-        return "\n".join(parts)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        self.proc.send_signal(signum)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"engine did not stop within {timeout}s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def query(self, sql: str, params=()) -> list[tuple]:
-        db = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=5)
-        try:
-            return db.execute(sql, params).fetchall()
-        finally:
-            db.close()
-
-
 def send_one(port: int, payload: bytes, timeout: float = ACK_TIMEOUT) -> bytes | None:
     """One connection, one frame with the bytes as they are; the answer, or None if none came."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -386,7 +307,7 @@ def send_one(port: int, payload: bytes, timeout: float = ACK_TIMEOUT) -> bytes |
         return buffer
 
 
-def wait_processed(engine: Engine, timeout: float = 20.0) -> None:
+def wait_processed(engine: KoppelProcess, timeout: float = 20.0) -> None:
     """Every accepted inbound message has a processing outcome and every queue is empty."""
     deadline = time.monotonic() + timeout
     stable = 0
@@ -454,8 +375,10 @@ def test_no_patient_data_in_the_logs_at_debug(tmp_path):
     engine = None
     try:
         channels, mappings = bundled_config(tmp_path, sinks)
-        engine = Engine(tmp_path, channels, mappings, log_level="debug")
-        ports = engine.start()
+        engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/var/koppel.db", workdir=tmp_path, log_level="debug",
+                               metrics="tcp:0:interface=127.0.0.1", history=None)  # all of it: searched below
+        engine.start(until="engine.started")
+        ports = engine.ports
         assert set(ports) == {"zorgdomein-in", "scheduler-in"}, ports
 
         sends = [(ports[channel], name) for channel in ports for name in ALL_SAMPLES]
@@ -472,7 +395,7 @@ def test_no_patient_data_in_the_logs_at_debug(tmp_path):
         outcomes = dict(engine.query("SELECT processing, COUNT(*) FROM messages WHERE processing IS NOT NULL "
                                      "GROUP BY processing"))
         assert {"mapped", "filtered"} <= set(outcomes), outcomes
-        assert engine.stop() == 0
+        assert engine.terminate() == 0
     finally:
         if engine is not None:
             engine.kill()
@@ -480,7 +403,7 @@ def test_no_patient_data_in_the_logs_at_debug(tmp_path):
             sink.down()
 
     log = engine.output()
-    events = [e.get("event") for e in engine.events()]
+    events = [e.get("event") for e in engine.logged()]
     for expected in ("message.acked", "message.rejected", "message.duplicate", "delivery.acked",
                      "engine.stopped"):
         assert expected in events, expected

@@ -20,11 +20,8 @@ Then ``/metrics`` is scraped and parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import time
 import urllib.request
 
@@ -32,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import __version__
-from sink import KOPPEL, ROOT, Sink
+from sink import ROOT, KoppelProcess, Sink
 
 CHANNEL = "metrics-in"
 EXTRA = 3  # N: appointment requests beyond the first
@@ -157,32 +154,15 @@ def flow(tmp_path):
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / f"{CHANNEL}.yaml").write_text(channel_yaml(sinks))
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "var").mkdir()
     metrics_port = free_port()
-    out = tmp_path / "engine.out"
-    with open(out, "wb") as stdout:
-        proc = subprocess.Popen(
-            [str(KOPPEL), "run", "--channels", str(tmp_path / "channels"), "--mappings", str(tmp_path / "mappings"),
-             "--store", f"sqlite:///{tmp_path}/var/koppel.db", "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
-             "--admin", "off", "--log-level", "info"],
-            cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
+    engine = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/var/koppel.db",
+                           metrics=f"tcp:{metrics_port}:interface=127.0.0.1")
     try:
-        port = None
-        deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            for line in out.read_text(errors="replace").splitlines():
-                if '"listener.started"' in line:
-                    port = int(line.split('"port": ', 1)[1].split(",", 1)[0].rstrip("}"))
-            time.sleep(0.02)
-        assert port is not None, out.read_text()
+        port = engine.start()
         yield port, metrics_port, sinks
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0, out.read_text()[-3000:]
+        assert engine.terminate() == 0, engine.tail()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        engine.kill()
         for sink in sinks.values():
             sink.down()
 

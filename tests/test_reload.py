@@ -1,19 +1,16 @@
 """SIGHUP / koppel reload: new config applied, open connections kept, a bad config refused."""
 
-import json
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from engine.core import mllp
 from engine.core.response import read_ack
 from tests.conftest import load_sample
+from sink import KoppelProcess
 
 CHANNEL = """name: {name}
 source:
@@ -21,66 +18,23 @@ source:
 accept:
   types: [{types}]
 """
+PID_FILE = "koppel.pid"
 
 
-class Engine:
-    def __init__(self, tmp_path: Path):
-        self.tmp = tmp_path
-        self.channels = tmp_path / "channels"
-        self.channels.mkdir()
-        (tmp_path / "mappings").mkdir()
-        self.pid_file = tmp_path / "koppel.pid"
-        self.events: list[dict] = []
-        self.lock = threading.Lock()
+def reload(engine: KoppelProcess) -> int:
+    """``koppel reload`` by the pid file; the log mark to look for its outcome after."""
+    mark = engine.mark()
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "reload", "--pid-file", str(engine.workdir / PID_FILE)],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    return mark
 
-    def start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "run", "--channels", str(self.channels),
-             "--mappings", str(self.tmp / "mappings"), "--store", f"sqlite:///{self.tmp}/k.db",
-             "--metrics", "tcp:0:interface=127.0.0.1", "--admin", "off", "--pid-file", str(self.pid_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for(lambda e: e.get("event") == "engine.started")
 
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "text", "line": line}
-            with self.lock:
-                self.events.append(event)
-
-    def wait_for(self, match, *, after: int = 0, timeout: float = 15.0) -> dict:
-        end = time.time() + timeout
-        while time.time() < end:
-            with self.lock:
-                for event in self.events[after:]:
-                    if match(event):
-                        return event
-            time.sleep(0.02)
-        raise AssertionError(f"no matching log event; got {self.events[-5:]}")
-
-    def port(self, channel: str, after: int = 0) -> int:
-        return self.wait_for(lambda e: e.get("event") == "listener.started" and e.get("channel") == channel,
-                             after=after)["port"]
-
-    def reload(self) -> int:
-        mark = len(self.events)
-        result = subprocess.run([sys.executable, "-m", "engine.cli", "reload", "--pid-file", str(self.pid_file)],
-                                capture_output=True, text=True, timeout=20)
-        assert result.returncode == 0, result.stderr
-        return mark
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def port(engine: KoppelProcess, channel: str, after: int | None = None) -> int:
+    return engine.wait_for(lambda e: e.get("event") == "listener.started" and e.get("channel") == channel,
+                           after=after)["port"]
 
 
 def exchange(sock: socket.socket, payload: bytes) -> bytes:
@@ -97,9 +51,11 @@ def exchange(sock: socket.socket, payload: bytes) -> bytes:
 
 @pytest.fixture
 def engine(tmp_path):
-    e = Engine(tmp_path)
+    (tmp_path / "channels").mkdir()
+    e = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/k.db", metrics="tcp:0:interface=127.0.0.1",
+                      args=("--pid-file", str(tmp_path / PID_FILE)))
     yield e
-    e.stop()
+    e.terminate()
 
 
 def write(engine, name, types):
@@ -110,24 +66,24 @@ def test_reload_applies_new_rules_to_open_connections_adds_and_removes_listeners
     srm = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
     oru = load_sample("zorgdomein/zd_oru_pdf_official_head.hl7")
     write(engine, "a", "SRM^S01")
-    engine.start()
-    assert int(engine.pid_file.read_text()) == engine.proc.pid
-    port_a = engine.port("a")
+    engine.start(until="engine.started")
+    assert int((engine.workdir / PID_FILE).read_text()) == engine.proc.pid
+    port_a = port(engine, "a")
     conn = socket.create_connection(("127.0.0.1", port_a))
     assert read_ack(exchange(conn, srm)).code == "AA"
     assert read_ack(exchange(conn, oru)).code == "AR"
 
     write(engine, "a", "SRM^S01, ORU^R01")
     write(engine, "b", "ORU^R01")
-    mark = engine.reload()
+    mark = reload(engine)
     engine.wait_for(lambda e: e.get("event") == "config.reloaded", after=mark)
-    port_b = engine.port("b", after=mark)
+    port_b = port(engine, "b", after=mark)
     assert read_ack(exchange(conn, oru)).code == "AA"  # the same connection, the new rules
     with socket.create_connection(("127.0.0.1", port_b)) as other:
         assert read_ack(exchange(other, oru)).code == "AA"
 
     (engine.channels / "a.yaml").write_text(CHANNEL.format(name="a", types="SRM^S01") + "surprise: 1\n")
-    mark = engine.reload()
+    mark = reload(engine)
     failed = engine.wait_for(lambda e: e.get("event") == "config.reload_failed", after=mark)
     assert "a.yaml:" in failed["problem"] and "surprise" in failed["problem"]
     assert read_ack(exchange(conn, oru)).code == "AA"  # still the config that loaded
@@ -135,7 +91,7 @@ def test_reload_applies_new_rules_to_open_connections_adds_and_removes_listeners
 
     write(engine, "a", "SRM^S01, ORU^R01")
     (engine.channels / "b.yaml").unlink()
-    mark = engine.reload()
+    mark = reload(engine)
     engine.wait_for(lambda e: e.get("event") == "config.reloaded", after=mark)
     deadline = time.time() + 5
     while time.time() < deadline:

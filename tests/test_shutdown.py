@@ -20,8 +20,7 @@ import time
 
 import pytest
 
-from sink import Sink, make_message, read_ack_code, write_channel
-from test_logs_phi import Engine
+from sink import KoppelProcess, Sink, make_message, read_ack_code, write_channel
 
 DRAIN = 3.0  # --drain-timeout
 CONNECTIONS = 4
@@ -86,7 +85,7 @@ class Load:
         assert not any(t.is_alive() for t in self.threads), "a load connection hung"
 
 
-def stored(engine: Engine) -> collections.Counter:
+def stored(engine: KoppelProcess) -> collections.Counter:
     rows = engine.query("SELECT control_id FROM messages WHERE channel = 'e2e-in' AND status = 'accepted'")
     return collections.Counter(r[0] for r in rows)
 
@@ -99,25 +98,24 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
     try:
         channels = tmp_path / "channels"
         write_channel(channels, {"sink": sink.port})
-        (tmp_path / "mappings").mkdir()
-        engine = Engine(tmp_path, channels, tmp_path / "mappings", log_level="info",
-                        extra=("--drain-timeout", str(DRAIN)))
-        port = engine.start()["e2e-in"]
+        engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/var/koppel.db", metrics="tcp:0:interface=127.0.0.1",
+                               args=("--drain-timeout", str(DRAIN)))
+        port = engine.start(until="engine.started")
         load = Load(port, tag=signum.name[3]).start()  # "T" or "I": no "N" in it
         time.sleep(LOAD_SECONDS)
-        assert len(load.acked) > 50, engine.output()[-2000:]
+        assert len(load.acked) > 50, engine.tail()
 
         sink.delay = 0.3  # the send in flight at the signal is answered late: the engine must wait for it
         time.sleep(0.05)
         signalled = time.monotonic()
         engine.proc.send_signal(signum)
-        code = engine.proc.wait(DRAIN + 10)
+        code = engine.wait(DRAIN + 10)
         took = time.monotonic() - signalled
         load.stop.set()
         load.join()
-        assert code == 0, engine.output()[-3000:]
+        assert code == 0, engine.tail()
         assert took < DRAIN, f"stopped after {took:.2f}s; drain deadline {DRAIN}s"
-        events = [e.get("event") for e in engine.events()]
+        events = [e.get("event") for e in engine.logged()]
         assert events[-1] == "engine.stopped", events[-5:]
         assert "engine.drain_timeout" not in events and "engine.sender_stop_timeout" not in events
 
@@ -136,7 +134,7 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
 
         # restart on the same store: the queue resumes and everything stored reaches the sink
         sink.delay = 0.0
-        engine.start()
+        engine.start(until="engine.started")
         assert sink.wait_for_delivered(counts, timeout=15), (
             f"{len(set(counts) - set(sink.delivered_ids()))} stored messages never reached the sink")
         deadline = time.monotonic() + 5
@@ -151,7 +149,7 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
         for cid in sink.delivered_ids():
             by_connection[cid.rsplit("N", 1)[0]].append(cid)
         assert all(ids == sorted(ids) for ids in by_connection.values())
-        assert engine.stop(signal.SIGTERM) == 0
+        assert engine.terminate() == 0
     finally:
         if engine is not None:
             engine.kill()
