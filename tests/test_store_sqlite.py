@@ -32,7 +32,7 @@ from engine.store import (
     write_one,
 )
 from engine.store import migrations
-from engine.store.sqlite import SQLiteStore, parse_sqlite_url
+from engine.store.sqlite import WRITER_CHECKPOINT_PAGES, SQLiteStore, parse_sqlite_url
 from tests.factories import DAY, HIX, T0, received, referral
 
 RIS = QueueTarget(queue="10.1.2.4:7000", destination="ris")
@@ -69,6 +69,22 @@ def test_relative_sqlite_url_is_relative_to_the_working_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     open_store("sqlite:var/koppel.db").close()
     assert (tmp_path / "var" / "koppel.db").exists()
+
+
+def test_commits_leave_the_log_to_the_background_checkpoint(tmp_path):
+    """A commit copies the log into the database itself only past WRITER_CHECKPOINT_PAGES, not
+    at SQLite's default of 1000 pages, which load reaches between two background checkpoints."""
+    store = open_store(f"sqlite:{tmp_path}/k.db?synchronous=normal")
+    try:
+        filler = b"NTE|1||" + b"x" * 5000 + b"\r"
+        for batch in range(300):  # 1,200 messages of ~5 KB: well past 1000 pages of log
+            store.write([Append(message=received(f"C{batch}-{i}", raw=referral(f"C{batch}-{i}") + filler))
+                         for i in range(4)])
+        _, log_frames, copied = store._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert 1000 < log_frames < WRITER_CHECKPOINT_PAGES
+        assert copied == log_frames  # all still in the log until this checkpoint copied them
+    finally:
+        store.close()
 
 
 def test_synchronous_defaults_to_full_and_normal_can_be_asked_for(tmp_path):

@@ -121,7 +121,7 @@ class GroupCommitter:
 class Checkpointer:
     """Runs the store's WAL checkpoint in a thread now and then, off the commit path."""
 
-    def __init__(self, store, *, reactor, interval: float = 0.25, log=None, in_thread=None) -> None:
+    def __init__(self, store, *, reactor, interval: float = 0.05, log=None, in_thread=None) -> None:
         self._store = store
         self._reactor = reactor
         self._log = log
