@@ -14,8 +14,9 @@ unless scripted to:
 
 The second half of the module is what the e2e tests and the soak/bench scripts share:
 writing a channel directory, running ``koppel run`` as a subprocess (port learned from the
-``listener.started`` log line), and a blocking MLLP source that resends until ACKed, like a
-real sender does when the engine is killed under it.
+``listener.started`` log line), a blocking MLLP client (one frame, one ACK), a load
+generator that sends over several connections until the engine goes away, and a blocking
+MLLP source that resends until ACKed, like a real sender does when the engine is killed under it.
 
 As a script: ``python tests/sink.py [--port N] [--delay S] [--quiet]`` prints ``port N`` and
 then reads commands on stdin: ``down``, ``up``, ``nak CODE N``, ``delay S``, ``drop N``,
@@ -537,6 +538,113 @@ def read_ack_code(answer: bytes) -> tuple[str, str]:
             cid = fields[2].decode("ascii", "replace") if len(fields) > 2 else ""
             return code, cid
     return "", ""
+
+
+class NoAck(ConnectionError):
+    """The engine closed the connection before it answered."""
+
+
+class MLLPClient:
+    """A blocking MLLP source: one connection, one message in flight (as MLLP senders work).
+
+    Plain sockets, like the sink, so the client that judges Koppel shares no code with it.
+    ``source`` binds the local address: 127.0.0.2 is loopback too, but outside an allow-list
+    of 127.0.0.1/32.
+    """
+
+    def __init__(self, port: int, *, timeout: float = 10.0, source: str | None = None) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        self.buffer = b""
+
+    def request(self, payload: bytes) -> bytes:
+        """Send one frame; the answer without its framing. ``NoAck`` if the connection closes first."""
+        self.sock.sendall(frame(payload))
+        while EB + CR not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise NoAck("closed before the ACK")
+            self.buffer += chunk
+        answer, _, self.buffer = self.buffer.partition(EB + CR)
+        return answer[answer.find(SB) + 1 :]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "MLLPClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Load:
+    """N connections, each sending unique messages one at a time until stopped or cut off.
+
+    For the tests that stop the engine under load (kill -9, SIGTERM, SIGINT) and then look in
+    the store. Control ids are ``{tag}C{connection}N{seq}`` (so ``tag`` holds no "N").
+    ``acked``: answered AA with MSA-2 = MSH-10; ``wrong``: any other answer
+    (control id, MSA-1, MSA-2); ``in_flight``: per connection, the (control id, payload)
+    sent but not answered when the connection ended, which a real sender would resend.
+    ``message`` builds the payload from a control id.
+    """
+
+    def __init__(self, port: int, *, connections: int, tag: str, message=make_message,
+                 timeout: float = 10.0) -> None:
+        self.port = port
+        self.tag = tag
+        self.message = message
+        self.timeout = timeout
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.acked: list[str] = []
+        self.in_flight: dict[int, tuple[str, bytes]] = {}
+        self.wrong: list[tuple[str, str, str]] = []
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(connections)]
+
+    def start(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _run(self, n: int) -> None:
+        try:
+            client = MLLPClient(self.port, timeout=self.timeout)
+        except OSError:
+            return
+        seq = 0
+        try:
+            while not self.stop.is_set():
+                control_id = f"{self.tag}C{n}N{seq:06d}"
+                payload = self.message(control_id)
+                with self.lock:
+                    self.in_flight[n] = (control_id, payload)
+                try:
+                    answer = client.request(payload)
+                except OSError:  # reset, EOF or timeout: the engine is gone, the message stays in flight
+                    return
+                code, answered = read_ack_code(answer)
+                with self.lock:
+                    del self.in_flight[n]
+                    if (code, answered) == ("AA", control_id):
+                        self.acked.append(control_id)
+                    else:
+                        self.wrong.append((control_id, code, answered))
+                seq += 1
+        finally:
+            client.close()
+
+    def wait_for_acks(self, count: int, timeout: float) -> None:
+        """Poll until ``count`` messages are ACKed or ``timeout`` passes (a huge count: load for that long)."""
+        deadline = time.monotonic() + timeout
+        while len(self.acked) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def join(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "a load connection hung"
 
 
 @dataclass(slots=True)

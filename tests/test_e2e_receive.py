@@ -12,12 +12,9 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 from conftest import load_sample
 from engine.core.response import read_ack
 from engine.store import open_store
-from sink import KoppelProcess
+from sink import KoppelProcess, Load, MLLPClient
 
 CHANNEL = "zorgdomein-in"
 CHANNEL_YAML = f"""\
@@ -93,87 +90,6 @@ def stored_control_ids(store_url: str) -> Counter:
         store.close()
 
 
-# --------------------------------------------------------------------------- a blocking MLLP client
-
-
-class MLLPSocket:
-    """One connection, one message in flight (as MLLP senders work)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=ACK_TIMEOUT)
-        self.buffer = b""
-
-    def request(self, payload: bytes) -> bytes:
-        self.sock.sendall(b"\x0b" + payload + b"\x1c\r")
-        while b"\x1c\r" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before the ACK")
-            self.buffer += chunk
-        frame, _, self.buffer = self.buffer.partition(b"\x1c\r")
-        return frame[frame.index(b"\x0b") + 1 :]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Load:
-    """N connections sending unique messages until stopped or the engine goes away."""
-
-    def __init__(self, port: int, *, connections: int, tag: str) -> None:
-        self.port = port
-        self.tag = tag
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[str] = []
-        self.unacked: dict[int, tuple[str, bytes]] = {}  # per connection: the message in flight
-        self.wrong: list[tuple[str, str, str]] = []
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(connections)]
-
-    def start(self) -> "Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _run(self, n: int) -> None:
-        try:
-            client = MLLPSocket(self.port)
-        except OSError:
-            return
-        seq = 0
-        try:
-            while not self.stop.is_set():
-                control_id = f"{self.tag}C{n}N{seq:06d}"
-                payload = message(control_id)
-                with self.lock:
-                    self.unacked[n] = (control_id, payload)
-                try:
-                    answer = client.request(payload)
-                except OSError:  # reset, EOF or timeout: the engine is gone
-                    return
-                reply = read_ack(answer)
-                with self.lock:
-                    del self.unacked[n]
-                    if reply.code == "AA" and reply.control_id == control_id:
-                        self.acked.append(control_id)
-                    else:
-                        self.wrong.append((control_id, reply.code, reply.control_id))
-                seq += 1
-        finally:
-            client.close()
-
-    def wait_for_acks(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def join(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self.threads), "a load connection hung"
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -237,7 +153,7 @@ def test_every_acked_message_survives_kill_9_under_load_exactly_once(engine, sto
     for run in range(3):
         port = engine.start()
         resend_in_flight(port, in_flight, acked)
-        load = Load(port, connections=4, tag=f"K{run}").start()
+        load = Load(port, connections=4, tag=f"K{run}", message=message).start()
         load.wait_for_acks(10**9, timeout=1.5)  # ~1.5 s of load, then the kill
         engine.proc.send_signal(signal.SIGKILL)
         engine.wait()
@@ -246,7 +162,7 @@ def test_every_acked_message_survives_kill_9_under_load_exactly_once(engine, sto
         assert load.wrong == []
         assert len(load.acked) > 0, engine.tail()
         acked.extend(load.acked)
-        in_flight = list(load.unacked.values())
+        in_flight = list(load.in_flight.values())
         print(f"run {run}: {len(load.acked)} ACKed, {len(in_flight)} in flight at the kill")
 
         # Restart on the same store, as an operator would, and look.
@@ -269,19 +185,16 @@ def resend_in_flight(port: int, in_flight: list[tuple[str, bytes]], acked: list[
     """
     if not in_flight:
         return
-    client = MLLPSocket(port)
-    try:
+    with MLLPClient(port, timeout=ACK_TIMEOUT) as client:
         for control_id, payload in in_flight:
             reply = read_ack(client.request(payload))
             assert (reply.code, reply.control_id) == ("AA", control_id)
             acked.append(control_id)
-    finally:
-        client.close()
 
 
 def test_sigterm_under_load_exits_0_and_every_acked_message_is_stored(engine, store_url):
     port = engine.start()
-    load = Load(port, connections=4, tag="T").start()
+    load = Load(port, connections=4, tag="T", message=message).start()
     load.wait_for_acks(1000, timeout=1.5)
     engine.proc.send_signal(signal.SIGTERM)
     assert engine.wait() == 0, engine.tail()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from conftest import load_sample, sample_names
-from sink import ROOT, KoppelProcess, Sink
+from sink import ROOT, KoppelProcess, MLLPClient, NoAck, Sink
 
 ACK_TIMEOUT = 3.0
 MIN_LENGTH = 4
@@ -293,18 +293,11 @@ def bundled_config(tmp: Path, sinks: dict[str, Sink]) -> tuple[Path, Path]:
 
 def send_one(port: int, payload: bytes, timeout: float = ACK_TIMEOUT) -> bytes | None:
     """One connection, one frame with the bytes as they are; the answer, or None if none came."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"\x0b" + payload + b"\x1c\r")
-        buffer = b""
+    with MLLPClient(port, timeout=timeout) as client:
         try:
-            while b"\x1c\r" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return None
-                buffer += chunk
-        except socket.timeout:
+            return client.request(payload)
+        except (NoAck, socket.timeout):
             return None
-        return buffer
 
 
 def wait_processed(engine: KoppelProcess, timeout: float = 20.0) -> None:

@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import __version__
-from sink import ROOT, KoppelProcess, Sink
+from sink import ROOT, KoppelProcess, MLLPClient, Sink, read_ack_code
 
 CHANNEL = "metrics-in"
 EXTRA = 3  # N: appointment requests beyond the first
@@ -101,27 +101,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Client:
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.socket()
-        self.sock.settimeout(5)
-        self.sock.bind((source, 0))
-        self.sock.connect(("127.0.0.1", port))
-        self.buffer = b""
-
-    def request(self, payload: bytes) -> str:
-        """Send one frame; the ACK's MSA-1."""
-        self.sock.sendall(b"\x0b" + payload + b"\x1c\r")
-        while b"\x1c\r" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before the ACK")
-            self.buffer += chunk
-        frame, _, self.buffer = self.buffer.partition(b"\x1c\r")
-        return frame.split(b"MSA|", 1)[1][:2].decode()
-
-    def close(self) -> None:
-        self.sock.close()
+def ack(client: MLLPClient, payload: bytes) -> str:
+    """Send one frame; the ACK's MSA-1."""
+    return read_ack_code(client.request(payload))[0]
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -169,23 +151,23 @@ def flow(tmp_path):
 
 def test_every_metric_has_the_value_the_flow_implies(flow):
     port, metrics_port, sinks = flow
-    client = Client(port)
-    codes = [client.request(srm("S0", "ZD100000000"))]
-    codes += [client.request(srm(f"S{n}", f"ZD10000000{n}")) for n in range(1, EXTRA + 1)]
-    codes.append(client.request(srm("S0", "ZD100000000")))  # exact re-send
-    codes.append(client.request(oru("ZD100000000")))  # letter for the first request: ok
-    codes.append(client.request(oru("ZD100000099")))  # letter without its request: held
-    codes.append(client.request(srm("S-NOZD", "")))  # no ZD-number: mapping error
-    codes.append(client.request(oml("O1")))  # forwarded to lis-orders: AR -> dead letter
-    codes.append(client.request(adt("A1")))  # not accepted: AR
+    client = MLLPClient(port, timeout=5)
+    codes = [ack(client, srm("S0", "ZD100000000"))]
+    codes += [ack(client, srm(f"S{n}", f"ZD10000000{n}")) for n in range(1, EXTRA + 1)]
+    codes.append(ack(client, srm("S0", "ZD100000000")))  # exact re-send
+    codes.append(ack(client, oru("ZD100000000")))  # letter for the first request: ok
+    codes.append(ack(client, oru("ZD100000099")))  # letter without its request: held
+    codes.append(ack(client, srm("S-NOZD", "")))  # no ZD-number: mapping error
+    codes.append(ack(client, oml("O1")))  # forwarded to lis-orders: AR -> dead letter
+    codes.append(ack(client, adt("A1")))  # not accepted: AR
     big = srm("S-BIG", "ZD100000999") + b"NTE|1||" + b"x" * (MAX_BYTES + 1000) + b"\r"
-    codes.append(client.request(big))  # oversize: AR
+    codes.append(ack(client, big))  # oversize: AR
     client.close()
     assert codes == ["AA"] * (EXTRA + 1) + ["AA", "AA", "AA", "AA", "AA", "AR", "AR"]
 
     # 127.0.0.2 is loopback too, but not in the allow-list: refused on connect
     try:
-        refused = Client(port, source="127.0.0.2")
+        refused = MLLPClient(port, timeout=5, source="127.0.0.2")
         with pytest.raises(OSError):
             refused.request(adt("R1"))
         refused.close()
@@ -263,9 +245,9 @@ def test_every_metric_has_the_value_the_flow_implies(flow):
 
 def test_a_rejected_message_is_neither_mapped_nor_counted_as_filtered(flow):
     port, metrics_port, sinks = flow
-    client = Client(port)
+    client = MLLPClient(port, timeout=5)
     # SRM^S01 in a version the channel does not accept, and a type it does not accept
-    codes = [client.request(srm("V26", "ZD100000777", version="2.6")), client.request(adt("A2"))]
+    codes = [ack(client, srm("V26", "ZD100000777", version="2.6")), ack(client, adt("A2"))]
     client.close()
     assert codes == ["AR", "AR"]
     deadline = time.monotonic() + 1.5

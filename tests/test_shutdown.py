@@ -14,75 +14,15 @@ from __future__ import annotations
 
 import collections
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
-from sink import KoppelProcess, Sink, make_message, read_ack_code, write_channel
+from sink import KoppelProcess, Load, Sink, write_channel
 
 DRAIN = 3.0  # --drain-timeout
 CONNECTIONS = 4
 LOAD_SECONDS = 1.0
-
-
-class Load:
-    """N connections, each sending unique messages one at a time until stopped or cut off."""
-
-    def __init__(self, port: int, tag: str, connections: int = CONNECTIONS) -> None:
-        self.port = port
-        self.tag = tag
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[str] = []
-        self.in_flight: dict[int, str] = {}
-        self.wrong: list[tuple[str, str, str]] = []
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(connections)]
-
-    def start(self) -> "Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _run(self, n: int) -> None:
-        try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        except OSError:
-            return
-        buffer = b""
-        seq = 0
-        try:
-            while not self.stop.is_set():
-                cid = f"{self.tag}C{n}N{seq:06d}"
-                with self.lock:
-                    self.in_flight[n] = cid
-                try:
-                    sock.sendall(b"\x0b" + make_message(cid) + b"\x1c\r")
-                    while b"\x1c\r" not in buffer:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            return  # the engine closed the connection: cid stays in flight
-                        buffer += chunk
-                except OSError:
-                    return
-                frame, _, buffer = buffer.partition(b"\x1c\r")
-                code, answered = read_ack_code(frame)
-                with self.lock:
-                    del self.in_flight[n]
-                    if (code, answered) == ("AA", cid):
-                        self.acked.append(cid)
-                    else:
-                        self.wrong.append((cid, code, answered))
-                seq += 1
-        finally:
-            sock.close()
-
-    def join(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self.threads), "a load connection hung"
 
 
 def stored(engine: KoppelProcess) -> collections.Counter:
@@ -101,7 +41,7 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
         engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/var/koppel.db", metrics="tcp:0:interface=127.0.0.1",
                                args=("--drain-timeout", str(DRAIN)))
         port = engine.start(until="engine.started")
-        load = Load(port, tag=signum.name[3]).start()  # "T" or "I": no "N" in it
+        load = Load(port, connections=CONNECTIONS, tag=signum.name[3]).start()  # "T" or "I": no "N" in it
         time.sleep(LOAD_SECONDS)
         assert len(load.acked) > 50, engine.tail()
 
@@ -125,7 +65,7 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
         assert [c for c in load.acked if counts[c] != 1] == []
         assert [c for c, n in counts.items() if n > 1] == []
         # what was stored without an ACK can only be a message in flight at the signal
-        assert set(counts) - set(load.acked) <= set(load.in_flight.values())
+        assert set(counts) - set(load.acked) <= {cid for cid, _ in load.in_flight.values()}
         backlog = engine.query("SELECT COALESCE(SUM(pending), 0) FROM queues")[0][0]
         delivered_before = sink.delivered_count()
         print(f"{signum.name}: {len(load.acked)} ACKed, {delivered_before} delivered, {backlog} queued at exit, "
