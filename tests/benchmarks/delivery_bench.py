@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from calibrate import describe  # noqa: E402
 from sink import KOPPEL, KoppelProcess, Sink, make_message, write_channel  # noqa: E402
 
 from engine.store import Append, QueueTarget, ReceivedMessage, open_store  # noqa: E402
@@ -188,6 +189,7 @@ def main() -> int:
     parser.add_argument("--synchronous", default=None, help="store synchronous= (default: the store's default)")
     parser.add_argument("--rss-trace", action="store_true", help="print every RSS sample")
     args = parser.parse_args()
+    print(describe(), flush=True)
     for name, run in (("e2e", run_e2e), ("drain", run_drain)):
         if args.only in (None, name):
             workdir = Path(tempfile.mkdtemp(prefix=f"koppel-bench-{name}-"))

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent))
 
+from calibrate import describe  # noqa: E402
 from sink import KOPPEL, ROOT, KoppelProcess, Sink  # noqa: E402
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
@@ -371,6 +372,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.sink_child:
         return sink_child(0)
+    print(describe(), flush=True)
     if args.only in (None, "map"):
         # in a child pinned to one core, so the full run below is not pinned
         code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import mapping_bench; "

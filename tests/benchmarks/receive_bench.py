@@ -5,7 +5,8 @@ Twisted MLLP echo as the ceiling, python-hl7's asyncio MLLP server as the peer
 baseline) it runs ``koppel bench`` with the 2.6 KB referral over 1 and 8
 connections, then a paced run at 1,000 msg/s for the p99, and samples the
 server's RSS. For Koppel it also reads the store's commit count and time from /metrics
-during the 8-connection run, to show where the time goes. Usage:
+during the 8-connection run, and times one fdatasync on the store's disk, to show where the
+time goes. Usage:
 python tests/benchmarks/receive_bench.py [--messages N]
 """
 
@@ -21,6 +22,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from calibrate import describe
 
 HERE = Path(__file__).resolve().parent
 REFERRAL = HERE / "referral_2k6.hl7"
@@ -81,6 +84,25 @@ def commit_stats(metrics_port: int | None) -> tuple[float, float, float]:
             values["koppel_store_commit_batch_size_sum"])
 
 
+def fsync_cost(directory: Path, rounds: int = 300) -> tuple[float, float]:
+    """(wall us, CPU us) of one fdatasync after overwriting 40 KB, about a FULL commit's log
+    write: the floor under every commit at synchronous=FULL on this disk."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        block = b"x" * 40_000
+        os.pwrite(fd, block * 10, 0)
+        os.fsync(fd)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(rounds):
+            os.pwrite(fd, block, (i % 10) * 40_000)
+            os.fdatasync(fd)
+        return (1e6 * (time.perf_counter() - wall) / rounds, 1e6 * (time.process_time() - cpu) / rounds)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def start_koppel(tmp: Path, port: int, synchronous: str, metrics_port: int) -> subprocess.Popen:
     channels = tmp / f"channels-{synchronous}"
     channels.mkdir()
@@ -107,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=20000)
     args = parser.parse_args()
+    speed_before = describe()
     servers = {
         "Koppel (store FULL)": lambda tmp, port, mport: start_koppel(tmp, port, "FULL", mport),
         "Koppel (store NORMAL)": lambda tmp, port, mport: start_koppel(tmp, port, "NORMAL", mport),
@@ -119,6 +142,7 @@ def main() -> None:
     commit_notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        fsync = fsync_cost(tmp)
         for name, start in servers.items():
             port = free_port()
             metrics_port = free_port() if name.startswith("Koppel") else None
@@ -157,6 +181,8 @@ def main() -> None:
     print()
     for note in commit_notes:
         print(note)
+    print(f"fdatasync of 40 KB in the store's directory: {fsync[0]:.0f} us wall, {fsync[1]:.0f} us CPU")
+    print(f"before: {speed_before}\nafter:  {describe()}")
 
 
 if __name__ == "__main__":
