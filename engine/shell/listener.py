@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from engine.config import peer_allowed
 from engine.core import mllp
 from engine.core.ack import ControlIds, format_timestamp
+from engine.core.errors import Rejection
 from engine.core.intake import (
     ACCEPT_ALL,
     INTERNAL_ERROR,
@@ -31,10 +32,9 @@ from engine.core.intake import (
     assess,
     assess_oversize,
 )
-from engine.core.errors import Rejection
 from engine.log import Repeats, get_logger, safe_error
-from engine.store import Append, QueueTarget, ReceivedMessage
 from engine.shell.wire import send_now
+from engine.store import Append, QueueTarget, ReceivedMessage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
