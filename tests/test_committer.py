@@ -1,7 +1,8 @@
-"""The group committer: one store transaction per reactor turn, results to the right callers.
+"""The group committer: one store transaction per two reactor turns, results to the right callers.
 
-The clock is a ``twisted.internet.task.Clock``; ``advance(0)`` ends the turn and runs
-the commit. Stores are small fakes that record each ``write`` call, plus the real
+The clock is a ``twisted.internet.task.Clock``; ``advance(0)`` runs every call that is due,
+including those scheduled meanwhile, so it ends both turns and runs the commit. ``turn``
+runs only what was due when it started, as a real reactor does between two polls. Stores are small fakes that record each ``write`` call, plus the real
 SQLite store where durability is the point.
 """
 
@@ -64,6 +65,33 @@ def committer(store, clock, metrics):
     c = GroupCommitter(store, clock=clock, metrics=metrics)
     c.start()
     return c
+
+
+def turn(clock: Clock) -> None:
+    """One reactor turn: the calls due when it starts; calls they schedule wait for the next."""
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in sorted(due, key=lambda c: c.getTime()):
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+
+
+def test_frames_read_in_the_next_turn_join_the_commit(committer, store, clock):
+    first = committer.submit("op-a")
+    turn(clock)  # the turn after the submit: nothing committed yet, the reactor polls again
+    assert store.writes == [] and not first.called
+    second = committer.submit("op-b")  # a frame that was readable by then
+    turn(clock)
+    assert store.writes == [["op-a", "op-b"]]
+    assert results_of([first, second]) == [(True, "result-of-op-a"), (True, "result-of-op-b")]
+
+
+def test_an_idle_reactor_commits_after_two_turns_without_waiting(committer, store, clock):
+    d = committer.submit("op")
+    turn(clock)
+    turn(clock)
+    assert store.writes == [["op"]] and d.called
+    assert clock.seconds() == 0  # no time passed: the extra turn only polls
 
 
 def test_n_submits_in_one_turn_become_one_store_write(committer, store, clock):
