@@ -40,6 +40,29 @@ def test_the_checkpointer_runs_the_store_checkpoint_each_interval_and_survives_a
     assert checkpointer.stop().called
 
 
+def test_the_checkpointer_skips_ticks_with_nothing_committed_since_the_last_checkpoint(store):
+    calls = []
+
+    class Counting:
+        def checkpoint(self):
+            calls.append(committer.commits)
+
+    clock = MemoryReactorClock()
+    committer = GroupCommitter(store, clock=clock)
+    checkpointer = Checkpointer(Counting(), reactor=clock, interval=0.05, in_thread=lambda f: defer.succeed(f()),
+                                commits=lambda: committer.commits)
+    checkpointer.start()
+    for _ in range(5):
+        clock.advance(0.05)
+    assert calls == [0]  # the first tick checkpoints (an earlier run may have left a log), then idle
+    committer.submit(Append(message=received("C1")))
+    clock.advance(0)
+    for _ in range(5):
+        clock.advance(0.05)
+    assert calls == [0, 1]  # one checkpoint for the one commit, however many ticks
+    assert checkpointer.stop().called
+
+
 def test_the_checkpointer_never_runs_two_checkpoints_at_once():
     pending = []
     clock = MemoryReactorClock()

@@ -38,6 +38,7 @@ class GroupCommitter:
         self._due = 0.0
         self._stopped = False
         self.healthy = True  # did the last transaction commit? (readiness)
+        self.commits = 0  # transactions committed so far (the checkpointer skips idle ticks)
 
     def start(self) -> None:
         self._stopped = False
@@ -107,6 +108,7 @@ class GroupCommitter:
                 return [(work[0][1], False, error)]
             return [outcome for item in work for outcome in self._commit([item])]
         self.healthy = True
+        self.commits += 1
         if self._metrics is not None:
             self._metrics.store_commit.observe(time.perf_counter() - started)
             self._metrics.store_batch.observe(len(ops))
@@ -131,12 +133,19 @@ class GroupCommitter:
 
 
 class Checkpointer:
-    """Runs the store's WAL checkpoint in a thread now and then, off the commit path."""
+    """Runs the store's WAL checkpoint in a thread now and then, off the commit path.
 
-    def __init__(self, store, *, reactor, interval: float = 0.05, log=None, in_thread=None) -> None:
+    ``commits`` (the group committer's count) lets an idle engine skip the tick: nothing
+    committed since the last checkpoint means nothing to copy, so no thread wakes 20 times
+    a second all night."""
+
+    def __init__(self, store, *, reactor, interval: float = 0.05, log=None, in_thread=None,
+                 commits=None) -> None:
         self._store = store
         self._reactor = reactor
         self._log = log
+        self._commits = commits
+        self._checkpointed_at = None  # the commit count the last checkpoint covered
         # How to run a blocking call off the reactor thread (injected; tests run it inline).
         self._in_thread = in_thread or self._reactor_thread_pool
         self._loop = task.LoopingCall(self._once)
@@ -156,6 +165,11 @@ class Checkpointer:
     def _once(self):
         if self._running is not None:
             return None
+        if self._commits is not None:
+            count = self._commits()
+            if count == self._checkpointed_at:
+                return None
+            self._checkpointed_at = count
         self._running = defer.maybeDeferred(self._in_thread, self._store.checkpoint)
         self._running.addErrback(self._failed)
         self._running.addBoth(self._done)

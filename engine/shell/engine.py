@@ -195,7 +195,7 @@ class Engine(service.MultiService):
         self.log = get_logger()
         self.drain_timeout = drain_timeout
         self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log)
-        self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log)
+        self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log, commits=lambda: self.committer.commits)
         longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
         if retention is not None and retention < longest_window:
             raise ValueError(
