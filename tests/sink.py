@@ -82,8 +82,9 @@ class _Script:
 class Sink:
     """A destination on 127.0.0.1. ``start()`` binds (port 0 picks one); the port stays across down/up."""
 
-    def __init__(self, port: int = 0, *, keep_raw: bool = True, name: str = "sink") -> None:
+    def __init__(self, port: int = 0, *, keep_raw: bool = True, name: str = "sink", tls=None) -> None:
         self.port = port
+        self.tls = tls  # an ssl.SSLContext: the destination speaks MLLP over TLS
         self.keep_raw = keep_raw
         self.name = name
         self.delay = 0.0
@@ -230,6 +231,8 @@ class Sink:
     def _serve(self, conn: socket.socket, number: int) -> None:
         buffer = b""
         try:
+            if self.tls is not None:  # the handshake here, so one slow client never holds accept()
+                conn = self.tls.wrap_socket(conn, server_side=True)
             while True:
                 data = conn.recv(65536)
                 if not data:
