@@ -160,6 +160,30 @@ def _port(text: str, *, allow_zero: bool) -> int:
     return int(text)
 
 
+# The files and directories a TLS endpoint names, by (scheme, server side?): checked when a
+# channel file is read, so `koppel check` and a reload catch a missing key, not the listener's
+# start. Relative paths are from the working directory, as Twisted opens them.
+_TLS_PATHS: dict[tuple[str, bool], dict[str, str]] = {
+    ("ssl", True): {"privateKey": "file", "certKey": "file", "extraCertChain": "file", "dhParameters": "file"},
+    ("ssl", False): {"privateKey": "file", "certKey": "file", "caCertsDir": "directory"},
+    ("tls", False): {"privateKey": "file", "certificate": "file", "trustRoots": "directory"},
+}
+
+
+def _check_tls_paths(endpoint: str, scheme: str, kwargs: dict[str, str], *, server: bool) -> None:
+    if scheme == "ssl" and server and "privateKey" not in kwargs:
+        raise ValueError(f"listen endpoint {endpoint!r} needs privateKey=PATH "
+                         "(PEM key, and the certificate too unless certKey=PATH names it)")
+    for option, kind in _TLS_PATHS.get((scheme, server), {}).items():
+        value = kwargs.get(option)
+        if value is None:
+            continue
+        path = Path(value)
+        if not (path.is_dir() if kind == "directory" else path.is_file()):
+            where = "" if path.is_absolute() else " (relative to the working directory)"
+            raise ValueError(f"endpoint {endpoint!r}: {option}={value}: no such {kind}{where}")
+
+
 def server_port_of(listen: str) -> int:
     """Check a Twisted server endpoint string (tcp:/ssl:) and return its port (0 = any free)."""
     example = "e.g. tcp:2575 or tcp:2575:interface=0.0.0.0"
@@ -785,6 +809,8 @@ def _listen(node: yaml.Node, path: str) -> str:
     value = _text(node)
     try:
         server_port_of(value)
+        scheme, _, options = _split_endpoint(value)
+        _check_tls_paths(value, scheme, options, server=True)
     except ValueError as error:
         raise _Invalid(str(error)) from None
     return value
@@ -794,6 +820,8 @@ def _client_endpoint(node: yaml.Node, path: str) -> str:
     value = _text(node)
     try:
         queue_key_of(value)
+        scheme, _, options = _split_endpoint(value)
+        _check_tls_paths(value, scheme, options, server=False)
     except ValueError as error:
         raise _Invalid(str(error)) from None
     return value

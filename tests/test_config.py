@@ -108,7 +108,9 @@ routes:
 """
 
 
-def test_a_full_config_becomes_exactly_these_values(dirs):
+def test_a_full_config_becomes_exactly_these_values(dirs, monkeypatch):
+    monkeypatch.chdir(dirs)  # the TLS key file is named relative to the working directory
+    (dirs / "server.pem").write_text("(a PEM key and certificate)")
     write(dirs, "a.yaml", FULL_A)
     write(dirs, "b.yaml", FULL_B)
     hix = DestinationConfig(
@@ -389,6 +391,33 @@ def test_the_queue_key_is_the_lower_cased_host_and_numeric_port(endpoint, key):
 def test_an_incomplete_client_endpoint_has_no_queue_key(endpoint):
     with pytest.raises(ValueError):
         queue_key_of(endpoint)
+
+
+def test_tls_keys_certificates_and_trust_roots_must_exist_when_the_file_is_read(dirs, monkeypatch):
+    monkeypatch.chdir(dirs)
+    (dirs / "key.pem").write_text("k")
+    (dirs / "ca").mkdir()
+    write(dirs, "a.yaml", """
+        name: a
+        source:
+          listen: ssl:2575:privateKey=key.pem:certKey=missing-cert.pem
+        destinations:
+          his:
+            endpoint: tls:his.example:6661:trustRoots=/nonexistent/ca
+          ris:
+            endpoint: tls:ris.example:6662:trustRoots=ca:certificate=key.pem:privateKey=key.pem
+        routes:
+          - to: [his, ris]
+        """)
+    write(dirs, "b.yaml", "name: b\nsource:\n  listen: ssl:2576\n")
+    assert problems(dirs) == [
+        "channels/a.yaml:3:11: source.listen: endpoint 'ssl:2575:privateKey=key.pem:certKey=missing-cert.pem': "
+        "certKey=missing-cert.pem: no such file (relative to the working directory)",
+        "channels/a.yaml:6:15: destinations.his.endpoint: endpoint 'tls:his.example:6661:trustRoots=/nonexistent/ca': "
+        "trustRoots=/nonexistent/ca: no such directory",
+        "channels/b.yaml:3:11: source.listen: listen endpoint 'ssl:2576' needs privateKey=PATH "
+        "(PEM key, and the certificate too unless certKey=PATH names it)",
+    ]
 
 
 @pytest.mark.parametrize(
