@@ -110,3 +110,57 @@ def test_koppel_reload_without_a_running_engine_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "engine.cli", "reload", "--pid-file", str(tmp_path / "none.pid")],
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 1 and "no running engine" in result.stderr
+
+
+@pytest.fixture
+def taken_port():
+    """A port some other program already listens on."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    yield holder.getsockname()[1]
+    holder.close()
+
+
+def test_a_channel_that_cannot_listen_stops_the_engine_from_starting(engine, taken_port):
+    (engine.channels / "a.yaml").write_text(
+        CHANNEL.format(name="a", types="SRM^S01").replace("tcp:0:", f"tcp:{taken_port}:"))
+    engine.launch()
+    assert engine.wait(timeout=20) == 1  # systemd sees a failed start, not an engine without its port
+    failed = engine.wait_for(lambda e: e.get("event") == "listener.start_failed")
+    assert failed["channel"] == "a" and "in use" in failed["error"]
+    assert any(e.get("event") == "engine.start_failed" for e in engine.logged())
+    assert "Unhandled error" not in engine.output()
+
+
+def test_a_reloaded_channel_that_cannot_listen_is_logged_and_the_rest_keeps_running(tmp_path, taken_port):
+    from tests.test_metrics_flow import free_port
+
+    (tmp_path / "channels").mkdir()
+    metrics_port = free_port()
+    engine = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/k.db",
+                           metrics=f"tcp:{metrics_port}:interface=127.0.0.1",
+                           args=("--pid-file", str(tmp_path / PID_FILE)))
+    try:
+        write(engine, "a", "SRM^S01")
+        engine.start(until="engine.started")
+        port_a = port(engine, "a")
+        (engine.channels / "b.yaml").write_text(
+            CHANNEL.format(name="b", types="ORU^R01").replace("tcp:0:", f"tcp:{taken_port}:"))
+        mark = reload(engine)
+        failed = engine.wait_for(lambda e: e.get("event") == "listener.start_failed", after=mark)
+        assert failed["channel"] == "b"
+        engine.wait_for(lambda e: e.get("event") == "config.reloaded", after=mark)
+        with socket.create_connection(("127.0.0.1", port_a), timeout=10) as conn:
+            srm = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
+            assert read_ack(exchange(conn, srm)).code == "AA"
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5)
+        assert not_ready.value.code == 503
+        assert engine.proc.poll() is None
+        assert "Unhandled error" not in engine.output()
+    finally:
+        engine.terminate()

@@ -153,19 +153,31 @@ class ListenerService(service.Service):
         self.factory = factory
         self.metrics = metrics
         self.port = None
+        # Fires with the port, or fails once the failure is logged. Whoever started the
+        # service waits on it (start-up fails, a reload carries on): MultiService ignores
+        # what startService returns, so the failure would otherwise go unhandled.
+        self.started: defer.Deferred = defer.succeed(None)
 
     def startService(self) -> defer.Deferred:
         service.Service.startService(self)
-        d = serverFromString(self.reactor, self.endpoint).listen(self.factory)
+        d = defer.maybeDeferred(lambda: serverFromString(self.reactor, self.endpoint).listen(self.factory))
+        channel = self.factory.settings.channel
 
         def bound(port):
             self.port = port
-            self.metrics.listener_up.labels(self.factory.settings.channel).set(1)
+            self.metrics.listener_up.labels(channel).set(1)
             address = port.getHost()
             self.factory.log.info("listener.started", host=address.host, port=address.port)
             return port
 
-        return d.addCallback(bound)
+        def failed(failure):
+            self.metrics.listener_up.labels(channel).set(0)
+            # (a bind or TLS error names the address or the file, never a message)
+            self.factory.log.error("listener.start_failed", listen=self.endpoint, error=failure.getErrorMessage()[:200])
+            return failure
+
+        self.started = d.addCallbacks(bound, failed)
+        return self.started
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -244,7 +256,10 @@ class Engine(service.MultiService):
                          .addCallback(lambda port: setattr(self, "admin_port", port)))
         for listener in self.listeners:
             listener.setServiceParent(self)
+            waits.append(listener.started)  # a channel that cannot listen fails the start
         d = defer.gatherResults(waits + [defer.maybeDeferred(lambda: None)], consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure if isinstance(failure.value, defer.FirstError)
+                     else failure)
 
         def all_bound(_):
             self.ready = all(listener.port is not None for listener in self.listeners)
@@ -315,6 +330,9 @@ class Engine(service.MultiService):
         """Apply a config that already loaded and checked; unchanged listeners keep their connections."""
         stopping = self._apply(bundle.config, bundle.mappings, bundle.book, starting=False)
         yield defer.DeferredList(stopping)
+        # A new listener that cannot bind is logged (listener.start_failed) and leaves the
+        # engine not ready; everything else of the new config stays applied.
+        yield defer.DeferredList([listener.started for listener in self.listeners], consumeErrors=True)
         self.ready = all(listener.port is not None for listener in self.listeners)
         self.log.info("config.reloaded", channels=len(self.listeners), queues=len(self.senders))
 
