@@ -124,7 +124,7 @@ def _run(args) -> int:
     from twisted.internet import reactor
 
     from engine.shell.engine import Engine
-    from engine.store import open_store
+    from engine.store import StoreError, open_store
 
     from engine.core.units import parse_duration
 
@@ -141,7 +141,11 @@ def _run(args) -> int:
     except ValueError as error:
         sys.stderr.write(f"--admin-token-file: {error}\n")
         return 2
-    store = open_store(args.store)
+    try:
+        store = open_store(args.store)
+    except (StoreError, ValueError) as error:
+        sys.stderr.write(f"--store {args.store}: {error}\n")
+        return 1
     http = None if args.metrics == "off" else args.metrics
     try:
         engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout,
@@ -274,9 +278,12 @@ def _messages(args) -> int:
     """Stored messages, newest first: headers and what became of them, never bodies."""
     import datetime as dt
 
-    from engine.store import open_store
+    from engine.operator import open_existing_store
 
-    store = open_store(args.store)
+    store, problem = open_existing_store(args.store)
+    if store is None:
+        sys.stderr.write(f"error: {problem}\n")
+        return 1
     try:
         rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
                                    limit=args.limit)

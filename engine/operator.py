@@ -212,6 +212,14 @@ def _open_store(url: str):
         raise _Fail(NOTHING, str(error)) from None
 
 
+def open_existing_store(url: str):
+    """(store, None), or (None, why not): for commands that read a store the engine wrote."""
+    try:
+        return _open_store(url), None
+    except _Fail as fail:
+        return None, fail.message
+
+
 def _command(body: Callable[..., int]) -> Callable[[Any], int]:
     """Wrap a handler: open the store and destinations, close the store, turn failures into exit codes."""
 

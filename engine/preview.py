@@ -98,9 +98,12 @@ def run(args) -> int:
         return 2
     store = None
     if args.store:
-        from engine.store import open_store
+        from engine.operator import open_existing_store
 
-        store = open_store(args.store)
+        store, problem = open_existing_store(args.store)
+        if store is None:
+            sys.stderr.write(f"error: {problem}\n")
+            return 1
     status = 0
     try:
         with open(args.file, "rb") as handle:

@@ -1,6 +1,8 @@
 """koppel messages lists stored messages with what became of them, never their bodies."""
 
 import json
+import subprocess
+import sys
 
 from engine.cli import main
 from engine.store import Append, SetProcessing, open_store
@@ -25,3 +27,28 @@ def test_messages_shows_processing_outcomes_and_no_bodies(tmp_path, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert (row["control_id"], row["processing"]) == ("C2", "error")
     assert "raw" not in row
+
+
+def test_commands_that_read_a_store_say_so_in_one_line_when_there_is_none(tmp_path, capsys):
+    missing = f"sqlite:///{tmp_path}/nowhere/k.db"
+    assert main(["messages", "--store", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no store at ") and "Traceback" not in err
+    assert not (tmp_path / "nowhere").exists()  # nothing created by accident
+
+
+def test_run_with_a_store_it_cannot_create_fails_in_one_line(tmp_path):
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "channels" / "a.yaml").write_text("name: a\nsource:\n  listen: tcp:0:interface=127.0.0.1\n")
+    (tmp_path / "file").write_text("a file where the store's directory should be")
+    # a child process: `run` configures logging for the whole process it runs in
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--channels", str(tmp_path / "channels"),
+         "--mappings", str(tmp_path / "mappings"), "--store", f"sqlite:///{tmp_path}/file/k.db",
+         "--metrics", "off", "--admin", "off", "--pid-file", str(tmp_path / "koppel.pid")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    err = done.stderr
+    assert err.startswith(f"--store sqlite:///{tmp_path}/file/k.db: cannot ") and "Traceback" not in err
