@@ -242,8 +242,16 @@ def _bench(args) -> int:
     message = load_message(args.file)
 
     def go(reactor):
-        return run_bench(reactor, args.to, connections=args.connections, messages=args.messages,
-                         message=message, rate=args.rate)
+        d = run_bench(reactor, args.to, connections=args.connections, messages=args.messages,
+                      message=message, rate=args.rate)
+        return d.addErrback(cannot_connect)
+
+    def cannot_connect(failure):
+        from twisted.internet import defer
+
+        error = failure.value.subFailure.value if isinstance(failure.value, defer.FirstError) else failure.value
+        sys.stderr.write(f"cannot connect to {args.to}: {error.__class__.__name__}\n")
+        return 1
 
     result = _react_deferred(go)
     if isinstance(result, dict):

@@ -50,3 +50,17 @@ def test_bench_against_the_echo_server_checks_every_ack(tmp_path):
     assert (result["messages"], result["connections"]) == (60, 3)
     assert (result["nak"], result["mismatch"], result["error"]) == (0, 0, 0)
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+
+
+def test_bench_against_nothing_says_it_cannot_connect_in_one_line():
+    import socket
+
+    with socket.socket() as placeholder:  # a port that was free a moment ago: nothing listens there
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "--to", f"127.0.0.1:{port}", "--messages", "5"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"cannot connect to 127.0.0.1:{port}: ConnectionRefusedError"
