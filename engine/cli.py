@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         "messages": _messages,
         "reload": _reload,
     }.get(args.command) or args.func
-    return handler(args) or 0
+    try:
+        return handler(args) or 0
+    except OSError as error:  # a file named on the command line: one line, not a traceback
+        if error.filename is None:
+            raise
+        sys.stderr.write(f"error: {error.filename}: {error.strerror}\n")
+        return 1
 
 
 def _load_config(args):
@@ -229,6 +235,9 @@ def _reload(args) -> int:
 
 def _send(args) -> int:
     from engine.shell.send import send_files
+
+    for path in args.files:  # every file readable before anything is sent (errors: see main)
+        open(path, "rb").close()
 
     def go(reactor):
         return send_files(reactor, args.to, args.files, timeout=args.timeout, raw=args.raw)

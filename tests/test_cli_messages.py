@@ -1,4 +1,4 @@
-"""koppel messages lists stored messages with what became of them, never their bodies."""
+"""The koppel commands that read the store or files: what they show, and one-line errors."""
 
 import json
 import subprocess
@@ -52,3 +52,11 @@ def test_run_with_a_store_it_cannot_create_fails_in_one_line(tmp_path):
     assert done.returncode == 1
     err = done.stderr
     assert err.startswith(f"--store sqlite:///{tmp_path}/file/k.db: cannot ") and "Traceback" not in err
+
+
+def test_a_file_named_on_the_command_line_that_is_not_there_is_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nothing.hl7")
+    for argv in (["send", "--to", "127.0.0.1:1", missing], ["bench", "--to", "127.0.0.1:1", missing],
+                 ["map", "--channel", "zorgdomein-in", missing]):
+        assert main(argv) == 1, argv
+        assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n", argv
