@@ -21,22 +21,30 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine in the foreground")
     config_args(run)
     run.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
-    run.add_argument("--metrics", default="tcp:9464:interface=127.0.0.1",
-                     help="endpoint for /metrics, /healthz, /readyz (default tcp:9464:interface=127.0.0.1); 'off' disables")
-    run.add_argument("--admin", default="tcp:8465:interface=127.0.0.1",
-                     help="endpoint for the JSON admin API (default tcp:8465:interface=127.0.0.1); 'off' disables")
+    run.add_argument("--metrics", default=None,
+                     help="endpoint for /metrics, /healthz, /readyz (default tcp:9464:interface=127.0.0.1, "
+                          "with --role deliver tcp:9465:...); 'off' disables")
+    run.add_argument("--admin", default=None,
+                     help="endpoint for the JSON admin API (default tcp:8465:interface=127.0.0.1, "
+                          "with --role deliver tcp:8466:...); 'off' disables")
     run.add_argument("--admin-token-file", default=None, metavar="PATH",
                      help="file holding the admin API bearer token (or set KOPPEL_ADMIN_TOKEN)")
+    run.add_argument("--role", choices=["all", "receive", "deliver"], default="all",
+                     help="all (default); or split over two processes on one store: receive (listeners, "
+                          "mapping, ACKs) and deliver (queues to destinations)")
     run.add_argument("--log-level", default=None, help="debug|info|warning|error (or KOPPEL_LOG_LEVEL)")
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight ACKs on stop")
     run.add_argument("--retention", default="30d",
                      help="keep delivered entries and message bodies this long (default 30d; 'never' keeps all)")
 
-    run.add_argument("--pid-file", default="var/koppel.pid",
-                     help="where to write the process id, for koppel reload (default var/koppel.pid; '' for none)")
+    run.add_argument("--pid-file", default=None,
+                     help="where to write the process id, for koppel reload (default var/koppel.pid, "
+                          "with --role receive|deliver var/koppel-ROLE.pid; '' for none)")
 
     reload = sub.add_parser("reload", help="make the running engine re-read channels and mappings (SIGHUP)")
-    reload.add_argument("--pid-file", default="var/koppel.pid")
+    reload.add_argument("--pid-file", default=None,
+                        help="the engine's pid file (default: every one of var/koppel.pid, "
+                             "var/koppel-receive.pid, var/koppel-deliver.pid that exists)")
 
     check = sub.add_parser("check", help="validate channels and mappings")
     config_args(check)
@@ -118,8 +126,21 @@ def _check(args) -> int:
     return 0
 
 
+# A deliver-only process runs beside a receiving one on the same machine: its own ports and pid file.
+_ROLE_DEFAULTS = {
+    "all": ("tcp:9464:interface=127.0.0.1", "tcp:8465:interface=127.0.0.1", "var/koppel.pid"),
+    "receive": ("tcp:9464:interface=127.0.0.1", "tcp:8465:interface=127.0.0.1", "var/koppel-receive.pid"),
+    "deliver": ("tcp:9465:interface=127.0.0.1", "tcp:8466:interface=127.0.0.1", "var/koppel-deliver.pid"),
+}
+
+
 def _run(args) -> int:
     from engine import log
+
+    metrics, admin, pid_file = _ROLE_DEFAULTS[args.role]
+    args.metrics = metrics if args.metrics is None else args.metrics
+    args.admin = admin if args.admin is None else args.admin
+    args.pid_file = pid_file if args.pid_file is None else args.pid_file
 
     log.configure(args.log_level)
     bundle, error = _load_config(args)
@@ -156,7 +177,7 @@ def _run(args) -> int:
     try:
         engine = Engine(reactor, config, store, http_endpoint=http, drain_timeout=args.drain_timeout,
                         retention=retention, mappings=bundle.mappings, book=bundle.book,
-                        admin_endpoint=admin, admin_token=admin_token)
+                        admin_endpoint=admin, admin_token=admin_token, role=args.role)
     except ValueError as error:
         sys.stderr.write(f"{error}\n")
         store.close()
@@ -216,21 +237,30 @@ def _run(args) -> int:
 
 
 def _reload(args) -> int:
-    """Ask the running engine (by its pid file) to re-read channels and mappings."""
+    """Ask the running engine (by its pid file) to re-read channels and mappings; with no
+    --pid-file, every process of a split engine (receive and deliver) is asked."""
     import signal
 
-    try:
-        pid = int(Path(args.pid_file).read_text().strip())
-    except (OSError, ValueError):
-        sys.stderr.write(f"no running engine found: cannot read pid file {args.pid_file}\n")
-        return 1
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        sys.stderr.write(f"no process {pid} (stale pid file {args.pid_file})\n")
-        return 1
-    print(f"reload requested from engine {pid}; see its log for config.reloaded or config.reload_failed")
-    return 0
+    if args.pid_file is not None:
+        pid_files = [args.pid_file]
+    else:
+        pid_files = [f for _, _, f in _ROLE_DEFAULTS.values() if Path(f).exists()] or ["var/koppel.pid"]
+    status = 0
+    for pid_file in dict.fromkeys(pid_files):
+        try:
+            pid = int(Path(pid_file).read_text().strip())
+        except (OSError, ValueError):
+            sys.stderr.write(f"no running engine found: cannot read pid file {pid_file}\n")
+            status = 1
+            continue
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            sys.stderr.write(f"no process {pid} (stale pid file {pid_file})\n")
+            status = 1
+            continue
+        print(f"reload requested from engine {pid}; see its log for config.reloaded or config.reload_failed")
+    return status
 
 
 def _send(args) -> int:

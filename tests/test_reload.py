@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +111,41 @@ def test_koppel_reload_without_a_running_engine_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "engine.cli", "reload", "--pid-file", str(tmp_path / "none.pid")],
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 1 and "no running engine" in result.stderr
+
+
+HUP_CATCHER = """
+import signal, sys, time
+def hup(signum, frame):
+    open(sys.argv[1], "w").write("reloaded")
+    sys.exit(0)
+signal.signal(signal.SIGHUP, hup)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_koppel_reload_without_a_pid_file_asks_both_processes_of_a_split_engine(tmp_path):
+    (tmp_path / "var").mkdir()
+    children = {}
+    for role in ("receive", "deliver"):
+        child = subprocess.Popen([sys.executable, "-c", HUP_CATCHER, str(tmp_path / f"{role}.done")],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        (tmp_path / "var" / f"koppel-{role}.pid").write_text(f"{child.pid}\n")
+        children[role] = child
+    try:
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "reload"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=20,
+                                env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert result.returncode == 0, result.stderr
+        for role, child in children.items():
+            assert child.wait(10) == 0
+            assert (tmp_path / f"{role}.done").read_text() == "reloaded"
+        assert result.stdout.count("reload requested") == 2
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
 
 
 @pytest.fixture

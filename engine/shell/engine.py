@@ -23,6 +23,7 @@ from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
 from engine.shell.processor import Outcome, Processor, Work
+from engine.shell.roles import ALL, DELIVER, RECEIVE, ROLES, RemoteQueue, StoreWatcher, delivers, receives
 from engine.shell.sender import QueueSender
 from engine.store import Enqueue, Heartbeat, QueueTarget, SetProcessing
 
@@ -194,8 +195,11 @@ class Engine(service.MultiService):
     def __init__(self, reactor, config: EngineConfig, store, *, metrics: Metrics | None = None,
                  http_endpoint: str | None = None, drain_timeout: float = 10.0,
                  retention: float | None = 30 * 86400.0, mappings=None, book=None,
-                 admin_endpoint: str | None = None, admin_token: str | None = None) -> None:
+                 admin_endpoint: str | None = None, admin_token: str | None = None, role: str = ALL) -> None:
         super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        self.role = role
         if admin_endpoint:
             from engine.shell.admin import check_exposure
 
@@ -214,9 +218,16 @@ class Engine(service.MultiService):
                 "retention must be at least the longest duplicate window, or a retried message "
                 "would be stored again after its first copy was pruned"
             )
-        self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log) if retention else None
+        self.pruner = None
+        if retention and delivers(role):  # pruning follows delivery: the deliverer knows what is done
+            self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log)
         self.control_ids = default_control_ids(time.time(), os.getpid())
-        self.senders: dict[str, QueueSender] = {}
+        self.senders: dict[str, QueueSender | RemoteQueue] = {}
+        # receive-only: queue depths from the store, for the queue-full check (RemoteQueue);
+        # deliver-only: wake the senders when the receiving process commits (StoreWatcher)
+        self._depths = None
+        self._watcher = StoreWatcher(store, clock=reactor, on_change=self._wake_all, log=self.log) \
+            if role == DELIVER else None
         self.processor = None
         self.listeners: list[ListenerService] = []
         self._apply(config, mappings, book, starting=True)
@@ -228,6 +239,8 @@ class Engine(service.MultiService):
         self.ready = False
 
     def startService(self):
+        if delivers(self.role):
+            self.store.claim_delivery()  # StoreError (start fails, exit 1) if another process delivers
         service.Service.startService(self)
         self.committer.start()
         self.checkpointer.start()
@@ -237,6 +250,12 @@ class Engine(service.MultiService):
             sender.start()
         from twisted.internet import task
 
+        if self._watcher is not None:
+            self._watcher.start()
+        if self.role == RECEIVE:
+            self._depths = task.LoopingCall(self._refresh_depths)
+            self._depths.clock = self.reactor
+            self._depths.start(1.0, now=True)
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
@@ -263,7 +282,7 @@ class Engine(service.MultiService):
 
         def all_bound(_):
             self.ready = all(listener.port is not None for listener in self.listeners)
-            self.log.info("engine.started", channels=len(self.listeners))
+            self.log.info("engine.started", channels=len(self.listeners), role=self.role)
 
         return d.addCallback(all_bound)
 
@@ -285,6 +304,9 @@ class Engine(service.MultiService):
             if sender is not None:
                 sender.update(destinations)
                 continue
+            if not delivers(self.role):
+                self.senders[queue] = RemoteQueue(queue, destinations)
+                continue
             sender = self.senders[queue] = QueueSender(
                 queue, destinations, store=store, committer=self.committer, reactor=reactor,
                 metrics=self.metrics, log=get_logger(queue=queue),
@@ -292,6 +314,9 @@ class Engine(service.MultiService):
             if not starting:
                 sender.start()
         destinations_by_name = {d.name: d for d in config.destinations}
+        if not receives(self.role):
+            self.config = config
+            return stopping
         if mappings is not None and book is not None:
             if self.processor is None:
                 self.processor = Processor(
@@ -348,6 +373,21 @@ class Engine(service.MultiService):
         return ready, {"listeners": listeners, "store": "ok" if store_ok else "failing",
                        "config": "loaded", "channels": len(listeners)}
 
+    def _wake_all(self) -> None:
+        for sender in self.senders.values():
+            sender.wake()
+
+    def _refresh_depths(self) -> None:
+        try:
+            depths = self.store.queue_depths()
+        except Exception as error:  # noqa: BLE001 - the next tick tries again
+            from engine.log import safe_error
+
+            self.log.warning("queue.depths_failed", error=safe_error(error))
+            return
+        for remote in self.senders.values():
+            remote.refresh(depths)
+
     def _wake_senders(self, targets) -> None:
         for target in targets:
             sender = self.senders.get(target.queue)
@@ -376,6 +416,10 @@ class Engine(service.MultiService):
                 receiver.transport.abortConnection()
         if getattr(self, "_heartbeat", None) is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if self._depths is not None and self._depths.running:
+            self._depths.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.processor is not None:
             if getattr(self, "_gauges", None) is not None and self._gauges.running:
                 self._gauges.stop()

@@ -570,6 +570,14 @@ class MessageStore(Protocol):
         """Housekeeping to call now and then from a non-writer thread (no-op if not needed)."""
         ...
 
+    def data_version(self) -> int:
+        """Changes when another process commits; cheap enough to poll every few ms."""
+        ...
+
+    def claim_delivery(self) -> None:
+        """Become the only process delivering from this store (StoreError if another is)."""
+        ...
+
     def close(self) -> None: ...
 
 

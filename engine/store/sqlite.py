@@ -14,6 +14,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -618,6 +619,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._closed = False
+        self._delivery_lock: int | None = None  # fd holding the delivery lock (claim_delivery)
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -687,13 +689,54 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store checkpoint failed: {exc}") from exc
 
+    def data_version(self) -> int:
+        """A number that changes when another process commits (SQLite's data_version).
+
+        Cheap (no table is read): a delivering process that does not receive polls it to
+        learn that a receiving process queued something."""
+        try:
+            return self._conn().execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    def claim_delivery(self) -> None:
+        """Become the one process that delivers from this store, until close().
+
+        Two processes sending the same queues would deliver twice and out of order. The
+        claim is an exclusive lock on `<store>.deliver.lock` (holding the claimant's pid),
+        so the kernel releases it when the process dies, `kill -9` included."""
+        import fcntl
+
+        if self._delivery_lock is not None:
+            return
+        path = Path(f"{self.config.path}.deliver.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the delivery lock {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"another Koppel process (pid {holder}) already delivers from this store; "
+                "run one process with --role deliver (or all) per store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._delivery_lock = fd
+
     def close(self) -> None:
-        """Close every thread's connection. Idempotent."""
+        """Close every thread's connection and give up the delivery claim. Idempotent."""
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
+            lock, self._delivery_lock = self._delivery_lock, None
         for _, conn in connections:
             conn.close()
+        if lock is not None:
+            os.close(lock)
 
     def __enter__(self) -> SQLiteStore:
         return self

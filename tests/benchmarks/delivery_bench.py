@@ -11,8 +11,12 @@ RSS < 150 MB and flat during the drain).
     instead, with the sink down, then brings the sink up. Prints drain msg/s and the engine's
     RSS (VmRSS sampled every 0.5 s): start, max, end.
 
+``--split`` runs (a) as two processes on the store: ``koppel run --role receive`` (the listener)
+and ``koppel run --role deliver`` (the queue).
+
 Usage: .venv/bin/python tests/benchmarks/delivery_bench.py [--only e2e|drain]
        [--e2e-messages 50000] [--backlog 100000] [--backlog-via-engine] [--synchronous FULL|NORMAL]
+       [--split]
 """
 
 from __future__ import annotations
@@ -86,12 +90,17 @@ def run_e2e(args, workdir: Path) -> None:
     sink = Sink(name="e2e", keep_raw=False).start()
     url = store_url(workdir, args.synchronous)
     write_channel(workdir / "channels", {DEST: sink.port}, name="bench-in")
-    engine = KoppelProcess(workdir / "channels", url)
+    deliverer = None
+    if args.split:
+        deliverer = KoppelProcess(workdir / "channels", url, args=("--role", "deliver"))
+        deliverer.start(until="engine.started")
+    engine = KoppelProcess(workdir / "channels", url, args=("--role", "receive") if args.split else ())
     port = engine.start()
     try:
         command = [str(KOPPEL), "bench", "--to", f"127.0.0.1:{port}", "--connections", str(args.connections),
                    "--messages", str(args.e2e_messages), "--json"]
-        print("(a) end to end:", " ".join(command[1:]), f"-> koppel run -> 1 sink (store {url})", flush=True)
+        how = "koppel run --role receive + koppel run --role deliver" if args.split else "koppel run"
+        print("(a) end to end:", " ".join(command[1:]), f"-> {how} -> 1 sink (store {url})", flush=True)
         done = subprocess.run(command, capture_output=True, timeout=900)
         result = json.loads(done.stdout.decode().strip().splitlines()[-1])
         complete = wait_count(sink, result["messages"], 600)
@@ -105,6 +114,8 @@ def run_e2e(args, workdir: Path) -> None:
               f"(first to last received; all delivered: {complete}; duplicates {sink.duplicates()})", flush=True)
     finally:
         engine.terminate()
+        if deliverer is not None:
+            deliverer.terminate()
         sink.down()
 
 
@@ -187,6 +198,7 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--backlog-via-engine", action="store_true")
     parser.add_argument("--synchronous", default=None, help="store synchronous= (default: the store's default)")
+    parser.add_argument("--split", action="store_true", help="(a) receive and deliver in two processes")
     parser.add_argument("--rss-trace", action="store_true", help="print every RSS sample")
     args = parser.parse_args()
     print(describe(), flush=True)

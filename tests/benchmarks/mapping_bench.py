@@ -15,8 +15,10 @@ ORM^O01; full path with mapping >= 3,000 msg/s on 8 connections).
       delivered N / time until the sink has AA'd N SIU^S12 (its own clock: CLOCK_MONOTONIC).
 
 Usage: .venv/bin/python tests/benchmarks/mapping_bench.py [--only map|full] [--messages 5000]
-       [--full-messages 10000] [--connections 8] [--synchronous FULL|NORMAL] [--profile FILE]
+       [--full-messages 10000] [--connections 8] [--synchronous FULL|NORMAL] [--profile FILE] [--split]
 ``--profile FILE`` records the engine with py-spy (``-f raw``) during the measured full run.
+``--split`` runs (b) as two processes on the store: ``--role receive`` (listener, mapping) and
+``--role deliver`` (the SIU^S12 queue); RSS and the profile are the receiving process's.
 """
 
 from __future__ import annotations
@@ -290,19 +292,25 @@ def wait_delivered(sink: SinkProcess, total: int, timeout: float) -> dict:
 
 
 def bench_full(count: int, connections: int, synchronous: str | None, profile: str | None,
-               warmup: int = 500) -> None:
+               warmup: int = 500, split: bool = False) -> None:
     from engine.store import open_store
 
     workdir = Path(tempfile.mkdtemp(prefix="koppel-mapbench-"))
     sink = SinkProcess()
     engine = None
+    deliverer = None
     spy = None
     try:
         (workdir / "channels").mkdir()
         (workdir / "channels" / "bench-in.yaml").write_text(CHANNEL.format(port=sink.port))
         shutil.copytree(ROOT / "mappings", workdir / "mappings")
         url = f"sqlite:///{workdir / 'koppel.db'}" + (f"?synchronous={synchronous}" if synchronous else "")
-        engine = Engine(workdir / "channels", url, workdir=workdir, log_level="info")
+        if split:
+            deliverer = KoppelProcess(workdir / "channels", url, workdir=workdir, args=("--role", "deliver"))
+            deliverer.start(until="engine.started")
+            engine = KoppelProcess(workdir / "channels", url, workdir=workdir, args=("--role", "receive"))
+        else:
+            engine = Engine(workdir / "channels", url, workdir=workdir, log_level="info")
         port = engine.start()
         store = open_store(url)
         # warm-up (imports, caches, the first connection to the sink)
@@ -325,7 +333,7 @@ def bench_full(count: int, connections: int, synchronous: str | None, profile: s
         inbound = count / (last_ack - started)
         mapped = count / (mapped_at - started)
         sent = count / (status["last"] - started)
-        mode = synchronous or "FULL"
+        mode = (synchronous or "FULL") + (", split: --role receive + --role deliver" if split else "")
         print(f"(b) full path: koppel run (store {mode}), SRM^S01 -> zorgdomein-srm -> agenda + SIU^S12 -> sink, "
               f"{connections} connections, N={count} (after {warmup} warm-up)")
         print(f"  inbound   {inbound:,.0f} msg/s  (last ACK after {last_ack - started:.2f} s; ACK errors: "
@@ -343,8 +351,9 @@ def bench_full(count: int, connections: int, synchronous: str | None, profile: s
                                                        f" (py-spy exit {spy.returncode}: "
                                                        f"{spy.stderr.read().decode()[-300:]})"))
     finally:
-        if engine is not None:
-            engine.terminate()
+        for process in (engine, deliverer):
+            if process is not None:
+                process.terminate()
         sink.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -368,6 +377,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=None)
     parser.add_argument("--profile", metavar="FILE", help="(b) py-spy raw profile of the engine")
+    parser.add_argument("--split", action="store_true", help="(b) receive and deliver in two processes")
     parser.add_argument("--sink-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink_child:
@@ -381,7 +391,7 @@ def main() -> int:
         if done.returncode:
             return done.returncode
     if args.only in (None, "full"):
-        bench_full(args.full_messages, args.connections, args.synchronous, args.profile)
+        bench_full(args.full_messages, args.connections, args.synchronous, args.profile, split=args.split)
     return 0
 
 
