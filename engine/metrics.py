@@ -96,6 +96,10 @@ class Metrics:
         self.store_batch = Histogram(
             "koppel_store_commit_batch_size", "Operations per store transaction", buckets=BATCH_BUCKETS, registry=r
         )
+        self.store_busy = Counter(
+            "koppel_store_busy_total",
+            "Commits put off because another process held the store's write lock (retried)", registry=r,
+        )
         self.store_errors = Counter("koppel_store_errors_total", "Failed store transactions", registry=r)
         # delivery: queue-level gauges by queue (host:port), entry-level counts by destination name
         self.queue_depth = Gauge("koppel_queue_depth", "Entries waiting in the queue", ["queue"], registry=r)

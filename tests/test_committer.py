@@ -12,8 +12,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from engine.metrics import Metrics
-from engine.shell.committer import GroupCommitter
-from engine.store import Append, AppendResult, StoreError, open_store
+from engine.shell.committer import BUSY_RETRY, GroupCommitter
+from engine.store import Append, AppendResult, StoreBusy, StoreError, open_store
 from tests.factories import received
 
 POISON = "poison"
@@ -26,7 +26,7 @@ class RecordingStore:
         self.writes: list[list] = []  # every write attempt, committed or not
         self.committed: list = []
 
-    def write(self, ops):
+    def write(self, ops, wait=True):
         self.writes.append(list(ops))
         if POISON in ops:
             raise StoreError(f"store write of {len(ops)} operations failed")
@@ -226,3 +226,85 @@ def test_with_sqlite_a_duplicate_in_the_same_batch_resolves_to_the_first_copy(tm
     assert b.ack == a.ack
     assert len(store.list_messages()) == 1
     store.close()
+
+
+# --------------------------------------------------------------------------- another process writing
+
+
+class BusyStore(RecordingStore):
+    """Busy (another process holds the write lock) for the next ``busy`` no-wait writes."""
+
+    def __init__(self, busy: int) -> None:
+        super().__init__()
+        self.busy = busy
+        self.waits: list[bool] = []
+
+    def write(self, ops, wait=True):
+        self.waits.append(wait)
+        if not wait and self.busy:
+            self.busy -= 1
+            raise StoreBusy("the store is being written by another process")
+        return super().write(ops, wait)
+
+
+def test_a_busy_store_is_retried_soon_with_the_batch_kept_in_order_and_the_reactor_free(clock, metrics):
+    store = BusyStore(busy=2)
+    committer = GroupCommitter(store, clock=clock, metrics=metrics)
+    first = committer.submit("a")
+    clock.advance(0)  # busy: nothing committed, nothing fired, a retry scheduled
+    assert store.committed == [] and not first.called
+    later = committer.submit("b")  # arrives while waiting: joins behind "a"
+    clock.advance(BUSY_RETRY)  # busy again
+    assert store.committed == []
+    clock.advance(BUSY_RETRY)
+    assert store.committed == ["a", "b"] and store.writes[-1] == ["a", "b"]
+    assert results_of([first, later]) == [(True, "result-of-a"), (True, "result-of-b")]
+    assert store.waits == [False, False, False]  # never blocked inside the store
+    assert metrics.registry.get_sample_value("koppel_store_busy_total") == 2
+    assert clock.seconds() == pytest.approx(2 * BUSY_RETRY)
+
+
+def test_a_store_locked_for_longer_than_the_limit_fails_the_batch(clock, metrics):
+    store = BusyStore(busy=10**6)
+    committer = GroupCommitter(store, clock=clock, metrics=metrics, busy_limit=0.01)
+    d = committer.submit("a")
+    for _ in range(40):
+        clock.advance(BUSY_RETRY)
+    [(ok, error)] = results_of([d])
+    assert not ok and isinstance(error, StoreError) and "locked by another process" in str(error)
+    assert not committer.healthy and store.committed == []
+    store.busy = 0
+    again = committer.submit("b")  # the lock is free again: commits as usual
+    clock.advance(0)
+    assert results_of([again]) == [(True, "result-of-b")] and committer.healthy
+
+
+def test_the_one_by_one_retry_of_a_failed_batch_waits_for_the_lock(clock):
+    """A busy answer half-way through the one-by-one retry would put the whole batch back,
+    and commit its first items twice; so that retry waits inside the store instead."""
+    store = BusyStore(busy=0)
+    committer = GroupCommitter(store, clock=clock)
+    ds = [committer.submit(op) for op in ("a", POISON, "c")]
+    store.busy = 0
+    clock.advance(0)
+    assert store.waits == [False, True, True, True]
+    assert [ok for ok, _ in results_of(ds)] == [True, False, True]
+    assert store.committed == ["a", "c"]
+
+
+def test_with_sqlite_another_writer_holding_the_lock_makes_the_commit_wait_its_turn(tmp_path, clock):
+    url = f"sqlite:///{tmp_path}/k.db?busy_timeout=30"
+    store, other = open_store(url), open_store(url)
+    committer = GroupCommitter(store, clock=clock)
+    try:
+        other._conn().execute("BEGIN IMMEDIATE")  # another process is writing
+        d = committer.submit(Append(message=received("C1")))
+        clock.advance(0)  # returns at once (not after 30 s): the batch waits for a retry
+        assert not d.called
+        other._conn().execute("COMMIT")
+        clock.advance(BUSY_RETRY)
+        [(ok, result)] = results_of([d])
+        assert ok and isinstance(result, AppendResult)
+    finally:
+        store.close()
+        other.close()

@@ -54,7 +54,7 @@ def test_readyz_turns_503_when_the_store_stops_committing_and_back_when_it_recov
     reactor.advance(0)
     original = engine.store.write
 
-    def broken(ops):
+    def broken(ops, wait=True):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(engine.store, "write", broken)

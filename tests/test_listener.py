@@ -89,7 +89,7 @@ class FailingStore:
     def __init__(self) -> None:
         self.attempts = 0
 
-    def write(self, ops):
+    def write(self, ops, wait=True):
         self.attempts += 1
         raise StoreError(f"store write of {len(ops)} operations failed: database or disk is full")
 
@@ -174,7 +174,7 @@ def test_messages_from_several_connections_in_one_turn_share_one_commit(store):
     calls = []
 
     class CountingStore:
-        def write(self, ops):
+        def write(self, ops, wait=True):
             calls.append(len(ops))
             return store.write(ops)
 
@@ -220,7 +220,7 @@ def test_a_store_error_does_not_stop_the_connection_from_acking_later_messages(s
         def __init__(self):
             self.fail = True
 
-        def write(self, ops):
+        def write(self, ops, wait=True):
             if self.fail:
                 raise StoreError("disk I/O error")
             return store.write(ops)

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from engine.store import (
     ReplayDeadLetters,
     RetryNow,
     SetPaused,
+    StoreBusy,
     StoreError,
     open_store,
     write_one,
@@ -601,3 +603,25 @@ def test_a_delivery_is_applied_before_a_later_op_in_the_same_transaction_reads_i
     ])
     assert (delivered, failed) == (True, False)  # the failure finds it delivered, as if applied in order
     assert store.get_entry(entry.id).state == "delivered"
+
+
+def test_a_write_that_must_not_wait_is_told_busy_at_once_while_another_process_writes(tmp_path):
+    url = f"sqlite:///{tmp_path}/k.db?busy_timeout=0.3"
+    store, other = open_store(url), open_store(url)
+    try:
+        other._conn().execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        with pytest.raises(StoreBusy):
+            store.write([Append(message=received("C1"))], wait=False)
+        assert time.monotonic() - started < 0.1  # not after busy_timeout
+        assert store._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 300  # restored
+        with pytest.raises(StoreError) as waited:  # a waiting write waits busy_timeout, then fails
+            store.write([Append(message=received("C1"))])
+        assert not isinstance(waited.value, StoreBusy)
+        assert time.monotonic() - started >= 0.3
+        other._conn().execute("COMMIT")
+        (result,) = store.write([Append(message=received("C1"))], wait=False)
+        assert store.list_messages() and result.message_id == store.list_messages()[0].id
+    finally:
+        store.close()
+        other.close()

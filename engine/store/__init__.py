@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, Union
 
 __all__ = [
+    "StoreBusy",
     "Heartbeat",
     "MarkSending",
     "SetProcessing",
@@ -70,6 +71,10 @@ class StoreError(Exception):
 
     Messages name ids, counts and the kind of failure only, never message content.
     """
+
+
+class StoreBusy(StoreError):
+    """`write(ops, wait=False)` found another process writing; nothing was done, try again."""
 
 
 # --------------------------------------------------------------------------- records
@@ -504,7 +509,10 @@ WriteResult = Union[AppendResult, bool, int, tuple[int, ...], PruneResult, None]
 class MessageStore(Protocol):
     """What every backend offers. Safe to call from several threads at once."""
 
-    def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]: ...
+    def write(self, ops: Sequence[WriteOp], *, wait: bool = True) -> list[WriteResult]:
+        """All ops in one transaction. ``wait=False``: raise StoreBusy at once, doing nothing,
+        while another process holds the write lock, instead of blocking the caller."""
+        ...
 
     def get_message(self, message_id: int) -> StoredMessage | None: ...
 
