@@ -442,9 +442,9 @@ def _unit() -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def _env() -> dict[str, str]:
+def _env(name: str | None = None) -> dict[str, str]:
     env = {}
-    for line in ENV_FILE.read_text().splitlines():
+    for line in (ENV_FILE if name is None else ENV_FILE.parent / name).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip()
@@ -474,9 +474,9 @@ def test_systemd_unit_is_hardened():
     assert "@system-service" in service["SystemCallFilter"][0].split()
     assert one("Restart") == "on-failure"
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
-    assert one("EnvironmentFile").lstrip("-") == "/etc/koppel/koppel.env"
-    assert one("RuntimeDirectory") == "koppel"  # holds the pid file koppel reload reads
-    assert "--pid-file /run/koppel/koppel.pid" in one("ExecStart")
+    assert service["EnvironmentFile"] == ["/etc/koppel/koppel.env", "-/etc/koppel/%N.env"]
+    assert one("RuntimeDirectory") == "%N"  # holds the pid file koppel reload reads, per unit
+    assert "--pid-file /run/%N/koppel.pid" in one("ExecStart")
 
 
 def test_systemd_commands_use_real_options_and_stop_outlasts_the_drain():
@@ -487,7 +487,12 @@ def test_systemd_commands_use_real_options_and_stop_outlasts_the_drain():
     env = _env()
     assert env["KOPPEL_LOG_LEVEL"] in {"debug", "info", "warning", "error"}
     run = _parser().parse_args(_expand(service["ExecStart"][-1], env)[1:])
-    assert run.command == "run"
+    assert run.command == "run" and run.role == "all"
+    for role in ("receive", "deliver"):  # the split units: koppel.env, then their own file
+        split = _parser().parse_args(_expand(service["ExecStart"][-1], {**env, **_env(f"koppel-{role}.env")})[1:])
+        assert split.role == role
+    deliver = _env("koppel-deliver.env")
+    assert {deliver["KOPPEL_METRICS"], deliver["KOPPEL_ADMIN"]}.isdisjoint({env["KOPPEL_METRICS"], env["KOPPEL_ADMIN"]})
     check = _parser().parse_args(_expand(service["ExecStartPre"][-1], env)[1:])
     assert check.command == "check" and check.channels == run.channels
     store = parse_sqlite_url(run.store).path
