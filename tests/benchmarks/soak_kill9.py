@@ -10,9 +10,12 @@ never came is sent again after reconnecting. At the end:
   sources saw (per connection send order; ACKed-before-sent implies delivered-before);
 * printed: kills, ACKed, delivered and duplicates (resends) at each sink, wall time.
 
+With ``--split`` the engine is two processes on the store (``--role receive`` and
+``--role deliver``) and each kill picks the receiver, the deliverer or both at random.
+
 Not run by pytest (minutes, not seconds). Exit status 0 when every check passed.
 Usage: .venv/bin/python tests/benchmarks/soak_kill9.py [--messages 10000] [--connections 4]
-       [--kills 10] [--rate 1500] [--seed N] [--keep DIR]
+       [--kills 10] [--rate 1500] [--seed N] [--keep DIR] [--split]
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main() -> int:
     parser.add_argument("--max-uptime", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", default=None, help="work in DIR and keep it (store, channel)")
+    parser.add_argument("--split", action="store_true", help="receive and deliver in two processes")
     args = parser.parse_args()
 
     seed = args.seed if args.seed is not None else random.randrange(10**6)
@@ -72,11 +76,15 @@ def main() -> int:
     sinks = {"dest-a": Sink(name="a", keep_raw=False).start(), "dest-b": Sink(name="b", keep_raw=False).start()}
     write_channel(workdir / "channels", {name: s.port for name, s in sinks.items()},
                   retry="{initial: 50ms, factor: 2, max: 500ms, jitter: 0.1}", name="soak-in")
-    engine = KoppelProcess(workdir / "channels", store_url)
+    engine = KoppelProcess(workdir / "channels", store_url, args=("--role", "receive") if args.split else ())
+    deliverer = KoppelProcess(workdir / "channels", store_url, args=("--role", "deliver")) if args.split else None
     print(f"soak: {args.messages} messages, {args.connections} connections, 2 destinations, "
-          f">= {args.kills} kills, seed {seed}, work dir {workdir}", flush=True)
+          f">= {args.kills} kills, seed {seed}, work dir {workdir}"
+          + (", split: --role receive + --role deliver" if args.split else ""), flush=True)
 
     started = time.monotonic()
+    if deliverer is not None:
+        deliverer.start(until="engine.started")
     engine.start()
     per_connection = [[] for _ in range(args.connections)]
     for n in range(args.messages):
@@ -86,6 +94,7 @@ def main() -> int:
     sources = [ResendingSource(c, per_connection[c], lambda: engine.port, timeout=10, stop=stop,
                                interval=interval) for c in range(args.connections)]
     kills = {"sending": 0, "draining": 0}
+    victims = {"receiver": 0, "deliverer": 0, "both": 0}
     ok = True
     try:
         for source in sources:
@@ -103,9 +112,17 @@ def main() -> int:
             phase = "sending" if sending() else "draining"
             if phase == "draining" and not draining():
                 break
-            engine.kill()
+            victim = rng.choice(list(victims)) if deliverer is not None else "receiver"
+            victims[victim] += 1
+            if victim in ("receiver", "both"):
+                engine.kill()
+            if victim in ("deliverer", "both"):
+                deliverer.kill()
             kills[phase] += 1
-            engine.start()
+            if victim in ("deliverer", "both"):
+                deliverer.start(until="engine.started")
+            if victim in ("receiver", "both"):
+                engine.start()
         for source in sources:
             source.join(120)
         sent = {r.control_id: r for s in sources for r in s.records}
@@ -117,12 +134,16 @@ def main() -> int:
     finally:
         stop.set()
         engine.terminate()
+        if deliverer is not None:
+            deliverer.terminate()
     wall = time.monotonic() - started
 
     errors = [f"source {s.number}: {s.error!r}" for s in sources if s.error is not None]
     order = stored_order(store_url, "soak-in")
     total_kills = sum(kills.values())
-    print(f"kills: {total_kills} ({kills['sending']} while sending, {kills['draining']} while draining)")
+    print(f"kills: {total_kills} ({kills['sending']} while sending, {kills['draining']} while draining)"
+          + (f"; killed: receiver {victims['receiver']}, deliverer {victims['deliverer']}, "
+             f"both {victims['both']}" if deliverer is not None else ""))
     print(f"ACKed: {len(sent)} of {args.messages}; source resends (sent again after a kill): "
           f"{sum(r.attempts - 1 for r in sent.values())}; stored (accepted): {len(order)}")
     if errors or len(sent) != args.messages:
@@ -144,9 +165,10 @@ def main() -> int:
             ok = False
     print(f"wall time: {wall:.1f}s (all ACKed after {acked_at_end - started:.1f}s, "
           f"all delivered after {delivered_at - started:.1f}s)")
-    print(f"engine events: {engine.events.get('delivery.retry', 0)} delivery.retry, "
-          f"{engine.events.get('queue.sender_crashed', 0)} queue.sender_crashed, "
-          f"{engine.events.get('queue.bookkeeping_failed', 0)} queue.bookkeeping_failed, over all runs")
+    events = engine.events if deliverer is None else deliverer.events
+    print(f"engine events: {events.get('delivery.retry', 0)} delivery.retry, "
+          f"{events.get('queue.sender_crashed', 0)} queue.sender_crashed, "
+          f"{events.get('queue.bookkeeping_failed', 0)} queue.bookkeeping_failed, over all runs")
     print("RESULT:", "PASS" if ok and total_kills >= args.kills else "FAIL")
     for s in sinks.values():
         s.down()
