@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sink import KOPPEL, ROOT, KoppelProcess, Sink  # noqa: E402
+from sink import KOPPEL, ROOT, KoppelProcess, MLLPClient, Sink  # noqa: E402
 
 from engine.core.header import read_header  # noqa: E402
 from engine.store import open_store  # noqa: E402
@@ -274,3 +274,32 @@ def test_a_letter_that_came_before_its_request_still_reaches_the_document_archiv
     assert h.sinks["document-archive"].wait_until(lambda s: len(s.records) >= 1, 3.0)
     (archived,) = [r.raw for r in h.sinks["document-archive"].records]
     assert base64.b64encode(PDF_A).decode() in segment(archived, "OBX")
+
+
+def test_referrals_acknowledged_just_before_a_kill_9_are_mapped_after_the_restart(harness):
+    """ACK after the store commit, mapping a turn later: a kill -9 in between leaves messages
+    'pending', and the restarted engine maps them (agenda entry, SIU^S12 to the HIS)."""
+    sent: list[str] = []
+    pending = 0
+    for attempt in range(5):  # until a kill lands between an ACK and its mapping commit
+        port = harness.engine.ports["zorgdomein-in"]
+        batch = [f"ZD77{attempt}{n:05d}" for n in range(60)]
+        with MLLPClient(port) as client:
+            for n, zd in enumerate(batch):
+                assert b"MSA|AA|" in client.request(srm(zd, f"K{attempt}-{n}"))
+        harness.engine.kill()
+        sent += batch
+        store = open_store(harness.store_url)
+        try:
+            pending = len(store.pending_processing(limit=1000))
+        finally:
+            store.close()
+        harness.engine.start(until="engine.started")
+        if pending:
+            break
+    assert pending, "no kill landed between an ACK and its mapping (the test proved nothing)"
+    harness.wait_processed({"mapped": len(sent)})
+    entries = harness.agenda("list", "--agenda", "cardiology")
+    assert sorted(e["zd_number"] for e in entries) == sorted(sent)
+    assert harness.engine.events.get("mapping.resumed", 0) >= 1
+    harness.received("his-scheduling", len(sent))  # every SIU^S12 reached the HIS

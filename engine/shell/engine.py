@@ -7,6 +7,7 @@ write the ACKs of what it already received, commit what is queued, close the sto
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import replace
@@ -17,8 +18,9 @@ from twisted.internet.endpoints import serverFromString
 
 from engine.config import ChannelConfig, EngineConfig
 from engine.core.errors import ErrorCode, Rejection
-from engine.core.intake import STORE_FAILED, AcceptRules
-from engine.log import get_logger
+from engine.core.header import read_header
+from engine.core.intake import STORE_FAILED, AcceptRules, Assessment
+from engine.log import get_logger, safe_error
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
@@ -28,6 +30,8 @@ from engine.shell.sender import QueueSender
 from engine.store import Enqueue, Heartbeat, QueueTarget, SetProcessing
 
 HEARTBEAT_INTERVAL = 5.0
+# processing of a stored message whose mapping has not committed yet (see Engine._resume_mapping)
+PENDING = "pending"
 
 
 FILTERED = Rejection(
@@ -75,18 +79,26 @@ def receive_settings(
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
 
+    def map_route(header):
+        if processor is None:
+            return None
+        return next((route for route in map_routes if route.matches(header.message_type, header.trigger)), None)
+
+    def to_processor(message_id, header, raw, route, forward, nak):
+        return processor.submit(Work(
+            message_id=message_id, channel=channel.name, mapping=route.map, raw=raw,
+            codec=header.codec, forward=forward, nak=nak if on_map else None,
+        ))
+
     def on_stored(message_id, assessment, message, nak):
         """Hand a committed message on: to its mapping, or count it as filtered.
 
         Returns a Deferred of the Outcome when an on-map channel must wait for it."""
         header = assessment.header
         forward = targets(assessment) if on_map else ()
-        for route in map_routes:
-            if route.matches(header.message_type, header.trigger) and processor is not None:
-                return processor.submit(Work(
-                    message_id=message_id, channel=channel.name, mapping=route.map, raw=message.raw,
-                    codec=header.codec, forward=forward, nak=nak if on_map else None,
-                ))
+        route = map_route(header)
+        if route is not None:
+            return to_processor(message_id, header, message.raw, route, forward, nak)
         if message.targets:
             return None
         if forward:  # on-map, nothing to map: queue the raw forwards now
@@ -104,11 +116,24 @@ def receive_settings(
         return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
                                                ack_code=code, ack=ack))
 
+    def resume(message_id, assessment, raw, nak):
+        """A message stored 'pending' whose mapping never committed (the engine stopped in
+        between): map it now. On-map: it was never answered, so a failure stores the NAK a
+        resend will be judged afresh against. If the config no longer maps it: filtered."""
+        header = assessment.header
+        route = map_route(header)
+        if route is None:
+            return committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
+                                                  detail=_filtered_detail(header)))
+        return to_processor(message_id, header, raw, route, targets(assessment) if on_map else (), nak)
+
     def receive_marks(assessment, chosen_targets) -> dict:
-        if on_map or chosen_targets or not assessment.accepted:
+        if not assessment.accepted:
             return {}
         header = assessment.header
-        if any(route.matches(header.message_type, header.trigger) for route in map_routes):
+        if map_route(header) is not None:  # mapped after the commit; resumed at start if it never was
+            return {"processing": PENDING}
+        if on_map or chosen_targets:
             return {}
         return {"processing": "filtered", "processing_detail": _filtered_detail(header)}
 
@@ -137,6 +162,7 @@ def receive_settings(
         on_stored=on_stored,
         ack_mode=channel.ack.mode,
         receive_marks=receive_marks,
+        resume=resume,
     )
 
 
@@ -250,6 +276,7 @@ class Engine(service.MultiService):
             sender.start()
         from twisted.internet import task
 
+        self._resume_mapping()
         if self._watcher is not None:
             self._watcher.start()
         if self.role == RECEIVE:
@@ -372,6 +399,37 @@ class Engine(service.MultiService):
         ready = self.running and self.ready and all(listeners.values()) and store_ok
         return ready, {"listeners": listeners, "store": "ok" if store_ok else "failing",
                        "config": "loaded", "channels": len(listeners)}
+
+    def _resume_mapping(self) -> None:
+        """Map what was stored (and, on-store, acknowledged) but never mapped because the
+        engine stopped in between, in arrival order and before anything new: the listener
+        stores such messages as 'pending' in the same insert, so a kill -9 between the
+        ACK and the mapping commit cannot leave a referral out of the agendas."""
+        if self.processor is None:
+            return
+        factories = {listener.factory.settings.channel: listener.factory for listener in self.listeners}
+        after, resumed = 0, 0
+        while True:
+            page = self.store.pending_processing(after_id=after, limit=500)
+            if not page:
+                break
+            for message in page:
+                after = message.id
+                factory = factories.get(message.channel)
+                if factory is None:  # the channel is gone from the config
+                    self.committer.submit(SetProcessing(message_id=message.id, outcome="error",
+                                                        detail="not mapped: its channel is no longer configured"))
+                    continue
+                header = read_header(message.raw, default_charset=factory.settings.default_charset)
+                assessment = Assessment(header=header, rejection=None, payload_hash=message.payload_hash)
+                d = factory.settings.resume(message.id, assessment, message.raw,
+                                            functools.partial(factory.acknowledge, assessment))
+                if d is not None:
+                    d.addErrback(lambda failure, mid=message.id: self.log.error(
+                        "mapping.resume_failed", message_id=mid, error=safe_error(failure.value)))
+                resumed += 1
+        if resumed:
+            self.log.warning("mapping.resumed", messages=resumed)
 
     def _wake_all(self) -> None:
         for sender in self.senders.values():

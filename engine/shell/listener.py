@@ -66,6 +66,8 @@ class ReceiveSettings:
     # Fields known at receive time for the stored row (e.g. processing="filtered"), so an
     # on-store channel records what no route takes in the same insert, not a later update.
     receive_marks: Callable[..., dict] = field(default=lambda assessment, targets: {})
+    # At start-up, for a message stored 'pending' whose mapping never committed: map it now.
+    resume: Callable[..., object] = field(default=lambda *a: None)
 
     def allows(self, host: str) -> bool:
         return peer_allowed(self.allow, host)

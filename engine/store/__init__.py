@@ -516,6 +516,10 @@ class MessageStore(Protocol):
 
     def get_message(self, message_id: int) -> StoredMessage | None: ...
 
+    def pending_processing(self, *, after_id: int = 0, limit: int = 500) -> list[StoredMessage]:
+        """Accepted messages whose mapping has not committed yet (processing 'pending'), by id."""
+        ...
+
     def list_messages(
         self,
         *,

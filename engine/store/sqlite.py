@@ -161,6 +161,15 @@ def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _stored(r: tuple[Any, ...]) -> StoredMessage:
+    return StoredMessage(
+        id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
+        message_type=r[6], structure=r[7], version=r[8], processing_id=r[9], charset=r[10],
+        size=r[11], raw=r[12], payload_hash=r[13], status=r[14], ack_code=r[15], ack=r[16],
+        error=r[17], duplicate_count=r[18], last_duplicate_at=r[19],
+    )
+
+
 def _entry(row: tuple[Any, ...]) -> QueueEntry:
     return QueueEntry(
         id=row[0],
@@ -807,15 +816,12 @@ class SQLiteStore:
 
     def get_message(self, message_id: int) -> StoredMessage | None:
         rows = self._query(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return StoredMessage(
-            id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
-            message_type=r[6], structure=r[7], version=r[8], processing_id=r[9], charset=r[10],
-            size=r[11], raw=r[12], payload_hash=r[13], status=r[14], ack_code=r[15], ack=r[16],
-            error=r[17], duplicate_count=r[18], last_duplicate_at=r[19],
-        )
+        return _stored(rows[0]) if rows else None
+
+    def pending_processing(self, *, after_id: int = 0, limit: int = 500) -> list[StoredMessage]:
+        return [_stored(r) for r in self._query(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE processing = 'pending' AND id > ? "
+            "ORDER BY id LIMIT ?", (after_id, limit))]
 
     def list_messages(
         self,
