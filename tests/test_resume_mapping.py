@@ -127,3 +127,51 @@ def test_the_listener_marks_a_mapped_route_pending_in_the_insert_and_filtered_ot
     assert marks(siu) == {"processing": PENDING}
     adt = SRM.replace(b"SRM^S01^SRM_S01", b"ADT^A01^ADT_A01")  # no route takes it
     assert marks(adt)["processing"] == "filtered"
+
+
+@pytest.fixture
+def on_map_channels(tmp_path):
+    """The bundled channels with zorgdomein-in answering on-map, and OML^O21 forwarded raw only."""
+    channels = tmp_path / "channels"
+    shutil.copytree(ROOT / "channels", channels)
+    path = channels / "zorgdomein-in.yaml"
+    text = path.read_text().replace("mode: on-store", "mode: on-map")
+    text = text.replace("    map: zorgdomein-oml\n    to: [lis-orders]", "    to: [lis-orders]")
+    path.write_text(text)
+    return channels
+
+
+def row(store, message_id: int) -> tuple:
+    (r,) = store._query("SELECT processing, status, ack_code FROM messages WHERE id = ?", (message_id,))
+    return r
+
+
+def test_on_map_messages_never_answered_are_handed_on_at_start_and_their_answer_stored(world, on_map_channels):
+    """on-map: the engine stopped before answering. A mapped one stays accepted (a resend gets
+    its AA from the stored copy); one no route takes is stored AR, so a resend is judged afresh;
+    a raw forward is queued."""
+    world.channels = on_map_channels
+    mapped = stored_pending(world.store, SRM)
+    siu = SRM.replace(b"SRM^S01^SRM_S01", b"SIU^S12^SIU_S12")  # accepted here, but no route takes it
+    unrouted = stored_pending(world.store, siu)
+    oml = stored_pending(world.store, load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7"))
+    world.start()
+    assert row(world.store, mapped) == ("mapped", "accepted", "AA")
+    assert row(world.store, unrouted) == ("filtered", "rejected", "AR")
+    assert row(world.store, oml)[0] == "forwarded"
+    assert world.store.queue_depths().get("127.0.0.1:6663") == 1  # the OML^O21 for the LIS, as received
+
+
+def test_the_listener_marks_every_accepted_on_map_message_pending(world, on_map_channels):
+    bundle = load_bundle(on_map_channels, ROOT / "mappings")
+    engine = Engine(MemoryReactorClock(), bundle.config, world.store, retention=None,
+                    mappings=bundle.mappings, book=bundle.book)
+    (channel,) = [c for c in bundle.config.channels if c.name == "zorgdomein-in"]
+    settings = receive_settings(channel, bundle.config, engine.senders, engine.processor,
+                                committer=engine.committer)
+    from engine.core.intake import AcceptRules, assess
+
+    siu = SRM.replace(b"SRM^S01^SRM_S01", b"SIU^S12^SIU_S12")
+    for raw in (SRM, siu):  # mapped, and filtered only once answered
+        assert settings.receive_marks(assess(raw, rules=AcceptRules(), default_charset="8859/1"), ()) == {
+            "processing": PENDING}

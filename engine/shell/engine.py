@@ -90,6 +90,21 @@ def receive_settings(
             codec=header.codec, forward=forward, nak=nak if on_map else None,
         ))
 
+    def forward_raw(message_id, forward, at):
+        """on-map, nothing to map: queue the raw forwards now (and clear 'pending' with them)."""
+        d = committer.submit_many([Enqueue(message_id=message_id, targets=forward, at=at, audit=False),
+                                   SetProcessing(message_id=message_id, outcome="forwarded")])
+        return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
+
+    def filter_on_map(message_id, header, nak):
+        """on-map, nothing takes it: it is answered AR after all, and stored so."""
+        detail = _filtered_detail(header)
+        code, ack = nak(FILTERED)
+        d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
+                                           ack_code=code, ack=ack))
+        return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
+                                               ack_code=code, ack=ack))
+
     def on_stored(message_id, assessment, message, nak):
         """Hand a committed message on: to its mapping, or count it as filtered.
 
@@ -101,39 +116,41 @@ def receive_settings(
             return to_processor(message_id, header, message.raw, route, forward, nak)
         if message.targets:
             return None
-        if forward:  # on-map, nothing to map: queue the raw forwards now
-            d = committer.submit(Enqueue(message_id=message_id, targets=forward, at=message.received_at, audit=False))
-            return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
+        if forward:
+            return forward_raw(message_id, forward, message.received_at)
         if filtered_count is not None:
             filtered_count.inc()
         log.info("message.filtered", message_id=message_id, type=message.message_type)
-        detail = _filtered_detail(header)
         if not on_map:  # recorded in the insert already (receive_marks)
             return None
-        code, ack = nak(FILTERED)
-        d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
-                                           ack_code=code, ack=ack))
-        return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
-                                               ack_code=code, ack=ack))
+        return filter_on_map(message_id, header, nak)
 
-    def resume(message_id, assessment, raw, nak):
-        """A message stored 'pending' whose mapping never committed (the engine stopped in
-        between): map it now. On-map: it was never answered, so a failure stores the NAK a
-        resend will be judged afresh against. If the config no longer maps it: filtered."""
+    def resume(message_id, assessment, raw, received_at, nak):
+        """A message stored 'pending' whose hand-off never committed (the engine stopped in
+        between): do it now. An on-map message was never answered, so its outcome (and a
+        NAK) is stored for the resend to be judged by. If the config no longer maps it:
+        filtered."""
         header = assessment.header
         route = map_route(header)
-        if route is None:
-            return committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
-                                                  detail=_filtered_detail(header)))
-        return to_processor(message_id, header, raw, route, targets(assessment) if on_map else (), nak)
+        forward = targets(assessment) if on_map else ()
+        if route is not None:
+            return to_processor(message_id, header, raw, route, forward, nak)
+        if forward:
+            return forward_raw(message_id, forward, received_at)
+        if on_map:
+            return filter_on_map(message_id, header, nak)
+        return committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
+                                              detail=_filtered_detail(header)))
 
     def receive_marks(assessment, chosen_targets) -> dict:
         if not assessment.accepted:
             return {}
         header = assessment.header
-        if map_route(header) is not None:  # mapped after the commit; resumed at start if it never was
+        # handed on after the commit (mapped; on-map: answered only then): resumed at start
+        # if the engine stops before that hand-off commits
+        if on_map or map_route(header) is not None:
             return {"processing": PENDING}
-        if on_map or chosen_targets:
+        if chosen_targets:
             return {}
         return {"processing": "filtered", "processing_detail": _filtered_detail(header)}
 
@@ -422,7 +439,7 @@ class Engine(service.MultiService):
                     continue
                 header = read_header(message.raw, default_charset=factory.settings.default_charset)
                 assessment = Assessment(header=header, rejection=None, payload_hash=message.payload_hash)
-                d = factory.settings.resume(message.id, assessment, message.raw,
+                d = factory.settings.resume(message.id, assessment, message.raw, message.received_at,
                                             functools.partial(factory.acknowledge, assessment))
                 if d is not None:
                     d.addErrback(lambda failure, mid=message.id: self.log.error(
