@@ -236,6 +236,19 @@ def _run(args) -> int:
     return exit_code[0]
 
 
+def _is_koppel(pid: int) -> bool:
+    """Does ``pid`` run koppel? (SIGHUP kills a process that does not handle it.) Without
+    /proc there is no way to tell, and the pid file is trusted as before."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    args = command.split(b"\0")
+    return b"run" in args and (b"engine.cli" in args or any(os.path.basename(a) == b"koppel" for a in args))
+
+
 def _reload(args) -> int:
     """Ask the running engine (by its pid file) to re-read channels and mappings; with no
     --pid-file, every process of a split engine (receive and deliver) is asked."""
@@ -251,6 +264,10 @@ def _reload(args) -> int:
             pid = int(Path(pid_file).read_text().strip())
         except (OSError, ValueError):
             sys.stderr.write(f"no running engine found: cannot read pid file {pid_file}\n")
+            status = 1
+            continue
+        if not _is_koppel(pid):  # a pid file left by a kill -9, its number since reused
+            sys.stderr.write(f"process {pid} is not a running koppel (stale pid file {pid_file})\n")
             status = 1
             continue
         try:

@@ -98,7 +98,8 @@ class Metrics:
         )
         self.store_busy = Counter(
             "koppel_store_busy_total",
-            "Commits put off because another process held the store's write lock (retried)", registry=r,
+            "Batches put off (then retried every 0.5 ms) because another process held the store's write lock",
+            registry=r,
         )
         self.store_errors = Counter("koppel_store_errors_total", "Failed store transactions", registry=r)
         # delivery: queue-level gauges by queue (host:port), entry-level counts by destination name

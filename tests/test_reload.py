@@ -128,7 +128,8 @@ def test_koppel_reload_without_a_pid_file_asks_both_processes_of_a_split_engine(
     (tmp_path / "var").mkdir()
     children = {}
     for role in ("receive", "deliver"):
-        child = subprocess.Popen([sys.executable, "-c", HUP_CATCHER, str(tmp_path / f"{role}.done")],
+        # "koppel run" on its command line: reload signals only a process that runs koppel
+        child = subprocess.Popen([sys.executable, "-c", HUP_CATCHER, str(tmp_path / f"{role}.done"), "koppel", "run"],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
         (tmp_path / "var" / f"koppel-{role}.pid").write_text(f"{child.pid}\n")
@@ -146,6 +147,21 @@ def test_koppel_reload_without_a_pid_file_asks_both_processes_of_a_split_engine(
         for child in children.values():
             if child.poll() is None:
                 child.kill()
+
+
+def test_koppel_reload_does_not_signal_a_process_that_is_not_koppel(tmp_path):
+    """A pid file left by a kill -9 whose number now belongs to another program: SIGHUP would
+    kill that program, so reload refuses."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "stale.pid").write_text(f"{other.pid}\n")
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "reload", "--pid-file", str(tmp_path / "stale.pid")],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode == 1 and "is not a running koppel" in result.stderr
+        assert other.poll() is None  # still running
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.fixture

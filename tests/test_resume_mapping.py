@@ -15,26 +15,32 @@ import shutil
 from pathlib import Path
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from engine.bundle import load_bundle
+from engine.core import mllp
+from engine.core.response import read_ack
 from engine.core.header import read_header
-from engine.shell.engine import PENDING, Engine, receive_settings
-from engine.store import Append, ReceivedMessage, open_store
+from engine.shell.engine import Engine, receive_settings
+from engine.store import PENDING, UNANSWERED, Append, ReceivedMessage, open_store
 from tests.conftest import load_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 SRM = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
 
 
-def stored_pending(store, raw: bytes, *, channel: str = "zorgdomein-in", status: str = "accepted") -> int:
+def stored_pending(store, raw: bytes, *, channel: str = "zorgdomein-in", status: str = "accepted",
+                   processing: str = PENDING) -> int:
+    """The row an engine killed before the hand-off committed leaves: PENDING (on-store, the AA
+    already sent) or UNANSWERED (on-map, nothing sent yet)."""
     header = read_header(raw, default_charset="8859/1")
     message = ReceivedMessage(
         channel=channel, peer="127.0.0.1:40000", received_at=1_700_000_000.0, control_id=header.control_id,
         sender=header.sender, message_type=f"{header.message_type}^{header.trigger}", structure=header.structure,
         version=header.version, processing_id=header.processing_id, charset="8859/1", raw=raw,
         payload_hash=hashlib.sha256(raw).digest(), status=status, ack_code="AA", ack=b"MSA|AA|x", error=None,
-        duplicate_window=86400.0, processing=PENDING,
+        duplicate_window=86400.0, processing=processing,
     )
     (result,) = store.write([Append(message=message)])
     return result.message_id
@@ -151,10 +157,11 @@ def test_on_map_messages_never_answered_are_handed_on_at_start_and_their_answer_
     its AA from the stored copy); one no route takes is stored AR, so a resend is judged afresh;
     a raw forward is queued."""
     world.channels = on_map_channels
-    mapped = stored_pending(world.store, SRM)
+    mapped = stored_pending(world.store, SRM, processing=UNANSWERED)
     siu = SRM.replace(b"SRM^S01^SRM_S01", b"SIU^S12^SIU_S12")  # accepted here, but no route takes it
-    unrouted = stored_pending(world.store, siu)
-    oml = stored_pending(world.store, load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7"))
+    unrouted = stored_pending(world.store, siu, processing=UNANSWERED)
+    oml = stored_pending(world.store, load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7"),
+                         processing=UNANSWERED)
     world.start()
     assert row(world.store, mapped) == ("mapped", "accepted", "AA")
     assert row(world.store, unrouted) == ("filtered", "rejected", "AR")
@@ -162,7 +169,7 @@ def test_on_map_messages_never_answered_are_handed_on_at_start_and_their_answer_
     assert world.store.queue_depths().get("127.0.0.1:6663") == 1  # the OML^O21 for the LIS, as received
 
 
-def test_the_listener_marks_every_accepted_on_map_message_pending(world, on_map_channels):
+def test_the_listener_marks_every_accepted_on_map_message_unanswered(world, on_map_channels):
     bundle = load_bundle(on_map_channels, ROOT / "mappings")
     engine = Engine(MemoryReactorClock(), bundle.config, world.store, retention=None,
                     mappings=bundle.mappings, book=bundle.book)
@@ -174,4 +181,96 @@ def test_the_listener_marks_every_accepted_on_map_message_pending(world, on_map_
     siu = SRM.replace(b"SRM^S01^SRM_S01", b"SIU^S12^SIU_S12")
     for raw in (SRM, siu):  # mapped, and filtered only once answered
         assert settings.receive_marks(assess(raw, rules=AcceptRules(), default_charset="8859/1"), ()) == {
-            "processing": PENDING}
+            "processing": UNANSWERED}
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def frames(transport) -> list[bytes]:
+    return [e.payload for e in mllp.FrameReader(max_frame_bytes=1 << 20).feed(transport.value())
+            if isinstance(e, mllp.FrameReceived)]
+
+
+def test_a_resend_of_an_unanswered_on_map_message_is_told_to_wait_not_given_its_provisional_aa(
+        world, on_map_channels):
+    """The sender resends as soon as the restarted engine listens, before the resumed mapping
+    commits; that mapping then refuses the message. The resend must not get the AA stored with
+    the first copy before its answer was decided."""
+    world.channels = on_map_channels
+    broken = SRM.replace(b"ARQ|ZD200046139|", b"ARQ||")  # no ZD-number: the mapping refuses it
+    first = stored_pending(world.store, broken, processing=UNANSWERED)
+    bundle = load_bundle(on_map_channels, ROOT / "mappings")
+    engine = world.engine = Engine(MemoryReactorClock(), bundle.config, world.store, retention=None,
+                                   mappings=bundle.mappings, book=bundle.book)
+    engine.startService()
+    (listener,) = [l for l in engine.listeners if l.factory.settings.channel == "zorgdomein-in"]
+    receiver = listener.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = StringTransport()
+    receiver.makeConnection(transport)
+    receiver.dataReceived(mllp.encode_frame(broken))
+    for _ in range(20):
+        engine.reactor.advance(0)
+    (answer,) = [read_ack(frame) for frame in frames(transport)]
+    assert (answer.code, answer.control_id) == ("AE", read_header(broken, default_charset="8859/1").control_id)
+    assert "still being processed" in answer.text
+    assert row(world.store, first) == ("error", "rejected", "AE")  # its own outcome, stored
+    receiver.dataReceived(mllp.encode_frame(broken))  # the resend after that: judged afresh
+    for _ in range(20):
+        engine.reactor.advance(0)
+    assert [read_ack(frame).code for frame in frames(transport)] == ["AE", "AE"]
+
+
+def test_a_mapping_commit_that_failed_is_retried_while_the_engine_runs(world, monkeypatch):
+    from engine.shell.engine import RESUME_INTERVAL
+    from engine.store import SaveAgendaEntry, StoreError
+
+    engine = world.start()
+    real_write = world.store.write
+    disk = {"full": True, "refused": 0}
+
+    def write(ops, **kwargs):
+        if disk["full"] and any(isinstance(op, SaveAgendaEntry) for op in ops):
+            disk["refused"] += 1
+            raise StoreError("disk full (injected)")
+        return real_write(ops, **kwargs)
+
+    monkeypatch.setattr(world.store, "write", write)
+    (listener,) = [l for l in engine.listeners if l.factory.settings.channel == "zorgdomein-in"]
+    receiver = listener.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = StringTransport()
+    receiver.makeConnection(transport)
+    receiver.dataReceived(mllp.encode_frame(SRM))
+    for _ in range(20):
+        engine.reactor.advance(0)
+    assert [read_ack(frame).code for frame in frames(transport)] == ["AA"]
+    (message,) = world.store.list_messages()
+    # acknowledged, its mapping refused by the store: not marked 'error' (nothing is wrong
+    # with the message), still PENDING
+    assert disk["refused"] == 2 and world.processing(message.id) == PENDING
+    disk["full"] = False
+    engine.reactor.advance(RESUME_INTERVAL)  # too young yet to be taken for a lost hand-off
+    assert world.processing(message.id) == PENDING
+    engine.reactor.advance(RESUME_INTERVAL)
+    for _ in range(10):
+        engine.reactor.advance(0)
+    assert world.processing(message.id) == "mapped"
+    assert [e.agenda_id for e in world.store.list_agenda_entries()] == ["cardiology"]
+
+
+def test_resume_follows_how_the_message_was_stored_not_todays_ack_mode(world):
+    """Stored by an on-map engine (its raw forward not queued yet), resumed by an on-store one:
+    the forward is still queued, and the mapping done."""
+    oml = stored_pending(world.store, load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7"),
+                         processing=UNANSWERED)
+    world.start()  # the bundled config: on-store, OML^O21 mapped and forwarded to the LIS
+    assert world.processing(oml) == "mapped"
+    assert world.store.queue_depths().get("127.0.0.1:6663") == 1
+
+
+def test_pruning_keeps_a_message_whose_hand_off_is_not_done(world):
+    from engine.store import Prune
+
+    pending = stored_pending(world.store, SRM)
+    (result,) = world.store.write([Prune(before=2_000_000_000.0)])
+    assert result.messages == 0 and world.processing(pending) == PENDING

@@ -138,19 +138,36 @@ def test_a_store_error_while_watching_is_logged_and_watching_goes_on(url):
 # --------------------------------------------------------------------------- delivery claim
 
 
-def test_only_one_process_can_deliver_from_a_store(url, tmp_path):
+def test_only_one_process_can_deliver_from_or_receive_for_a_store(url, tmp_path):
     first, second = open_store(url), open_store(url)
     try:
-        first.claim_delivery()
-        first.claim_delivery()  # again from the same holder: fine
-        with pytest.raises(StoreError, match=r"another Koppel process \(pid \d+\) already delivers"):
-            second.claim_delivery()
+        first.claim("deliver")
+        first.claim("deliver")  # again from the same holder: fine
+        with pytest.raises(StoreError, match=r"another Koppel process \(pid \d+\) already delivers from"):
+            second.claim("deliver")
+        second.claim("receive")  # the other duty is free
+        with pytest.raises(StoreError, match=r"already receives for this store"):
+            first.claim("receive")
         first.close()  # a stopped (or killed) holder frees it
-        second.claim_delivery()
+        second.claim("deliver")
         assert (tmp_path / "koppel.db.deliver.lock").read_text().strip().isdigit()
     finally:
         first.close()
         second.close()
+
+
+def test_a_second_receiving_engine_fails_to_start(config, url):
+    first_store, second_store = open_store(url), open_store(url)
+    first = Engine(MemoryReactorClock(), config, first_store, retention=None, role="receive")
+    second = Engine(MemoryReactorClock(), config, second_store, retention=None, role="all")
+    try:
+        first.startService()
+        with pytest.raises(StoreError, match="already receives for this store"):
+            second.startService()
+    finally:
+        first.stopService()
+        first_store.close()
+        second_store.close()
 
 
 # --------------------------------------------------------------------------- engine wiring
@@ -223,3 +240,23 @@ def test_an_unknown_role_is_refused(config, url):
             Engine(MemoryReactorClock(), config, store, role="both")
     finally:
         store.close()
+
+
+def test_a_pause_committed_by_the_other_process_stops_the_deliverer_within_the_watch(config, url):
+    from engine.store import SetPaused
+
+    store, other = open_store(url), open_store(url)
+    reactor = MemoryReactorClock()
+    engine = Engine(reactor, config, store, retention=None, role="deliver")
+    try:
+        engine.startService()
+        (sender,) = engine.senders.values()
+        reactor.advance(0.06)
+        other.write([SetPaused(queue=sender.queue, paused=True)])  # the receiver's admin API, say
+        for _ in range(30):
+            reactor.advance(0.002)  # well inside the senders' one-second poll
+        assert sender._paused
+    finally:
+        engine.stopService()
+        store.close()
+        other.close()

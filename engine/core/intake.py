@@ -59,6 +59,13 @@ QUEUE_FULL = Rejection(
     error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
     text="destination queue full; send it again later",
 )
+# A resend of an on-map message whose first copy is still being mapped: its answer is not
+# decided yet, and the first copy's provisional AA must not go out for it.
+IN_PROGRESS = Rejection(
+    ack_code="AE",
+    error_code=ErrorCode.RECORD_LOCKED,
+    text="the first copy of this message is still being processed; send it again later",
+)
 TOO_LARGE = Rejection(
     ack_code="AR",
     error_code=ErrorCode.SEGMENT_SEQUENCE,

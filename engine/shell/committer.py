@@ -44,6 +44,7 @@ class GroupCommitter:
         self._store = store
         self._busy_limit = busy_limit
         self._busy_since: float | None = None
+        self._drained: list[defer.Deferred] = []  # stop() waiting for a busy store's retry
         self._clock = clock
         self._metrics = metrics
         self._log = log
@@ -103,7 +104,7 @@ class GroupCommitter:
                 self._busy_since = now
             if now - self._busy_since < self._busy_limit:
                 self._pending[:0] = work  # first in line for the next attempt
-                if self._metrics is not None:
+                if self._metrics is not None and now == self._busy_since:
                     self._metrics.store_busy.inc()
                 self._call = self._clock.callLater(BUSY_RETRY, self.flush)
                 self._due = now + BUSY_RETRY
@@ -118,11 +119,20 @@ class GroupCommitter:
                 d.callback(value)
             else:
                 d.errback(value)
+        if not self._pending:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
 
     def stop(self) -> defer.Deferred:
-        """Commit what was already submitted; later submits still work (they commit on their turn)."""
+        """Commit what was already submitted, waiting out another process's write lock (so
+        the store is not closed under a retry); later submits still work (on their turn)."""
         self.flush()
-        return defer.succeed(None)
+        if not self._pending:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drained.append(d)
+        return d
 
     def _commit(self, work, wait: bool = False):
         ops: list = []

@@ -27,11 +27,12 @@ from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_
 from engine.shell.processor import Outcome, Processor, Work
 from engine.shell.roles import ALL, DELIVER, RECEIVE, ROLES, RemoteQueue, StoreWatcher, delivers, receives
 from engine.shell.sender import QueueSender
-from engine.store import Enqueue, Heartbeat, QueueTarget, SetProcessing
+from engine.store import PENDING, UNANSWERED, Enqueue, Heartbeat, QueueTarget, SetProcessing
 
 HEARTBEAT_INTERVAL = 5.0
-# processing of a stored message whose mapping has not committed yet (see Engine._resume_mapping)
-PENDING = "pending"
+# How often a running engine looks for hand-offs that did not commit (a store error), and how
+# old such a message must be: younger ones may still be on their way through the committer.
+RESUME_INTERVAL = 60.0
 
 
 FILTERED = Rejection(
@@ -87,7 +88,7 @@ def receive_settings(
     def to_processor(message_id, header, raw, route, forward, nak):
         return processor.submit(Work(
             message_id=message_id, channel=channel.name, mapping=route.map, raw=raw,
-            codec=header.codec, forward=forward, nak=nak if on_map else None,
+            codec=header.codec, forward=forward, nak=nak,
         ))
 
     def forward_raw(message_id, forward, at):
@@ -113,7 +114,7 @@ def receive_settings(
         forward = targets(assessment) if on_map else ()
         route = map_route(header)
         if route is not None:
-            return to_processor(message_id, header, message.raw, route, forward, nak)
+            return to_processor(message_id, header, message.raw, route, forward, nak if on_map else None)
         if message.targets:
             return None
         if forward:
@@ -125,19 +126,20 @@ def receive_settings(
             return None
         return filter_on_map(message_id, header, nak)
 
-    def resume(message_id, assessment, raw, received_at, nak):
-        """A message stored 'pending' whose hand-off never committed (the engine stopped in
-        between): do it now. An on-map message was never answered, so its outcome (and a
-        NAK) is stored for the resend to be judged by. If the config no longer maps it:
-        filtered."""
+    def resume(message_id, assessment, raw, received_at, nak, answered):
+        """A message stored PENDING/UNANSWERED whose hand-off never committed (the engine
+        stopped in between, or the commit failed): do it now. ``answered`` is how it was
+        stored, whatever the channel's ack mode is today: an UNANSWERED (on-map) message's
+        raw forwards were not queued and its answer was never sent, so its outcome (and a
+        NAK) is stored for the sender's resend. If the config no longer maps it: filtered."""
         header = assessment.header
         route = map_route(header)
-        forward = targets(assessment) if on_map else ()
+        forward = () if answered else targets(assessment)
         if route is not None:
-            return to_processor(message_id, header, raw, route, forward, nak)
+            return to_processor(message_id, header, raw, route, forward, None if answered else nak)
         if forward:
             return forward_raw(message_id, forward, received_at)
-        if on_map:
+        if not answered:
             return filter_on_map(message_id, header, nak)
         return committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
                                               detail=_filtered_detail(header)))
@@ -148,7 +150,9 @@ def receive_settings(
         header = assessment.header
         # handed on after the commit (mapped; on-map: answered only then): resumed at start
         # if the engine stops before that hand-off commits
-        if on_map or map_route(header) is not None:
+        if on_map:
+            return {"processing": UNANSWERED}
+        if map_route(header) is not None:
             return {"processing": PENDING}
         if chosen_targets:
             return {}
@@ -253,7 +257,10 @@ class Engine(service.MultiService):
         self.metrics = metrics or Metrics()
         self.log = get_logger()
         self.drain_timeout = drain_timeout
-        self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log)
+        # as long as the store's own wait for a lock (busy_timeout in the store URL)
+        busy_limit = getattr(getattr(store, "config", None), "busy_timeout", 5.0)
+        self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log,
+                                        busy_limit=busy_limit)
         self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log, commits=lambda: self.committer.commits)
         longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
         if retention is not None and retention < longest_window:
@@ -269,6 +276,7 @@ class Engine(service.MultiService):
         # receive-only: queue depths from the store, for the queue-full check (RemoteQueue);
         # deliver-only: wake the senders when the receiving process commits (StoreWatcher)
         self._depths = None
+        self._polled_at = float("-inf")
         self._watcher = StoreWatcher(store, clock=reactor, on_change=self._wake_all, log=self.log) \
             if role == DELIVER else None
         self.processor = None
@@ -282,20 +290,27 @@ class Engine(service.MultiService):
         self.ready = False
 
     def startService(self):
+        # StoreError (the start fails, exit 1) if another process already does this role's work
+        if receives(self.role):
+            self.store.claim("receive")
         if delivers(self.role):
-            self.store.claim_delivery()  # StoreError (start fails, exit 1) if another process delivers
+            self.store.claim("deliver")
         service.Service.startService(self)
         self.committer.start()
         self.checkpointer.start()
         if self.pruner is not None:
             self.pruner.start()
+        if self._watcher is not None:  # before the senders' first reads: nothing falls in between
+            self._watcher.start()
         for sender in self.senders.values():
             sender.start()
         from twisted.internet import task
 
         self._resume_mapping()
-        if self._watcher is not None:
-            self._watcher.start()
+        if self.processor is not None:
+            self._resumer = task.LoopingCall(self._resume_late)
+            self._resumer.clock = self.reactor
+            self._resumer.start(RESUME_INTERVAL, now=False)
         if self.role == RECEIVE:
             self._depths = task.LoopingCall(self._refresh_depths)
             self._depths.clock = self.reactor
@@ -417,21 +432,25 @@ class Engine(service.MultiService):
         return ready, {"listeners": listeners, "store": "ok" if store_ok else "failing",
                        "config": "loaded", "channels": len(listeners)}
 
-    def _resume_mapping(self) -> None:
-        """Map what was stored (and, on-store, acknowledged) but never mapped because the
-        engine stopped in between, in arrival order and before anything new: the listener
-        stores such messages as 'pending' in the same insert, so a kill -9 between the
-        ACK and the mapping commit cannot leave a referral out of the agendas."""
+    def _resume_mapping(self, received_before: float | None = None) -> None:
+        """Finish the hand-offs (mapping; on-map: forwards and the answer) of messages stored
+        but never handed on, in arrival order: the listener stores them PENDING/UNANSWERED in
+        the same insert, so a kill -9 between the ACK and the mapping commit, or a mapping
+        commit that failed, cannot leave a referral out of the agendas. At start: all of them,
+        before anything new; then every RESUME_INTERVAL, those older than that which the
+        processor is not already working on."""
         if self.processor is None:
             return
         factories = {listener.factory.settings.channel: listener.factory for listener in self.listeners}
         after, resumed = 0, 0
         while True:
-            page = self.store.pending_processing(after_id=after, limit=500)
+            page = self.store.pending_processing(after_id=after, limit=500, received_before=received_before)
             if not page:
                 break
             for message in page:
                 after = message.id
+                if self.processor.handling(message.id):
+                    continue
                 factory = factories.get(message.channel)
                 if factory is None:  # the channel is gone from the config
                     self.committer.submit(SetProcessing(message_id=message.id, outcome="error",
@@ -440,7 +459,8 @@ class Engine(service.MultiService):
                 header = read_header(message.raw, default_charset=factory.settings.default_charset)
                 assessment = Assessment(header=header, rejection=None, payload_hash=message.payload_hash)
                 d = factory.settings.resume(message.id, assessment, message.raw, message.received_at,
-                                            functools.partial(factory.acknowledge, assessment))
+                                            functools.partial(factory.acknowledge, assessment),
+                                            message.processing == PENDING)
                 if d is not None:
                     d.addErrback(lambda failure, mid=message.id: self.log.error(
                         "mapping.resume_failed", message_id=mid, error=safe_error(failure.value)))
@@ -448,20 +468,40 @@ class Engine(service.MultiService):
         if resumed:
             self.log.warning("mapping.resumed", messages=resumed)
 
+    def _resume_late(self) -> None:
+        try:
+            self._resume_mapping(received_before=self.reactor.seconds() - RESUME_INTERVAL)
+        except Exception as error:  # noqa: BLE001 - tried again on the next interval
+            self.log.warning("mapping.resume_failed", error=safe_error(error))
+
     def _wake_all(self) -> None:
+        """Deliver-only: another process committed. New entries: wake the senders. An
+        operator's pause or retry-now (through the other process's admin API): poll their
+        flags too, at most ten times a second."""
+        now = self.reactor.seconds()
+        polls = now - self._polled_at >= 0.1
+        if polls:
+            self._polled_at = now
         for sender in self.senders.values():
+            if polls:
+                sender.poll()
             sender.wake()
 
     def _refresh_depths(self) -> None:
+        """Receive-only: queue depths for the queue-full check, and each queue's oldest age as
+        a metric, so the queue-age alerts fire even when the delivering process is down
+        (whose own queue metrics then go stale). Depth stays the deliverer's metric: two
+        processes exporting it would be counted twice in a sum."""
         try:
-            depths = self.store.queue_depths()
+            stats = self.store.queue_stats(self.reactor.seconds())
         except Exception as error:  # noqa: BLE001 - the next tick tries again
-            from engine.log import safe_error
-
             self.log.warning("queue.depths_failed", error=safe_error(error))
             return
-        for remote in self.senders.values():
+        depths = {s.queue: s.depth for s in stats}
+        ages = {s.queue: s.oldest_age or 0.0 for s in stats}
+        for queue, remote in self.senders.items():
             remote.refresh(depths)
+            self.metrics.queue_oldest_age_seconds.labels(queue).set(ages.get(queue, 0.0))
 
     def _wake_senders(self, targets) -> None:
         for target in targets:
@@ -493,6 +533,8 @@ class Engine(service.MultiService):
             self._heartbeat.stop()
         if self._depths is not None and self._depths.running:
             self._depths.stop()
+        if getattr(self, "_resumer", None) is not None and self._resumer.running:
+            self._resumer.stop()
         if self._watcher is not None:
             self._watcher.stop()
         if self.processor is not None:

@@ -24,6 +24,7 @@ from engine.core.ack import ControlIds, format_timestamp
 from engine.core.errors import Rejection
 from engine.core.intake import (
     ACCEPT_ALL,
+    IN_PROGRESS,
     INTERNAL_ERROR,
     QUEUE_FULL,
     STORE_FAILED,
@@ -180,6 +181,9 @@ class MLLPReceiver(protocol.Protocol):
                 control_id=message.control_id,
                 type=message.message_type,
             )
+            if result.in_progress:  # on-map, its first copy not answered yet: neither is this one
+                self._settle(answer, assessment, IN_PROGRESS, None, message_id=result.duplicate_of)
+                return
             answer.ack, answer.code = result.ack, message.ack_code
             answer.done = True
             self._flush()

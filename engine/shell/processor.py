@@ -24,11 +24,13 @@ from twisted.internet import defer
 
 from engine.core import agenda as ag
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
+from engine.core.intake import STORE_FAILED
 from engine.core.paths import PathError, parse_path
 from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.log import get_logger, safe_error
 from engine.store import (
+    StoreError,
     Append,
     Enqueue,
     HoldEvent,
@@ -178,6 +180,7 @@ class Processor:
         self.on_queued = on_queued
         self.log = log or get_logger()
         self._queue: deque = deque()
+        self._handling: set[int] = set()  # message ids submitted and not yet done
         self._running = False
         self._next_entry_id: int | None = None  # assigned here: entries are created only by this processor
         self.idle: defer.Deferred | None = None
@@ -198,6 +201,7 @@ class Processor:
         """Queue one stored message; fires with its Outcome once that is committed."""
         done: defer.Deferred = defer.Deferred()
         self._queue.append((work, done))
+        self._handling.add(work.message_id)
         if not self._running:
             self._running = True
             # Start on the next turn, so everything committed in this one is planned as one batch.
@@ -206,6 +210,10 @@ class Processor:
 
     def _start(self) -> None:
         self._drain().addErrback(self._crashed)
+
+    def handling(self, message_id: int) -> bool:
+        """Is this message submitted and not yet done? (The engine's resume skips it.)"""
+        return message_id in self._handling
 
     def wait_idle(self) -> defer.Deferred:
         """Fires when everything submitted so far is processed (for shutdown and tests)."""
@@ -228,10 +236,13 @@ class Processor:
                 for work, _ in batch:
                     try:
                         (outcome,) = yield self._commit_batch([work])
+                    except StoreError as store_error:
+                        outcome = self._not_stored(work, store_error)
                     except Exception as single_error:  # noqa: BLE001
                         outcome = yield self._internal_error(work, single_error)
                     outcomes.append(outcome)
-            for (_, done), outcome in zip(batch, outcomes):
+            for (work, done), outcome in zip(batch, outcomes):
+                self._handling.discard(work.message_id)
                 done.callback(outcome)
         self._running = False
         idle, self.idle = self.idle, None
@@ -245,6 +256,19 @@ class Processor:
         return self._failure(work, Outcome(status="error", detail="internal error while mapping",
                                            rejection=INTERNAL_MAPPING_ERROR))
 
+    def _not_stored(self, work: Work, error: BaseException) -> Outcome:
+        """The store refused the mapping's commit (disk full, I/O error): nothing about the
+        message is wrong, so it is not marked 'error'. It stays PENDING/UNANSWERED and the
+        engine's resume maps it again later; an on-map sender is answered AE now, and its
+        resend "still being processed" until then."""
+        self.log.error("mapping.not_stored", message_id=work.message_id, error=safe_error(error))
+        outcome = Outcome(status="not-stored", detail="the store refused the mapping's commit",
+                          rejection=STORE_FAILED)
+        if work.nak is None:
+            return outcome
+        code, ack = work.nak(STORE_FAILED)
+        return dataclasses.replace(outcome, ack_code=code, ack=ack)
+
     @defer.inlineCallbacks
     def _internal_error(self, work: Work, error: BaseException):
         outcome, op = self._internal_failure(work, error)
@@ -256,6 +280,8 @@ class Processor:
 
     def _crashed(self, failure) -> None:
         self._running = False
+        # the batch that crashed is still PENDING in the store (resumed later); the rest waits here
+        self._handling = {work.message_id for work, _ in self._queue}
         self.log.error("mapping.processor_crashed", error=safe_error(failure.value))
 
     def _outcome(self, work: Work, outcome: str) -> None:

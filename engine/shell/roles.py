@@ -8,8 +8,9 @@ other delivers (queue senders, pruning). They share nothing but the store: the r
 commits messages and their queue entries as always; the deliverer learns of them by
 polling the store's `data_version` (`StoreWatcher`) and writes its own bookkeeping.
 
-Only one process may deliver from a store (`store.claim_delivery()`); the receiving
-side keeps a `RemoteQueue` per queue instead of a sender, for the queue-full check.
+One process per role and store (`store.claim()`): two deliverers would send twice, two
+receivers would both resume the same unmapped messages. The receiving side keeps a
+`RemoteQueue` per queue instead of a sender, for the queue-full check.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, Union
 
 __all__ = [
+    "PENDING",
+    "UNANSWERED",
     "StoreBusy",
     "Heartbeat",
     "MarkSending",
@@ -63,6 +65,13 @@ __all__ = [
 _value = dataclass(frozen=True, slots=True, kw_only=True)
 
 MessageStatus = Literal["accepted", "rejected"]
+
+# A stored message's `processing` while its hand-off (mapping, or an on-map channel's raw
+# forward) has not committed: PENDING when it was already acknowledged (ack: on-store),
+# UNANSWERED when its answer waits for that hand-off (ack: on-map). The engine finishes
+# both kinds at start and now and then while it runs; pruning keeps them.
+PENDING = "pending"
+UNANSWERED = "unanswered"
 EntryState = Literal["pending", "delivered", "dead", "dropped", "replayed"]
 
 
@@ -147,6 +156,7 @@ class StoredMessage:
     error: str | None
     duplicate_count: int
     last_duplicate_at: float | None
+    processing: str | None = None  # mapped, filtered, held, error, ... or PENDING / UNANSWERED
 
 
 @_value
@@ -294,6 +304,9 @@ class AppendResult:
     message_id: int
     duplicate_of: int | None
     ack: bytes
+    # a duplicate whose first copy is UNANSWERED: its answer is not decided yet, so `ack`
+    # (the first copy's provisional AA) must not be sent
+    in_progress: bool = False
 
 
 @_value
@@ -516,8 +529,10 @@ class MessageStore(Protocol):
 
     def get_message(self, message_id: int) -> StoredMessage | None: ...
 
-    def pending_processing(self, *, after_id: int = 0, limit: int = 500) -> list[StoredMessage]:
-        """Accepted messages whose mapping has not committed yet (processing 'pending'), by id."""
+    def pending_processing(
+        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None
+    ) -> list[StoredMessage]:
+        """Messages whose hand-off has not committed (processing PENDING or UNANSWERED), by id."""
         ...
 
     def list_messages(
@@ -586,8 +601,9 @@ class MessageStore(Protocol):
         """Changes when another process commits; cheap enough to poll every few ms."""
         ...
 
-    def claim_delivery(self) -> None:
-        """Become the only process delivering from this store (StoreError if another is)."""
+    def claim(self, duty: str) -> None:
+        """Become the only process doing ``duty`` ("receive", "deliver") for this store
+        (StoreError if another process does)."""
         ...
 
     def close(self) -> None: ...

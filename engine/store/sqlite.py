@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.store import (
+    PENDING,
+    UNANSWERED,
     Append,
     AgendaHistoryRecord,
     AgendaRecord,
@@ -119,7 +121,7 @@ def parse_sqlite_url(url: str) -> SQLiteConfig:
 _MESSAGE_COLUMNS = (
     "id, channel, peer, received_at, control_id, sender, message_type, structure, version, "
     "processing_id, charset, size, raw, payload_hash, status, ack_code, ack, error, "
-    "duplicate_count, last_duplicate_at"
+    "duplicate_count, last_duplicate_at, processing"
 )
 _SUMMARY_COLUMNS = (
     "id, channel, peer, received_at, control_id, sender, message_type, version, size, "
@@ -132,7 +134,7 @@ _ENTRY_SELECT = (
     "FROM queue_entries e JOIN messages m ON m.id = e.message_id "
 )
 _FIND_DUPLICATE = (
-    "SELECT id, ack FROM messages "
+    "SELECT id, ack, processing FROM messages "
     "WHERE control_id = ? AND channel = ? AND sender IS ? AND payload_hash = ? "
     "AND status = 'accepted' AND received_at >= ? "
     "ORDER BY id LIMIT 1"
@@ -166,7 +168,7 @@ def _stored(r: tuple[Any, ...]) -> StoredMessage:
         id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
         message_type=r[6], structure=r[7], version=r[8], processing_id=r[9], charset=r[10],
         size=r[11], raw=r[12], payload_hash=r[13], status=r[14], ack_code=r[15], ack=r[16],
-        error=r[17], duplicate_count=r[18], last_duplicate_at=r[19],
+        error=r[17], duplicate_count=r[18], last_duplicate_at=r[19], processing=r[20],
     )
 
 
@@ -333,13 +335,14 @@ class _Transaction:
                 (m.control_id, m.channel, m.sender, m.payload_hash, m.received_at - m.duplicate_window),
             ).fetchone()
             if row is not None:
-                first_id, first_ack = row
+                first_id, first_ack, first_processing = row
                 execute(
                     "UPDATE messages SET duplicate_count = duplicate_count + 1, "
                     "last_duplicate_at = ? WHERE id = ?",
                     (m.received_at, first_id),
                 )
-                return AppendResult(message_id=first_id, duplicate_of=first_id, ack=first_ack)
+                return AppendResult(message_id=first_id, duplicate_of=first_id, ack=first_ack,
+                                    in_progress=first_processing == UNANSWERED)
         cur = execute(
             _INSERT_MESSAGE,
             (
@@ -489,12 +492,13 @@ class _Transaction:
             (op.before, op.limit),
         ).rowcount
         # A message goes only once nothing refers to it any more; pending and dead
-        # entries (and finished ones not yet old enough) keep their body alive.
+        # entries (and finished ones not yet old enough) keep their body alive, and so does
+        # a hand-off not done yet (PENDING, UNANSWERED) or an event held for its entry.
         messages = self._conn.execute(
             "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m "
-            "WHERE m.received_at < ? AND NOT EXISTS "
-            "(SELECT 1 FROM queue_entries e WHERE e.message_id = m.id) LIMIT ?)",
-            (op.before, op.limit),
+            "WHERE m.received_at < ? AND (m.processing IS NULL OR m.processing NOT IN (?, ?, 'held')) "
+            "AND NOT EXISTS (SELECT 1 FROM queue_entries e WHERE e.message_id = m.id) LIMIT ?)",
+            (op.before, PENDING, UNANSWERED, op.limit),
         ).rowcount
         return PruneResult(entries=entries, messages=messages)
 
@@ -629,7 +633,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._closed = False
-        self._delivery_lock: int | None = None  # fd holding the delivery lock (claim_delivery)
+        self._claims: dict[str, int] = {}  # duty -> fd holding its lock (claim)
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -709,44 +713,47 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
-    def claim_delivery(self) -> None:
-        """Become the one process that delivers from this store, until close().
+    def claim(self, duty: str) -> None:
+        """Become the one process that does ``duty`` ("receive" or "deliver") for this store,
+        until close().
 
-        Two processes sending the same queues would deliver twice and out of order. The
-        claim is an exclusive lock on `<store>.deliver.lock` (holding the claimant's pid),
-        so the kernel releases it when the process dies, `kill -9` included."""
+        Two deliverers would send the same queues twice and out of order; two receivers would
+        both resume the same unmapped messages at start and map them twice. The claim is an
+        exclusive lock on `<store>.<duty>.lock` (holding the claimant's pid), so the kernel
+        releases it when the process dies, `kill -9` included."""
         import fcntl
 
-        if self._delivery_lock is not None:
+        if duty in self._claims:
             return
-        path = Path(f"{self.config.path}.deliver.lock")
+        path = Path(f"{self.config.path.resolve()}.{duty}.lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot open the delivery lock {path}: {exc.strerror}") from exc
+            raise StoreError(f"cannot open the lock {path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
+            what = "delivers from" if duty == "deliver" else "receives for"
             raise StoreError(
-                f"another Koppel process (pid {holder}) already delivers from this store; "
-                "run one process with --role deliver (or all) per store"
+                f"another Koppel process (pid {holder}) already {what} this store; "
+                "run one process per role (--role receive, --role deliver, or one --role all)"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._delivery_lock = fd
+        self._claims[duty] = fd
 
     def close(self) -> None:
-        """Close every thread's connection and give up the delivery claim. Idempotent."""
+        """Close every thread's connection and give up its claims. Idempotent."""
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
-            lock, self._delivery_lock = self._delivery_lock, None
+            claims, self._claims = self._claims, {}
         for _, conn in connections:
             conn.close()
-        if lock is not None:
-            os.close(lock)
+        for fd in claims.values():
+            os.close(fd)
 
     def __enter__(self) -> SQLiteStore:
         return self
@@ -818,10 +825,13 @@ class SQLiteStore:
         rows = self._query(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
         return _stored(rows[0]) if rows else None
 
-    def pending_processing(self, *, after_id: int = 0, limit: int = 500) -> list[StoredMessage]:
+    def pending_processing(
+        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None
+    ) -> list[StoredMessage]:
         return [_stored(r) for r in self._query(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE processing = 'pending' AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit))]
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE processing IN (?, ?) AND id > ? "
+            "AND received_at < ? ORDER BY id LIMIT ?",
+            (PENDING, UNANSWERED, after_id, float("inf") if received_before is None else received_before, limit))]
 
     def list_messages(
         self,
