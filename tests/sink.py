@@ -311,6 +311,30 @@ def frame(message: bytes) -> bytes:
     return SB + message + EB + CR
 
 
+BUNDLE_DESTINATIONS = ("his-scheduling", "ris-orders", "lis-orders", "document-archive")
+
+
+def write_bundle(workdir: Path, sinks: dict[str, int]) -> Path:
+    """The bundled channels with listeners on tcp:0 (127.0.0.1) and each destination at a sink
+    (name -> port), in ``workdir/channels``; the bundled mappings, untouched, in
+    ``workdir/mappings``. Returns the channels directory."""
+    import shutil
+
+    import yaml
+
+    channels = workdir / "channels"
+    channels.mkdir(parents=True)
+    for path in sorted((ROOT / "channels").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config["source"]["listen"] = "tcp:0:interface=127.0.0.1"
+        for name, destination in (config.get("destinations") or {}).items():
+            destination["endpoint"] = f"tcp:host=127.0.0.1:port={sinks[name]}"
+            destination["retry"] = {"initial": "100ms", "factor": 2, "max": "500ms", "jitter": 0.1}
+        (channels / path.name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    shutil.copytree(ROOT / "mappings", workdir / "mappings")
+    return channels
+
+
 def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:0:interface=127.0.0.1",
                   ack_timeout: str = "5s", retry: str = "{initial: 100ms, factor: 2, max: 500ms, jitter: 0.1}",
                   give_up_after: str = "never", max_queue: int | None = None,

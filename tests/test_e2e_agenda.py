@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sink import KOPPEL, ROOT, KoppelProcess, MLLPClient, Sink  # noqa: E402
+from sink import BUNDLE_DESTINATIONS, KOPPEL, KoppelProcess, MLLPClient, Sink, write_bundle  # noqa: E402
 
 from engine.core.header import read_header  # noqa: E402
 from engine.store import open_store  # noqa: E402
@@ -44,7 +42,7 @@ FILLER_A = "F900001"
 BSN = "123456782"  # the test BSN (passes the 11-proof, belongs to nobody)
 PDF_A = b"%PDF-1.4\n% synthetic referral letter A (test data)\n%%EOF\n"
 PDF_B = b"%PDF-1.4\n% synthetic request form B (test data)\n%%EOF\n"
-DESTINATIONS = ("his-scheduling", "ris-orders", "lis-orders", "document-archive")
+DESTINATIONS = BUNDLE_DESTINATIONS
 
 
 # ------------------------------------------------------------------------------- messages
@@ -110,27 +108,13 @@ def siu(zd: str, filler: str, control_id: str, trigger: str = "S12") -> bytes:
 
 
 # ------------------------------------------------------------------------------- harness
-def copy_bundle(tmp: Path, sinks: dict[str, Sink]) -> Path:
-    """The bundled channels with listeners on tcp:0 and destinations at the sinks; mappings as is."""
-    channels = tmp / "channels"
-    channels.mkdir()
-    for path in sorted((ROOT / "channels").glob("*.yaml")):
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config["source"]["listen"] = "tcp:0:interface=127.0.0.1"
-        for name, destination in (config.get("destinations") or {}).items():
-            destination["endpoint"] = f"tcp:host=127.0.0.1:port={sinks[name].port}"
-            destination["retry"] = {"initial": "100ms", "factor": 2, "max": "500ms", "jitter": 0.1}
-        (channels / path.name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    shutil.copytree(ROOT / "mappings", tmp / "mappings")
-    return channels
-
-
 class Harness:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.sinks = {name: Sink(name=name).start() for name in DESTINATIONS}
         self.store_url = f"sqlite:///{tmp / 'koppel.db'}"
-        self.engine = KoppelProcess(copy_bundle(tmp, self.sinks), self.store_url, workdir=tmp,
+        channels = write_bundle(tmp, {name: sink.port for name, sink in self.sinks.items()})
+        self.engine = KoppelProcess(channels, self.store_url, workdir=tmp,
                                     metrics="tcp:0:interface=127.0.0.1")
         self.engine.start(until="engine.started")
         self.ports = self.engine.ports

@@ -13,9 +13,14 @@ never came is sent again after reconnecting. At the end:
 With ``--split`` the engine is two processes on the store (``--role receive`` and
 ``--role deliver``) and each kill picks the receiver, the deliverer or both at random.
 
+With ``--map`` the engine runs the bundled channels and mappings instead, and every message is
+a ZorgDomein SRM^S01 with its own ZD-number: at the end every ACKed message must be mapped
+(none left pending), have its own agenda entry, and have reached the HIS sink as an SIU^S12
+(at least once; placer id = its ZD-number).
+
 Not run by pytest (minutes, not seconds). Exit status 0 when every check passed.
 Usage: .venv/bin/python tests/benchmarks/soak_kill9.py [--messages 10000] [--connections 4]
-       [--kills 10] [--rate 1500] [--seed N] [--keep DIR] [--split]
+       [--kills 10] [--rate 1500] [--seed N] [--keep DIR] [--split] [--map]
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from sink import KoppelProcess, ResendingSource, Sink, check_order, write_channel  # noqa: E402
+from sink import (  # noqa: E402
+    BUNDLE_DESTINATIONS,
+    KoppelProcess,
+    ResendingSource,
+    Sink,
+    check_order,
+    write_bundle,
+    write_channel,
+)
 
 from engine.store import open_store  # noqa: E402
 
@@ -43,7 +56,8 @@ def stored_order(store_url: str, channel: str) -> list[str]:
         rows = store.list_messages(channel=channel, status="accepted", limit=10**8)
     finally:
         store.close()
-    return [r.control_id for r in sorted(rows, key=lambda r: r.id)]
+    # inbound only: what the mappings built for the hospital's systems is stored too (origin_id set)
+    return [r.control_id for r in sorted(rows, key=lambda r: r.id) if r.origin_id is None]
 
 
 def queue_depths(store_url: str) -> dict[str, int]:
@@ -52,6 +66,34 @@ def queue_depths(store_url: str) -> dict[str, int]:
         return store.queue_depths()
     finally:
         store.close()
+
+
+def check_mapped(store_url: str, his: Sink, sent: dict) -> bool:
+    """--map: every ACKed SRM^S01 mapped once into its own agenda entry, its SIU^S12 at the HIS."""
+    store = open_store(store_url)
+    try:
+        counts = store.processing_counts()
+        entries = store.list_agenda_entries(limit=10**8)
+    finally:
+        store.close()
+    zd_numbers = [e.zd_number for e in entries]
+    with his._lock:
+        placers = [raw.split(b"\rSCH|", 1)[1].split(b"|", 1)[0].split(b"^", 1)[0].decode()
+                   for raw in (r.raw for r in his.records if r.answer == "AA") if b"\rSCH|" in raw]
+    print(f"mapping: processing {counts}; agenda entries {len(entries)} ({len(set(zd_numbers))} ZD-numbers); "
+          f"HIS: {len(placers)} SIU^S12 answered AA, {len(set(placers))} distinct placer ids, "
+          f"{len(placers) - len(set(placers))} resent")
+    ok = True
+    if counts != {"mapped": len(sent)}:
+        ok = False
+        print("FAIL: not every ACKed message is mapped exactly once (pending or error left)")
+    if sorted(zd_numbers) != sorted(sent):
+        ok = False
+        print("FAIL: the agenda entries are not exactly one per ACKed ZD-number")
+    if set(placers) != set(sent):
+        ok = False
+        print(f"FAIL: SIU^S12 missing at the HIS for {len(set(sent) - set(placers))} ZD-numbers")
+    return ok
 
 
 def main() -> int:
@@ -66,6 +108,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", default=None, help="work in DIR and keep it (store, channel)")
     parser.add_argument("--split", action="store_true", help="receive and deliver in two processes")
+    parser.add_argument("--map", action="store_true", help="bundled mappings: SRM^S01 -> agenda -> SIU^S12")
     args = parser.parse_args()
 
     seed = args.seed if args.seed is not None else random.randrange(10**6)
@@ -73,25 +116,32 @@ def main() -> int:
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="koppel-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     store_url = f"sqlite:///{workdir / 'koppel.db'}"
-    sinks = {"dest-a": Sink(name="a", keep_raw=False).start(), "dest-b": Sink(name="b", keep_raw=False).start()}
-    write_channel(workdir / "channels", {name: s.port for name, s in sinks.items()},
-                  retry="{initial: 50ms, factor: 2, max: 500ms, jitter: 0.1}", name="soak-in")
+    if args.map:
+        sinks = {name: Sink(name=name, keep_raw=name == "his-scheduling").start() for name in BUNDLE_DESTINATIONS}
+        write_bundle(workdir, {name: s.port for name, s in sinks.items()})
+    else:
+        sinks = {"dest-a": Sink(name="a", keep_raw=False).start(), "dest-b": Sink(name="b", keep_raw=False).start()}
+        write_channel(workdir / "channels", {name: s.port for name, s in sinks.items()},
+                      retry="{initial: 50ms, factor: 2, max: 500ms, jitter: 0.1}", name="soak-in")
     engine = KoppelProcess(workdir / "channels", store_url, args=("--role", "receive") if args.split else ())
     deliverer = KoppelProcess(workdir / "channels", store_url, args=("--role", "deliver")) if args.split else None
-    print(f"soak: {args.messages} messages, {args.connections} connections, 2 destinations, "
+    print(f"soak: {args.messages} messages, {args.connections} connections, "
+          + ("bundled mappings (SRM^S01 -> SIU^S12 to the HIS), " if args.map else "2 destinations, ") +
           f">= {args.kills} kills, seed {seed}, work dir {workdir}"
           + (", split: --role receive + --role deliver" if args.split else ""), flush=True)
 
     started = time.monotonic()
     if deliverer is not None:
         deliverer.start(until="engine.started")
-    engine.start()
+    engine.start(until="engine.started")
     per_connection = [[] for _ in range(args.connections)]
     for n in range(args.messages):
-        per_connection[n % args.connections].append(f"S{n % args.connections}-{n:06d}")
+        # --map: a ZD-number, which the SRM^S01 also carries in ARQ-1 (sink.make_message)
+        per_connection[n % args.connections].append(f"ZD{n:09d}" if args.map else f"S{n % args.connections}-{n:06d}")
     interval = args.connections / args.rate if args.rate else None
     stop = threading.Event()
-    sources = [ResendingSource(c, per_connection[c], lambda: engine.port, timeout=10, stop=stop,
+    sources = [ResendingSource(c, per_connection[c], lambda: engine.ports.get("zorgdomein-in" if args.map else "soak-in"),
+                               timeout=10, stop=stop,
                                interval=interval) for c in range(args.connections)]
     kills = {"sending": 0, "draining": 0}
     victims = {"receiver": 0, "deliverer": 0, "both": 0}
@@ -104,6 +154,9 @@ def main() -> int:
             return any(s.thread.is_alive() for s in sources)
 
         def draining() -> bool:
+            if args.map:
+                return any(depth for depth in queue_depths(store_url).values()) or \
+                    sinks["his-scheduling"].delivered_count() < args.messages
             return any(depth for depth in queue_depths(store_url).values()) or any(
                 s.delivered_count() < args.messages for s in sinks.values())
 
@@ -122,14 +175,17 @@ def main() -> int:
             if victim in ("deliverer", "both"):
                 deliverer.start(until="engine.started")
             if victim in ("receiver", "both"):
-                engine.start()
+                engine.start(until="engine.started")
         for source in sources:
             source.join(120)
         sent = {r.control_id: r for s in sources for r in s.records}
         acked_at_end = time.monotonic()
         deadline = time.monotonic() + 300
-        for s in sinks.values():
-            s.wait_for_delivered(sent, max(1.0, deadline - time.monotonic()))
+        if args.map:
+            sinks["his-scheduling"].wait_until(lambda s: s.delivered_count() >= len(sent), 300)
+        else:
+            for s in sinks.values():
+                s.wait_for_delivered(sent, max(1.0, deadline - time.monotonic()))
         delivered_at = time.monotonic()
     finally:
         stop.set()
@@ -139,7 +195,7 @@ def main() -> int:
     wall = time.monotonic() - started
 
     errors = [f"source {s.number}: {s.error!r}" for s in sources if s.error is not None]
-    order = stored_order(store_url, "soak-in")
+    order = stored_order(store_url, "zorgdomein-in" if args.map else "soak-in")
     total_kills = sum(kills.values())
     print(f"kills: {total_kills} ({kills['sending']} while sending, {kills['draining']} while draining)"
           + (f"; killed: receiver {victims['receiver']}, deliverer {victims['deliverer']}, "
@@ -152,7 +208,9 @@ def main() -> int:
     if sorted(order) != sorted(sent):
         ok = False
         print("FAIL: the stored messages are not exactly the ACKed ones")
-    for name, s in sinks.items():
+    if args.map:
+        ok = check_mapped(store_url, sinks["his-scheduling"], sent) and ok
+    for name, s in ({} if args.map else sinks).items():
         first = s.delivered_ids()
         missing = len(set(sent) - set(first))
         unknown = len(set(first) - set(sent))
