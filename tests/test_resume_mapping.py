@@ -22,7 +22,7 @@ from engine.bundle import load_bundle
 from engine.core import mllp
 from engine.core.response import read_ack
 from engine.core.header import read_header
-from engine.shell.engine import Engine, receive_settings
+from engine.shell.engine import RESUME_INTERVAL, Engine, receive_settings
 from engine.store import PENDING, UNANSWERED, Append, ReceivedMessage, open_store
 from tests.conftest import load_sample
 
@@ -221,41 +221,67 @@ def test_a_resend_of_an_unanswered_on_map_message_is_told_to_wait_not_given_its_
     assert [read_ack(frame).code for frame in frames(transport)] == ["AE", "AE"]
 
 
-def test_a_mapping_commit_that_failed_is_retried_while_the_engine_runs(world, monkeypatch):
-    from engine.shell.engine import RESUME_INTERVAL
-    from engine.store import SaveAgendaEntry, StoreError
+class RefusingDisk:
+    """store.write that refuses every transaction holding an agenda save while ``full``."""
 
-    engine = world.start()
-    real_write = world.store.write
-    disk = {"full": True, "refused": 0}
+    def __init__(self, store, monkeypatch) -> None:
+        from engine.store import SaveAgendaEntry, StoreError
 
-    def write(ops, **kwargs):
-        if disk["full"] and any(isinstance(op, SaveAgendaEntry) for op in ops):
-            disk["refused"] += 1
-            raise StoreError("disk full (injected)")
-        return real_write(ops, **kwargs)
+        self.full, self.refused = True, 0
+        real_write = store.write
 
-    monkeypatch.setattr(world.store, "write", write)
+        def write(ops, **kwargs):
+            if self.full and any(isinstance(op, SaveAgendaEntry) for op in ops):
+                self.refused += 1
+                raise StoreError("disk full (injected)")
+            return real_write(ops, **kwargs)
+
+        monkeypatch.setattr(store, "write", write)
+
+
+def connect(engine):
     (listener,) = [l for l in engine.listeners if l.factory.settings.channel == "zorgdomein-in"]
     receiver = listener.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
     transport = StringTransport()
     receiver.makeConnection(transport)
+    return receiver, transport
+
+
+def turns(engine, n: int = 20, step: float = 0.0) -> None:
+    for _ in range(n):
+        engine.reactor.advance(step)
+
+
+def test_a_mapping_commit_the_store_refuses_is_waited_out_and_a_later_cancellation_waits_behind_it(
+        world, monkeypatch):
+    engine = world.start()
+    disk = RefusingDisk(world.store, monkeypatch)
+    receiver, transport = connect(engine)
     receiver.dataReceived(mllp.encode_frame(SRM))
-    for _ in range(20):
-        engine.reactor.advance(0)
-    assert [read_ack(frame).code for frame in frames(transport)] == ["AA"]
+    turns(engine)
+    receiver.dataReceived(mllp.encode_frame(SRM.replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S01")
+                                            .replace(b"g20ce6a9f8ca4f551275", b"g20ce6a9f8ca4f551276")))
+    turns(engine, 20, 0.1)  # two seconds of a full disk
+    assert [read_ack(frame).code for frame in frames(transport)] == ["AA", "AA"]  # both stored
+    request, cancel = sorted(m.id for m in world.store.list_messages())
+    assert disk.refused >= 3 and world.processing(request) == world.processing(cancel) == PENDING
+    disk.full = False
+    turns(engine, 40, 0.5)  # the next attempt (at most 30 s after the last) finds room
+    assert (world.processing(request), world.processing(cancel)) == ("mapped", "mapped")
+    (entry,) = world.store.list_agenda_entries()
+    assert entry.state == "cancelled"  # the request first, then its cancellation
+
+
+def test_a_message_the_store_keeps_refusing_while_it_takes_other_writes_is_recorded_error(world, monkeypatch):
+    from engine.shell.processor import STORE_ATTEMPTS
+
+    engine = world.start()
+    disk = RefusingDisk(world.store, monkeypatch)  # refuses agenda saves only: this message is the culprit
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(SRM))
+    turns(engine, 200, 0.5)
     (message,) = world.store.list_messages()
-    # acknowledged, its mapping refused by the store: not marked 'error' (nothing is wrong
-    # with the message), still PENDING
-    assert disk["refused"] == 2 and world.processing(message.id) == PENDING
-    disk["full"] = False
-    engine.reactor.advance(RESUME_INTERVAL)  # too young yet to be taken for a lost hand-off
-    assert world.processing(message.id) == PENDING
-    engine.reactor.advance(RESUME_INTERVAL)
-    for _ in range(10):
-        engine.reactor.advance(0)
-    assert world.processing(message.id) == "mapped"
-    assert [e.agenda_id for e in world.store.list_agenda_entries()] == ["cardiology"]
+    assert disk.refused >= STORE_ATTEMPTS and world.processing(message.id) == "error"
 
 
 def test_resume_follows_how_the_message_was_stored_not_todays_ack_mode(world):
@@ -274,3 +300,141 @@ def test_pruning_keeps_a_message_whose_hand_off_is_not_done(world):
     pending = stored_pending(world.store, SRM)
     (result,) = world.store.write([Prune(before=2_000_000_000.0)])
     assert result.messages == 0 and world.processing(pending) == PENDING
+
+
+# --------------------------------------------------------------------------- hand-off edge cases (review)
+OML = load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7")
+
+
+def entries_of(store, message_id):
+    return store._query("SELECT count(*) FROM queue_entries WHERE message_id = ?", (message_id,))[0][0]
+
+
+def channels_copy(tmp_path, name, edit):
+    channels = tmp_path / name
+    shutil.copytree(ROOT / "channels", channels)
+    path = channels / "zorgdomein-in.yaml"
+    path.write_text(edit(path.read_text()))
+    return channels
+
+
+# on-map, raw forwards only, no mappings loaded (no processor): still finished
+def test_on_map_without_mappings_unanswered_message_is_finished(tmp_path, world):
+    channels = channels_copy(tmp_path, "ch", lambda t: t.replace("mode: on-store", "mode: on-map")
+                             .split("routes:")[0] + "routes:\n  - when: {types: [OML^O21]}\n    to: [lis-orders]\n")
+    empty = tmp_path / "nomaps"
+    empty.mkdir()
+    (tmp_path / "ch" / "scheduler-in.yaml").unlink()
+    bundle = load_bundle(channels, empty)
+    assert bundle.mappings is None
+    oml = stored_pending(world.store, OML, processing=UNANSWERED)  # kill -9 before forward_raw committed
+    engine = world.engine = Engine(MemoryReactorClock(), bundle.config, world.store, retention=None,
+                                   mappings=None, book=None)
+    engine.startService()
+    turns(engine)
+    engine.reactor.advance(3 * RESUME_INTERVAL)
+    turns(engine)
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(OML))  # the sender's resend
+    turns(engine)
+    assert row(world.store, oml)[0] == "forwarded"
+
+
+
+# a reload between the insert and the hand-off: handed on as it was stored
+def test_reload_on_store_to_on_map_between_insert_and_handoff_forwards_once(tmp_path, world):
+    engine = world.start()  # bundled: on-store, OML^O21 mapped + forwarded raw to lis-orders
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(OML))  # Append submitted, not committed yet
+    on_map = load_bundle(channels_copy(tmp_path, "onmap", lambda t: t.replace("mode: on-store", "mode: on-map")),
+                         ROOT / "mappings")
+    engine.reload(on_map)  # SIGHUP
+    turns(engine)
+    (m,) = [m for m in world.store.list_messages() if m.peer != "koppel"]
+    assert entries_of(world.store, m.id) == 1
+
+
+def test_reload_on_map_to_on_store_between_insert_and_handoff_still_forwards(tmp_path, world):
+    world.channels = channels_copy(tmp_path, "onmap", lambda t: t.replace("mode: on-store", "mode: on-map"))
+    engine = world.start()
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(OML))
+    engine.reload(load_bundle(ROOT / "channels", ROOT / "mappings"))
+    turns(engine)
+    engine.reactor.advance(3 * RESUME_INTERVAL)
+    turns(engine)
+    (m,) = [m for m in world.store.list_messages() if m.peer != "koppel"]
+    assert entries_of(world.store, m.id) == 1
+
+
+
+# an error after the mapping commit (waking the senders) does not map the batch again
+def test_an_error_after_the_mapping_commit_does_not_map_twice(world):
+    engine = world.start()
+    real = engine.processor.on_queued
+    calls = {"n": 0}
+
+    def on_queued(targets):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("wake failed (injected)")
+        real(targets)
+
+    engine.processor.on_queued = on_queued
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(SRM))
+    turns(engine)
+    msgs = world.store.list_messages()
+    (entry,) = world.store.list_agenda_entries()
+    assert len([m for m in msgs if m.peer == "koppel"]) == 1
+
+
+# ACK order on one connection: an on-map message waiting, a duplicate answered at once
+def test_ack_order_on_map(tmp_path, world):
+    world.channels = channels_copy(tmp_path, "onmap", lambda t: t.replace("mode: on-store", "mode: on-map"))
+    engine = world.start()
+    receiver, transport = connect(engine)
+    receiver.dataReceived(mllp.encode_frame(OML))
+    turns(engine)
+    srm2 = SRM.replace(b"|g20ce6a9f8ca4f551275|", b"|g20ce6a9f8ca4f551277|")
+    receiver.dataReceived(mllp.encode_frame(srm2) + mllp.encode_frame(OML) + mllp.encode_frame(srm2))
+    turns(engine)
+    got = [(read_ack(f).code, read_ack(f).control_id, read_ack(f).text) for f in frames(transport)]
+    assert [g[0] for g in got] == ["AA", "AA", "AA", "AE"]
+
+
+
+# enhanced mode MSH-15=SU, on-map, the mapping refuses: the CE is withheld, no CA goes out
+def test_on_map_su_refused_message_is_not_answered_ca(tmp_path, world):
+    world.channels = channels_copy(tmp_path, "onmap", lambda t: t.replace("mode: on-store", "mode: on-map"))
+    engine = world.start()
+    receiver, transport = connect(engine)
+    broken = SRM.replace(b"ARQ|ZD200046139|", b"ARQ||").replace(b"|2.4|||||NLD|", b"|2.4|||SU||NLD|")
+    receiver.dataReceived(mllp.encode_frame(broken))
+    turns(engine)
+    got = [read_ack(f).code for f in frames(transport)]
+    (m,) = [m for m in world.store.list_messages() if m.peer != "koppel"]
+    assert got == []  # CE withheld (SU: successes only), and no provisional CA either
+
+
+# a reactor stall (slow fsync, clock step) past RESUME_INTERVAL while an on-map raw forward
+# is in the committer: the periodic resume leaves it be
+def test_on_map_raw_forward_in_the_committer_is_not_queued_twice_by_the_periodic_resume(tmp_path, world):
+    world.channels = channels_copy(tmp_path, "onmap", lambda t: t.replace("mode: on-store", "mode: on-map")
+                                   .replace("    map: zorgdomein-oml\n    to: [lis-orders]", "    to: [lis-orders]"))
+    engine = world.start()
+    receiver, transport = connect(engine)
+    real = world.store.write
+    engine.reactor.advance(RESUME_INTERVAL - 1)  # the periodic resume is due in 1 s
+
+    def write(ops, **kw):  # the commit of the insert stalls the reactor 61 s (slow fsync; or an NTP step)
+        result = real(ops, **kw)
+        if any(type(op).__name__ == "Append" for op in ops):
+            engine.reactor.rightNow += RESUME_INTERVAL + 1
+        return result
+
+    world.store.write = write
+    receiver.dataReceived(mllp.encode_frame(OML))
+    turns(engine)
+    (m,) = [m for m in world.store.list_messages() if m.peer != "koppel"]
+    assert entries_of(world.store, m.id) == 1

@@ -44,9 +44,12 @@ FILTERED = Rejection(
 
 def receive_settings(
     channel: ChannelConfig, config: EngineConfig, senders=None, processor=None, *, committer=None, metrics=None,
-    log=None,
+    log=None, handing: set[int] | None = None,
 ) -> ReceiveSettings:
+    """``handing``: ids of messages whose on-map forward or refusal is on its way through the
+    committer (the processor knows its own), so the engine's periodic resume leaves them be."""
     source = channel.source
+    handing = set() if handing is None else handing
     targets_by_route = [
         (route, tuple(
             QueueTarget(queue=config.destination(name).queue_key, destination=name) for name in route.to
@@ -91,10 +94,20 @@ def receive_settings(
             codec=header.codec, forward=forward, nak=nak,
         ))
 
+    def handed(d, message_id):
+        handing.add(message_id)
+
+        def done(result):
+            handing.discard(message_id)
+            return result
+
+        return d.addBoth(done)
+
     def forward_raw(message_id, forward, at):
-        """on-map, nothing to map: queue the raw forwards now (and clear 'pending' with them)."""
+        """on-map, nothing to map: queue the raw forwards now (and clear 'unanswered' with them)."""
         d = committer.submit_many([Enqueue(message_id=message_id, targets=forward, at=at, audit=False),
                                    SetProcessing(message_id=message_id, outcome="forwarded")])
+        d = handed(d, message_id)
         return d.addCallback(lambda _: (on_queued(forward), Outcome(status="forwarded", detail=""))[1])
 
     def filter_on_map(message_id, header, nak):
@@ -103,6 +116,7 @@ def receive_settings(
         code, ack = nak(FILTERED)
         d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
                                            ack_code=code, ack=ack))
+        d = handed(d, message_id)
         return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
                                                ack_code=code, ack=ack))
 
@@ -111,10 +125,13 @@ def receive_settings(
 
         Returns a Deferred of the Outcome when an on-map channel must wait for it."""
         header = assessment.header
-        forward = targets(assessment) if on_map else ()
+        # as it was stored (a reload may have changed the ack mode since): an UNANSWERED
+        # message's forwards were not queued in the insert and its answer is not sent yet
+        unanswered = message.processing == UNANSWERED
+        forward = targets(assessment) if unanswered else ()
         route = map_route(header)
         if route is not None:
-            return to_processor(message_id, header, message.raw, route, forward, nak if on_map else None)
+            return to_processor(message_id, header, message.raw, route, forward, nak if unanswered else None)
         if message.targets:
             return None
         if forward:
@@ -122,7 +139,7 @@ def receive_settings(
         if filtered_count is not None:
             filtered_count.inc()
         log.info("message.filtered", message_id=message_id, type=message.message_type)
-        if not on_map:  # recorded in the insert already (receive_marks)
+        if not unanswered:  # recorded in the insert already (receive_marks)
             return None
         return filter_on_map(message_id, header, nak)
 
@@ -277,6 +294,7 @@ class Engine(service.MultiService):
         # deliver-only: wake the senders when the receiving process commits (StoreWatcher)
         self._depths = None
         self._polled_at = float("-inf")
+        self._handing: set[int] = set()  # on-map hand-offs in the committer (see receive_settings)
         self._watcher = StoreWatcher(store, clock=reactor, on_change=self._wake_all, log=self.log) \
             if role == DELIVER else None
         self.processor = None
@@ -307,7 +325,7 @@ class Engine(service.MultiService):
         from twisted.internet import task
 
         self._resume_mapping()
-        if self.processor is not None:
+        if receives(self.role):
             self._resumer = task.LoopingCall(self._resume_late)
             self._resumer.clock = self.reactor
             self._resumer.start(RESUME_INTERVAL, now=False)
@@ -395,6 +413,7 @@ class Engine(service.MultiService):
                 stopping.append(defer.maybeDeferred(listener.disownServiceParent))
         for channel in config.channels:
             settings = receive_settings(channel, config, self.senders, self.processor, committer=self.committer,
+                                        handing=self._handing,
                                         metrics=self.metrics, log=self.log)
             listener = running.get(channel.name)
             if listener is not None and listener in self.listeners:
@@ -439,7 +458,7 @@ class Engine(service.MultiService):
         commit that failed, cannot leave a referral out of the agendas. At start: all of them,
         before anything new; then every RESUME_INTERVAL, those older than that which the
         processor is not already working on."""
-        if self.processor is None:
+        if not receives(self.role):
             return
         factories = {listener.factory.settings.channel: listener.factory for listener in self.listeners}
         after, resumed = 0, 0
@@ -449,7 +468,7 @@ class Engine(service.MultiService):
                 break
             for message in page:
                 after = message.id
-                if self.processor.handling(message.id):
+                if message.id in self._handing or (self.processor is not None and self.processor.handling(message.id)):
                     continue
                 factory = factories.get(message.channel)
                 if factory is None:  # the channel is gone from the config

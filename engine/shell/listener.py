@@ -182,7 +182,7 @@ class MLLPReceiver(protocol.Protocol):
                 type=message.message_type,
             )
             if result.in_progress:  # on-map, its first copy not answered yet: neither is this one
-                self._settle(answer, assessment, IN_PROGRESS, None, message_id=result.duplicate_of)
+                self._settle(answer, assessment, IN_PROGRESS, message, message_id=result.duplicate_of)
                 return
             answer.ack, answer.code = result.ack, message.ack_code
             answer.done = True
@@ -207,8 +207,9 @@ class MLLPReceiver(protocol.Protocol):
         self._settle(answer, assessment, None, message, message_id=result.message_id)
 
     def _mapped(self, outcome, answer, assessment, message, message_id) -> None:
-        """ack: on-map: AA once mapped (or held for its entry), else the NAK the processor stored."""
-        if getattr(outcome, "ack", None):
+        """ack: on-map: AA once mapped (or held for its entry), else the NAK the processor stored
+        (b"" when MSH-15 withholds it: then nothing is sent, never the provisional AA/CA)."""
+        if getattr(outcome, "ack", None) is not None:
             factory = self.factory
             answer.ack, answer.code, answer.done = outcome.ack, outcome.ack_code, True
             factory.count(factory.metrics.received, "other", "rejected").inc()

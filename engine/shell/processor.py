@@ -20,11 +20,10 @@ import json
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from engine.core import agenda as ag
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
-from engine.core.intake import STORE_FAILED
 from engine.core.paths import PathError, parse_path
 from engine.core.header import read_header
 from engine.core.hl7message import Message
@@ -234,12 +233,7 @@ class Processor:
                     self.log.warning("mapping.batch_failed", size=len(batch), error=safe_error(error))
                 outcomes = []
                 for work, _ in batch:
-                    try:
-                        (outcome,) = yield self._commit_batch([work])
-                    except StoreError as store_error:
-                        outcome = self._not_stored(work, store_error)
-                    except Exception as single_error:  # noqa: BLE001
-                        outcome = yield self._internal_error(work, single_error)
+                    outcome = yield self._commit_one(work)
                     outcomes.append(outcome)
             for (work, done), outcome in zip(batch, outcomes):
                 self._handling.discard(work.message_id)
@@ -256,18 +250,33 @@ class Processor:
         return self._failure(work, Outcome(status="error", detail="internal error while mapping",
                                            rejection=INTERNAL_MAPPING_ERROR))
 
-    def _not_stored(self, work: Work, error: BaseException) -> Outcome:
-        """The store refused the mapping's commit (disk full, I/O error): nothing about the
-        message is wrong, so it is not marked 'error'. It stays PENDING/UNANSWERED and the
-        engine's resume maps it again later; an on-map sender is answered AE now, and its
-        resend "still being processed" until then."""
-        self.log.error("mapping.not_stored", message_id=work.message_id, error=safe_error(error))
-        outcome = Outcome(status="not-stored", detail="the store refused the mapping's commit",
-                          rejection=STORE_FAILED)
-        if work.nak is None:
-            return outcome
-        code, ack = work.nak(STORE_FAILED)
-        return dataclasses.replace(outcome, ack_code=code, ack=ack)
+    @defer.inlineCallbacks
+    def _commit_one(self, work: Work):
+        """One message whose batch failed. A store that refuses the commit (disk full, I/O
+        error) is waited out, the queue held behind it, so a request is never mapped after
+        its own cancellation; after STORE_ATTEMPTS the message is taken for the culprit and
+        recorded 'error' if the store accepts that, else the wait goes on."""
+        delay, attempts = STORE_RETRY, 0
+        while True:
+            try:
+                (outcome,) = yield self._commit_batch([work])
+                return outcome
+            except StoreError as error:
+                attempts += 1
+                if attempts >= STORE_ATTEMPTS:
+                    outcome, op = self._internal_failure(work, error)
+                    try:
+                        yield self.committer.submit(op)
+                        return outcome
+                    except Exception:  # noqa: BLE001 - the store is down: keep the order, wait
+                        pass
+                self.log.warning("mapping.store_retry", message_id=work.message_id, attempt=attempts,
+                                 error=safe_error(error))
+                yield task.deferLater(self.clock, delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+            except Exception as error:  # noqa: BLE001 - a bug: this message fails alone
+                outcome = yield self._internal_error(work, error)
+                return outcome
 
     @defer.inlineCallbacks
     def _internal_error(self, work: Work, error: BaseException):
@@ -307,7 +316,10 @@ class Processor:
         ops = [op for op in ops if op is not None]
         if ops:
             yield self.committer.submit_many(ops)
-        self._queued(ops)
+        try:  # committed: whatever fails from here on must not map the batch again
+            self._queued(ops)
+        except Exception as error:  # noqa: BLE001 - the senders' one-second poll finds the entries
+            self.log.error("mapping.wake_failed", error=safe_error(error))
         return [outcome for outcome, _ in plans]
 
     def _plan(self, work: Work, view: "_BatchView") -> tuple[Outcome, list]:
@@ -469,6 +481,10 @@ class Processor:
 
 
 BATCH = 256  # messages planned against one in-memory view and committed together
+# A mapping commit the store refuses is tried again after 0.5, 1, 2, ... s (at most 30 s apart),
+# the queue held behind it; after STORE_ATTEMPTS the message is recorded 'error' if the store
+# takes that (it was the culprit), else the waiting goes on (the store is down).
+STORE_RETRY, STORE_RETRY_MAX, STORE_ATTEMPTS = 0.5, 30.0, 5
 
 
 @dataclasses.dataclass(slots=True)
