@@ -20,7 +20,8 @@ from engine.core.files import split_messages
 from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.core.intake import AcceptRules, check_accept
-from engine.shell.processor import _plain, entry_from_record
+from engine.core.agenda import plain as _plain
+from engine.shell.processor import entry_from_record
 
 
 def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.datetime | None = None) -> dict:

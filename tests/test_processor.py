@@ -39,11 +39,13 @@ def orm() -> bytes:
     return load_sample("zorgdomein/zd_orm_o01_echo_v24_latin1.hl7").replace(b"ZP100120391", ZD.encode())
 
 
+# The ORM sample (ZorgDomein's public example) carries BSN 900073962; the SIU about the same
+# referral must name the same patient, or the agenda refuses it (patient-mismatch).
 def siu(trigger: str = "S12", filler: str = "F778") -> bytes:
     segments = [
         f"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^{trigger}^SIU_{trigger}|SIU{trigger}{filler}|P|2.5",
         f"SCH|{ZD}|{filler}|||||^Controle|||30|MIN|^^30^20261210093000+0100^20261210100000+0100|||||||||||||Booked",
-        "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800101|F",
+        "PID|1||900073962^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800101|F",
         "AIS|1||CARPOLI^Polikliniek cardiologie",
     ]
     return ("\r".join(segments) + "\r").encode("latin-1")
@@ -232,7 +234,8 @@ def test_entry_data_is_stored_as_the_same_json_the_plain_conversion_gives():
     import datetime as dt
 
     from engine.core.convert import Code, DutchName
-    from engine.shell.processor import _plain, to_json
+    from engine.core.agenda import plain as _plain
+    from engine.shell.processor import to_json
 
     data = {
         "when": dt.datetime(2026, 1, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))),
@@ -244,3 +247,52 @@ def test_entry_data_is_stored_as_the_same_json_the_plain_conversion_gives():
         "attachments": ({"data": "QQ==", "filename": "brief.pdf"},),
     }
     assert json.loads(to_json(data)) == json.loads(json.dumps(_plain(data)))
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def outbound_of(h, message_id):
+    return [m for m in h.store.list_messages(limit=1000) if m.origin_id == message_id]
+
+
+@pytest.mark.parametrize("change, state", [("S15", "cancelled"), ("S13", "rescheduled")])
+def test_a_change_to_a_booking_still_waiting_for_its_request_waits_behind_it(h, change, state):
+    booking = h.receive(siu("S12"))
+    later = h.receive(siu(change))  # the scheduler moves or cancels it before the SRM got here
+    assert h.outcome(booking)[0] == h.outcome(later)[0] == "held"
+    h.receive(srm())
+    (entry,) = h.entries()
+    assert entry.state == state  # booked, then the change: not left booked
+
+
+def test_a_change_for_an_entry_nobody_waits_for_is_still_an_error_with_a_reason(h):
+    message = h.receive(siu("S15"))
+    assert h.outcome(message) == ("error", "cannot cancel: no entry for this ZD-number")
+
+
+def test_a_redelivered_booking_in_a_later_batch_is_a_noop_and_sends_nothing_again(h):
+    h.receive(srm())
+    h.receive(siu("S12"))
+    again = h.receive(siu("S12").replace(b"|SIUS12F778|", b"|SIUS12F778-2|"))  # the HIS resends it
+    assert h.outcome(again)[0] == "mapped"
+    (entry,) = h.entries()
+    assert [x.action for x in h.store.agenda_history(entry.id)] == ["create", "book"]
+    assert outbound_of(h, again) == []
+
+
+def test_a_redelivered_request_sends_no_second_appointment_request_to_the_his(h):
+    first = h.receive(srm())
+    again = h.receive(srm().replace(b"g20ce6a9f8ca4f551275", b"g20ce6a9f8ca4f551299"))
+    assert [m.message_type for m in outbound_of(h, first)] == ["SIU^S12"]
+    assert outbound_of(h, again) == []
+    (entry,) = h.entries()
+    assert [x.action for x in h.store.agenda_history(entry.id)] == ["create"]
+
+
+def test_a_message_about_another_patient_never_changes_the_entry(h):
+    h.receive(orm())  # BSN 900073962
+    other = h.receive(siu("S15").replace(b"PID|1||900073962^", b"PID|1||999999990^"))
+    assert h.outcome(other) == ("error", "cannot cancel: the message's patient (BSN) is not the entry's")
+    (entry,) = h.entries()
+    assert entry.state != "cancelled" and json.loads(entry.data)["patient.bsn"] == "900073962"

@@ -26,7 +26,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime
 from types import MappingProxyType
 from typing import Union
 
@@ -552,6 +552,24 @@ def attachments_of(event: AgendaEvent) -> tuple[Attachment, ...]:
     return tuple(out)
 
 
+def plain(value: object) -> object:
+    """A value as the store keeps it (JSON): dataclasses as dicts, dates as ISO text, tuples
+    as lists. Entry data read back from the store is in this form, event fields are typed, so
+    the two are compared in it: a re-delivery is then a no-op in any batch."""
+    fields = getattr(value, "__dataclass_fields__", None)
+    if fields is not None and not isinstance(value, type):
+        return {name: plain(getattr(value, name)) for name in fields}
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
 def _is_empty(value: object) -> bool:
     return value is None or value == "" or (isinstance(value, (list, tuple)) and not value)
 
@@ -568,7 +586,7 @@ def _merge(
             continue
         if isinstance(value, list):
             value = tuple(value)
-        if name not in merged or merged[name] != value:
+        if name not in merged or (merged[name] != value and plain(merged[name]) != plain(value)):
             merged[name] = value
             changed.append(name)
     return merged, sorted(changed)
@@ -585,13 +603,16 @@ def decide(
     now: datetime,
     message_id: str,
     book: AgendaBook,
+    waiting: bool = False,
 ) -> Decision:
     """What ``event`` does, given the entry its correlation keys found (or None). Never raises
-    on event content.
+    on event content. ``waiting``: messages for these keys are already held for their entry.
 
     - no entry: create -> Create (agenda from ``book.select``); attach -> Hold (a letter may
       come before its request); book with a ZD-number -> Hold (the scheduler may answer a
-      referral before its messages got here); anything else -> Reject naming the key kind.
+      referral before its messages got here); a change (cancel, reschedule, update, complete)
+      while others wait for the same entry -> Hold behind them (the scheduler's S12 then S15
+      before the SRM: booked, then cancelled); anything else -> Reject naming the key kind.
     - an entry: the state table decides the move; fields merge into data (changed names in
       history); attachments are added once by sha256. A create merges (ZorgDomein re-sends and
       supplements). A closed entry takes only letters; other actions -> Reject "entry is
@@ -600,12 +621,13 @@ def decide(
     """
     keys = correlation_keys(event)
     if existing is None:
-        return _decide_new(event, keys, now=now, message_id=message_id, book=book)
+        return _decide_new(event, keys, now=now, message_id=message_id, book=book, waiting=waiting)
     return _apply(event, existing, now=now, message_id=message_id, book=book)
 
 
 def _decide_new(
-    event: AgendaEvent, keys: tuple[str, ...], *, now: datetime, message_id: str, book: AgendaBook
+    event: AgendaEvent, keys: tuple[str, ...], *, now: datetime, message_id: str, book: AgendaBook,
+    waiting: bool = False,
 ) -> Decision:
     if not keys:
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
@@ -639,6 +661,8 @@ def _decide_new(
         return Hold(key=key, keys=keys, reason=f"waiting for the entry with this {_key_kind(key)}")
     if event.action == "book" and key.startswith("zd:"):
         return Hold(key=key, keys=keys, reason=f"booking waits for the entry with this {_key_kind(key)}")
+    if waiting:
+        return Hold(key=key, keys=keys, reason=f"waits behind earlier messages for the entry with this {_key_kind(key)}")
     return Reject(reason=f"cannot {event.action}: no entry for this {_key_kind(key)}", code="unknown-entry")
 
 
@@ -651,6 +675,12 @@ def _apply(
         if action == "cancel" and state == "cancelled":
             return Update(entry=entry, noop=True)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
+    # Ids from different senders can collide (a REF's RF1-11 and a scheduler's SCH-2): a
+    # message about another patient must never change this entry.
+    known_bsn, event_bsn = entry.data.get("patient.bsn"), event.fields.get("patient.bsn")
+    if not _is_empty(known_bsn) and not _is_empty(event_bsn) and plain(known_bsn) != plain(event_bsn):
+        return Reject(reason=f"cannot {action}: the message's patient (BSN) is not the entry's",
+                      code="patient-mismatch")
 
     # A create of a lesser kind (an ORM for a referral that has its SRM) only adds missing
     # fields; one of a greater kind takes over kind, agenda and the fields it has.

@@ -95,21 +95,6 @@ def _agenda_rejection(reject) -> Rejection:
     return Rejection(ack_code="AE", error_code=code, text=reject.reason[:200])
 
 
-def _plain(value: Any) -> Any:
-    """Event/entry values as JSON-able data (dataclasses -> dicts, datetimes -> ISO text)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    return value
-
-
 def _json_default(value: Any) -> Any:
     """What json cannot encode itself, without first copying the whole document (hot path)."""
     if isinstance(value, (dt.datetime, dt.date)):
@@ -125,7 +110,7 @@ def _json_default(value: Any) -> Any:
 
 
 def to_json(value: Any) -> str:
-    """Entry data and held events as stored (same JSON as ``_plain`` then ``json.dumps``)."""
+    """Entry data and held events as stored (same JSON as ``ag.plain`` then ``json.dumps``)."""
     return json.dumps(value if isinstance(value, dict) else dict(value.items()), default=_json_default)
 
 
@@ -133,7 +118,7 @@ def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
     """A held event, with the mapping that made it (its outbound messages are built on release)."""
     return json.dumps(
         {"kind": event.kind, "action": event.action, "zd_number": event.zd_number, "placer_id": event.placer_id,
-         "filler_id": event.filler_id, "fields": _plain(event.fields), "mapping": mapping},
+         "filler_id": event.filler_id, "fields": ag.plain(event.fields), "mapping": mapping},
         sort_keys=True,
     )
 
@@ -334,9 +319,12 @@ class Processor:
                                                       rejection=_mapping_rejection(result.errors)))
             return outcome, [op]
         event = result.event
-        existing = view.find(ag.correlation_keys(event))
+        keys = ag.correlation_keys(event)
+        existing = view.find(keys)
         now = self._now()
-        decision = ag.decide(event, existing, now=now, message_id=str(work.message_id), book=self.book)
+        waiting = existing is None and event.action not in ("create", "attach", "book") and bool(view.held_for(keys))
+        decision = ag.decide(event, existing, now=now, message_id=str(work.message_id), book=self.book,
+                             waiting=waiting)
         at = self.clock.seconds()
         if isinstance(decision, ag.Reject):
             self._outcome(work, "rejected")
@@ -361,7 +349,8 @@ class Processor:
             ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
                                      existing.state, decision.changed, at))
         view.put(entry)
-        ops.extend(self._outbound_ops(mapping, event, entry, work, at))
+        if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
+            ops.extend(self._outbound_ops(mapping, event, entry, work, at))
         ops.extend(self._forward_ops(work, at))
         detail = f"agenda {entry.agenda_id}: {entry.state}"
         ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
