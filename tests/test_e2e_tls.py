@@ -80,3 +80,25 @@ def test_an_ssl_listener_acks_over_tls_and_a_tls_destination_receives_over_tls(t
     finally:
         engine.terminate()
         sink.stop()
+
+
+def test_a_peer_refused_by_an_ssl_listener_is_closed_at_once(certificate):
+    """An ssl: listener's factory is wrapped for TLS; a refusal must still close the socket
+    (a bare None from buildProtocol was wrapped, the socket kept and never timed out)."""
+    from ipaddress import ip_network
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.ssl import DefaultOpenSSLContextFactory
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from tests.test_listener import Harness
+
+    cert, key, _ = certificate
+    h = Harness(allow=(ip_network("10.0.0.0/8"),))
+    wrapped = TLSMemoryBIOFactory(DefaultOpenSSLContextFactory(str(key), str(cert)), False, h.factory)
+    tls = wrapped.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    tls.makeConnection(transport)
+    assert transport.disconnecting
+    assert h.sample("koppel_connections_refused_total", reason="not-allowed") == 1

@@ -436,3 +436,21 @@ def test_read_header_never_raises_on_msh_shaped_garbage(raw, default):
     if h.rejection is None:
         assert h.delimiters.field not in h.delimiters.encoding
         assert 3 <= len(h.delimiters.encoding) <= 5
+
+
+def test_cns_11643_is_answered_ae_not_read_with_a_codec_for_another_script():
+    """HAPI reads it as x-EUC-TW, Camel as ISO-2022-CN; Python has neither."""
+    raw = b"MSH|^~\\&|S|SF|R|RF|20260101||ORU^R01|C1|P|2.5||||||CNS 11643-1992\rPID|1\r"
+    header = read(raw)
+    assert header.rejection is not None and header.rejection.ack_code == "AE"
+    assert header.rejection.location.field == 18
+
+
+@pytest.mark.parametrize("raw", [
+    b"MSH+^~\\&+S+SF+R+RF+20260102+ +ORU^R01+C1+P+2.5\r",  # '+': our timestamp's UTC offset
+    b"MSH|^~\\-|S|SF|R|RF|20260102||ORU^R01|C1|P|2.5\r",  # '-': our control ids' dash
+    b"MSH|^~\\7|S|SF|R|RF|20260102||ORU^R01|C1|P|2.5\r",  # a digit: our timestamp
+])
+def test_delimiters_our_ack_values_contain_are_refused_rather_than_answered_garbled(raw):
+    header = read(raw)
+    assert header.rejection is not None and header.rejection.ack_code == "AR"

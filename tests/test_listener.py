@@ -24,7 +24,7 @@ from engine.core.response import read_ack
 from engine.metrics import Metrics
 from engine.shell import listener as listener_module
 from engine.shell.committer import GroupCommitter
-from engine.shell.listener import MLLPListenerFactory, ReceiveSettings
+from engine.shell.listener import MLLPListenerFactory, MLLPReceiver, ReceiveSettings
 from engine.store import AppendResult, StoreError, open_store
 
 CHANNEL = "zorgdomein-in"
@@ -117,10 +117,11 @@ class Harness:
         self._port += 1
         address = IPv4Address("TCP", host, self._port)
         receiver = self.factory.buildProtocol(address)
-        if receiver is None:
-            return None, None
         transport = StringTransport(peerAddress=address)
         receiver.makeConnection(transport)
+        if not isinstance(receiver, MLLPReceiver):  # refused: closed the moment it connects
+            assert transport.disconnecting and transport.value() == b""
+            return None, None
         return receiver, transport
 
     def sample(self, name: str, **labels) -> float | None:
@@ -702,3 +703,30 @@ def test_drain_closes_every_connection_after_its_pending_ack():
     receiver.connectionLost()
     idle.connectionLost()
     assert done.called
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_the_frame_timeout_counts_from_the_start_of_each_frame(harness):
+    """A frame that ended and the next one that began in the same read: the next gets its own
+    30 s, not what was left of the first's."""
+    receiver, transport = harness.connect()
+    a, b = frame(message("MSG1")), frame(message("MSG2"))
+    receiver.dataReceived(a[:50])  # t=0: A begins
+    harness.clock.advance(29)
+    receiver.dataReceived(a[50:] + b[:50])  # t=29: A ends, B begins (pipelined)
+    harness.clock.advance(2)  # t=31: B has been open 2 s
+    assert not transport.disconnecting
+    harness.clock.advance(29)  # t=60: B open 31 s
+    assert transport.disconnecting
+
+
+def test_a_streaming_sender_whose_reads_end_mid_frame_is_not_cut_off(harness):
+    receiver, transport = harness.connect()
+    frames = [frame(message(f"MSG{i}")) for i in range(6)]
+    receiver.dataReceived(frames[0][:50])
+    for i in range(5):  # every frame open 10 s, well under the 30 s frame timeout
+        harness.clock.advance(10)
+        receiver.dataReceived(frames[i][50:] + frames[i + 1][:50])
+    assert not transport.disconnecting

@@ -34,8 +34,10 @@ HL7_CHARSETS: dict[str, str] = {
     "ISO IR87": "euc_jp",
     "ISO IR159": "euc_jp",
     "ISO IR14": "shift_jis",
-    "CNS 11643-1992": "iso2022_jp_2",
 }
+# CNS 11643-1992 is in HL7's table too, but Python has no codec for it (HAPI reads it as
+# x-EUC-TW, Camel as ISO-2022-CN): a message that names it is answered AE like any unknown
+# charset, rather than decoded with a codec for another script.
 
 # Unambiguous IANA spellings that real senders put in MSH-18 instead of the HL7 names.
 ALIASES: dict[str, str] = {

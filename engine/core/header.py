@@ -152,7 +152,7 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
             ErrorCode.SEGMENT_SEQUENCE, "message does not start with an MSH segment", None, bom
         )
     sep = raw[start + 3 : start + 4]
-    if not sep or sep.isalnum() or not 0x21 <= sep[0] <= 0x7E:
+    if not sep or sep.isalnum() or not 0x21 <= sep[0] <= 0x7E or sep in _IN_OUR_VALUES:
         return _unreadable(ErrorCode.DATA_TYPE, "MSH-1 field separator is missing or invalid", 1, bom)
     cr = raw.find(b"\r", start)
     lf = raw.find(b"\n", start, cr if cr >= 0 else len(raw))
@@ -222,7 +222,13 @@ def _valid_encoding(encoding: bytes, sep: bytes) -> bool:
         return False
     if len(set(encoding)) != len(encoding) or sep[0] in encoding:
         return False
-    return all(0x21 <= c <= 0x7E for c in encoding)
+    return all(0x21 <= c <= 0x7E and bytes((c,)) not in _IN_OUR_VALUES for c in encoding)
+
+
+# What the ACK's own values are made of (the timestamp's digits and UTC offset, the control
+# id's upper-case base 36 and dash): as a delimiter they would split those values, so such a
+# header is refused (AR 102). Lower-case letters stay allowed (hl7apy's sample uses "r").
+_IN_OUR_VALUES = frozenset(bytes((c,)) for c in b"+-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _unreadable(

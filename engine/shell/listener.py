@@ -74,6 +74,14 @@ class ReceiveSettings:
         return peer_allowed(self.allow, host)
 
 
+class _Refused(protocol.Protocol):
+    """A refused peer's connection: closed at once. (Returning None from buildProtocol does
+    that for TCP, but an ssl: listener's TLS wrapper would wrap None and keep the socket.)"""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 class _Answer:
     """One frame's place in the connection's ACK order."""
 
@@ -145,7 +153,8 @@ class MLLPReceiver(protocol.Protocol):
                 self._oversize(event)
             else:
                 self._discarded(event)
-        self._watch_frame()
+        # a frame that ended in this read leaves the one after it (if begun) a fresh timer
+        self._watch_frame(restart=bool(events) and type(events[-1]) is not mllp.JunkDiscarded)
 
     def _frame(self, payload: bytes) -> None:
         factory = self.factory
@@ -306,12 +315,17 @@ class MLLPReceiver(protocol.Protocol):
         else:
             self._idle_call = self.factory.clock.callLater(timeout, self._timed_out, "idle-timeout")
 
-    def _watch_frame(self) -> None:
+    def _watch_frame(self, restart: bool = False) -> None:
+        """frame_timeout counts from the start of the frame now open: a frame begun in the
+        same read that finished the one before it gets its own full time."""
         timeout = self.factory.settings.frame_timeout
         if timeout is None:
             return
         if self.reader.in_frame:
-            if self._frame_call is None or not self._frame_call.active():
+            if self._frame_call is not None and self._frame_call.active():
+                if restart:
+                    self._frame_call.reset(timeout)
+            else:
                 self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame-timeout")
         elif self._frame_call is not None:
             self._cancel(self._frame_call)
@@ -373,10 +387,10 @@ class MLLPListenerFactory(protocol.Factory):
         port = getattr(addr, "port", 0)
         if not self.settings.allows(host):
             self._refused("not-allowed", host, port)
-            return None
+            return _Refused()
         if len(self.receivers) >= self.settings.max_connections:
             self._refused("too-many", host, port)
-            return None
+            return _Refused()
         return MLLPReceiver(self, f"{host}:{port}")
 
     def _refused(self, reason: str, host: str, port: int) -> None:
