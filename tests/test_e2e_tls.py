@@ -14,7 +14,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.sink import KoppelProcess, Sink, control_id_of, frame, make_message, read_ack_code, write_channel
+from tests.sink import (
+    KoppelProcess,
+    Sink,
+    control_id_of,
+    frame,
+    make_message,
+    read_ack_code,
+    write_channel,
+)
 
 
 @pytest.fixture

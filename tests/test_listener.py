@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 from ipaddress import ip_network
 
 import pytest
+from conftest import load_sample
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from conftest import load_sample
 from engine.core import mllp
 from engine.core.ack import ControlIds
 from engine.core.intake import AcceptRules

@@ -233,8 +233,8 @@ def test_messages_planned_in_one_batch_see_each_other_before_anything_is_committ
 def test_entry_data_is_stored_as_the_same_json_the_plain_conversion_gives():
     import datetime as dt
 
-    from engine.core.convert import Code, DutchName
     from engine.core.agenda import plain as _plain
+    from engine.core.convert import Code, DutchName
     from engine.shell.processor import to_json
 
     data = {

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+from sink import KoppelProcess
 
 from engine.core import mllp
 from engine.core.response import read_ack
 from tests.conftest import load_sample
-from sink import KoppelProcess
 
 CHANNEL = """name: {name}
 source:

@@ -8,6 +8,7 @@ two processes (each has its own connection, as two processes would).
 from __future__ import annotations
 
 import pytest
+from sink import write_channel
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock
 
@@ -16,7 +17,6 @@ from engine.shell.engine import Engine
 from engine.shell.roles import ELSEWHERE, RemoteQueue, StoreWatcher
 from engine.shell.sender import QueueSender
 from engine.store import Append, Heartbeat, QueueTarget, StoreError, open_store
-from sink import write_channel
 from tests.factories import received
 
 

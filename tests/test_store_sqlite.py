@@ -30,10 +30,10 @@ from engine.store import (
     SetPaused,
     StoreBusy,
     StoreError,
+    migrations,
     open_store,
     write_one,
 )
-from engine.store import migrations
 from engine.store.sqlite import WRITER_CHECKPOINT_PAGES, SQLiteStore, parse_sqlite_url
 from tests.factories import DAY, HIX, T0, received, referral
 

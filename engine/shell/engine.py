@@ -23,11 +23,31 @@ from engine.core.intake import STORE_FAILED, AcceptRules, Assessment
 from engine.log import get_logger, safe_error
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
-from engine.shell.listener import MLLPListenerFactory, ReceiveSettings, default_control_ids
+from engine.shell.listener import (
+    MLLPListenerFactory,
+    ReceiveSettings,
+    default_control_ids,
+)
 from engine.shell.processor import Outcome, Processor, Work
-from engine.shell.roles import ALL, DELIVER, RECEIVE, ROLES, RemoteQueue, StoreWatcher, delivers, receives
+from engine.shell.roles import (
+    ALL,
+    DELIVER,
+    RECEIVE,
+    ROLES,
+    RemoteQueue,
+    StoreWatcher,
+    delivers,
+    receives,
+)
 from engine.shell.sender import QueueSender
-from engine.store import PENDING, UNANSWERED, Enqueue, Heartbeat, QueueTarget, SetProcessing
+from engine.store import (
+    PENDING,
+    UNANSWERED,
+    Enqueue,
+    Heartbeat,
+    QueueTarget,
+    SetProcessing,
+)
 
 HEARTBEAT_INTERVAL = 5.0
 # How often a running engine looks for hand-offs that did not commit (a store error), and how

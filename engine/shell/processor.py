@@ -24,12 +24,11 @@ from twisted.internet import defer, task
 
 from engine.core import agenda as ag
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
-from engine.core.paths import PathError, parse_path
 from engine.core.header import read_header
 from engine.core.hl7message import Message
+from engine.core.paths import PathError, parse_path
 from engine.log import get_logger, safe_error
 from engine.store import (
-    StoreError,
     Append,
     Enqueue,
     HoldEvent,
@@ -39,6 +38,7 @@ from engine.store import (
     ReleaseHeld,
     SaveAgendaEntry,
     SetProcessing,
+    StoreError,
 )
 
 
