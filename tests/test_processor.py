@@ -296,3 +296,21 @@ def test_a_message_about_another_patient_never_changes_the_entry(h):
     assert h.outcome(other) == ("error", "cannot cancel: the message's patient (BSN) is not the entry's")
     (entry,) = h.entries()
     assert entry.state != "cancelled" and json.loads(entry.data)["patient.bsn"] == "900073962"
+
+
+def test_outcomes_and_fallbacks_count_once_when_a_batch_is_planned_again(h, monkeypatch):
+    from engine.store import SaveAgendaEntry, StoreError
+
+    real_write = h.store.write
+    failed = []
+
+    def write(ops, **kwargs):
+        if not failed and any(isinstance(op, SaveAgendaEntry) for op in ops):
+            # the mapping's first commit fails once; planned again, it commits
+            failed.append(1)
+            raise StoreError("disk I/O error (injected)")
+        return real_write(ops, **kwargs)
+
+    monkeypatch.setattr(h.store, "write", write)
+    h.receive(srm())
+    assert failed and h.count("ok", "zorgdomein-srm") == 1

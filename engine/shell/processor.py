@@ -165,6 +165,7 @@ class Processor:
         self.log = log or get_logger()
         self._queue: deque = deque()
         self._handling: set[int] = set()  # message ids submitted and not yet done
+        self._uncommitted: list | None = None  # counters of the batch being planned
         self._running = False
         self._next_entry_id: int | None = None  # assigned here: entries are created only by this processor
         self.idle: defer.Deferred | None = None
@@ -279,7 +280,15 @@ class Processor:
         self.log.error("mapping.processor_crashed", error=safe_error(failure.value))
 
     def _outcome(self, work: Work, outcome: str) -> None:
-        self.metrics.mapping_outcomes_total.labels(work.channel, work.mapping, outcome).inc()
+        self._count(self.metrics.mapping_outcomes_total.labels(work.channel, work.mapping, outcome))
+
+    def _count(self, counter) -> None:
+        """While a batch is planned, counted only once it commits (a failed batch is planned
+        again message by message, and must not count twice)."""
+        if self._uncommitted is not None:
+            self._uncommitted.append(counter)
+        else:
+            counter.inc()
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock.seconds(), dt.timezone.utc).astimezone()
@@ -289,18 +298,24 @@ class Processor:
         """Plan every message of the batch against an in-memory view (so later messages see
         earlier ones), then commit all of it in one transaction."""
         view = _BatchView(self)
-        plans = []
-        for work in works:
-            try:
-                plans.append(self._plan(work, view))
-            except Exception as error:  # noqa: BLE001 - this message fails alone
-                outcome, op = self._internal_failure(work, error)
-                plans.append((outcome, [op]))
-        ops = [op for _, plan_ops in plans for op in plan_ops if op is not None]
-        view.finish(ops)
-        ops = [op for op in ops if op is not None]
+        self._uncommitted = counted = []
+        try:
+            plans = []
+            for work in works:
+                try:
+                    plans.append(self._plan(work, view))
+                except Exception as error:  # noqa: BLE001 - this message fails alone
+                    outcome, op = self._internal_failure(work, error)
+                    plans.append((outcome, [op]))
+            ops = [op for _, plan_ops in plans for op in plan_ops if op is not None]
+            view.finish(ops)
+            ops = [op for op in ops if op is not None]
+        finally:
+            self._uncommitted = None
         if ops:
             yield self.committer.submit_many(ops)
+        for counter in counted:
+            counter.inc()
         try:  # committed: whatever fails from here on must not map the batch again
             self._queued(ops)
         except Exception as error:  # noqa: BLE001 - the senders' one-second poll finds the entries
@@ -341,7 +356,7 @@ class Processor:
         ops: list = [self._attachment_op(a) for a in decision.attachments]
         if isinstance(decision, ag.Create):
             if decision.fallback:
-                self.metrics.agenda_fallback_total.labels(work.channel).inc()
+                self._count(self.metrics.agenda_fallback_total.labels(work.channel))
                 self.log.warning("agenda.fallback", message_id=work.message_id, agenda=entry.agenda_id)
             entry = entry.with_id(str(view.new_id()))
             ops.append(self._save_op(entry, int(entry.id), work.message_id, event.action, None, (), at, new=True))
