@@ -813,3 +813,111 @@ def test_a_refused_connection_counts_a_retry_but_no_send(make):
     assert h.sample("koppel_delivery_sent_total", destination=NAME) == 0
     assert h.sample("koppel_delivery_retries_total", destination=NAME) == 3
     assert h.sample("koppel_destination_connected", queue=QUEUE) == 0
+
+
+# --------------------------------------------------------------------------- found in review
+PID = "PID|1||123456782^^^NLMINBIZA^NNNLD||Test^Jose"
+
+
+def test_a_rewrite_the_messages_charset_cannot_hold_dead_letters_it_and_the_queue_goes_on(make):
+    h = make(rewrite=(("MSH-6", "Zé"),))  # "é" is not ASCII
+    raw = ("MSH|^~\\&|ZorgDomein|ZD|Koppel|ZH|20260102161545+0100||ORU^R01|C1|P|2.4|||||NLD|ASCII\r"
+           + PID + "\r").encode("ascii")
+    h.store.write([Append(message=h.message("C1", raw=raw, received_at=T0, charset="ASCII"))])
+    h.enqueue("C2")
+    h.start()
+    h.run(1)
+    assert h.entry(1).state == "dead"  # not a crash loop holding the queue
+    assert h.destination.received()[:1] == ["C2"]
+
+
+def test_a_message_stored_with_a_leading_cr_goes_out_as_an_msh_with_its_rewrite(make):
+    h = make(rewrite=(("MSH-5", "HIX"),))
+    h.store.write([Append(message=h.message("C1", raw=b"\r" + hl7("C1"), received_at=T0))])
+    h.sender.enqueued(1)
+    h.start()
+    (wire,) = [e.payload for e in mllp.FrameReader(max_frame_bytes=1 << 24).feed(h.destination.current.transport.value())
+               if type(e) is mllp.FrameReceived]
+    assert wire.startswith(b"MSH|^~\\&|ZorgDomein|ZD|HIX|")
+
+
+def test_an_endpoint_change_while_sending_takes_effect_after_the_message_in_flight(make):
+    from dataclasses import replace
+
+    h = make()
+    h.enqueue("C1", "C2", "C3")
+    h.start()
+    assert h.destination.received() == ["C1"]
+    h.sender.update({NAME: replace(h.config, endpoint="tls:host=10.1.2.3:port=6661")})  # same queue
+    h.destination.answer()
+    h.destination.answer()
+    assert len(h.destination.connections) == 2  # C2 went out on a connection with the new endpoint
+
+
+def test_an_endpoint_change_while_connecting_connects_again_with_the_new_one(make):
+    from dataclasses import replace
+
+    h = make()
+    pending = []
+    real = h.destination.connect
+
+    def slow():
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    h.sender._connect = slow
+    h.enqueue("C1", "C2")
+    h.start()
+    assert h.sender.state == sender_module.CONNECTING
+    h.sender.update({NAME: replace(h.config, endpoint="tls:host=10.1.2.3:port=6661")})
+    pending[0].callback(real().result)  # the old endpoint's connect completes
+    h.reactor.advance(0)
+    assert len(pending) == 2 and h.destination.received() == []  # not sent on the old one
+
+
+def test_a_reload_back_and_forth_while_a_message_is_in_flight_ends_in_the_latest_order(make):
+    from dataclasses import replace
+
+    h = make()
+    h.enqueue("C1", "C2", "C3")
+    h.start()
+    h.sender.update({NAME: replace(h.config, order="none")})
+    h.sender.update({NAME: h.config})  # reverted before C1's ACK
+    h.destination.answer()
+    h.reactor.advance(0)
+    h.destination.answer("AE")  # C2 refused: in FIFO, C3 waits behind it
+    h.reactor.advance(0)
+    assert h.sender.mode == "fifo" and h.destination.received()[-1] != "C3"
+
+
+def test_a_reload_back_and_forth_never_runs_ordered_and_unordered_lanes_together(make):
+    from dataclasses import replace
+
+    h = make(order="none", parallel=2)
+    h.enqueue("C1", "C2", "C3", "C4")
+    h.start()
+    assert len(h.destination.connections) == 2
+    h.sender.update({NAME: replace(h.config, order="fifo", parallel=1)})
+    h.sender.update({NAME: replace(h.config, order="none", parallel=3)})
+    h.reactor.advance(0)
+    for connection in list(h.destination.connections[:2]):
+        h.destination.send(mllp.encode_frame(ack("AA", control_id_of(h.destination.frames(connection)[-1]))),
+                           connection)
+    h.reactor.advance(0)
+    in_flight = [control_id_of(h.destination.frames(c)[-1]) for c in h.destination.connections[2:]
+                 if h.destination.frames(c)]
+    assert len(in_flight) == len(set(in_flight))  # no entry on two lanes at once
+    assert h.sender.mode == "none"
+
+
+def test_stop_while_a_message_is_in_flight_ends_when_it_is_answered_not_after_the_backoff(make):
+    h = make(retry=RetryConfig(initial=300.0, factor=2.0, max=300.0, jitter=0.0))
+    h.enqueue("C1")
+    h.start()
+    assert h.sender.state == sender_module.SENDING
+    stopped = []
+    h.sender.stop().addCallback(stopped.append)
+    h.destination.answer("AE")
+    h.run(10)
+    assert stopped

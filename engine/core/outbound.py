@@ -22,8 +22,24 @@ def prepare(
     source_charset: str | None = None,
     target_charset: str | None = None,
 ) -> bytes:
-    """Apply ``rewrite`` (("MSH-5", "HIX"), ...) and re-encode to ``target_charset``."""
+    """Apply ``rewrite`` (("MSH-5", "HIX"), ...) and re-encode to ``target_charset``.
+
+    Anything that makes that impossible (a rewrite value the charset cannot hold, a charset
+    without a codec) is an OutboundError, so the message becomes a dead letter with a reason
+    instead of stopping its queue."""
+    try:
+        return _prepare(raw, rewrite, source_charset, target_charset)
+    except (UnicodeError, charsets.UnknownCharset) as error:
+        where = f" (byte position {error.start})" if isinstance(error, UnicodeError) and hasattr(error, "start") else ""
+        raise OutboundError(
+            f"message cannot be made into {target_charset or source_charset or '8859/1'} "
+            f"with the destination's rewrite{where}"
+        ) from None
+
+
+def _prepare(raw: bytes, rewrite, source_charset: str | None, target_charset: str | None) -> bytes:
     body = raw[3:] if raw.startswith(UTF8_BOM) else raw
+    body = body.lstrip(b"\r\n")  # as read_header: blank lines before MSH are no part of it
     reencode = target_charset is not None and (
         source_charset is None or charsets.canonical(target_charset) != charsets.canonical(source_charset)
     )

@@ -75,6 +75,7 @@ class Lane:
         self.connect_error = ""
         self.connect_failures = 0  # in a row (unordered: the lane backs off, not only the entry)
         self.hold_until = 0.0  # unordered: no new connect attempt before this
+        self.stale = False  # the endpoint changed while sending or connecting: reconnect first
         self.running: defer.Deferred | None = None
         self._wake: defer.Deferred | None = None
 
@@ -170,6 +171,7 @@ class QueueSender:
         self._lanes: list[Lane] = [Lane(self, 0)]
         self._generation = 0  # bumped when a reload changes the order: the old loops end
         self._switching: defer.Deferred | None = None
+        self._wanted_mode = self.mode  # what the latest config asks for (a switch may be under way)
         # FIFO: the current page, head last
         self._buffer: list[QueueEntry] = []
         self._last_id = 0  # entries up to here are handled (or in flight)
@@ -225,11 +227,16 @@ class QueueSender:
         self.max_queue = min(d.max_queue for d in destinations.values())
         if endpoint_changed:
             for lane in self._lanes:
-                if lane.state != SENDING:
+                if lane.state in (SENDING, CONNECTING):
+                    lane.stale = True  # after its message in flight, or once connected
+                else:
                     lane.disconnect()
         mode = FIFO if self.settings.order == FIFO else UNORDERED
         if self._started and not self._stopping:
-            if mode != self.mode:
+            if self._switching is not None:
+                self._wanted_mode = mode  # the pending switch starts the lanes the latest config wants
+            elif mode != self.mode:
+                self._wanted_mode = mode
                 self._switch(mode)
             elif mode == UNORDERED:
                 self._add_lanes()  # fewer: the extra lanes end after their message in flight
@@ -324,6 +331,8 @@ class QueueSender:
             if failed is not None:
                 entry, delay = failed
                 self._buffer[-1] = entry
+                if self._stopping or generation != self._generation:
+                    break  # stopping (or switching): not after waiting out the backoff
                 lane.state = BACKOFF
                 yield lane.sleep(delay)
             else:
@@ -525,7 +534,7 @@ class QueueSender:
             self.committer.flush()  # the new mode reads the queue from its head: marks first
             for lane in self._lanes:
                 lane.disconnect()
-            self.mode = mode
+            self.mode = self._wanted_mode
             self._lanes = [Lane(self, 0)]
             self._reset()
             self._start_loops()
@@ -557,9 +566,16 @@ class QueueSender:
         except OutboundError as error:
             self._dead_letter(entry, str(error), None)
             return None
+        if lane.stale:  # the endpoint changed while this lane was busy: not the old connection
+            lane.stale = False
+            lane.disconnect()
         client = lane.client
         if client is None or client.transport is None or not client.transport.connected:
             client = yield lane.connected()  # only when (re)connecting: a Deferred less per message
+            if client is not None and lane.stale:  # changed while connecting: connect again
+                lane.stale = False
+                lane.disconnect()
+                client = yield lane.connected()
             if client is None:
                 return self._failed(entry, lane.connect_error, None)
         lane.state = SENDING
