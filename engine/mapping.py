@@ -403,14 +403,9 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "Y" if value else "N"
     if isinstance(value, _dt.datetime):
-        if value.__class__ is _dt.datetime and value.year >= 1000:
-            return _format_datetime(value)
-        text = value.strftime("%Y%m%d%H%M%S")
-        return text + value.strftime("%z") if value.tzinfo is not None else text
+        return _format_datetime(value)
     if isinstance(value, _dt.date):
-        if value.__class__ is _dt.date and value.year >= 1000:
-            return "%d%02d%02d" % (value.year, value.month, value.day)
-        return value.strftime("%Y%m%d")
+        return "%04d%02d%02d" % (value.year, value.month, value.day)
     if isinstance(value, _convert.Code):
         return value.code
     if isinstance(value, _convert.DutchName):
@@ -421,9 +416,10 @@ def _format(value: Any) -> str:
 
 
 def _format_datetime(value: _dt.datetime) -> str:
-    """strftime("%Y%m%d%H%M%S") + strftime("%z") (when aware), without strftime (slow) for
-    a plain datetime from year 1000 with an offset of whole minutes."""
-    text = "%d%02d%02d%02d%02d%02d" % (value.year, value.month, value.day, value.hour, value.minute, value.second)
+    """HL7 DTM: YYYYMMDDHHMMSS and, when aware, the offset as +HHMM. An offset that is not
+    whole minutes (Amsterdam before 1940: +00:19:32) is rounded to the minute, since HL7 has
+    no seconds in an offset."""
+    text = "%04d%02d%02d%02d%02d%02d" % (value.year, value.month, value.day, value.hour, value.minute, value.second)
     tzinfo = value.tzinfo
     if tzinfo is None:
         return text
@@ -431,25 +427,20 @@ def _format_datetime(value: _dt.datetime) -> str:
         suffix = _FIXED_OFFSETS.get(tzinfo)
         if suffix is None:
             suffix = _FIXED_OFFSETS[tzinfo] = _offset_text(value)
-        return text + suffix if suffix is not _STRFTIME else value.strftime("%Y%m%d%H%M%S") + value.strftime("%z")
-    suffix = _offset_text(value)
-    return text + suffix if suffix is not _STRFTIME else value.strftime("%Y%m%d%H%M%S") + value.strftime("%z")
+        return text + suffix
+    return text + _offset_text(value)
 
 
-_STRFTIME = "(strftime)"  # an offset _offset_text leaves to strftime
 _FIXED_OFFSETS: dict[_dt.tzinfo, str] = {}
 
 
 def _offset_text(value: _dt.datetime) -> str:
-    """strftime("%z") for whole minutes; _STRFTIME for anything else."""
     offset = value.utcoffset()
     if offset is None:
         return ""
-    seconds = offset.days * 86400 + offset.seconds
-    if offset.microseconds or seconds % 60:
-        return _STRFTIME
-    hours, minutes = divmod(abs(seconds) // 60, 60)
-    return "%s%02d%02d" % ("+" if seconds >= 0 else "-", hours, minutes)
+    minutes = round(offset.total_seconds() / 60)
+    hours, minutes = divmod(abs(minutes), 60)
+    return "%s%02d%02d" % ("+" if offset >= _dt.timedelta(0) else "-", hours, minutes)
 
 
 def _resolve(

@@ -97,10 +97,18 @@ def test_build_outbound_numbers_control_ids_and_checks_when(mappings):
 
 
 def _strftime(value: dt.date) -> str:
+    """The reference: strftime's fields, with the year zero-padded to 4 digits and the UTC
+    offset rounded to whole minutes (HL7 has no seconds in an offset; strftime's %z would
+    write Amsterdam's pre-1940 +001932)."""
+    year = "%04d" % value.year
     if isinstance(value, dt.datetime):
-        text = value.strftime("%Y%m%d%H%M%S")
-        return text + value.strftime("%z") if value.tzinfo is not None else text
-    return value.strftime("%Y%m%d")
+        text = year + value.strftime("%m%d%H%M%S")
+        offset = value.utcoffset()
+        if offset is None:
+            return text
+        minutes = round(offset.total_seconds() / 60)
+        return text + ("+" if offset >= dt.timedelta(0) else "-") + "%02d%02d" % divmod(abs(minutes), 60)
+    return year + value.strftime("%m%d")
 
 
 OFFSETS = st.one_of(
@@ -113,7 +121,7 @@ OFFSETS = st.one_of(
 
 @given(st.datetimes(timezones=OFFSETS))
 @settings(max_examples=500)
-def test_datetimes_format_as_strftime_does(value):
+def test_datetimes_format_as_hl7_dtm_with_a_four_digit_year_and_a_whole_minute_offset(value):
     from engine.mapping import _format
 
     assert _format(value) == _strftime(value)

@@ -95,9 +95,9 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
             micro,
             tzinfo=tzinfo,
         )
-    except ValueError as error:
+        local = value.astimezone(_dt.timezone.utc).astimezone(zone)
+    except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 across UTC
         raise ConversionError("date/time out of range") from error
-    local = value.astimezone(_dt.timezone.utc).astimezone(zone)
     return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
 
 
@@ -162,6 +162,8 @@ def phone(text: str) -> str | None:
     text = text.strip()
     if not text:
         return None
+    if text.startswith("+"):  # "+31 (0)20 ...": the trunk 0 is not dialled after a country code
+        text = text.replace("(0)", "", 1)
     value = text.translate(_PHONE_NOISE)
     digits = value[1:] if value.startswith("+") else value
     if not (digits.isascii() and digits.isdigit()):

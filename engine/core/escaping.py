@@ -33,8 +33,10 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     ):
         if char:
             replacements.append((char.decode("latin-1"), f"{esc}{code}{esc}"))
-    replacements.append(("\r", f"{esc}X0D{esc}"))
-    replacements.append(("\n", f"{esc}X0A{esc}"))
+    # CR and LF, and every other C0 control character: VT (0x0B) and FS (0x1C) are MLLP's
+    # frame bytes, and a value decoded from \X1C\ must not end the destination's frame
+    for code in (*range(0x00, 0x20), 0x7F):
+        replacements.append((chr(code), f"{esc}X{code:02X}{esc}"))
     special = re.compile("[" + "".join(re.escape(old) for old, _ in replacements) + "]").search
     steps = tuple(replacements)
 

@@ -271,8 +271,8 @@ def _unescape(text: str, e: str, table: dict[str, str], codec: str) -> str:
 
 def _hex(body: str, codec: str) -> str | None:
     digits = body[1:]
-    if not digits or len(digits) % 2:
-        return None
+    if not digits or len(digits) % 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        return None  # bytes.fromhex would skip spaces: "\X 41\" is malformed, kept as it is
     try:
         data = bytes.fromhex(digits)
     except ValueError:

@@ -207,6 +207,9 @@ def _parts(segment: Segment, path: FieldPath) -> list[tuple[str, _Separators]]:
             for r in reps:
                 comps = r.split(cs) if cs else [r]
                 got = comps[c - 1] if c <= len(comps) else ""
+                ss = seps.subcomponent
+                if ss and ss in got:  # an HD with its OID (NLMINBIZA&2.16...&ISO): its first part
+                    got = got.split(ss, 1)[0]
                 if e and e in got:
                     got = _unescape(got, e, table, seps.codec)
                 if got == wanted:
