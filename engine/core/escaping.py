@@ -35,7 +35,7 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
             replacements.append((char.decode("latin-1"), f"{esc}{code}{esc}"))
     # CR and LF, and every other C0 control character: VT (0x0B) and FS (0x1C) are MLLP's
     # frame bytes, and a value decoded from \X1C\ must not end the destination's frame
-    for code in (*range(0x00, 0x20), 0x7F):
+    for code in (*range(0x20), 0x7F):
         replacements.append((chr(code), f"{esc}X{code:02X}{esc}"))
     special = re.compile("[" + "".join(re.escape(old) for old, _ in replacements) + "]").search
     steps = tuple(replacements)
