@@ -80,11 +80,13 @@ def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> li
                 continue
             for outbound in mapping.outbound:
                 if outbound.to not in names:
-                    problems.append(ConfigProblem(
+                    problem = ConfigProblem(
                         file=str(mapping.file), line=outbound.line or None, col=None, path="outbound.to",
                         message=f"unknown destination {outbound.to!r} (channels define: {', '.join(sorted(names)) or 'none'})",
-                    ))
-    if used and book is None:
+                    )
+                    if problem not in problems:  # once, however many routes use the mapping
+                        problems.append(problem)
+    if used and book is None and not (mappings_dir / AGENDAS_FILE).is_file():  # (one that fails is reported)
         problems.append(ConfigProblem(file=str(mappings_dir / AGENDAS_FILE), line=None, col=None, path="(file)",
                                       message="routes map messages but there is no agendas.yaml"))
     return problems

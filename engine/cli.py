@@ -142,7 +142,11 @@ def _run(args) -> int:
     args.admin = admin if args.admin is None else args.admin
     args.pid_file = pid_file if args.pid_file is None else args.pid_file
 
-    log.configure(args.log_level)
+    try:
+        log.configure(args.log_level)
+    except ValueError as error:  # --log-level or KOPPEL_LOG_LEVEL: a usage error, not a traceback
+        sys.stderr.write(f"{error}\n")
+        return 2
     bundle, error = _load_config(args)
     if error is not None:
         sys.stderr.write(f"{error}\n")
@@ -295,7 +299,14 @@ def _send(args) -> int:
 def _bench(args) -> int:
     from engine.shell.bench import load_message, report, run_bench
 
-    message = load_message(args.file)
+    if args.connections < 1 or args.messages < 1:
+        sys.stderr.write("--connections and --messages must be at least 1\n")
+        return 2
+    try:
+        message = load_message(args.file)
+    except ValueError as error:  # a file with no HL7 message in it
+        sys.stderr.write(f"error: {error}\n")
+        return 1
 
     def go(reactor):
         d = run_bench(reactor, args.to, connections=args.connections, messages=args.messages,

@@ -108,6 +108,8 @@ class ConfigProblem:
     def __str__(self) -> str:
         if self.line is None:
             return f"{self.file}: {self.path}: {self.message}"
+        if self.col is None:
+            return f"{self.file}:{self.line}: {self.path}: {self.message}"
         return f"{self.file}:{self.line}:{self.col}: {self.path}: {self.message}"
 
 
@@ -392,7 +394,8 @@ class DestinationConfig:
 
 
 # Settings of the one connection behind a queue key; destinations sharing it must agree.
-_CONNECTION_SETTINGS = ("ack_timeout", "connect_timeout", "retry", "order", "parallel", "charset")
+# One queue, one connection and one depth limit: destinations sharing a host:port must agree.
+_CONNECTION_SETTINGS = ("ack_timeout", "connect_timeout", "retry", "order", "parallel", "charset", "max_queue")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -723,7 +726,7 @@ def _bool(node: yaml.Node, path: str) -> bool:
 def _int(minimum: int) -> _Reader[int]:
     def read(node: yaml.Node, path: str) -> int:
         value = _text(node)
-        if not re.fullmatch(r"[0-9][0-9_]*", value):
+        if not re.fullmatch(r"[0-9]+(_[0-9]+)*", value):  # 1_000_000 yes; 1_ and 1__0 no
             raise _Invalid(f"expected a whole number, got {value!r}")
         number = int(value)
         if number < minimum:
@@ -811,6 +814,7 @@ def _listen(node: yaml.Node, path: str) -> str:
         server_port_of(value)
         scheme, _, options = _split_endpoint(value)
         _check_tls_paths(value, scheme, options, server=True)
+        _twisted_accepts(value, server=True)
     except ValueError as error:
         raise _Invalid(str(error)) from None
     return value
@@ -822,9 +826,42 @@ def _client_endpoint(node: yaml.Node, path: str) -> str:
         queue_key_of(value)
         scheme, _, options = _split_endpoint(value)
         _check_tls_paths(value, scheme, options, server=False)
+        _twisted_accepts(value, server=False)
     except ValueError as error:
         raise _Invalid(str(error)) from None
     return value
+
+
+# Options Twisted's endpoint parsers take, per scheme (tcp: is checked by the parser itself;
+# for TLS the parser would also load the key and certificates, which is the engine's job).
+_TLS_OPTIONS = {
+    ("ssl", True): {"port", "privateKey", "certKey", "sslmethod", "interface", "backlog", "extraCertChain",
+                    "dhParameters"},
+    ("ssl", False): {"host", "port", "timeout", "bindAddress", "certKey", "privateKey", "caCertsDir"},
+    ("tls", False): {"host", "port", "timeout", "bindAddress", "certificate", "privateKey", "trustRoots",
+                     "endpoint"},
+}
+
+
+def _twisted_accepts(endpoint: str, *, server: bool) -> None:
+    """An option Twisted does not know (timeot=5, interfce=...) is a located config error
+    now, not a failed connect or a failed listen later."""
+    scheme, _, options = _split_endpoint(endpoint)
+    known = _TLS_OPTIONS.get((scheme, server))
+    if known is not None:
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"endpoint {endpoint!r}: unknown option {unknown[0]!r}; "
+                             f"{scheme}: takes {', '.join(sorted(known))}")
+        return
+    from twisted.internet.endpoints import clientFromString, serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:  # tcp: let Twisted's own parser build it, on a reactor that never runs
+        (serverFromString if server else clientFromString)(MemoryReactor(), endpoint)
+    except Exception as error:  # noqa: BLE001 - whatever Twisted refuses, said in one line
+        detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise ValueError(f"endpoint {endpoint!r} is not one Twisted accepts: {detail}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def _queue_key(text: str) -> str:
     from engine.config import queue_key_of
 
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise _Fail(USAGE, f"{text!r} is neither a destination name nor a queue key HOST:PORT")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -594,6 +594,12 @@ def resend(args, store, dests) -> int:
         raise _Fail(USAGE, f"queue {resolved.queue} is shared by {', '.join(resolved.names)}; "
                            "name the destination with --to NAME")
     else:
+        # no destination name: only a queue something will deliver (configured, or known to
+        # the store when no channels config was given), never one nothing sends
+        if dests.queues():
+            raise _Fail(NOTHING, f"no destination in the channels config delivers to queue {resolved.queue}; "
+                                 "a message queued there would never be sent")
+        _known_queue(store, dests, resolved, _now())
         name = resolved.queue  # no config: the queue key stands in for the name
     new = _write(store, Enqueue(message_id=message.id,
                                 targets=(QueueTarget(queue=resolved.queue, destination=name),),
@@ -671,7 +677,7 @@ def agenda_show(args, store, dests) -> int:
     """One entry with its data, history (message ids, actions, changed field names) and attachments."""
     key = args.entry
     record = None
-    if key.isdigit():
+    if key.isascii() and key.isdigit():
         record = store.get_agenda_entry(int(key))
     if record is None:
         record = store.find_agenda_entry([f"zd:{key}", f"placer:{key}", f"filler:{key}"])

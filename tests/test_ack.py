@@ -295,8 +295,13 @@ def messages(draw):
 
 def unescape(text: bytes, sep: bytes, enc: bytes) -> bytes:
     esc = enc[2:3]
-    table = {b"F": sep, b"S": enc[0:1], b"R": enc[1:2], b"E": esc, b"T": enc[3:4], b"X0D": b"\r", b"X0A": b"\n"}
-    return re.sub(re.escape(esc) + rb"(F|S|R|E|T|X0D|X0A)" + re.escape(esc), lambda m: table[m.group(1)], text)
+    table = {b"F": sep, b"S": enc[0:1], b"R": enc[1:2], b"E": esc, b"T": enc[3:4]}
+
+    def one(m):  # \Xhh\: control characters (CR, LF, TAB, ...) are escaped as hex
+        code = m.group(1)
+        return bytes.fromhex(code[1:].decode()) if code.startswith(b"X") else table[code]
+
+    return re.sub(re.escape(esc) + rb"(F|S|R|E|T|X[0-9A-F]{2})" + re.escape(esc), one, text)
 
 
 @given(

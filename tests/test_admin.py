@@ -517,6 +517,8 @@ def test_the_body_is_returned_only_on_request_and_the_read_is_audit_logged_witho
     assert base64.b64decode(answer.json["body"]) == referral("ZD001")
     (event,) = world.log.named("admin.body_read")
     assert event["message_id"] == world.ids["m1"] and event["token"] == fingerprint(TOKEN)
+    # an audit line at warning: --log-level warning must not drop it
+    assert [level for level, name, _ in world.log.events if name == "admin.body_read"] == ["warning"]
     logged = json.dumps(world.log.events, default=str)
     assert TEST_BSN not in logged and answer.json["body"] not in logged and TOKEN not in logged
 
@@ -548,6 +550,7 @@ def test_an_agenda_entry_by_id_or_key_gives_history_and_attachments_and_data_onl
     assert answer.json["data"] == {"patient.bsn": TEST_BSN}
     (event,) = world.log.named("admin.agenda_data_read")
     assert event["entry"] == world.ids["cardio"] and TEST_BSN not in json.dumps(world.log.events, default=str)
+    assert [level for level, name, _ in world.log.events if name == "admin.agenda_data_read"] == ["warning"]
     assert world.call("GET", "/api/agenda/ZD000000000").code == 404
 
 

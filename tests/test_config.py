@@ -459,10 +459,27 @@ def test_two_names_for_one_host_port_share_a_queue_when_connection_settings_agre
         MINIMAL
         + "destinations:\n"
         + "  agenda:\n    endpoint: tcp:host=localhost:port=6661\n    rewrite: {MSH-5: AGENDA}\n"
-        + "  orders:\n    endpoint: tcp:LOCALHOST:6661\n    on_nak: {AR: retry}\n    max_queue: 5\n",
+        + "  orders:\n    endpoint: tcp:LOCALHOST:6661\n    on_nak: {AR: retry}\n",
     )
     config = load(dirs)
     assert {d.queue_key for d in config.destinations} == {"localhost:6661"}
+
+
+def test_two_names_for_one_host_port_must_agree_on_the_queue_limit(dirs):
+    """One queue, one max_queue: the smaller one would otherwise answer 'queue full' to
+    messages routed only to the other."""
+    write(
+        dirs,
+        "a.yaml",
+        MINIMAL
+        + "destinations:\n"
+        + "  big:\n    endpoint: tcp:10.0.0.1:6661\n    max_queue: 1000000\n"
+        + "  small:\n    endpoint: tcp:10.0.0.1:6661\n    max_queue: 10\n",
+    )
+    assert problems(dirs) == [
+        "channels/a.yaml:8:3: destinations.small: shares queue 10.0.0.1:6661 with destination 'big' "
+        "(channels/a.yaml:5:3) but differs in max_queue; one connection needs one setting",
+    ]
 
 
 def test_two_names_for_one_host_port_must_agree_on_connection_settings(dirs):
