@@ -650,6 +650,14 @@ def _agenda_json(record, *, with_data: bool) -> dict[str, Any]:
     return out
 
 
+def _shown(data: dict[str, Any], *, patient: bool) -> dict[str, Any]:
+    """Entry data as `agenda show` prints it: the patient's fields only when asked (--data)."""
+    if patient:
+        return data
+    return {name: ("(hidden: --data shows it)" if name.startswith("patient.") else value)
+            for name, value in data.items()}
+
+
 @_command
 def agenda_list(args, store, dests) -> int:
     """Entries, most recently changed first; ids, states and keys only (no patient fields)."""
@@ -687,6 +695,7 @@ def agenda_show(args, store, dests) -> int:
     attachments = [store.get_attachment(h) for h in record.attachments]
     if args.json:
         out = _agenda_json(record, with_data=True)
+        out["data"] = _shown(out["data"], patient=args.data)
         out["history"] = [
             {"at": h.at, "message_id": h.message_id, "action": h.action, "from": h.from_state, "to": h.to_state,
              "changed": list(h.changed)}
@@ -701,7 +710,7 @@ def agenda_show(args, store, dests) -> int:
     now = _now()
     print(f"entry {record.id}  agenda {record.agenda_id}  {record.kind}  {record.state}")
     print(f"zd-number {record.zd_number or '-'}  placer {record.placer_id or '-'}  filler {record.filler_id or '-'}")
-    data = json.loads(record.data) if record.data else {}
+    data = _shown(json.loads(record.data) if record.data else {}, patient=args.data)
     for name in sorted(data):
         if name == "attachments":
             continue
@@ -789,4 +798,6 @@ def register(subparsers) -> None:
     p = common(asub.add_parser("show", help="one entry: data, history, attachments"), channels=False)
     p.add_argument("entry", metavar="ENTRY-ID|ZD-NUMBER")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--data", action="store_true",
+                   help="also print the patient's fields (name, BSN, address...); hidden by default")
     p.set_defaults(func=agenda_show)

@@ -208,7 +208,7 @@ def test_referrals_land_in_their_agendas_and_their_messages_reach_the_hospital_s
     assert [e["zd_number"] for e in h.agenda("list", "--agenda", "cardiology")] == [ZD_A]
     assert [e["zd_number"] for e in h.agenda("list", "--state", "ordered")] == [ZD_B]
 
-    shown = h.agenda("show", ZD_A)
+    shown = h.agenda("show", ZD_A, "--data")
     assert shown["state"] == "booked" and shown["agenda"] == "cardiology"
     assert [x["action"] for x in shown["history"]][0] == "create"
     assert [(x["from"], x["to"]) for x in shown["history"]][-1] == ("requested", "booked")

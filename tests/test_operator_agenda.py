@@ -60,3 +60,12 @@ def test_agenda_show_by_zd_number_gives_history_and_attachments(store_url, capsy
 def test_agenda_show_of_an_unknown_entry_exits_1(store_url, capsys):
     assert main(["agenda", "show", "ZD000000000", "--store", store_url]) == 1
     assert "no agenda entry" in capsys.readouterr().err
+
+
+def test_agenda_show_prints_the_patients_fields_only_with_data(store_url, capsys):
+    for extra in ([], ["--json"]):
+        assert main(["agenda", "show", "ZD900000017", "--store", store_url, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "123456782" not in out and "patient.bsn" in out and "--data shows it" in out
+    assert main(["agenda", "show", "ZD900000017", "--store", store_url, "--json", "--data"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["patient.bsn"] == "123456782"
