@@ -406,6 +406,8 @@ def _format(value: Any) -> str:
         return _format_datetime(value)
     if isinstance(value, _dt.date):
         return "%04d%02d%02d" % (value.year, value.month, value.day)
+    if isinstance(value, _convert.PartialDate):
+        return value.hl7()
     if isinstance(value, _convert.Code):
         return value.code
     if isinstance(value, _convert.DutchName):

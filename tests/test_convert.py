@@ -134,7 +134,8 @@ def test_dtm_raises_only_conversion_errors(text):
 
 def test_date_reads_dt_and_the_date_part_of_a_dtm():
     assert convert.date("20000101") == dt.date(2000, 1, 1)
-    assert convert.date("198006") == dt.date(1980, 6, 1)
+    assert convert.date("198006") == convert.PartialDate(1980, 6)  # no day: kept at month precision
+    assert convert.date("1980") == convert.PartialDate(1980)
     assert convert.date("19800623120000+0200") == dt.date(1980, 6, 23)
     assert convert.date("") is None
     for bad in ("19800231", "1980-06-23", "80"):

@@ -90,3 +90,18 @@ def test_a_dutch_number_written_with_its_trunk_zero_after_the_country_code():
 
 def test_a_hex_escape_with_spaces_is_malformed_and_kept_as_sent():
     assert unescape("\\X 41 42\\", Delimiters(field=b"|", encoding=b"^~\\&")) == "\\X 41 42\\"
+
+
+@pytest.mark.parametrize("sent", [b"198006", b"1980"])
+def test_a_birth_date_sent_without_a_day_goes_out_at_the_precision_it_came_in(mappings, sent):
+    """A month (or year) of birth must not reach the HIS as the first of it: a date nobody gave."""
+    event, (data,) = mapped(mappings, SRM.replace(b"||20000101|U|", b"||" + sent + b"|U|"))
+    assert segment(data, b"PID").split(b"|")[7] == sent
+    from engine.core.agenda import plain
+
+    assert plain(event.fields["patient.birth_date"]) == ("1980-06" if len(sent) == 6 else "1980")
+
+
+def test_a_partial_date_with_an_impossible_month_is_a_conversion_error():
+    with pytest.raises(convert.ConversionError, match="out of range"):
+        convert.date("198013")

@@ -30,6 +30,8 @@ from datetime import date, datetime
 from types import MappingProxyType
 from typing import Union
 
+from engine.core.convert import PartialDate
+
 __all__ = [
     "ACTIONS",
     "CLOSED_STATES",
@@ -556,11 +558,11 @@ def plain(value: object) -> object:
     """A value as the store keeps it (JSON): dataclasses as dicts, dates as ISO text, tuples
     as lists. Entry data read back from the store is in this form, event fields are typed, so
     the two are compared in it: a re-delivery is then a no-op in any batch."""
+    if isinstance(value, (datetime, date, PartialDate)):
+        return value.isoformat()
     fields = getattr(value, "__dataclass_fields__", None)
     if fields is not None and not isinstance(value, type):
         return {name: plain(getattr(value, name)) for name in fields}
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
     if isinstance(value, Mapping) or hasattr(value, "items"):
         return {str(k): plain(v) for k, v in value.items()}  # type: ignore[union-attr]
     if isinstance(value, (list, tuple)):

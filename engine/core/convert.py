@@ -106,8 +106,24 @@ def _fixed(offset: _dt.timedelta) -> _dt.timezone:
     return _dt.timezone(offset)
 
 
-def date(text: str) -> _dt.date | None:
-    """HL7 DT (``YYYY[MM[DD]]``, or a DTM whose date part is taken as written); "" -> None."""
+@dataclass(frozen=True, slots=True)
+class PartialDate:
+    """An HL7 DT sent with less than a day's precision (``1980`` or ``198006``), kept so: a
+    birth month must not reach the HIS as the first of that month, a date nobody gave."""
+
+    year: int
+    month: int | None = None
+
+    def isoformat(self) -> str:
+        return f"{self.year:04d}" + (f"-{self.month:02d}" if self.month else "")
+
+    def hl7(self) -> str:
+        return f"{self.year:04d}" + (f"{self.month:02d}" if self.month else "")
+
+
+def date(text: str) -> _dt.date | PartialDate | None:
+    """HL7 DT (``YYYY[MM[DD]]``, or a DTM whose date part is taken as written); "" -> None.
+    Without a day (or month) it is a PartialDate, at the precision sent."""
     text = text.strip()
     if not text:
         return None
@@ -116,6 +132,10 @@ def date(text: str) -> _dt.date | None:
         raise ConversionError("not an HL7 date (YYYYMMDD)")
     year, month, day = m.group(1, 2, 3)
     try:
+        if day is None:
+            if month is not None and not 1 <= int(month) <= 12:
+                raise ValueError(month)
+            return PartialDate(int(year), int(month) if month else None)
         return _dt.date(int(year), int(month or 1), int(day or 1))
     except ValueError as error:
         raise ConversionError("date out of range") from error

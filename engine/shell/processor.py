@@ -23,6 +23,7 @@ from typing import Any, Callable
 from twisted.internet import defer, task
 
 from engine.core import agenda as ag
+from engine.core.convert import PartialDate
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
 from engine.core.header import read_header
 from engine.core.hl7message import Message
@@ -97,7 +98,7 @@ def _agenda_rejection(reject) -> Rejection:
 
 def _json_default(value: Any) -> Any:
     """What json cannot encode itself, without first copying the whole document (hot path)."""
-    if isinstance(value, (dt.datetime, dt.date)):
+    if isinstance(value, (dt.datetime, dt.date, PartialDate)):
         return value.isoformat()
     fields = getattr(value, "__dataclass_fields__", None)
     if fields is not None:
