@@ -360,7 +360,7 @@ class SetPaused:
 
 @_value
 class RetryNow:
-    """Make the queue's head due immediately. Result: True if there was a head."""
+    """Make the queue's waiting entries due immediately. Result: how many were waiting (0: none)."""
 
     queue: str
 
