@@ -151,6 +151,12 @@ class Metrics:
             "koppel_agenda_fallback_total", "Entries no agenda rule selected (put in the fallback agenda)",
             ["channel"], registry=r,
         )
+        self.mapping_pending = Gauge(
+            "koppel_mapping_pending", "Stored messages whose mapping (or on-map answer) is not done yet", registry=r
+        )
+        self.mapping_pending_oldest_age_seconds = Gauge(
+            "koppel_mapping_pending_oldest_age_seconds", "Age of the oldest of those (0: none)", registry=r
+        )
         self.agenda_entries = Gauge(
             "koppel_agenda_entries", "Agenda entries by agenda and state", ["agenda", "state"], registry=r
         )

@@ -314,3 +314,17 @@ def test_outcomes_and_fallbacks_count_once_when_a_batch_is_planned_again(h, monk
     monkeypatch.setattr(h.store, "write", write)
     h.receive(srm())
     assert failed and h.count("ok", "zorgdomein-srm") == 1
+
+
+def test_the_hand_off_backlog_gauges_show_messages_acknowledged_but_not_mapped(h):
+    from engine.store import PENDING
+
+    h.receive(srm())  # mapped: not in the backlog
+    waiting = received("WAITING1", raw=srm(zd="ZD200046121"), received_at=h.reactor.seconds(),
+                       duplicate_window=0, targets=(), processing=PENDING)
+    h.store.write([Append(message=waiting)])  # a hand-off a kill -9 interrupted
+    h.reactor.advance(700)
+    h.processor.refresh_gauges()
+    sample = h.metrics.registry.get_sample_value
+    assert sample("koppel_mapping_pending") == 1
+    assert sample("koppel_mapping_pending_oldest_age_seconds") == 700

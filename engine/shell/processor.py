@@ -172,12 +172,18 @@ class Processor:
         self.idle: defer.Deferred | None = None
 
     def refresh_gauges(self) -> None:
-        """koppel_agenda_entries from the store (called now and then, not per message)."""
+        """koppel_agenda_entries and the hand-off backlog from the store (now and then, not per
+        message): messages acknowledged but not mapped for long mean the store refuses the
+        mapping's commits, or the processor is stuck."""
         try:
             counts = self.store.agenda_counts()
+            backlog, oldest = self.store.handoff_backlog()
         except Exception as error:  # noqa: BLE001 - a gauge must never stop processing
             self.log.warning("agenda.gauge_failed", error=safe_error(error))
             return
+        self.metrics.mapping_pending.set(backlog)
+        self.metrics.mapping_pending_oldest_age_seconds.set(
+            0 if oldest is None else max(0.0, self.clock.seconds() - oldest))
         gauge = self.metrics.agenda_entries
         gauge.clear()
         for (agenda_id, state), count in counts.items():

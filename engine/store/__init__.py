@@ -591,6 +591,10 @@ class MessageStore(Protocol):
 
     def processing_counts(self) -> dict[str, int]: ...
 
+    def handoff_backlog(self) -> tuple[int, float | None]:
+        """(how many messages are PENDING or UNANSWERED, the oldest one's received_at): cheap."""
+        ...
+
     def agenda_counts(self) -> dict[tuple[str, str], int]: ...
 
     def checkpoint(self) -> None:

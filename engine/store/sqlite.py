@@ -990,6 +990,11 @@ class SQLiteStore:
         rows = self._query("SELECT agenda_id, state, COUNT(*) FROM agenda_entries GROUP BY agenda_id, state")
         return {(agenda, state): count for agenda, state, count in rows}
 
+    def handoff_backlog(self) -> tuple[int, float | None]:
+        (count, oldest), = self._query(
+            "SELECT COUNT(*), MIN(received_at) FROM messages WHERE processing IN (?, ?)", (PENDING, UNANSWERED))
+        return count, oldest
+
     def processing_counts(self) -> dict[str, int]:
         return dict(
             self._query("SELECT processing, COUNT(*) FROM messages WHERE processing IS NOT NULL GROUP BY processing")
