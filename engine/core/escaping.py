@@ -18,13 +18,14 @@ def escape_text(text: str, delimiters: Delimiters) -> str:
 def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     """A function escaping text for ``delimiters``, worked out once per delimiter set.
 
-    Text without any delimiter, escape character, CR or LF (nearly every value) is returned
-    as it is after one regex scan; anything else goes through the replacements in order.
+    Text without any delimiter, escape character or control character (nearly every value)
+    is returned as it is after one regex scan; anything else is rewritten in the same single
+    pass, each special character once (so an escape sequence written is never escaped again).
     """
     esc = delimiters.escape.decode("latin-1")
     if not esc:
         return _unchanged
-    replacements = [(esc, f"{esc}E{esc}")]
+    table = {esc: f"{esc}E{esc}"}
     for char, code in (
         (delimiters.field, "F"),
         (delimiters.component, "S"),
@@ -32,20 +33,18 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
         (delimiters.repetition, "R"),
     ):
         if char:
-            replacements.append((char.decode("latin-1"), f"{esc}{code}{esc}"))
+            table[char.decode("latin-1")] = f"{esc}{code}{esc}"
     # CR and LF, and every other C0 control character: VT (0x0B) and FS (0x1C) are MLLP's
     # frame bytes, and a value decoded from \X1C\ must not end the destination's frame
     for code in (*range(0x20), 0x7F):
-        replacements.append((chr(code), f"{esc}X{code:02X}{esc}"))
-    special = re.compile("[" + "".join(re.escape(old) for old, _ in replacements) + "]").search
-    steps = tuple(replacements)
+        table[chr(code)] = f"{esc}X{code:02X}{esc}"
+    pattern = re.compile("[" + "".join(re.escape(char) for char in table) + "]")
+    special, substitute, replace = pattern.search, pattern.sub, table.__getitem__
 
     def escape(text: str) -> str:
         if special(text) is None:
             return text
-        for old, new in steps:
-            text = text.replace(old, new)
-        return text
+        return substitute(lambda m: replace(m.group()), text)
 
     return escape
 

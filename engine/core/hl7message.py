@@ -283,7 +283,7 @@ def _hex(body: str, codec: str) -> str | None:
 def escape(text: str, d: Delimiters) -> str:
     """Escape ``text`` so it reads back as one value (inverse of ``unescape``).
 
-    Delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``; CR and LF become ``\\X0D\\`` and
-    ``\\X0A\\`` (they would end the segment).
+    Delimiters become ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``; control characters ``\\Xhh\\`` (CR
+    and LF would end the segment, VT and FS the MLLP frame).
     """
     return escape_text(text, d)
