@@ -201,13 +201,12 @@ def _parts(segment: Segment, path: FieldPath) -> list[tuple[str, _Separators]]:
         reps = value.split(rs) if rs else [value]
         if path.match is not None:
             c, wanted = path.match
-            cs = seps.component
+            cs, ss = seps.component, seps.subcomponent
             e, table = seps.escape, seps.table
             chosen = []
             for r in reps:
                 comps = r.split(cs) if cs else [r]
                 got = comps[c - 1] if c <= len(comps) else ""
-                ss = seps.subcomponent
                 if ss and ss in got:  # an HD with its OID (NLMINBIZA&2.16...&ISO): its first part
                     got = got.split(ss, 1)[0]
                 if e and e in got:
