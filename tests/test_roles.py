@@ -156,20 +156,6 @@ def test_only_one_process_can_deliver_from_or_receive_for_a_store(url, tmp_path)
         second.close()
 
 
-def test_a_second_receiving_engine_fails_to_start(config, url):
-    first_store, second_store = open_store(url), open_store(url)
-    first = Engine(MemoryReactorClock(), config, first_store, retention=None, role="receive")
-    second = Engine(MemoryReactorClock(), config, second_store, retention=None, role="all")
-    try:
-        first.startService()
-        with pytest.raises(StoreError, match="already receives for this store"):
-            second.startService()
-    finally:
-        first.stopService()
-        first_store.close()
-        second_store.close()
-
-
 # --------------------------------------------------------------------------- engine wiring
 
 
@@ -218,13 +204,17 @@ def test_a_receive_only_engine_refreshes_queue_depths_from_the_store(config, url
         other.close()
 
 
-def test_a_second_delivering_engine_fails_to_start(config, url):
+@pytest.mark.parametrize("running, refusal", [
+    ("deliver", "already delivers from this store"),
+    ("receive", "already receives for this store"),
+])
+def test_a_second_engine_for_a_role_already_running_fails_to_start(config, url, running, refusal):
     first_store, second_store = open_store(url), open_store(url)
-    first = Engine(MemoryReactorClock(), config, first_store, retention=None, role="deliver")
+    first = Engine(MemoryReactorClock(), config, first_store, retention=None, role=running)
     second = Engine(MemoryReactorClock(), config, second_store, retention=None, role="all")
     try:
         first.startService()
-        with pytest.raises(StoreError, match="already delivers"):
+        with pytest.raises(StoreError, match=refusal):
             second.startService()
         assert not second.running
     finally:

@@ -153,12 +153,12 @@ def main() -> int:
         def sending() -> bool:
             return any(s.thread.is_alive() for s in sources)
 
+        # --map: only the HIS gets a message per SRM^S01; the other bundled sinks get none
+        awaited = [sinks["his-scheduling"]] if args.map else list(sinks.values())
+
         def draining() -> bool:
-            if args.map:
-                return any(depth for depth in queue_depths(store_url).values()) or \
-                    sinks["his-scheduling"].delivered_count() < args.messages
             return any(depth for depth in queue_depths(store_url).values()) or any(
-                s.delivered_count() < args.messages for s in sinks.values())
+                s.delivered_count() < args.messages for s in awaited)
 
         while sending() or (sum(kills.values()) < args.kills and draining()):
             time.sleep(rng.uniform(args.min_uptime, args.max_uptime))
