@@ -140,6 +140,18 @@ def receive_settings(
         return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
                                                ack_code=code, ack=ack))
 
+    def hand_on(message_id, header, forward, raw, received_at, nak, answered, route):
+        """The one hand-off, after the insert committed or when resumed: to the mapping, the
+        raw forwards of an unanswered (on-map) message, or its refusal. None when there is
+        nothing left to do (an answered message no route maps)."""
+        if route is not None:
+            return to_processor(message_id, header, raw, route, forward, None if answered else nak)
+        if forward:
+            return forward_raw(message_id, forward, received_at)
+        if not answered:
+            return filter_on_map(message_id, header, nak)
+        return None
+
     def on_stored(message_id, assessment, message, nak):
         """Hand a committed message on: to its mapping, or count it as filtered.
 
@@ -147,21 +159,16 @@ def receive_settings(
         header = assessment.header
         # as it was stored (a reload may have changed the ack mode since): an UNANSWERED
         # message's forwards were not queued in the insert and its answer is not sent yet
-        unanswered = message.processing == UNANSWERED
-        forward = targets(assessment) if unanswered else ()
+        answered = message.processing != UNANSWERED
+        forward = () if answered else targets(assessment)
         route = map_route(header)
-        if route is not None:
-            return to_processor(message_id, header, message.raw, route, forward, nak if unanswered else None)
-        if message.targets:
+        if route is None and not forward and not message.targets:
+            if filtered_count is not None:
+                filtered_count.inc()
+            log.info("message.filtered", message_id=message_id, type=message.message_type)
+        if route is None and answered:  # raw forwards queued, or filtered, in the insert already
             return None
-        if forward:
-            return forward_raw(message_id, forward, message.received_at)
-        if filtered_count is not None:
-            filtered_count.inc()
-        log.info("message.filtered", message_id=message_id, type=message.message_type)
-        if not unanswered:  # recorded in the insert already (receive_marks)
-            return None
-        return filter_on_map(message_id, header, nak)
+        return hand_on(message_id, header, forward, message.raw, message.received_at, nak, answered, route)
 
     def resume(message_id, assessment, raw, received_at, nak, answered):
         """A message stored PENDING/UNANSWERED whose hand-off never committed (the engine
@@ -170,16 +177,12 @@ def receive_settings(
         raw forwards were not queued and its answer was never sent, so its outcome (and a
         NAK) is stored for the sender's resend. If the config no longer maps it: filtered."""
         header = assessment.header
-        route = map_route(header)
         forward = () if answered else targets(assessment)
-        if route is not None:
-            return to_processor(message_id, header, raw, route, forward, None if answered else nak)
-        if forward:
-            return forward_raw(message_id, forward, received_at)
-        if not answered:
-            return filter_on_map(message_id, header, nak)
-        return committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
-                                              detail=_filtered_detail(header)))
+        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header))
+        if d is None:
+            d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
+                                               detail=_filtered_detail(header)))
+        return d
 
     def receive_marks(assessment, chosen_targets) -> dict:
         if not assessment.accepted:
