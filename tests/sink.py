@@ -99,6 +99,9 @@ class Sink:
         self._connections: dict[int, socket.socket] = {}
         self._next_connection = 0
         self._acks = 0
+        self._answers: dict[str, int] = {}  # kept as they happen: status reads are O(1) in long runs
+        self._first_ok_at: float | None = None
+        self._last_ok_at: float | None = None
         self._running = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -176,9 +179,9 @@ class Sink:
             return len(self._first_order)
 
     def first_last_delivery(self) -> tuple[float, float] | None:
+        """When the first and the last AA/CA were given (time.monotonic())."""
         with self._lock:
-            times = [r.at for r in self.records if r.answer in SUCCESS]
-        return (times[0], times[-1]) if times else None
+            return None if self._first_ok_at is None else (self._first_ok_at, self._last_ok_at)  # type: ignore[return-value]
 
     def wait_until(self, predicate, timeout: float, every: float = 0.01) -> bool:
         """Poll ``predicate(self)`` every ``every`` seconds until it holds or ``timeout`` passes.
@@ -203,12 +206,9 @@ class Sink:
 
     def stats(self) -> dict:
         with self._lock:
-            answers: dict[str, int] = {}
-            for r in self.records:
-                answers[r.answer] = answers.get(r.answer, 0) + 1
-            received = len(self.records)
-        return {"port": self.port, "received": received, "delivered": self.delivered_count(),
-                "duplicates": self.duplicates(), "answers": answers}
+            return {"port": self.port, "received": len(self.records), "delivered": len(self._first_order),
+                    "duplicates": self._duplicates, "answers": dict(self._answers),
+                    "first": self._first_ok_at, "last": self._last_ok_at}
 
     # -- the server -----------------------------------------------------------------
     def _accept_loop(self, listener: socket.socket) -> None:
@@ -267,10 +267,14 @@ class Sink:
             delay = self.delay
         if delay and code != "DROP":
             time.sleep(delay)
+        at = time.monotonic()
         with self._lock:
-            self.records.append(Received(control_id, frame if self.keep_raw else None, code,
-                                         time.monotonic(), number))
+            self.records.append(Received(control_id, frame if self.keep_raw else None, code, at, number))
+            self._answers[code] = self._answers.get(code, 0) + 1
             if code in SUCCESS:
+                if self._first_ok_at is None:
+                    self._first_ok_at = at
+                self._last_ok_at = at
                 if control_id in self._first_set:
                     self._duplicates += 1
                 else:
@@ -820,6 +824,56 @@ def check_order(first_delivery: list[str], sent: dict[str, SentRecord]) -> list[
     if violations:
         problems.append(f"{violations} deliveries precede a message ACKed before they were sent, e.g. {example}")
     return problems
+
+
+class SinkProcess:
+    """A Sink in a process of its own (``python tests/sink.py --no-raw``), for benchmarks: its
+    threads then never compete for the GIL with the load generator or the harness, which made
+    an in-process sink the slow half of every engine-sink round trip. The read side mirrors
+    Sink's (stats on request over a pipe)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--no-raw", "--port", str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline().split()[1])
+
+    def _ask(self, command: str) -> dict | list:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stats(self) -> dict:
+        return self._ask("stats")  # type: ignore[return-value]
+
+    def delivered_count(self) -> int:
+        return self.stats()["delivered"]
+
+    def duplicates(self) -> int:
+        return self.stats()["duplicates"]
+
+    def delivered_ids(self) -> list[str]:
+        return self._ask("ids")  # type: ignore[return-value]
+
+    def first_last_delivery(self) -> tuple[float, float] | None:
+        stats = self.stats()
+        return None if stats["first"] is None else (stats["first"], stats["last"])
+
+    def wait_until(self, predicate, timeout: float, every: float = 0.02) -> bool:
+        return Sink.wait_until(self, predicate, timeout, every)  # type: ignore[arg-type]
+
+    def up(self) -> None:
+        self._ask("up")
+
+    def down(self) -> None:
+        """Stop listening and cut connections; the process stays (``close()`` ends it)."""
+        self._ask("down")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.stdin.close()
+            self.proc.wait(10)
 
 
 def _command_loop(sink: Sink) -> None:

@@ -2,7 +2,7 @@
 RSS < 150 MB and flat during the drain).
 
 (a) end to end: ``koppel bench`` (8 inbound connections) -> ``koppel run`` -> one ordered
-    destination (tests/sink.py). Prints the inbound msg/s (ACKs to the bench client) and the
+    destination (tests/sink.py, in a process of its own: ``SinkProcess``). Prints the inbound msg/s (ACKs to the bench client) and the
     delivered msg/s measured at the sink (first to last message received).
 (b) backlog drain: 100,000 messages queued for a destination, then the engine started with the
     sink up. Fast path (default): the messages are written straight into the store with
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from calibrate import describe  # noqa: E402
-from sink import KOPPEL, KoppelProcess, Sink, make_message, write_channel  # noqa: E402
+from sink import KOPPEL, KoppelProcess, SinkProcess, make_message, write_channel  # noqa: E402
 
 from engine.store import Append, QueueTarget, ReceivedMessage, open_store  # noqa: E402
 
@@ -82,12 +82,12 @@ class RssSampler:
                 f"end {values[-1] / 1024:.1f} MiB ({len(values)} samples every {self.interval}s)")
 
 
-def wait_count(sink: Sink, count: int, timeout: float) -> bool:
+def wait_count(sink: SinkProcess, count: int, timeout: float) -> bool:
     return sink.wait_until(lambda s: s.delivered_count() >= count, timeout)
 
 
 def run_e2e(args, workdir: Path) -> None:
-    sink = Sink(name="e2e", keep_raw=False).start()
+    sink = SinkProcess()
     url = store_url(workdir, args.synchronous)
     write_channel(workdir / "channels", {DEST: sink.port}, name="bench-in")
     deliverer = None
@@ -116,7 +116,7 @@ def run_e2e(args, workdir: Path) -> None:
         engine.terminate()
         if deliverer is not None:
             deliverer.terminate()
-        sink.down()
+        sink.close()
 
 
 def fill_store(url: str, queue: str, count: int, batch: int = 1000) -> float:
@@ -144,7 +144,7 @@ def fill_store(url: str, queue: str, count: int, batch: int = 1000) -> float:
 
 
 def run_drain(args, workdir: Path) -> None:
-    sink = Sink(name="drain", keep_raw=False).start()
+    sink = SinkProcess()
     queue = f"127.0.0.1:{sink.port}"
     url = store_url(workdir, args.synchronous)
     write_channel(workdir / "channels", {DEST: sink.port}, name="bench-in",
@@ -187,7 +187,7 @@ def run_drain(args, workdir: Path) -> None:
     finally:
         sampler.stop()
         engine.terminate()
-        sink.down()
+        sink.close()
 
 
 def main() -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import signal
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent))
 
 from calibrate import describe  # noqa: E402
-from sink import KOPPEL, ROOT, KoppelProcess, Sink  # noqa: E402
+from sink import KOPPEL, ROOT, KoppelProcess, SinkProcess  # noqa: E402
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
 BSN = "123456782"  # the test BSN
@@ -186,38 +185,6 @@ class Engine(KoppelProcess):
         return self.port
 
 
-def sink_child(expected: int) -> int:
-    """Runs in its own process: a sink; prints its port, then, on each line on stdin, a JSON status."""
-    sink = Sink(keep_raw=False, name="his").start()
-    print(json.dumps({"port": sink.port}), flush=True)
-    for _ in sys.stdin:
-        with sink._lock:
-            records = list(sink.records)
-        good = [r for r in records if r.answer == "AA"]
-        print(json.dumps({"received": len(records), "delivered": sink.delivered_count(),
-                          "duplicates": sink.duplicates(),
-                          "first": good[0].at if good else None, "last": good[-1].at if good else None}),
-              flush=True)
-    sink.down()
-    return 0
-
-
-class SinkProcess:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--sink-child"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self.port = json.loads(self.proc.stdout.readline())["port"]
-
-    def status(self) -> dict:
-        self.proc.stdin.write("s\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 class Client(threading.Thread):
     """One connection, one message in flight; checks AA and MSA-2 for every message."""
 
@@ -285,7 +252,7 @@ def wait_processed(store, total: int, timeout: float) -> tuple[float, dict]:
 def wait_delivered(sink: SinkProcess, total: int, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        status = sink.status()
+        status = sink.stats()
         if status["delivered"] >= total or time.monotonic() > deadline:
             return status
         time.sleep(0.02)
@@ -378,10 +345,7 @@ def main() -> int:
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=None)
     parser.add_argument("--profile", metavar="FILE", help="(b) py-spy raw profile of the engine")
     parser.add_argument("--split", action="store_true", help="(b) receive and deliver in two processes")
-    parser.add_argument("--sink-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.sink_child:
-        return sink_child(0)
     print(describe(), flush=True)
     if args.only in (None, "map"):
         # in a child pinned to one core, so the full run below is not pinned
