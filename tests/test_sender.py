@@ -739,11 +739,11 @@ def test_a_store_error_while_reading_the_queue_is_survived_and_nothing_is_resent
     real = h.store.queue_head
     failures = []
 
-    def queue_head(queue, limit=100, *, after_id=None):
+    def queue_head(queue, limit=100, *, after_id=None, bodies=True):
         if limit == sender_module.PAGE and not failures:
             failures.append(after_id)
             raise StoreError("store read failed: database is locked")
-        return real(queue, limit, after_id=after_id)
+        return real(queue, limit, after_id=after_id, bodies=bodies)
 
     monkeypatch.setattr(h.store, "queue_head", queue_head)
     h.enqueue("C2")
@@ -762,11 +762,11 @@ def test_a_store_error_on_the_very_first_read_is_survived(make, monkeypatch):
     real = h.store.queue_head
     calls = {"n": 0}
 
-    def queue_head(queue, limit=100, *, after_id=None):
+    def queue_head(queue, limit=100, *, after_id=None, bodies=True):
         calls["n"] += 1
         if calls["n"] <= 2:  # the poll's read and the loop's first page
             raise StoreError("store read failed: disk I/O error")
-        return real(queue, limit, after_id=after_id)
+        return real(queue, limit, after_id=after_id, bodies=bodies)
 
     monkeypatch.setattr(h.store, "queue_head", queue_head)
     h.start()

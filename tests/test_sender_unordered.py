@@ -342,11 +342,11 @@ def test_a_store_error_while_reading_the_queue_is_survived_and_nothing_is_sent_t
     real = h.store.queue_head
     failures = []
 
-    def queue_head(queue, limit=100, *, after_id=None):
+    def queue_head(queue, limit=100, *, after_id=None, bodies=True):
         if limit == sender_module.PAGE and len(failures) < 2:
             failures.append(after_id)
             raise StoreError("store read failed: database is locked")
-        return real(queue, limit, after_id=after_id)
+        return real(queue, limit, after_id=after_id, bodies=bodies)
 
     monkeypatch.setattr(h.store, "queue_head", queue_head)
     h.enqueue("C3")

@@ -420,7 +420,7 @@ class AdminAPI(resource.Resource):
 
         limit = params.limit()
         queue, stats = yield self._known_queue(text)
-        head = yield self._read(self.engine.store.queue_head, queue, limit)
+        head = yield self._read(self.engine.store.queue_head, queue, limit, bodies=False)
         row = self._queue_row(queue, stats)
         row["head"] = [_entry_json(e) for e in head]
         return 200, row

@@ -259,7 +259,7 @@ class QueueSender:
         try:
             paused = self.store.is_paused(self.queue)
             self.depth = self.store.queue_depths().get(self.queue, 0)
-            head = self.store.queue_head(self.queue, 1)
+            head = self.store.queue_head(self.queue, 1, bodies=False)  # its age, not its bytes
         except Exception as error:  # noqa: BLE001 - a store hiccup must not stop delivery
             self.log.warning("queue.poll_failed", error=safe_error(error))
             return

@@ -183,7 +183,8 @@ class MessageSummary:
 
 @_value
 class QueueEntry:
-    """One message owed to one destination, with the raw bytes the sender needs."""
+    """One message owed to one destination, with the raw bytes the sender needs (None when
+    read for a listing: ``queue_head(bodies=False)``, ``list_dead_letters``, ``get_entry``)."""
 
     id: int
     queue: str
@@ -201,7 +202,7 @@ class QueueEntry:
     control_id: str | None
     message_type: str | None
     charset: str | None
-    raw: bytes
+    raw: bytes | None
 
 
 @_value
@@ -548,7 +549,7 @@ class MessageStore(Protocol):
     ) -> list[MessageSummary]: ...
 
     def queue_head(
-        self, queue: str, limit: int = 100, *, after_id: int | None = None
+        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True
     ) -> list[QueueEntry]: ...
 
     def queue_depths(self) -> dict[str, int]: ...

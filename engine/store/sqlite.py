@@ -127,12 +127,16 @@ _SUMMARY_COLUMNS = (
     "id, channel, peer, received_at, control_id, sender, message_type, version, size, "
     "status, ack_code, error, duplicate_count, processing, processing_detail, origin_id"
 )
-_ENTRY_SELECT = (
+_ENTRY_COLUMNS = (
     "SELECT e.id, e.queue, e.destination, e.message_id, e.state, e.attempts, e.enqueued_at, "
     "e.next_attempt_at, e.last_attempt_at, e.last_error, e.last_ack, e.done_at, e.replay_of, "
-    "m.control_id, m.message_type, m.charset, m.raw "
+    "m.control_id, m.message_type, m.charset, {raw} "
     "FROM queue_entries e JOIN messages m ON m.id = e.message_id "
 )
+# Only the sender's pages read bodies: a listing of 1,000 entries must not read 1,000 PDF
+# letters of up to 64 MiB each into memory to show their headers.
+_ENTRY_SELECT = _ENTRY_COLUMNS.format(raw="m.raw")
+_ENTRY_SELECT_NO_BODY = _ENTRY_COLUMNS.format(raw="NULL")
 _FIND_DUPLICATE = (
     "SELECT id, ack, processing FROM messages "
     "WHERE control_id = ? AND channel = ? AND sender IS ? AND payload_hash = ? "
@@ -872,11 +876,13 @@ class SQLiteStore:
         ]
 
     def queue_head(
-        self, queue: str, limit: int = 100, *, after_id: int | None = None
+        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True
     ) -> list[QueueEntry]:
-        """Pending entries in FIFO (id) order, one page; pass the last id as `after_id` for the next."""
+        """Pending entries in FIFO (id) order, one page; pass the last id as `after_id` for the next.
+        ``bodies=False`` leaves ``raw`` None (listings, the age gauge)."""
         rows = self._query(
-            _ENTRY_SELECT + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
+            (_ENTRY_SELECT if bodies else _ENTRY_SELECT_NO_BODY)
+            + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
             "ORDER BY e.id LIMIT ?",
             (queue, after_id or 0, limit),
         )
@@ -1028,18 +1034,19 @@ class SQLiteStore:
         return bool(rows and rows[0][0])
 
     def list_dead_letters(self, queue: str | None = None, limit: int = 100) -> list[QueueEntry]:
-        """Dead entries, oldest first."""
+        """Dead entries, oldest first, without their bodies (``raw`` None)."""
         if queue is None:
-            rows = self._query(_ENTRY_SELECT + "WHERE e.state = 'dead' ORDER BY e.id LIMIT ?", (limit,))
+            rows = self._query(_ENTRY_SELECT_NO_BODY + "WHERE e.state = 'dead' ORDER BY e.id LIMIT ?", (limit,))
         else:
             rows = self._query(
-                _ENTRY_SELECT + "WHERE e.queue = ? AND e.state = 'dead' ORDER BY e.id LIMIT ?",
+                _ENTRY_SELECT_NO_BODY + "WHERE e.queue = ? AND e.state = 'dead' ORDER BY e.id LIMIT ?",
                 (queue, limit),
             )
         return [_entry(r) for r in rows]
 
     def get_entry(self, entry_id: int) -> QueueEntry | None:
-        rows = self._query(_ENTRY_SELECT + "WHERE e.id = ?", (entry_id,))
+        """One entry without its body (``raw`` None): the message itself is ``get_message``."""
+        rows = self._query(_ENTRY_SELECT_NO_BODY + "WHERE e.id = ?", (entry_id,))
         return _entry(rows[0]) if rows else None
 
     def list_audit(self, limit: int = 100) -> list[AuditRecord]:
