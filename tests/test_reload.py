@@ -216,3 +216,42 @@ def test_a_reloaded_channel_that_cannot_listen_is_logged_and_the_rest_keeps_runn
         assert "Unhandled error" not in engine.output()
     finally:
         engine.terminate()
+
+
+def _listener_up(metrics_port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return {s.labels["channel"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "koppel_listener_up"}
+
+
+def test_listener_up_after_a_reload_that_moves_one_channel_and_removes_another(tmp_path):
+    """KoppelListenerDown pages on koppel_listener_up == 0: a channel moved to a new port is up,
+    and one removed on purpose leaves no series behind (the old listener's stop set 0 after the
+    new one set 1, and nothing removed a removed channel's series)."""
+    from tests.test_metrics_flow import free_port
+
+    (tmp_path / "channels").mkdir()
+    metrics_port = free_port()
+    engine = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/k.db",
+                           metrics=f"tcp:{metrics_port}:interface=127.0.0.1",
+                           args=("--pid-file", str(tmp_path / PID_FILE)))
+    try:
+        write(engine, "moved", "SRM^S01")
+        write(engine, "old", "ORU^R01")
+        engine.start(until="engine.started")
+        assert _listener_up(metrics_port) == {"moved": 1.0, "old": 1.0}
+        new_port = free_port()
+        (engine.channels / "moved.yaml").write_text(
+            CHANNEL.format(name="moved", types="SRM^S01").replace("tcp:0:", f"tcp:{new_port}:"))
+        (engine.channels / "old.yaml").unlink()
+        mark = reload(engine)
+        engine.wait_for(lambda e: e.get("event") == "config.reloaded", after=mark)
+        socket.create_connection(("127.0.0.1", new_port), timeout=5).close()  # it does listen
+        time.sleep(0.3)  # the old listeners' stops have settled (config.reloaded waits for them)
+        assert _listener_up(metrics_port) == {"moved": 1.0}
+    finally:
+        engine.terminate()

@@ -53,6 +53,7 @@ HEARTBEAT_INTERVAL = 5.0
 # How often a running engine looks for hand-offs that did not commit (a store error), and how
 # old such a message must be: younger ones may still be on their way through the committer.
 RESUME_INTERVAL = 60.0
+ORPHAN_INTERVAL = 30.0  # how often the deliverer looks for queues no destination uses
 
 
 FILTERED = Rejection(
@@ -241,6 +242,7 @@ class ListenerService(service.Service):
         self.factory = factory
         self.metrics = metrics
         self.port = None
+        self.retired = False  # replaced or removed by a reload: koppel_listener_up is no longer ours
         # Fires with the port, or fails once the failure is logged. Whoever started the
         # service waits on it (start-up fails, a reload carries on): MultiService ignores
         # what startService returns, so the failure would otherwise go unhandled.
@@ -272,7 +274,8 @@ class ListenerService(service.Service):
         service.Service.stopService(self)
         if self.port is not None:
             yield self.port.stopListening()
-            self.metrics.listener_up.labels(self.factory.settings.channel).set(0)
+            if not self.retired:  # else the new listener's 1, or no series at all, stands
+                self.metrics.listener_up.labels(self.factory.settings.channel).set(0)
         yield self.factory.drain()
 
 
@@ -316,6 +319,8 @@ class Engine(service.MultiService):
         # receive-only: queue depths from the store, for the queue-full check (RemoteQueue);
         # deliver-only: wake the senders when the receiving process commits (StoreWatcher)
         self._depths = None
+        self._orphan_check = None
+        self._orphans: set[str] = set()  # queues with pending entries that no destination uses
         self._polled_at = float("-inf")
         self._handing: set[int] = set()  # on-map hand-offs in the committer (see receive_settings)
         self._watcher = StoreWatcher(store, clock=reactor, on_change=self._wake_all, log=self.log) \
@@ -352,6 +357,10 @@ class Engine(service.MultiService):
             self._resumer = task.LoopingCall(self._resume_late)
             self._resumer.clock = self.reactor
             self._resumer.start(RESUME_INTERVAL, now=False)
+        if delivers(self.role):
+            self._orphan_check = task.LoopingCall(self._check_orphans)
+            self._orphan_check.clock = self.reactor
+            self._orphan_check.start(ORPHAN_INTERVAL, now=True)
         if self.role == RECEIVE:
             self._depths = task.LoopingCall(self._refresh_depths)
             self._depths.clock = self.reactor
@@ -398,7 +407,10 @@ class Engine(service.MultiService):
             by_queue.setdefault(destination.queue_key, {})[destination.name] = destination
         for queue in list(self.senders):
             if queue not in by_queue:
-                stopping.append(self.senders.pop(queue).stop())
+                stopped = defer.maybeDeferred(self.senders.pop(queue).stop)
+                if delivers(self.role):  # its series go; entries still waiting make it an orphan
+                    stopped.addBoth(self._forget_queue, queue)
+                stopping.append(stopped)
         for queue, destinations in by_queue.items():
             sender = self.senders.get(queue)
             if sender is not None:
@@ -433,7 +445,11 @@ class Engine(service.MultiService):
             channel = wanted.get(name)
             if channel is None or channel.source.listen != listener.endpoint:
                 self.listeners.remove(listener)
-                stopping.append(defer.maybeDeferred(listener.disownServiceParent))
+                listener.retired = True
+                stopped = defer.maybeDeferred(listener.disownServiceParent)
+                if channel is None:  # removed on purpose: no listener_up 0 left to page on
+                    stopped.addBoth(self._forget_channel, name)
+                stopping.append(stopped)
         for channel in config.channels:
             settings = receive_settings(channel, config, self.senders, self.processor, committer=self.committer,
                                         handing=self._handing,
@@ -456,6 +472,8 @@ class Engine(service.MultiService):
         """Apply a config that already loaded and checked; unchanged listeners keep their connections."""
         stopping = self._apply(bundle.config, bundle.mappings, bundle.book, starting=False)
         yield defer.DeferredList(stopping)
+        if self._orphan_check is not None and self._orphan_check.running:
+            self._check_orphans()  # a changed host:port shows at once, not half a minute later
         # A new listener that cannot bind is logged (listener.start_failed) and leaves the
         # engine not ready; everything else of the new config stays applied.
         yield defer.DeferredList([listener.started for listener in self.listeners], consumeErrors=True)
@@ -529,6 +547,49 @@ class Engine(service.MultiService):
                 sender.poll()
             sender.wake()
 
+    def _forget_queue(self, result, queue: str):
+        if queue not in self.senders:
+            for gauge in (self.metrics.queue_depth, self.metrics.queue_oldest_age_seconds,
+                          self.metrics.queue_paused, self.metrics.destination_connected):
+                gauge.remove(queue)
+            self._orphans.discard(queue)
+            if self._orphan_check is not None and self._orphan_check.running:
+                self._check_orphans()
+        return result
+
+    def _check_orphans(self) -> None:
+        """Queues with pending entries that no configured destination delivers: a destination's
+        host or port was changed (the queue is its host:port) while entries waited. Logged when
+        found, and their depth and oldest age exported, so the queue alerts fire for them."""
+        try:
+            stats = self.store.queue_stats(self.reactor.seconds())
+        except Exception as error:  # noqa: BLE001 - the next tick tries again
+            self.log.warning("queue.orphan_check_failed", error=safe_error(error))
+            return
+        found = {s.queue: s for s in stats if s.depth and s.queue not in self.senders}
+        for queue, s in found.items():
+            if queue not in self._orphans:
+                self.log.warning("queue.orphaned", queue=queue, depth=s.depth,
+                                 oldest_age=round(s.oldest_age or 0.0),
+                                 hint="no destination uses this host:port; koppel queue move it, or point a destination back at it")
+            self.metrics.queue_depth.labels(queue).set(s.depth)
+            self.metrics.queue_oldest_age_seconds.labels(queue).set(s.oldest_age or 0.0)
+        for queue in self._orphans - found.keys():  # emptied, or a destination uses it again
+            if queue not in self.senders:
+                self.metrics.queue_depth.remove(queue)
+                self.metrics.queue_oldest_age_seconds.remove(queue)
+            self.log.info("queue.orphan_cleared", queue=queue)
+        self._orphans = set(found)
+
+    def orphaned_queues(self) -> frozenset[str]:
+        return frozenset(self._orphans)
+
+    def _forget_channel(self, result, channel: str):
+        if channel not in {listener.factory.settings.channel for listener in self.listeners}:
+            self.metrics.listener_up.remove(channel)
+            self.metrics.connections_open.remove(channel)
+        return result
+
     def _refresh_depths(self) -> None:
         """Receive-only: queue depths for the queue-full check, and each queue's oldest age as
         a metric, so the queue-age alerts fire even when the delivering process is down
@@ -575,6 +636,8 @@ class Engine(service.MultiService):
             self._heartbeat.stop()
         if self._depths is not None and self._depths.running:
             self._depths.stop()
+        if self._orphan_check is not None and self._orphan_check.running:
+            self._orphan_check.stop()
         if getattr(self, "_resumer", None) is not None and self._resumer.running:
             self._resumer.stop()
         if self._watcher is not None:

@@ -52,6 +52,7 @@ __all__ = [
     "ReceivedMessage",
     "RecordFailure",
     "ReplayDeadLetters",
+    "MoveQueue",
     "RetryNow",
     "SetPaused",
     "StoreError",
@@ -221,7 +222,8 @@ class QueueStats:
 
 @_value
 class AuditRecord:
-    """An operator action kept for accountability (drop, replay, resend)."""
+    """An operator action kept for accountability (drop, replay, resend, move, pause, resume,
+    retry-now)."""
 
     id: int
     at: float
@@ -353,17 +355,43 @@ class Enqueue:
 
 @_value
 class SetPaused:
-    """Pause or resume a queue's sender. Result: None."""
+    """Pause or resume a queue's sender. Result: None. With ``at`` an operator did it: an
+    audit record ('pause' or 'resume', with the reason) says who-knows-why and when."""
 
     queue: str
     paused: bool
+    at: float | None = None
+    reason: str | None = None
 
 
 @_value
 class RetryNow:
-    """Make the queue's waiting entries due immediately. Result: how many were waiting (0: none)."""
+    """Make the queue's waiting entries due immediately. Result: how many were waiting (0: none).
+    With ``at``, an audit record ('retry-now', with the reason)."""
 
     queue: str
+    at: float | None = None
+    reason: str | None = None
+
+
+@_value
+class MoveQueue:
+    """Re-queue up to ``limit`` pending entries of one queue, oldest first, at the tail of
+    another: a destination's host or port changed while they waited (a queue is its
+    host:port). Each old entry ends 'replayed' and its new one's replay_of points back; one
+    audit record per entry ('move'). Result: tuple of new entry ids (empty: none left).
+    Bounded, so a big backlog moves in short transactions that never hold up the engine."""
+
+    from_queue: str
+    to_queue: str
+    destination: str
+    at: float
+    reason: str | None = None
+    limit: int = 500
+
+    def __post_init__(self) -> None:
+        if self.from_queue == self.to_queue:
+            raise ValueError("a queue cannot be moved onto itself")
 
 
 @_value
@@ -376,6 +404,7 @@ class ReplayDeadLetters:
     at: float
     entry_ids: tuple[int, ...] = ()
     queue: str | None = None
+    limit: int | None = None  # with queue: at most this many (the oldest) per transaction
 
     def __post_init__(self) -> None:
         if bool(self.entry_ids) == (self.queue is not None):
@@ -503,6 +532,7 @@ WriteOp = Union[
     Enqueue,
     SetPaused,
     RetryNow,
+    MoveQueue,
     ReplayDeadLetters,
     DropDeadLetters,
     Prune,

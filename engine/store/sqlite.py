@@ -55,6 +55,7 @@ from engine.store import (
     RetryNow,
     SaveAgendaEntry,
     SetPaused,
+    MoveQueue,
     SetProcessing,
     StoreBusy,
     StoredMessage,
@@ -438,6 +439,8 @@ class _Transaction:
             "ON CONFLICT (queue) DO UPDATE SET paused = excluded.paused",
             (op.queue, int(op.paused)),
         )
+        if op.at is not None:
+            self._audit(op.at, "pause" if op.paused else "resume", op.queue, None, None, op.reason)
 
     def _retry_now(self, op: RetryNow) -> int:
         # In FIFO order only the head ever waits; with order:none several may, so all are freed.
@@ -446,14 +449,33 @@ class _Transaction:
             "WHERE queue = ? AND state = 'pending' AND next_attempt_at > 0",
             (op.queue,),
         )
+        if op.at is not None:
+            self._audit(op.at, "retry-now", op.queue, None, None, op.reason)
         return cur.rowcount
+
+    def _move_queue(self, op: MoveQueue) -> tuple[int, ...]:
+        rows = self._conn.execute(
+            "UPDATE queue_entries SET state = 'replayed', done_at = ? WHERE id IN ("
+            "SELECT id FROM queue_entries WHERE queue = ? AND state = 'pending' ORDER BY id LIMIT ?) "
+            "RETURNING id, message_id",
+            (op.at, op.from_queue, op.limit),
+        ).fetchall()
+        new_ids = []
+        for old_id, message_id in sorted(rows):
+            self._count(op.from_queue, pending=-1)
+            new_id = self._insert_entry(op.to_queue, op.destination, message_id, op.at, old_id)
+            why = f"to {op.to_queue} as entry {new_id}" + (f": {op.reason}" if op.reason else "")
+            self._audit(op.at, "move", op.from_queue, old_id, message_id, why)
+            new_ids.append(new_id)
+        return tuple(new_ids)
 
     def _replay(self, op: ReplayDeadLetters) -> tuple[int, ...]:
         dead: list[tuple[int, str, str, int]] = []
         select = "SELECT id, queue, destination, message_id FROM queue_entries "
         if op.queue is not None:
             dead = self._conn.execute(
-                select + "WHERE queue = ? AND state = 'dead' ORDER BY id", (op.queue,)
+                select + "WHERE queue = ? AND state = 'dead' ORDER BY id LIMIT ?",
+                (op.queue, -1 if op.limit is None else op.limit),
             ).fetchall()
         else:
             for chunk in _chunks(sorted(set(op.entry_ids))):
@@ -612,6 +634,7 @@ class _Transaction:
         Enqueue: _enqueue,
         SetPaused: _set_paused,
         RetryNow: _retry_now,
+        MoveQueue: _move_queue,
         ReplayDeadLetters: _replay,
         DropDeadLetters: _drop,
         Prune: _prune,
