@@ -101,7 +101,7 @@ def siu(zd: str, filler: str, control_id: str, trigger: str = "S12") -> bytes:
     """The hospital scheduler's booking: SCH-1 = the placer's id (here the ZD-number), SCH-2 its own."""
     return _hl7(
         f"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^{trigger}^SIU_{trigger}|{control_id}|P|2.5",
-        f"SCH|{zd}|{filler}|||||^Controle|||30|MIN|^^30^20261210093000+0100^20261210100000+0100|||||||||||||Booked",
+        f"SCH|{zd}|{filler}|||||^Controle||30|MIN|^^30^20261210093000+0100^20261210100000+0100||||||||||||||Booked",
         f"PID|1||{BSN}^^^NLMINBIZA^NNNLD||Testpatiënt&&Testpatiënt^T^^^^^L||19800101|F",
         "AIS|1||CARPOLI^Polikliniek cardiologie",
     )

@@ -44,7 +44,7 @@ def orm() -> bytes:
 def siu(trigger: str = "S12", filler: str = "F778") -> bytes:
     segments = [
         f"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^{trigger}^SIU_{trigger}|SIU{trigger}{filler}|P|2.5",
-        f"SCH|{ZD}|{filler}|||||^Controle|||30|MIN|^^30^20261210093000+0100^20261210100000+0100|||||||||||||Booked",
+        f"SCH|{ZD}|{filler}|||||^Controle||30|MIN|^^30^20261210093000+0100^20261210100000+0100||||||||||||||Booked",
         "PID|1||900073962^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800101|F",
         "AIS|1||CARPOLI^Polikliniek cardiologie",
     ]
@@ -328,3 +328,24 @@ def test_the_hand_off_backlog_gauges_show_messages_acknowledged_but_not_mapped(h
     sample = h.metrics.registry.get_sample_value
     assert sample("koppel_mapping_pending") == 1
     assert sample("koppel_mapping_pending_oldest_age_seconds") == 700
+
+
+def test_a_held_message_released_or_refused_later_counts_its_second_outcome(h):
+    """Counted 'held' when it waited; when its entry arrives, 'ok' if it applies, 'rejected'
+    (as in _plan) if the agenda refuses it now: the refusal was stored as an error but never
+    counted, so no dashboard or alert saw it."""
+    stranger = h.receive(siu("S12").replace(b"PID|1||900073962^", b"PID|1||999999990^"))
+    assert h.outcome(stranger)[0] == "held"
+    h.receive(orm())  # the order for BSN 900073962 arrives: the held booking is refused
+    assert h.outcome(stranger)[0] == "error"
+    assert (h.count("held", "siu"), h.count("rejected", "siu")) == (1, 1)
+
+
+def test_a_held_booking_released_by_its_order_counts_ok(h):
+    booking = h.receive(siu("S12"))
+    h.receive(orm())
+    assert h.outcome(booking)[0] == "mapped"
+    assert (h.count("held", "siu"), h.count("ok", "siu")) == (1, 1)
+    (entry,) = h.entries()
+    data = json.loads(entry.data)  # the booked slot, from SCH-11
+    assert (data["booked_start"], data["booked_end"]) == ("2026-12-10T09:30:00+01:00", "2026-12-10T10:00:00+01:00")

@@ -289,6 +289,10 @@ class Processor:
     def _outcome(self, work: Work, outcome: str) -> None:
         self._count(self.metrics.mapping_outcomes_total.labels(work.channel, work.mapping, outcome))
 
+    def _released_outcome(self, channel: str, item: "_Held", outcome: str) -> None:
+        """A held message's second outcome (it was counted 'held' when it waited)."""
+        self._count(self.metrics.mapping_outcomes_total.labels(channel, item.mapping or "", outcome))
+
     def _count(self, counter) -> None:
         """While a batch is planned, counted only once it commits (a failed batch is planned
         again message by message, and must not count twice)."""
@@ -406,8 +410,12 @@ class Processor:
                             ops.extend(self._outbound_ops(mapping, event, decision.entry, work, at))
                     ops.append(SetProcessing(message_id=int(message_id), outcome="mapped",
                                              detail=f"agenda {decision.entry.agenda_id}: released"))
-                else:
+                    self._released_outcome(channel, item, "ok")
+                else:  # counted as a refusal in _plan would be: the held message is now refused
                     ops.append(SetProcessing(message_id=int(message_id), outcome="error", detail=decision.reason))
+                    self._released_outcome(channel, item, "rejected")
+                    self.log.warning("agenda.rejected", message_id=int(message_id), reason=decision.reason,
+                                     code=decision.code)
             view.released(held, ops, at)
             entry = released.entry.with_id(entry.id)
             view.put(entry)
