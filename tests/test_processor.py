@@ -349,3 +349,25 @@ def test_a_held_booking_released_by_its_order_counts_ok(h):
     (entry,) = h.entries()
     data = json.loads(entry.data)  # the booked slot, from SCH-11
     assert (data["booked_start"], data["booked_end"]) == ("2026-12-10T09:30:00+01:00", "2026-12-10T10:00:00+01:00")
+
+
+def _slot(raw: bytes, start: str, placer: str | None = None) -> bytes:
+    raw = raw.replace(b"20261210093000+0100", start.encode())
+    return raw if placer is None else raw.replace(f"SCH|{ZD}|".encode(), f"SCH|{placer}|".encode())
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["natural-order", "all-before-the-order"])
+def test_held_scheduler_messages_apply_in_arrival_order_even_one_keyed_by_the_filler_id_alone(tmp_path, late):
+    """S12 (under the ZD-number), S13 carrying only the scheduler's id, S14 (ZD-number): held
+    until the order comes, the S13 must not be overtaken by the later S14 (it was: only the
+    S12 brings the filler id, so the S13 waited for a second release round)."""
+    h = Harness(tmp_path)
+    s12 = siu("S12")
+    s13 = _slot(siu("S13"), "20261217140000+0100", placer="")
+    s14 = _slot(siu("S14"), "20261224080000+0100")
+    for raw in ([s12, s13, s14, orm()] if late else [orm(), s12, s13, s14]):
+        h.receive(raw)
+    (entry,) = h.entries()
+    assert json.loads(entry.data)["booked_start"] == "2026-12-24T08:00:00+01:00"
+    assert all(h.outcome(m.id)[0] == "mapped" for m in h.store.list_messages() if m.origin_id is None)
+    h.store.close()

@@ -385,11 +385,11 @@ class Processor:
         return Outcome(status="mapped", detail=detail), ops
 
     def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str, at: float) -> list:
-        """Apply events that waited for this entry (a letter before its request), in arrival
-        order, each with its own mapping's outbound messages; repeat while that frees more."""
+        """Apply events that waited for this entry (a letter before its request), one at a
+        time in arrival order, each with its own mapping's outbound messages."""
         ops: list = []
         while True:
-            held = view.held_for(ag.entry_keys(entry))
+            held = self._next_held(view, entry)
             if not held:
                 return ops
             released = ag.release([(str(h.message_id), h.event) for h in held], entry, now=self._now(),
@@ -420,6 +420,29 @@ class Processor:
             entry = released.entry.with_id(entry.id)
             view.put(entry)
             self.log.info("agenda.released", entry_id=entry.id, count=len(held))
+
+    @staticmethod
+    def _next_held(view: "_BatchView", entry: ag.AgendaEntry) -> list["_Held"]:
+        """The waiting event to apply next ([] when none can): the earliest to arrive of those
+        the entry answers to. Events held under an id that another waiting event brings (an
+        S13 sent with only the scheduler's id, behind the S12 that carries it) count as
+        waiting too, so a later event (an S14 under the ZD-number) cannot overtake them."""
+        keys = set(ag.entry_keys(entry))
+        found: dict[int, _Held] = {}
+        frontier = set(keys)
+        while frontier:
+            brought: set[str] = set()
+            for item in view.held_for(tuple(frontier)):
+                if item.message_id not in found:
+                    found[item.message_id] = item
+                    brought.update(ag.correlation_keys(item.event))
+            frontier = brought - keys
+            keys |= frontier
+        answers_to = set(ag.entry_keys(entry))
+        for item in sorted(found.values(), key=lambda h: h.message_id):  # ids are in arrival order
+            if answers_to.intersection(item.keys):
+                return [item]
+        return []
 
     def _original_event(self, item: "_Held", mapping) -> ag.AgendaEvent:
         """The held event as its mapping made it (typed values for the templates): a stored
