@@ -76,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--channel")
     messages.add_argument("--control-id")
     messages.add_argument("--status", choices=["accepted", "rejected"])
-    messages.add_argument("--limit", type=int, default=50)
-    messages.add_argument("--json", action="store_true", help="print JSON")
-
     from engine import operator
+
+    messages.add_argument("--limit", type=operator.limit_arg, default=50, help="at most this many (default 50)")
+    messages.add_argument("--json", action="store_true", help="print JSON")
 
     operator.register(sub)  # queue, dead-letters, audit, resend
     return parser

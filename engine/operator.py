@@ -15,7 +15,9 @@ done, 2 usage or configuration error.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 OK, NOTHING, USAGE = 0, 1, 2
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: ids and limits beyond it overflow the driver
 
 _now: Callable[[], float] = time.time  # replaced in tests
 
@@ -106,6 +109,33 @@ def _ack_line(ack: bytes | None) -> str:
     return line + (f"  text {summary['text']!r}" if summary["text"] else "")
 
 
+# --------------------------------------------------------------------------- arguments
+
+
+def _whole(text: str) -> int | None:
+    """A plain decimal number ("12"), or None (no signs, spaces, underscores or other digits)."""
+    if text.isascii() and text.isdigit() and len(text) <= 4000:  # int() refuses longer text
+        return int(text)
+    return None
+
+
+def id_arg(text: str) -> int:
+    """argparse type for a stored id (message, queue entry): 1 to 2**63-1, SQLite's range."""
+    value = _whole(text)
+    if value is None or not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"must be an id from 1 to {MAX_ID}, not {text!r}")
+    return value
+
+
+def limit_arg(text: str) -> int:
+    """argparse type for --limit: a whole number from 1 up (0 would show nothing, and SQLite
+    takes -1 for no limit at all); past SQLite's range it means the same as its largest."""
+    value = _whole(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 up, not {text!r}")
+    return min(value, MAX_ID)
+
+
 # --------------------------------------------------------------------------- destinations
 
 
@@ -124,11 +154,14 @@ class Resolved:
 class _Destinations:
     """Destination names and queue keys from ``--channels``, loaded once and only if needed."""
 
-    def __init__(self, channels: str) -> None:
+    def __init__(self, channels: str, mappings: str | None = None) -> None:
         self._dir = Path(channels)
+        self._mappings_dir = Path(mappings) if mappings else None
+        self._mappings: Any = False  # engine.mapping.MappingSet once read; None if unreadable
         self._loaded = False
         self._error: str | None = None
         self._queue_of: dict[str, str] = {}
+        self._channels: dict[str, Any] = {}  # name -> engine.config.ChannelConfig
 
     def _load(self) -> None:
         if self._loaded:
@@ -147,6 +180,7 @@ class _Destinations:
             self._error = f"cannot read {self._dir}:\n{error}"
             return
         self._queue_of = {d.name: d.queue_key for d in config.destinations}
+        self._channels = {c.name: c for c in config.channels}
 
     @property
     def error(self) -> str | None:
@@ -160,6 +194,36 @@ class _Destinations:
     def queues(self) -> set[str]:
         self._load()
         return set(self._queue_of.values())
+
+    def queue_of(self, name: str) -> str | None:
+        """The queue a configured destination name delivers to (None: not configured)."""
+        self._load()
+        return self._queue_of.get(name)
+
+    def channel(self, name: str):
+        """The channel's config (engine.config.ChannelConfig), or None without config or channel."""
+        self._load()
+        return self._channels.get(name)
+
+    def outbound(self, mapping: str) -> frozenset[str] | None:
+        """The destinations mapping `mapping` builds messages for; None if the mappings
+        directory is not given, cannot be read, or has no such mapping (never a reason to fail)."""
+        if self._mappings is False:
+            self._mappings = None
+            if self._mappings_dir is not None and self._mappings_dir.is_dir():
+                from engine.config import ConfigError
+                from engine.mapping import load_mappings
+
+                try:
+                    self._mappings = load_mappings(self._mappings_dir)
+                except ConfigError:
+                    pass
+        if self._mappings is None:
+            return None
+        try:
+            return frozenset(o.to for o in self._mappings.mapping(mapping).outbound)
+        except KeyError:
+            return None
 
     def resolve(self, dest: str) -> Resolved:
         """A name from config, else a "host:port" key; _Fail(1) for an unknown name."""
@@ -229,7 +293,7 @@ def _command(body: Callable[..., int]) -> Callable[[Any], int]:
         store = None
         try:
             store = _open_store(args.store)
-            dests = _Destinations(getattr(args, "channels", "channels"))
+            dests = _Destinations(getattr(args, "channels", "channels"), getattr(args, "mappings", None))
             return body(args, store, dests)
         except _Fail as fail:
             sys.stderr.write(f"error: {fail.message}\n")
@@ -250,6 +314,41 @@ def _write(store, op):
     from engine.store import write_one
 
     return write_one(store, op)
+
+
+def _optional_reason(args) -> str | None:
+    """--reason on one line, or None if not given; _Fail(2) if given but blank."""
+    given = getattr(args, "reason", None)
+    if given is None:
+        return None
+    reason = " ".join(given.split())
+    if not reason:
+        raise _Fail(USAGE, "--reason must say why (or leave it out)")
+    return reason
+
+
+def _log_action(event: str, **fields: Any) -> None:
+    """One structured log line on stderr for an operator action (JSON unless stderr is a
+    terminal), with the operating-system user who ran it. Ids and names only, as everywhere
+    in Koppel's logs: a free-text --reason may name a patient, so only whether one was given."""
+    import getpass
+
+    import structlog
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no LOGNAME/USER and no passwd entry (a bare container)
+        user = None
+    stream = sys.stderr
+    renderer = (structlog.dev.ConsoleRenderer(colors=False) if hasattr(stream, "isatty") and stream.isatty()
+                else structlog.processors.JSONRenderer())
+    logger = structlog.wrap_logger(
+        structlog.PrintLogger(stream),
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    renderer],
+        wrapper_class=structlog.BoundLogger,  # not the engine's level filter: an audit line always shows
+    )
+    logger.info(event, user=user, **fields)
 
 
 def _known_queue(store, dests: _Destinations, resolved: Resolved, now: float):
@@ -299,7 +398,7 @@ def queue_list(args, store, dests) -> int:
         s = stats.get(queue)
         names = list(dests.names_on(queue))
         if not names and s is not None and s.depth:
-            names = sorted({e.destination for e in store.queue_head(queue, 1)})
+            names = sorted({e.destination for e in store.queue_head(queue, 1, bodies=False)})
         rows.append({
             "queue": queue,
             "destinations": names,
@@ -340,7 +439,7 @@ def queue_show(args, store, dests) -> int:
     print(f"queue {resolved.label()}: {state}, {depth} pending, {_plural(dead, 'dead letter')}")
     if stats and stats.last_error:
         print(f"last error: {_short(stats.last_error, 200)}")
-    entries = store.queue_head(resolved.queue, args.limit)
+    entries = store.queue_head(resolved.queue, args.limit, bodies=False)
     if not entries:
         return OK
     print()
@@ -362,6 +461,7 @@ def queue_show(args, store, dests) -> int:
 def _set_paused(args, store, dests, paused: bool) -> int:
     from engine.store import SetPaused
 
+    reason = _optional_reason(args)
     resolved = dests.resolve(args.dest)
     stats = _known_queue(store, dests, resolved, _now())
     was = bool(stats and stats.paused)
@@ -370,9 +470,12 @@ def _set_paused(args, store, dests, paused: bool) -> int:
     if was == paused:
         print(f"queue {resolved.label()}: already {word}, nothing changed")
         return OK
-    _write(store, SetPaused(queue=resolved.queue, paused=paused))
+    _write(store, SetPaused(queue=resolved.queue, paused=paused, at=_now(), reason=reason))  # + audit record
     depth = stats.depth if stats else 0
-    print(f"queue {resolved.label()}: {'active' if paused else 'paused'} -> {word} ({depth} pending)")
+    print(f"queue {resolved.label()}: {'active' if paused else 'paused'} -> {word} ({depth} pending)"
+          + (f"; reason: {reason}" if reason else ""))
+    _log_action("operator.queue_paused" if paused else "operator.queue_resumed", queue=resolved.queue,
+                destinations=list(resolved.names), pending=depth, reason_given=reason is not None)
     return OK
 
 
@@ -393,16 +496,20 @@ def queue_retry_now(args, store, dests) -> int:
     """Make waiting entries due now instead of after their backoff."""
     from engine.store import RetryNow
 
+    reason = _optional_reason(args)
     resolved = dests.resolve(args.dest)
     stats = _known_queue(store, dests, resolved, _now())
     _shared_note(resolved)
-    count = _write(store, RetryNow(queue=resolved.queue))
+    count = _write(store, RetryNow(queue=resolved.queue, at=_now(), reason=reason))  # + audit record if any
     if not count:
         depth = stats.depth if stats else 0
         waiting = f"{depth} pending, none waiting on a backoff" if depth else "nothing pending"
         print(f"queue {resolved.label()}: {waiting}; nothing changed")
         return NOTHING
-    print(f"queue {resolved.label()}: {_plural(int(count), 'entry', 'entries')} due now")
+    print(f"queue {resolved.label()}: {_plural(int(count), 'entry', 'entries')} due now"
+          + (f"; reason: {reason}" if reason else ""))
+    _log_action("operator.queue_retry_now", queue=resolved.queue, destinations=list(resolved.names),
+                entries=int(count), reason_given=reason is not None)
     if stats and stats.paused:
         print("note: the queue is paused; nothing is sent until `koppel queue resume`")
     return OK
@@ -506,8 +613,14 @@ def dead_letters_replay(args, store, dests) -> int:
     if args.all:
         resolved = dests.resolve(args.all)
         _known_queue(store, dests, resolved, _now())
+        _delivered_queues(dests, [(resolved.queue, None)])
         _shared_note(resolved)
-        new = _write(store, ReplayDeadLetters(queue=resolved.queue, at=_now()))
+        new = []
+        while True:  # in short transactions: the engine's commits (and so its ACKs) never wait long
+            step = _write(store, ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP))
+            new.extend(step)
+            if len(step) < STEP:
+                break
         if not new:
             print(f"queue {resolved.label()}: no dead letters, nothing changed")
             return NOTHING
@@ -515,6 +628,7 @@ def dead_letters_replay(args, store, dests) -> int:
               f"new {'entry' if len(new) == 1 else 'entries'} {_id_list(new)}")
         return OK
     entries = _entry_ids(store, args.ids)
+    _delivered_queues(dests, [(e.queue, e) for e in entries])
     new = _write(store, ReplayDeadLetters(entry_ids=tuple(e.id for e in entries), at=_now()))
     # The store replays in id order, skipping any that stopped being dead meanwhile.
     for entry, new_id in zip(sorted(entries, key=lambda e: e.id), new):
@@ -524,6 +638,69 @@ def dead_letters_replay(args, store, dests) -> int:
         print(f"{len(entries) - len(new)} entries were no longer dead letters and were not replayed")
         return NOTHING
     return OK
+
+
+@_command
+def queue_move(args, store, dests) -> int:
+    """Re-queue the pending entries of a queue no destination uses any more (a destination's
+    host or port changed while they waited; the engine logs queue.orphaned) at the tail of
+    a destination's queue, oldest first."""
+    from engine.store import MoveQueue
+
+    reason = _optional_reason(args)
+    source = _queue_key(args.source) if ":" in args.source else None
+    if source is None:
+        raise _Fail(USAGE, f"give the old queue as HOST:PORT, not {args.source!r}")
+    target = dests.resolve(args.dest)
+    if target.given_name is None:
+        raise _Fail(USAGE, "give the destination to move to by its name (its queue and name come from --channels)")
+    if source == target.queue:
+        raise _Fail(USAGE, f"{args.dest} already delivers to {source}")
+    if dests.names_on(source) and not args.force:
+        raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: its sender may "
+                             "have an entry on the wire; pause it and give --force, or let it deliver")
+    moved: list[int] = []
+    while True:  # in short transactions, as replay --all
+        step = _write(store, MoveQueue(from_queue=source, to_queue=target.queue, destination=target.given_name,
+                                       at=_now(), reason=reason, limit=STEP))
+        moved.extend(step)
+        if len(step) < STEP:
+            break
+    if not moved:
+        print(f"queue {source}: nothing pending, nothing changed")
+        return NOTHING
+    print(f"moved {_plural(len(moved), 'pending entry', 'pending entries')} from {source} to the tail of queue "
+          f"{target.label()}: new {'entry' if len(moved) == 1 else 'entries'} {_id_list(moved)}"
+          + (f"; reason: {reason}" if reason else ""))
+    _log_action("operator.queue_moved", queue=source, to_queue=target.queue, destination=target.given_name,
+                entries=len(moved), reason_given=reason is not None)
+    return OK
+
+
+STEP = 500  # entries per transaction for bulk replays and moves
+
+
+def _delivered_queues(dests: _Destinations, items: Sequence[tuple[str, Any]]) -> None:
+    """_Fail(1) unless every queue is one a configured destination delivers (as `resend` checks):
+    a dead letter replayed onto a queue nothing sends would wait there for ever. Items are
+    (queue, dead entry or None for --all). Without a channels config there is nothing to check."""
+    configured = dests.queues()
+    if not configured:
+        return
+    problems = []
+    for queue, entry in items:
+        if queue in configured:
+            continue
+        what = f"entry {entry.id} is on queue {queue}" if entry is not None else f"queue {queue}"
+        problem = f"{what}, which no destination in the channels config delivers"
+        moved = dests.queue_of(entry.destination) if entry is not None else None
+        if moved is not None:  # the destination is configured, on another host:port now
+            problem += (f" ({entry.destination} now delivers to {moved}: "
+                        f"koppel resend {entry.message_id} --to {entry.destination})")
+        problems.append(problem)
+    if problems:
+        raise _Fail(NOTHING, "; ".join(problems) + "; replayed there a dead letter would never be sent "
+                                                   "(nothing changed)")
 
 
 def _id_list(ids: Sequence[int]) -> str:
@@ -555,7 +732,7 @@ def dead_letters_drop(args, store, dests) -> int:
 
 @_command
 def audit(args, store, dests) -> int:
-    """Operator actions (resend, replay, drop), newest first."""
+    """Operator actions (resend, replay, drop, move, pause, resume, retry-now), newest first."""
     now = _now()
     records = store.list_audit(args.limit)
     if not records:
@@ -576,7 +753,8 @@ def audit(args, store, dests) -> int:
 
 @_command
 def resend(args, store, dests) -> int:
-    """Queue a stored, accepted message again for one destination."""
+    """Queue a stored, accepted message again for one destination: as it was received, so
+    refused where the destination gets its type only as mapped (unless --as-received)."""
     from engine.store import Enqueue, QueueTarget
 
     message = store.get_message(args.message_id)
@@ -601,6 +779,8 @@ def resend(args, store, dests) -> int:
                                  "a message queued there would never be sent")
         _known_queue(store, dests, resolved, _now())
         name = resolved.queue  # no config: the queue key stands in for the name
+    if not args.as_received:
+        _refuse_if_only_mapped(store, dests, message, name)
     new = _write(store, Enqueue(message_id=message.id,
                                 targets=(QueueTarget(queue=resolved.queue, destination=name),),
                                 at=_now()))
@@ -608,6 +788,99 @@ def resend(args, store, dests) -> int:
           f"{message.control_id or '-'}) for {name} on queue {resolved.queue} as entry "
           f"{_id_list(new)}")
     return OK
+
+
+# How far after a message `resend` looks for the messages its mapping built (they are stored
+# when it is mapped: normally within seconds, later after an engine stop or a held event).
+BUILT_WINDOW = 86_400.0
+_BUILT_PAGE, _BUILT_PAGES = 500, 20
+
+
+def _refuse_if_only_mapped(store, dests: _Destinations, message, name: str) -> None:
+    """_Fail(1) if the message's channel routes its type to a mapping and to no destination
+    called `name` as it is: that destination gets the messages the mapping builds, never this
+    one (a ZorgDomein SRM^S01 resent raw to the HIS scheduling interface that expects the
+    SIU^S12 built from it). Without the channel in config there is nothing to go by."""
+    channel = dests.channel(message.channel)
+    if channel is None or not message.message_type:
+        return
+    msg_type, _, trigger = message.message_type.partition("^")
+    routes = [r for r in channel.routes if r.matches(msg_type, trigger.split("^")[0])]
+    if any(name in r.to for r in routes):
+        return  # a plain route sends it there as received
+    maps = sorted({r.map for r in routes if r.map})
+    if not maps or _is_built(store, message):
+        return  # a message Koppel built is what its destination receives: sent as it is
+    what = f"{message.message_type} on channel {message.channel}"
+    anyway = f"or give --as-received to queue message {message.id} as it is"
+    outbound = [dests.outbound(m) for m in maps]
+    if None not in outbound:  # the mappings say where what they build goes
+        targets = sorted(set().union(*outbound))
+        if name not in targets:
+            raise _Fail(NOTHING, (
+                f"{name} receives nothing for {what}: its route maps it ({', '.join(maps)}) and what the "
+                f"mapping builds goes to {', '.join(targets) or 'no destination'}; {anyway}"))
+        built, complete = _built_from(store, message)
+        more = "" if complete else " (perhaps more: see `koppel messages`)"
+        if built and targets == [name]:
+            instead = "resend one of those instead: " + _built_list(built) + more
+        elif built:
+            instead = f"built from it (for {', '.join(targets)}): " + _built_list(built) + more
+        else:
+            instead = _none_built(message)
+        raise _Fail(NOTHING, (
+            f"{name} receives the messages mapping {', '.join(maps)} builds from {what}, never the "
+            f"{message.message_type} as received; {instead}; {anyway}"))
+    built, complete = _built_from(store, message)
+    more = "" if complete else " (perhaps more: see `koppel messages`)"
+    found = ("those built from it: " + _built_list(built) + more) if built else _none_built(message)
+    raise _Fail(NOTHING, (
+        f"no route sends {what} to {name} as received: it is mapped ({', '.join(maps)}), and the "
+        f"mapping's destinations receive the messages it builds; {found}; {anyway}"))
+
+
+def _built_list(built) -> str:
+    return ", ".join(f"{b.id} ({b.message_type or '-'})" for b in built)
+
+
+def _none_built(message) -> str:
+    return (f"no message built from it was found (`koppel messages --channel {message.channel}` "
+            f"marks them 'built from {message.id}')")
+
+
+def _is_built(store, message) -> bool:
+    """Did Koppel build this message (an outbound mapping's message, origin_id set)?"""
+    if message.control_id:
+        for row in store.list_messages(channel=message.channel, control_id=message.control_id, limit=100):
+            if row.id == message.id:
+                return row.origin_id is not None
+    return message.peer == "koppel"  # what the mapping stores as the peer of what it builds
+
+
+def _built_from(store, message) -> tuple[list, bool]:
+    """(the stored messages built from `message`, in id order; False if the search stopped early).
+
+    The store has no lookup by origin, so this pages (newest first) through the headers of
+    the messages of its channel stored up to BUILT_WINDOW after it, at most _BUILT_PAGES pages."""
+    since = message.received_at
+    until = since + BUILT_WINDOW
+    seen: set[int] = set()
+    found = []
+    for _ in range(_BUILT_PAGES):
+        page = store.list_messages(channel=message.channel, since=since, until=until, limit=_BUILT_PAGE)
+        for row in page:
+            if row.id not in seen:
+                seen.add(row.id)
+                if row.origin_id == message.id:
+                    found.append(row)
+        if len(page) < _BUILT_PAGE:
+            return sorted(found, key=lambda r: r.id), True
+        # next page: up to and including the oldest time seen (rows sharing it may be unseen)
+        boundary = math.nextafter(min(row.received_at for row in page), math.inf)
+        if boundary >= until:  # a whole page at one instant: no way past it
+            break
+        until = boundary
+    return sorted(found, key=lambda r: r.id), False
 
 
 # --------------------------------------------------------------------------- argparse
@@ -685,8 +958,9 @@ def agenda_show(args, store, dests) -> int:
     """One entry with its data, history (message ids, actions, changed field names) and attachments."""
     key = args.entry
     record = None
-    if key.isascii() and key.isdigit():
-        record = store.get_agenda_entry(int(key))
+    number = _whole(key)
+    if number is not None and 1 <= number <= MAX_ID:  # else a ZD number, never an id
+        record = store.get_agenda_entry(number)
     if record is None:
         record = store.find_agenda_entry([f"zd:{key}", f"placer:{key}", f"filler:{key}"])
     if record is None:
@@ -746,7 +1020,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=queue_list)
     p = common(qsub.add_parser("show", help="the head entries of one queue"))
     p.add_argument("dest", metavar="DEST", help=dest_help)
-    p.add_argument("--limit", type=int, default=20, help="entries to show (default 20)")
+    p.add_argument("--limit", type=limit_arg, default=20, help="entries to show (default 20)")
     p.set_defaults(func=queue_show)
     for name, func, text in (
         ("pause", queue_pause, "stop sending on a queue"),
@@ -755,34 +1029,46 @@ def register(subparsers) -> None:
     ):
         p = common(qsub.add_parser(name, help=text))
         p.add_argument("dest", metavar="DEST", help=dest_help)
+        p.add_argument("--reason", default=None, help="why (printed with the result, kept in the audit log)")
         p.set_defaults(func=func)
+    p = common(qsub.add_parser("move", help="re-queue the pending entries of an old HOST:PORT onto a destination"))
+    p.add_argument("source", metavar="HOST:PORT", help="the queue nothing delivers any more (see queue.orphaned)")
+    p.add_argument("dest", metavar="DEST", help="the destination (by name) that should deliver them")
+    p.add_argument("--reason", default=None, help="why (kept in the audit log)")
+    p.add_argument("--force", action="store_true", help="move even though a destination still uses HOST:PORT")
+    p.set_defaults(func=queue_move)
 
     dead = subparsers.add_parser("dead-letters", help="inspect, replay, drop dead letters")
     dsub = dead.add_subparsers(dest="action", required=True)
     p = common(dsub.add_parser("list", help="dead letters, oldest first"))
     p.add_argument("dest", metavar="DEST", nargs="?", default=None, help=dest_help)
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--limit", type=limit_arg, default=100, help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=dead_letters_list)
     p = common(dsub.add_parser("show", help="one dead letter's headers, ACK and reason"), channels=False)
-    p.add_argument("id", metavar="ID", type=int, help="queue entry id")
+    p.add_argument("id", metavar="ID", type=id_arg, help="queue entry id")
     p.set_defaults(func=dead_letters_show)
     p = common(dsub.add_parser("replay", help="put dead letters back at the queue tail"))
-    p.add_argument("ids", metavar="ID", type=int, nargs="*", help="queue entry ids")
+    p.add_argument("ids", metavar="ID", type=id_arg, nargs="*", help="queue entry ids")
     p.add_argument("--all", metavar="DEST", default=None, help="every dead letter of this queue")
     p.set_defaults(func=dead_letters_replay)
     p = common(dsub.add_parser("drop", help="drop dead letters for good, with a reason"), channels=False)
-    p.add_argument("ids", metavar="ID", type=int, nargs="+", help="queue entry ids")
+    p.add_argument("ids", metavar="ID", type=id_arg, nargs="+", help="queue entry ids")
     p.add_argument("--reason", required=True, help="why (kept in the audit log)")
     p.set_defaults(func=dead_letters_drop)
 
     p = common(subparsers.add_parser("audit", help="operator actions, newest first"), channels=False)
-    p.add_argument("--limit", type=int, default=50, help="records to show (default 50)")
+    p.add_argument("--limit", type=limit_arg, default=50, help="records to show (default 50)")
     p.set_defaults(func=audit)
 
     p = common(subparsers.add_parser("resend", help="queue a stored message again for a destination"))
-    p.add_argument("message_id", metavar="MESSAGE-ID", type=int, help="stored message id")
+    p.add_argument("message_id", metavar="MESSAGE-ID", type=id_arg, help="stored message id")
     p.add_argument("--to", required=True, metavar="DEST", help=dest_help)
+    p.add_argument("--mappings", default="mappings",
+                   help="mappings directory, to tell which destinations a mapping sends to (default ./mappings)")
+    p.add_argument("--as-received", action="store_true",
+                   help="queue the message as it was received even if DEST gets this type only as "
+                        "mapped (by default refused: resend a message built from it instead)")
     p.set_defaults(func=resend)
 
     agenda = subparsers.add_parser("agenda", help="agenda entries made from referrals, orders and bookings")
@@ -792,7 +1078,7 @@ def register(subparsers) -> None:
     p.add_argument("--state", help="requested, booked, ordered, scheduled, cancelled, ...")
     p.add_argument("--from", dest="date_from", metavar="DATE", help="changed on or after (YYYY-MM-DD)")
     p.add_argument("--to", dest="date_to", metavar="DATE", help="changed on or before (YYYY-MM-DD)")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=limit_arg, default=100, help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=agenda_list)
     p = common(asub.add_parser("show", help="one entry: data, history, attachments"), channels=False)

@@ -380,6 +380,9 @@ def test_pause_and_resume_are_committed_through_the_group_committer_and_wake_the
     assert not world.store.is_paused(HIX_Q)
     paused_events = world.log.named("admin.queue_paused")
     assert paused_events and paused_events[0]["token"] == fingerprint(TOKEN) and TOKEN not in str(world.log.events)
+    by = f"admin API, token {fingerprint(TOKEN)}"  # in the audit log too, as the CLI's actions are
+    assert [(r.action, r.queue, r.reason) for r in world.store.list_audit()] == [("resume", HIX_Q, by),
+                                                                                 ("pause", HIX_Q, by)]
 
 
 def test_retry_now_makes_the_waiting_head_due_now(world):
@@ -388,6 +391,7 @@ def test_retry_now_makes_the_waiting_head_due_now(world):
     assert world.store.get_entry(world.ids["hix_head"]).next_attempt_at == 0
     assert world.polls == [HIX_Q]
     assert world.call("POST", f"/api/queues/{HIX_Q}/retry-now").json["due_now"] == 0
+    assert [r.action for r in world.store.list_audit()] == ["retry-now"]  # the one that freed something
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -429,6 +433,14 @@ def test_replay_puts_a_dead_letter_back_as_a_new_entry_once(world):
     assert again.code == 409 and again.json["error"] == "not_dead"
     assert world.call("POST", "/api/dead-letters/99999/replay").code == 404
     assert [r.action for r in world.store.list_audit()] == ["replay"]
+
+
+def test_replay_onto_a_queue_no_destination_delivers_is_refused(world):
+    dead = world.ids["ris_dead"]
+    world.engine.senders.pop(RIS_Q)  # ris moved to another host:port by a reload
+    answer = world.call("POST", f"/api/dead-letters/{dead}/replay")
+    assert answer.code == 409 and answer.json["error"] == "not_delivered"
+    assert world.store.get_entry(dead).state == "dead"
 
 
 def test_drop_needs_a_json_reason_and_records_it_in_the_audit_log(world):

@@ -118,14 +118,18 @@ def test_moving_a_queue_requeues_its_pending_entries_in_order_at_the_new_tail_in
 
 
 def test_pause_resume_and_retry_now_by_an_operator_leave_an_audit_record(tmp_path):
-    from engine.store import RetryNow, SetPaused
+    from engine.store import RecordFailure, RetryNow, SetPaused
 
     store = open_store(f"sqlite:///{tmp_path}/k.db")
     try:
         write_one(store, SetPaused(queue=OLD.queue, paused=True, at=T0, reason="HIS upgrade"))
         write_one(store, SetPaused(queue=OLD.queue, paused=False, at=T0 + 1))
-        write_one(store, RetryNow(queue=OLD.queue, at=T0 + 2, reason="HIS back"))
-        write_one(store, SetPaused(queue=OLD.queue, paused=True))  # the engine's own (none): no record
+        write_one(store, RetryNow(queue=OLD.queue, at=T0 + 2, reason="nothing waits"))  # freed none: no record
+        write_one(store, Append(message=received("ZD1", received_at=T0, targets=(OLD,))))
+        (entry,) = store.queue_head(OLD.queue, 1)
+        write_one(store, RecordFailure(entry_id=entry.id, error="refused", ack=None, next_attempt_at=T0 + 300, at=T0))
+        write_one(store, RetryNow(queue=OLD.queue, at=T0 + 3, reason="HIS back"))
+        write_one(store, SetPaused(queue=OLD.queue, paused=True))  # without at (not an operator): no record
         assert [(a.action, a.queue, a.reason) for a in reversed(store.list_audit())] == [
             ("pause", OLD.queue, "HIS upgrade"), ("resume", OLD.queue, None), ("retry-now", OLD.queue, "HIS back")]
     finally:

@@ -342,6 +342,10 @@ class AdminAPI(resource.Resource):
     def _now(self) -> float:
         return self.clock.seconds()
 
+    def _by_api(self) -> str:
+        """The audit record's reason for an action taken through this API (no free text)."""
+        return f"admin API, token {self._fingerprint}"
+
     def _caller(self, request) -> dict[str, str]:
         peer = request.getClientAddress() if hasattr(request, "getClientAddress") else None
         return {"token": self._fingerprint, "peer": getattr(peer, "host", None) or "-"}
@@ -432,7 +436,8 @@ class AdminAPI(resource.Resource):
         queue, stats = yield self._known_queue(text)
         was = bool(stats and stats.paused)
         if was != paused:
-            yield self.engine.committer.submit(SetPaused(queue=queue, paused=paused))
+            yield self.engine.committer.submit(SetPaused(queue=queue, paused=paused, at=self._now(),
+                                                         reason=self._by_api()))
             self.log.info("admin.queue_paused" if paused else "admin.queue_resumed", queue=queue,
                           **self._caller(request))
         self._poke(queue)
@@ -449,7 +454,7 @@ class AdminAPI(resource.Resource):
         from engine.store import RetryNow
 
         queue, stats = yield self._known_queue(text)
-        count = yield self.engine.committer.submit(RetryNow(queue=queue))
+        count = yield self.engine.committer.submit(RetryNow(queue=queue, at=self._now(), reason=self._by_api()))
         self.log.info("admin.queue_retry_now", queue=queue, entries=int(count or 0), **self._caller(request))
         self._poke(queue)
         return 200, {"queue": queue, "due_now": int(count or 0), "paused": bool(stats and stats.paused)}
@@ -497,6 +502,9 @@ class AdminAPI(resource.Resource):
         entry = yield self._dead_entry(text)
         if entry.state != "dead":
             raise ApiError(409, "not_dead", f"entry {entry.id} is {entry.state}, not a dead letter")
+        if entry.queue not in self.engine.senders:  # as `koppel dead-letters replay` refuses
+            raise ApiError(409, "not_delivered", f"no destination delivers queue {entry.queue} any more: a replay "
+                                                 "there would never be sent; resend its message to a destination")
         new = yield self.engine.committer.submit(ReplayDeadLetters(entry_ids=(entry.id,), at=self._now()))
         if not new:
             raise ApiError(409, "not_dead", f"entry {entry.id} stopped being a dead letter meanwhile")

@@ -367,7 +367,7 @@ class SetPaused:
 @_value
 class RetryNow:
     """Make the queue's waiting entries due immediately. Result: how many were waiting (0: none).
-    With ``at``, an audit record ('retry-now', with the reason)."""
+    With ``at``, an audit record ('retry-now', with the reason) when it freed any."""
 
     queue: str
     at: float | None = None

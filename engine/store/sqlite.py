@@ -449,7 +449,7 @@ class _Transaction:
             "WHERE queue = ? AND state = 'pending' AND next_attempt_at > 0",
             (op.queue,),
         )
-        if op.at is not None:
+        if op.at is not None and cur.rowcount:  # an operator's retry that freed something
             self._audit(op.at, "retry-now", op.queue, None, None, op.reason)
         return cur.rowcount
 
