@@ -244,6 +244,17 @@ def test_reschedule_and_modify_move_a_booked_appointment():
     assert [h.to_state for h in entry.history] == ["requested", "booked", "rescheduled", "modified"]
 
 
+@pytest.mark.parametrize("update", [lambda: srm(action="update", urgency="SPOED"), lambda: orm(action="update")],
+                         ids=["referral-side", "order-side"])
+def test_an_update_not_from_the_scheduler_changes_data_not_the_booked_state(update):
+    """`modified` is the scheduler's SIU^S14; a REF^I13 / ORC-1 XO only changes data, so it
+    ends the same before or after the booking (after it, it moved `booked` to `modified`)."""
+    before = only_entry(run(srm(), orm(), update(), siu()))
+    after = only_entry(run(srm(), orm(), siu(), update()))
+    assert before.state == after.state == "booked"
+    assert dict(before.data) == dict(after.data)
+
+
 # --- rejections ---------------------------------------------------------------------------
 
 

@@ -371,3 +371,13 @@ def test_held_scheduler_messages_apply_in_arrival_order_even_one_keyed_by_the_fi
     assert json.loads(entry.data)["booked_start"] == "2026-12-24T08:00:00+01:00"
     assert all(h.outcome(m.id)[0] == "mapped" for m in h.store.list_messages() if m.origin_id is None)
     h.store.close()
+
+
+def test_a_letter_after_the_orders_cancellation_leaves_its_order_control(h):
+    """The ORU's ORC-1 is NW for every letter: mapped into the entry it turned a cancelled
+    order's order_control (CA) back into NW."""
+    h.receive(orm())
+    h.receive(orm().replace(b"ORC|NW|", b"ORC|CA|"))
+    h.receive(oru())
+    (entry,) = h.entries()
+    assert entry.state == "cancelled" and json.loads(entry.data)["order_control"] == "CA"

@@ -703,6 +703,11 @@ def _apply(
         to_state = None
         if not repeat:
             return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
+    if action == "update" and event.kind != "appointment" and to_state is not None:
+        # `modified` says the scheduler changed a booked appointment (SIU^S14); a referral's or
+        # an order's update (REF^I13, ORC-1 XO) only changes data, so it ends the same whether
+        # it arrives before or after the booking.
+        to_state = state
 
     data, changed = _merge(entry.data, event.fields, overwrite=overwrite)
     known = set(entry.attachments)
