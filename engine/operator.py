@@ -327,18 +327,22 @@ def _optional_reason(args) -> str | None:
     return reason
 
 
+def _os_user() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no LOGNAME/USER and no passwd entry (a bare container)
+        return None
+
+
 def _log_action(event: str, **fields: Any) -> None:
     """One structured log line on stderr for an operator action (JSON unless stderr is a
     terminal), with the operating-system user who ran it. Ids and names only, as everywhere
     in Koppel's logs: a free-text --reason may name a patient, so only whether one was given."""
-    import getpass
-
     import structlog
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no LOGNAME/USER and no passwd entry (a bare container)
-        user = None
+    user = _os_user()
     stream = sys.stderr
     renderer = (structlog.dev.ConsoleRenderer(colors=False) if hasattr(stream, "isatty") and stream.isatty()
                 else structlog.processors.JSONRenderer())
@@ -967,6 +971,11 @@ def agenda_show(args, store, dests) -> int:
         raise _Fail(NOTHING, f"no agenda entry {key}")
     history = store.agenda_history(record.id)
     attachments = [store.get_attachment(h) for h in record.attachments]
+    if args.data:  # patient fields: in the audit trail before they are shown (no record, no data)
+        from engine.store import RecordAudit
+
+        _write(store, RecordAudit(at=_now(), action="read-agenda-data",
+                                  reason=f"agenda entry {record.id}; koppel CLI, user {_os_user() or '-'}"))
     if args.json:
         out = _agenda_json(record, with_data=True)
         out["data"] = _shown(out["data"], patient=args.data)

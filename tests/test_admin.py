@@ -533,6 +533,23 @@ def test_the_body_is_returned_only_on_request_and_the_read_is_audit_logged_witho
     assert [level for level, name, _ in world.log.events if name == "admin.body_read"] == ["warning"]
     logged = json.dumps(world.log.events, default=str)
     assert TEST_BSN not in logged and answer.json["body"] not in logged and TOKEN not in logged
+    # and in the store's audit trail, whatever the log level (koppel audit; NEN 7513-style access log)
+    (record,) = world.store.list_audit()
+    assert (record.action, record.message_id) == ("read-body", world.ids["m1"])
+    assert record.reason.startswith(f"admin API, token {fingerprint(TOKEN)}, peer ")
+
+
+def test_no_audit_record_no_body(world):
+    def refused(op, **kwargs):
+        from twisted.internet import defer
+
+        from engine.store import StoreError
+
+        return defer.fail(StoreError("store write failed: disk full"))
+
+    world.engine.committer.submit = refused
+    answer = world.call("GET", f"/api/messages/{world.ids['m1']}?include=body")
+    assert answer.code == 503 and "body" not in answer.json
 
 
 # --------------------------------------------------------------------------- agenda
@@ -563,6 +580,8 @@ def test_an_agenda_entry_by_id_or_key_gives_history_and_attachments_and_data_onl
     (event,) = world.log.named("admin.agenda_data_read")
     assert event["entry"] == world.ids["cardio"] and TEST_BSN not in json.dumps(world.log.events, default=str)
     assert [level for level, name, _ in world.log.events if name == "admin.agenda_data_read"] == ["warning"]
+    (record,) = world.store.list_audit()
+    assert record.action == "read-agenda-data" and record.reason.startswith(f"agenda entry {world.ids['cardio']}; ")
     assert world.call("GET", "/api/agenda/ZD000000000").code == 404
 
 

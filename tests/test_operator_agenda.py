@@ -67,5 +67,12 @@ def test_agenda_show_prints_the_patients_fields_only_with_data(store_url, capsys
         assert main(["agenda", "show", "ZD900000017", "--store", store_url, *extra]) == 0
         out = capsys.readouterr().out
         assert "123456782" not in out and "patient.bsn" in out and "--data shows it" in out
+    from engine.store import open_store
+
+    with open_store(store_url) as store:
+        assert store.list_audit() == []  # without --data nothing patient-identifying was shown
     assert main(["agenda", "show", "ZD900000017", "--store", store_url, "--json", "--data"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["patient.bsn"] == "123456782"
+    with open_store(store_url) as store:
+        (record,) = store.list_audit()  # who read a patient's fields, whatever the log level
+    assert record.action == "read-agenda-data" and "koppel CLI, user " in record.reason

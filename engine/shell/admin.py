@@ -342,6 +342,15 @@ class AdminAPI(resource.Resource):
     def _now(self) -> float:
         return self.clock.seconds()
 
+    def _audit_read(self, request, action: str, *, message_id: int | None = None, detail: str | None = None):
+        from engine.store import RecordAudit
+
+        caller = self._caller(request)
+        reason = f"{detail}; " if detail else ""
+        reason += f"admin API, token {caller['token']}, peer {caller['peer']}"
+        return self.engine.committer.submit(RecordAudit(at=self._now(), action=action, reason=reason,
+                                                        message_id=message_id))
+
     def _by_api(self) -> str:
         """The audit record's reason for an action taken through this API (no free text)."""
         return f"admin API, token {self._fingerprint}"
@@ -606,7 +615,9 @@ class AdminAPI(resource.Resource):
             "last_duplicate_at": m.last_duplicate_at,
         }
         if with_body:
-            # warning: an audit line, never filtered out by --log-level warning
+            # Patient data: in the store's audit trail first (koppel audit), whatever the log
+            # level; no record, no body (a store error answers 503).
+            yield self._audit_read(request, "read-body", message_id=m.id)
             self.log.warning("admin.body_read", message_id=m.id, size=m.size, **self._caller(request))
             out["body"] = base64.b64encode(m.raw).decode("ascii")
             out["body_encoding"] = "base64"
@@ -651,6 +662,7 @@ class AdminAPI(resource.Resource):
         ]
         out["attachments"] = attachments
         if with_data:
+            yield self._audit_read(request, "read-agenda-data", detail=f"agenda entry {record.id}")
             self.log.warning("admin.agenda_data_read", entry=record.id, **self._caller(request))
         return 200, out
 

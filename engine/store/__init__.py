@@ -53,6 +53,7 @@ __all__ = [
     "RecordFailure",
     "ReplayDeadLetters",
     "MoveQueue",
+    "RecordAudit",
     "RetryNow",
     "SetPaused",
     "StoreError",
@@ -223,7 +224,7 @@ class QueueStats:
 @_value
 class AuditRecord:
     """An operator action kept for accountability (drop, replay, resend, move, pause, resume,
-    retry-now)."""
+    retry-now), or a read of patient data (read-body, read-agenda-data)."""
 
     id: int
     at: float
@@ -372,6 +373,17 @@ class RetryNow:
     queue: str
     at: float | None = None
     reason: str | None = None
+
+
+@_value
+class RecordAudit:
+    """An audit record by itself: who read patient data (a message body, an agenda entry's
+    fields) through the admin API or the CLI. Result: None."""
+
+    at: float
+    action: str
+    reason: str
+    message_id: int | None = None
 
 
 @_value
@@ -533,6 +545,7 @@ WriteOp = Union[
     SetPaused,
     RetryNow,
     MoveQueue,
+    RecordAudit,
     ReplayDeadLetters,
     DropDeadLetters,
     Prune,

@@ -56,6 +56,7 @@ from engine.store import (
     SaveAgendaEntry,
     SetPaused,
     MoveQueue,
+    RecordAudit,
     SetProcessing,
     StoreBusy,
     StoredMessage,
@@ -453,6 +454,9 @@ class _Transaction:
             self._audit(op.at, "retry-now", op.queue, None, None, op.reason)
         return cur.rowcount
 
+    def _record_audit(self, op: RecordAudit) -> None:
+        self._audit(op.at, op.action, None, None, op.message_id, op.reason)
+
     def _move_queue(self, op: MoveQueue) -> tuple[int, ...]:
         rows = self._conn.execute(
             "UPDATE queue_entries SET state = 'replayed', done_at = ? WHERE id IN ("
@@ -635,6 +639,7 @@ class _Transaction:
         SetPaused: _set_paused,
         RetryNow: _retry_now,
         MoveQueue: _move_queue,
+        RecordAudit: _record_audit,
         ReplayDeadLetters: _replay,
         DropDeadLetters: _drop,
         Prune: _prune,
