@@ -493,7 +493,9 @@ def test_message_search_filters_by_channel_type_control_id_and_time(world):
 
 def test_message_search_by_zd_number_finds_the_messages_and_the_agenda_entry(world):
     answer = world.call("GET", f"/api/messages?zd={ZD}")
-    assert [m["id"] for m in answer.json["messages"]] == [world.ids["zd"]]
+    # MSH-10 = the ZD-number (an ORU), and every message in its entry's history: the booking m2,
+    # and an SRM, whose ZD-number is in ARQ-1 with a random MSH-10
+    assert [m["id"] for m in answer.json["messages"]] == [world.ids["zd"], world.ids["m2"]]
     (entry,) = answer.json["agenda_entries"]
     assert entry["id"] == world.ids["cardio"] and entry["zd_number"] == ZD and "data" not in entry
     assert_no_patient_data(answer)

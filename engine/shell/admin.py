@@ -590,10 +590,22 @@ class AdminAPI(resource.Resource):
             rows = []  # filters combine with AND: one MSH-10 cannot be two values
         else:
             rows = yield self._read(self.engine.store.list_messages, **query)
-        out: dict[str, Any] = {"messages": [self._summary_json(m) for m in rows]}
+        entries = []
         if zd is not None:
             entry = yield self._read(self.engine.store.find_agenda_entry, [f"zd:{zd}"])
-            out["agenda_entries"] = [_agenda_json(entry, with_data=False)] if entry is not None else []
+            if entry is not None:
+                entries.append(_agenda_json(entry, with_data=False))
+                if control_id is None:  # the messages that made the entry: an SRM has its ZD-number
+                    # in ARQ-1, not in MSH-10 as the ORU has
+                    history = yield self._read(self.engine.store.agenda_history, entry.id)
+                    query.update(control_id=None, message_ids=[h.message_id for h in history])
+                    more = yield self._read(self.engine.store.list_messages, **query)
+                    seen = {m.id for m in rows}
+                    rows = sorted([*rows, *(m for m in more if m.id not in seen)], key=lambda m: -m.id)
+                    rows = rows[: query["limit"]]
+        out: dict[str, Any] = {"messages": [self._summary_json(m) for m in rows]}
+        if zd is not None:
+            out["agenda_entries"] = entries
         return 200, out
 
     @defer.inlineCallbacks

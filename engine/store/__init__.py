@@ -589,6 +589,7 @@ class MessageStore(Protocol):
         until: float | None = None,
         status: MessageStatus | None = None,
         limit: int = 100,
+        message_ids: Sequence[int] | None = None,
     ) -> list[MessageSummary]: ...
 
     def queue_head(

@@ -875,9 +875,16 @@ class SQLiteStore:
         until: float | None = None,
         status: MessageStatus | None = None,
         limit: int = 100,
+        message_ids: Sequence[int] | None = None,
     ) -> list[MessageSummary]:
-        """Newest first, without bodies. `since` inclusive, `until` exclusive."""
-        where, params = [], []
+        """Newest first, without bodies. `since` inclusive, `until` exclusive; `message_ids`
+        (at most a few hundred: an entry's history) narrows to those."""
+        where: list[str] = []
+        params: list[Any] = []
+        if message_ids is not None:
+            ids = sorted(set(message_ids))[:_CHUNK]
+            where.append(f"id IN ({_placeholders(len(ids))})" if ids else "0")
+            params.extend(ids)
         for clause, value in (
             ("channel = ?", channel),
             ("control_id = ?", control_id),
