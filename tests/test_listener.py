@@ -730,3 +730,20 @@ def test_a_streaming_sender_whose_reads_end_mid_frame_is_not_cut_off(harness):
         harness.clock.advance(10)
         receiver.dataReceived(frames[i][50:] + frames[i + 1][:50])
     assert not transport.disconnecting
+
+
+def test_a_channel_without_an_accept_list_keeps_the_type_label_bounded(store, monkeypatch):
+    """Without `accept:` any MSH-9 is accepted; the metric's type label stays a bounded set
+    (made-up or malformed types, and those past the cap, count as "other")."""
+    from engine.shell import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "MAX_TYPE_LABELS", 3)
+    h = Harness(store=store, rules=AcceptRules())
+    receiver, _ = h.connect()
+    types = ["ORU^R01", "SRM^S01", "ORU^R01", "ZZZ^Z01", "ADT^A01", "x<script>^1"]
+    receiver.dataReceived(b"".join(frame(message(f"T{i}", type_=t)) for i, t in enumerate(types)))
+    h.clock.advance(0)
+    assert h.sample("koppel_received_messages_total", type="ORU^R01", outcome="accepted") == 2
+    assert h.sample("koppel_received_messages_total", type="ZZZ^Z01", outcome="accepted") == 1
+    assert h.sample("koppel_received_messages_total", type="ADT^A01", outcome="accepted") is None
+    assert h.sample("koppel_received_messages_total", type="other", outcome="accepted") == 2

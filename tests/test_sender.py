@@ -508,6 +508,9 @@ def test_an_ack_with_the_wrong_msa2_never_counts_and_the_message_is_resent_on_a_
     assert h.destination.frames() == [hl7("C1")]
     h.destination.answer(code)
     assert h.entry(1).state == "delivered"
+    # the dashboard's ACK codes: one real AA/CA, and the other message's one as "mismatch"
+    assert h.sample("koppel_delivery_acks_total", destination=NAME, code=code) == 1
+    assert h.sample("koppel_delivery_acks_total", destination=NAME, code="mismatch") == 1
 
 
 def test_a_framed_garbage_answer_never_counts_and_the_message_is_resent_on_a_new_connection(make):

@@ -21,6 +21,7 @@ class Outcome:
     code: str  # the ACK code received ("" when none could be read)
     reason: str  # safe text for logs and the queue's last error
     resync: bool = False  # the connection can no longer be trusted: close it before retrying
+    mismatch: bool = False  # an ACK for another message (MSA-2): its code says nothing about ours
 
 
 def judge(
@@ -42,6 +43,7 @@ def judge(
             code=reply.code,
             reason="acknowledgement for another message (MSA-2 mismatch)",
             resync=True,
+            mismatch=True,
         )
     if reply.success:
         return Outcome(verdict="delivered", code=reply.code, reason="")

@@ -9,6 +9,7 @@ finish in. Nothing a peer sends can raise out of ``dataReceived``.
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,12 @@ from engine.shell.wire import send_now
 from engine.store import Append, QueueTarget, ReceivedMessage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# Metric label values for message types: a channel without an accept list takes any MSH-9 a
+# sender makes up, so the label is "other" past this many, or for anything not shaped TYP^TRG.
+MAX_TYPE_LABELS = 50
+_TYPE_LABEL = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{2,3}", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,7 +260,7 @@ class MLLPReceiver(protocol.Protocol):
         outcome = "accepted" if assessment is not None and assessment.accepted and stored else "rejected"
         if failure is not None:
             outcome = "failed"
-        label = message.message_type if (outcome == "accepted" and message) else "other"
+        label = factory.type_label(message.message_type) if (outcome == "accepted" and message) else "other"
         factory.count(factory.metrics.received, label, outcome).inc()
         if message is not None:
             factory.count(factory.metrics.received_bytes).inc(len(message.raw))
@@ -380,6 +387,7 @@ class MLLPListenerFactory(protocol.Factory):
         self._stamp_second = -1.0
         self._stamp = ""
         self._children: dict = {}
+        self._type_labels: set[str] = set()
         self._refusals = Repeats()
 
     def buildProtocol(self, addr):
@@ -418,6 +426,17 @@ class MLLPListenerFactory(protocol.Factory):
             self._stamp_second = second
             self._stamp = format_timestamp(self.now())
         return self._stamp
+
+    def type_label(self, message_type: str | None) -> str:
+        """The `type` label: the message type while a channel has seen at most MAX_TYPE_LABELS
+        (an accept list bounds them; without one a sender could make a series per made-up
+        type), else "other"."""
+        if message_type in self._type_labels:
+            return message_type  # type: ignore[return-value]
+        if not message_type or len(self._type_labels) >= MAX_TYPE_LABELS or not _TYPE_LABEL.fullmatch(message_type):
+            return "other"
+        self._type_labels.add(message_type)
+        return message_type
 
     def count(self, metric, *labels):
         """A metric child for these labels, looked up once (labels() is costly per message)."""

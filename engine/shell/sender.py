@@ -602,8 +602,8 @@ class QueueSender:
             on_nak=_on_nak(destination),  # cached per destination config
             failure=failure,
         )
-        if outcome.code:
-            self._count("delivery_acks_total", entry.destination, outcome.code).inc()
+        if outcome.code:  # an AA for another message is no AA for ours: counted as "mismatch"
+            self._count("delivery_acks_total", entry.destination, "mismatch" if outcome.mismatch else outcome.code).inc()
         if outcome.verdict == "delivered":
             self._delivered(entry, answer)
         elif outcome.verdict == "dead-letter":
