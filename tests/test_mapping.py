@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,11 @@ PUBLIC = ROOT / "tests" / "samples" / "public"
 AMS_WINTER = dt.timezone(dt.timedelta(hours=1))
 AMS_SUMMER = dt.timezone(dt.timedelta(hours=2))
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=AMS_WINTER)
+
+
+# The entry a create made, as the processor passes it: the SRM's SIU^S12 goes to the HIS only
+# for an entry still `requested` (not for one already booked or closed).
+NEW_ENTRY = SimpleNamespace(id=1, state="requested")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,7 @@ def test_oru_head_without_documents_still_links_by_msh10(bundled):
     assert e.fields["patient.name"].surname == "de Mannaam"
     assert "attachments" not in e.fields
     # no document, so nothing goes to the archive
-    assert build_outbound(mapping, e, None, control_id="K1", timestamp=NOW) == []
+    assert build_outbound(mapping, e, NEW_ENTRY, control_id="K1", timestamp=NOW) == []
 
 
 def test_oru_zd_number_falls_back_to_obr2_when_msh10_is_not_one(bundled):
@@ -363,7 +369,7 @@ def test_arbitrary_field_contents_give_an_event_or_clean_errors(bundled, base, e
         assert SECRET not in str(error) and SECRET not in error.reason
         assert error.file.endswith(".yaml") and error.line >= 1 and error.field
     if result.event is not None:
-        build_outbound(mapping, result.event, None, control_id="K1", timestamp=NOW)
+        build_outbound(mapping, result.event, NEW_ENTRY, control_id="K1", timestamp=NOW)
 
 
 def test_huge_repetitions_and_groups_still_map(bundled):
@@ -396,7 +402,7 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
     from hl7apy.consts import VALIDATION_LEVEL
 
     mapping, e = mapped(bundled, sample(ZD / "zd_srm_s01_appointment_request.hl7"))
-    ((to, data),) = build_outbound(mapping, e, None, control_id="K0000001", timestamp=NOW)
+    ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K0000001", timestamp=NOW)
     assert to == "his-scheduling"
     for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
         parsed = hl7apy_parse(data, level)
@@ -420,7 +426,7 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
 def test_srm_cancel_sends_nothing_to_the_his(bundled):
     raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
     mapping, e = mapped(bundled, raw)
-    assert build_outbound(mapping, e, None, control_id="K1", timestamp=NOW) == []
+    assert build_outbound(mapping, e, NEW_ENTRY, control_id="K1", timestamp=NOW) == []
 
 
 def test_event_values_are_escaped_with_the_template_delimiters(bundled):
@@ -429,7 +435,7 @@ def test_event_values_are_escaped_with_the_template_delimiters(bundled):
     )
     mapping, e = mapped(bundled, raw)
     assert e.fields["patient.name"].surname == "de Boer|x^y~z\\"
-    ((_, data),) = build_outbound(mapping, e, None, control_id="K1", timestamp=NOW)
+    ((_, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K1", timestamp=NOW)
     assert b"de Boer\\F\\x\\S\\y\\R\\z\\E\\&de&Boer" in data
     _, back = parse(data)
     from engine.core.paths import first, parse_path
@@ -441,7 +447,7 @@ def test_orm_builds_one_orc_and_obr_per_test_for_the_ris(bundled):
     from hl7apy.consts import VALIDATION_LEVEL
 
     mapping, e = mapped(bundled, sample(ZD / "zd_orm_o01_echo_v24_latin1.hl7"))
-    ((to, data),) = build_outbound(mapping, e, None, control_id="K2", timestamp=NOW)
+    ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K2", timestamp=NOW)
     assert to == "ris-orders"
     for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
         parsed = hl7apy_parse(data, level)  # hl7apy models ORM's OBR/RQD/... choice as all-required,
@@ -462,7 +468,7 @@ def test_oru_builds_an_mdm_t02_with_every_attachment_for_the_archive(bundled):
     from hl7apy.consts import VALIDATION_LEVEL
 
     mapping, e = mapped(bundled, sample(ZD / "zd_oru_r01_attachments.hl7"))
-    ((to, data),) = build_outbound(mapping, e, None, control_id="K3", timestamp=NOW)
+    ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K3", timestamp=NOW)
     assert to == "document-archive"
     for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
         hl7apy_parse(data, level).validate()
@@ -478,7 +484,7 @@ def test_a_pdf_letter_builds_a_tolerantly_valid_mdm(bundled):
     from hl7apy.consts import VALIDATION_LEVEL
 
     mapping, e = mapped(bundled, sample(ZD / "zd_oru_r01_request_form_pdf.hl7"))
-    ((_, data),) = build_outbound(mapping, e, None, control_id="K4", timestamp=NOW)
+    ((_, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K4", timestamp=NOW)
     # STRICT refuses ED data over 2.5's 199 characters, which every real letter exceeds
     hl7apy_parse(data, VALIDATION_LEVEL.TOLERANT).validate()
     assert b"^application^pdf^Base64^JVBERi0xLjQK" in data

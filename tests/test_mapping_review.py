@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,11 @@ SRM = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=1)))
 
 
+# The entry a create made, as the processor passes it: the SRM's SIU^S12 goes to the HIS only
+# for an entry still `requested` (not for one already booked or closed).
+NEW_ENTRY = SimpleNamespace(id=1, state="requested")
+
+
 @pytest.fixture(scope="module")
 def mappings():
     return load_mappings(ROOT / "mappings")
@@ -32,7 +38,7 @@ def mapped(mappings, raw: bytes):
     mapping = mappings.for_type(header.type_and_trigger)
     result = mapping.apply(Message.parse(raw, codec=header.codec))
     assert result.errors == ()
-    return result.event, [data for _, data in build_outbound(mapping, result.event, None, control_id="K1",
+    return result.event, [data for _, data in build_outbound(mapping, result.event, NEW_ENTRY, control_id="K1",
                                                               timestamp=NOW)]
 
 

@@ -381,3 +381,22 @@ def test_a_letter_after_the_orders_cancellation_leaves_its_order_control(h):
     h.receive(oru())
     (entry,) = h.entries()
     assert entry.state == "cancelled" and json.loads(entry.data)["order_control"] == "CA"
+
+
+@pytest.mark.parametrize("closing", ["S15", "ORM-CA"])
+def test_a_request_after_its_order_was_cancelled_still_makes_the_entry_the_cancelled_request(tmp_path, closing):
+    """ORM, its cancellation (SIU^S12+S15, or ORC-1 CA), then the SRM: the entry ends as in the
+    natural order (SRM first), a cancelled appointment request in its agenda, and the HIS gets
+    no request for it (the SRM was refused: 'cannot create: entry is cancelled')."""
+    cancel = [siu("S12"), siu("S15")] if closing == "S15" else [orm().replace(b"ORC|NW|", b"ORC|CA|")]
+    ends = []
+    for name, order in (("natural", [srm(), orm(), *cancel]), ("late", [orm(), *cancel, srm()])):
+        h = Harness(tmp_path / name)
+        ids = [h.receive(raw) for raw in order]
+        (entry,) = h.entries()
+        ends.append((entry.kind, entry.agenda_id, entry.state))
+        assert all(h.outcome(i)[0] == "mapped" for i in ids), [h.outcome(i) for i in ids]
+        if name == "late":
+            assert outbound_of(h, ids[-1]) == []  # no SIU^S12 request for a cancelled entry
+        h.store.close()
+    assert ends[0] == ends[1] and ends[0][0] == "appointment-request" and ends[0][2] == "cancelled"

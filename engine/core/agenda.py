@@ -131,10 +131,11 @@ _REPEATS = {"booked": "book", "scheduled": "book", "cancelled": "cancel", "compl
 # takes the first kind of this list, whatever the arrival order; state moves across families
 # by _CROSS_FAMILY so the final state does not depend on the order either.
 KIND_PRECEDENCE = ("appointment-request", "referral", "appointment", "diagnostic-order")
+_CLOSED = {"cancelled": "cancelled", "completed": "completed"}
 _CROSS_FAMILY = {
-    ("order", "appointment"): {"ordered": "requested", "scheduled": "booked"},
+    ("order", "appointment"): {"ordered": "requested", "scheduled": "booked", **_CLOSED},
     ("appointment", "order"): {"requested": "ordered", "booked": "scheduled", "rescheduled": "scheduled",
-                               "modified": "scheduled"},  # fmt: skip
+                               "modified": "scheduled", **_CLOSED},  # fmt: skip
 }
 
 
@@ -617,8 +618,9 @@ def decide(
       before the SRM: booked, then cancelled); anything else -> Reject naming the key kind.
     - an entry: the state table decides the move; fields merge into data (changed names in
       history); attachments are added once by sha256. A create merges (ZorgDomein re-sends and
-      supplements). A closed entry takes only letters; other actions -> Reject "entry is
-      <state>" (a repeated cancel is a no-op). A repeat of the action that led to the state
+      supplements). A closed entry takes only letters, and the create of a greater kind (the
+      SRM of a cancelled order: it becomes the request it would have been, still cancelled);
+      other actions -> Reject "entry is <state>" (a repeated cancel is a no-op). A repeat of the action that led to the state
       (re-delivery) that changes nothing is a no-op Update.
     """
     keys = correlation_keys(event)
@@ -673,7 +675,12 @@ def _apply(
 ) -> Decision:
     action = event.action
     kind, agenda_id, state = entry.kind, entry.agenda_id, entry.state
-    if not entry.is_open and action != "attach":
+    # The create of a greater kind (the SRM of an order already cancelled or completed) still
+    # makes the entry what it would have been had it come first: kind, agenda and its fields,
+    # the state kept, as for a letter.
+    takes_over = action == "create" and KIND_PRECEDENCE.index(event.kind) < KIND_PRECEDENCE.index(kind)
+    closed = not entry.is_open
+    if closed and action != "attach" and not takes_over:
         if action == "cancel" and state == "cancelled":
             return Update(entry=entry, noop=True)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
@@ -687,7 +694,7 @@ def _apply(
     # A create of a lesser kind (an ORM for a referral that has its SRM) only adds missing
     # fields; one of a greater kind takes over kind, agenda and the fields it has.
     overwrite = action != "create" or KIND_PRECEDENCE.index(event.kind) <= KIND_PRECEDENCE.index(kind)
-    if action == "create" and KIND_PRECEDENCE.index(event.kind) < KIND_PRECEDENCE.index(kind):
+    if takes_over:
         family_move = (FAMILY[kind], FAMILY[event.kind])
         if family_move[0] != family_move[1]:
             state = _CROSS_FAMILY[family_move][state]
@@ -698,7 +705,7 @@ def _apply(
 
     repeat = _REPEATS.get(entry.state) == action
     try:
-        to_state = transition(kind, state, action)
+        to_state = transition(kind, state, "attach" if closed else action)  # closed: the state stays
     except IllegalMove:
         to_state = None
         if not repeat:
