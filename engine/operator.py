@@ -269,7 +269,7 @@ def _open_store(url: str):
             path = parse_sqlite_url(url).path
             if not path.is_file():
                 raise _Fail(NOTHING, f"no store at {path} (give --store URL)")
-        return open_store(url)
+        return open_store(url, migrate_schema=False)  # never migrates a store under a running engine
     except ValueError as error:
         raise _Fail(USAGE, str(error)) from None
     except StoreError as error:

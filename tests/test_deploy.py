@@ -200,9 +200,11 @@ def test_promtool_check_rules_and_config():
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def _render(template: str, labels: dict[str, str]) -> str:
-    """Expand {{ $labels.x }} as Prometheus does (the only template used by these alerts)."""
+def _render(template: str, labels: dict[str, str], value: str | None = None) -> str:
+    """Expand {{ $labels.x }} (and, given as text, {{ $value ... }}) as Prometheus does."""
     text = re.sub(r"\{\{\s*\$labels\.(\w+)\s*\}\}", lambda m: labels[m.group(1)], template)
+    if value is not None:
+        text = re.sub(r"\{\{\s*\$value[^}]*\}\}", value, text)
     assert "{{" not in text, text
     return text
 
@@ -212,6 +214,14 @@ def _expect(alert: str, **labels: str) -> dict:
     labels = {"job": "koppel", "instance": "k:9464", **labels}
     return {"exp_labels": {**labels, **rule["labels"]},
             "exp_annotations": {k: _render(v, labels) for k, v in rule["annotations"].items()}}
+
+
+def _expect_split(alert: str, **labels: str) -> dict:
+    """An alert aggregated over a split engine's processes: job and its own labels, no instance."""
+    rule = {r["alert"]: r for r in _rules()}[alert]
+    labels = {"job": "koppel", **labels}
+    return {"exp_labels": {**labels, **rule["labels"]},
+            "exp_annotations": {k: _render(v, labels, value="25m 0s") for k, v in rule["annotations"].items()}}
 
 
 def _promtool_scenarios() -> dict:
@@ -239,6 +249,18 @@ def _promtool_scenarios() -> dict:
                     {"eval_time": "9m", "alertname": "KoppelDeadLetters", "exp_alerts": []},
                     {"eval_time": "12m", "alertname": "KoppelStoreErrors", "exp_alerts": []},
                     {"eval_time": "12m", "alertname": "KoppelQueueOldestAgeHigh", "exp_alerts": []},
+                ],
+            },
+            {
+                # A split engine: receiver and deliverer both export the queue's age; one alert.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'koppel_queue_oldest_age_seconds{{job="koppel",instance="k:{port}",queue="127.0.0.1:6661"}}',
+                     "values": "0+60x30"} for port in (9464, 9465)
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "25m", "alertname": "KoppelQueueOldestAgeHigh",
+                     "exp_alerts": [_expect_split("KoppelQueueOldestAgeHigh", queue="127.0.0.1:6661")]},
                 ],
             },
             {

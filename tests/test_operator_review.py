@@ -294,3 +294,30 @@ def test_replay_all_goes_in_steps_and_replays_everything(world, capsys, monkeypa
     assert code == 0 and "replayed 3 dead letters" in out
     assert [op.limit for op in steps] == [2, 2]  # 2 then 1: the short step ends it
     assert [e.message_id for e in world.store.queue_head(HIX_Q, 10)] == [world.m1, world.m2, world.m3]
+
+
+# --------------------------------------------------------------------------- schema versions
+
+
+def test_operator_commands_never_migrate_a_store_and_say_which_side_to_upgrade(tmp_path, capsys):
+    """A newer CLI beside an older engine must not change the schema under it; an older CLI
+    must not read a newer store."""
+    import sqlite3
+
+    from engine.store.migrations import MIGRATIONS, current_version, migrate
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        migrate(conn, MIGRATIONS[:-1])  # as an engine one schema version behind left it
+    assert main(["queue", "list", "--store", f"sqlite:///{path}", "--channels", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "older than this Koppel's" in err and "koppel run" in err and len(err.splitlines()) == 1
+    with sqlite3.connect(path) as conn:
+        assert current_version(conn) == MIGRATIONS[-2].version  # untouched
+
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        migrate(conn, MIGRATIONS)
+        conn.execute("INSERT INTO schema_version (version, applied_at, why) VALUES (?, 0, 'future')",
+                     (MIGRATIONS[-1].version + 1,))
+    assert main(["audit", "--store", f"sqlite:///{path}"]) == 1
+    assert "newer than this Koppel understands" in capsys.readouterr().err

@@ -663,8 +663,9 @@ def write_one(store: MessageStore, op: WriteOp) -> WriteResult:
     return store.write([op])[0]
 
 
-def open_store(url: str) -> MessageStore:
-    """Open (creating and migrating if needed) the store named by `url`.
+def open_store(url: str, *, migrate_schema: bool = True) -> MessageStore:
+    """Open (creating and migrating if needed) the store named by `url`; with
+    ``migrate_schema=False`` (operator commands) a store at another schema version is refused.
 
     `sqlite:var/koppel.db` (relative), `sqlite:///abs/koppel.db` (absolute), optional
     `?synchronous=NORMAL`. Raises ValueError for a URL it cannot serve.
@@ -675,7 +676,7 @@ def open_store(url: str) -> MessageStore:
     if scheme == "sqlite":
         from engine.store.sqlite import SQLiteStore, parse_sqlite_url
 
-        return SQLiteStore(parse_sqlite_url(url))
+        return SQLiteStore(parse_sqlite_url(url), migrate_schema=migrate_schema)
     raise ValueError(
         f"unknown store scheme {scheme!r} in {url!r}; supported: 'sqlite:PATH' "
         "(e.g. sqlite:var/koppel.db or sqlite:///var/lib/koppel/koppel.db)"

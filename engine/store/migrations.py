@@ -201,6 +201,20 @@ def current_version(conn: sqlite3.Connection) -> int:
     return int(row[0] or 0)
 
 
+def check_version(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """The store's schema version if it is exactly this Koppel's; else StoreError saying which
+    side to upgrade. For commands that must not migrate a store an engine may be using."""
+    known = migrations[-1].version if migrations else 0
+    version = current_version(conn)
+    if version > known:
+        raise StoreError(f"store schema version {version} is newer than this Koppel understands "
+                         f"(up to {known}); use the Koppel that runs on this store")
+    if version < known:
+        raise StoreError(f"store schema version {version} is older than this Koppel's ({known}); "
+                         "start `koppel run` of this version on it first (it migrates the store)")
+    return version
+
+
 def migrate(
     conn: sqlite3.Connection,
     migrations: tuple[Migration, ...] = MIGRATIONS,

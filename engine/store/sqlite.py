@@ -64,7 +64,7 @@ from engine.store import (
     WriteOp,
     WriteResult,
 )
-from engine.store.migrations import MIGRATIONS, migrate
+from engine.store.migrations import MIGRATIONS, check_version, migrate
 
 __all__ = ["SQLiteConfig", "SQLiteStore", "parse_sqlite_url"]
 
@@ -659,7 +659,7 @@ WRITER_CHECKPOINT_PAGES = 4000
 class SQLiteStore:
     """A `MessageStore` in one SQLite file. Thread-safe: each thread gets its own connection."""
 
-    def __init__(self, config: SQLiteConfig) -> None:
+    def __init__(self, config: SQLiteConfig, *, migrate_schema: bool = True) -> None:
         self.config = config
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -672,8 +672,11 @@ class SQLiteStore:
             raise StoreError(f"cannot create the store directory: {exc.strerror}") from exc
         conn = self._conn()
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            migrate(conn, MIGRATIONS, now=time.time())
+            if migrate_schema:
+                conn.execute("PRAGMA journal_mode = WAL")
+                migrate(conn, MIGRATIONS, now=time.time())
+            else:  # an operator command beside a running engine: never changes the schema under it
+                check_version(conn, MIGRATIONS)
         except StoreError:
             self.close()
             raise
