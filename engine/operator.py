@@ -634,10 +634,14 @@ def dead_letters_replay(args, store, dests) -> int:
     entries = _entry_ids(store, args.ids)
     _delivered_queues(dests, [(e.queue, e) for e in entries])
     new = _write(store, ReplayDeadLetters(entry_ids=tuple(e.id for e in entries), at=_now()))
-    # The store replays in id order, skipping any that stopped being dead meanwhile.
-    for entry, new_id in zip(sorted(entries, key=lambda e: e.id), new):
-        print(f"replayed entry {entry.id} as entry {new_id} at the tail of queue {entry.queue} "
-              f"({entry.destination})")
+    # Paired by the new entries' replay_of: the store skips any that stopped being dead meanwhile.
+    by_id = {e.id: e for e in entries}
+    for new_id in new:
+        replayed = store.get_entry(new_id)
+        entry = by_id.get(replayed.replay_of) if replayed is not None else None
+        if entry is not None:
+            print(f"replayed entry {entry.id} as entry {new_id} at the tail of queue {entry.queue} "
+                  f"({entry.destination})")
     if len(new) < len(entries):
         print(f"{len(entries) - len(new)} entries were no longer dead letters and were not replayed")
         return NOTHING
@@ -724,7 +728,10 @@ def dead_letters_drop(args, store, dests) -> int:
     entries = _entry_ids(store, args.ids)
     dropped = _write(store, DropDeadLetters(entry_ids=tuple(e.id for e in entries), reason=reason,
                                             at=_now()))
-    for entry in entries:
+    for entry in entries:  # as the store now has them: one may have been replayed meanwhile
+        now_state = store.get_entry(entry.id)
+        if now_state is None or now_state.state != "dropped":
+            continue
         print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
               f"message {entry.message_id})")
     print(f"{_plural(int(dropped), 'dead letter')} dropped; reason recorded in the audit log")

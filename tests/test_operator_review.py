@@ -321,3 +321,41 @@ def test_operator_commands_never_migrate_a_store_and_say_which_side_to_upgrade(t
                      (MIGRATIONS[-1].version + 1,))
     assert main(["audit", "--store", f"sqlite:///{path}"]) == 1
     assert "newer than this Koppel understands" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- races with another operator
+
+
+def _race(world, monkeypatch, first_id):
+    """Another operator replays `first_id` between our read of the entries and our write."""
+    from engine import operator
+    from engine.store import ReplayDeadLetters
+
+    real = operator._write
+
+    def write(store, op):
+        if not getattr(write, "done", False):
+            write.done = True
+            real(store, ReplayDeadLetters(entry_ids=(first_id,), at=T0 + 300))
+        return real(store, op)
+
+    monkeypatch.setattr(operator, "_write", write)
+
+
+def test_drop_and_replay_report_only_what_they_did_when_another_operator_got_there_first(world, capsys, monkeypatch):
+    second = world.hix[1]
+    write_one(world.store, DeadLetter(entry_id=second, reason="AR", ack=None, at=T0 + 200))
+    _race(world, monkeypatch, world.ris_dead)
+    code, out, _ = world.run(capsys, "dead-letters", "drop", str(world.ris_dead), str(second), "--reason", "by phone")
+    assert code == 1
+    assert f"dropped entry {second} " in out and f"dropped entry {world.ris_dead} " not in out
+
+    third = world.hix[2]
+    write_one(world.store, DeadLetter(entry_id=third, reason="AR", ack=None, at=T0 + 200))
+    fourth = world.hix[0]
+    write_one(world.store, DeadLetter(entry_id=fourth, reason="AR", ack=None, at=T0 + 200))
+    _race(world, monkeypatch, fourth)  # the lower id goes first: zip() paired the rest wrongly
+    code, out, _ = world.run(capsys, "dead-letters", "replay", str(fourth), str(third))
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if line.startswith("replayed entry")]
+    assert line.startswith(f"replayed entry {third} as entry ")
