@@ -263,8 +263,8 @@ def test_siu_samples_map_to_appointments(bundled, name, action, status):
     assert f["booked_start"] == expected_start
     assert f["booked_start"].utcoffset() == dt.timedelta(hours=2)  # shown in Amsterdam time
     assert f["filler_status"] == status
-    assert f["service"] == Code(code="76164006", text="Biopsy of colon (procedure)", system="SCT")
-    assert (f["duration"], f["location"]) == ("60", "055")
+    assert f["booked_service"] == Code(code="76164006", text="Biopsy of colon (procedure)", system="SCT")
+    assert (f["duration"], f["booked_location"]) == ("60", "055")
     assert f["patient.birth_date"] == dt.date(1988, 8, 18)
 
 

@@ -400,3 +400,34 @@ def test_a_request_after_its_order_was_cancelled_still_makes_the_entry_the_cance
             assert outbound_of(h, ids[-1]) == []  # no SIU^S12 request for a cancelled entry
         h.store.close()
     assert ends[0] == ends[1] and ends[0][0] == "appointment-request" and ends[0][2] == "cancelled"
+
+
+def test_what_the_scheduler_booked_and_what_was_requested_end_the_same_in_any_order(tmp_path):
+    """The SIU's booked practitioner and service have names of their own: a request arriving
+    after the booking overwrote them with the requested ones (the same names), and a re-sent
+    request then changed the entry and sent the HIS a second request."""
+    booking = siu("S12").rstrip(b"\r") + b"\rAIP|1||^Boekdokter^B.\r"
+    ends = []
+    for name, order in (("natural", [srm(), orm(), booking]), ("late", [orm(), booking, srm()])):
+        h = Harness(tmp_path / name)
+        for raw in order:
+            h.receive(raw)
+        (entry,) = h.entries()
+        data = json.loads(entry.data)
+        ends.append({k: data.get(k) for k in ("practitioner", "booked_practitioner", "booked_service", "state")}
+                    | {"state": entry.state})
+        h.store.close()
+    assert ends[0] == ends[1]
+    assert ends[0]["booked_practitioner"] == "Boekdokter" and ends[0]["practitioner"] not in (None, "Boekdokter")
+
+    h = Harness(tmp_path / "resent")
+    h.receive(srm())
+    h.receive(booking)
+    again = h.receive(srm().replace(b"g20ce6a9f8ca4f551275", b"g20ce6a9f8ca4f55127X"))  # new MSH-10
+    assert h.outcome(again)[0] == "mapped" and outbound_of(h, again) == []
+    (entry,) = h.entries()
+    history = h.store.agenda_history(entry.id)
+    assert [x.action for x in history] == ["create", "book", "create"] and entry.state == "booked"
+    # the re-sent request takes back only the patient fields the HIS's SIU spelled its own way
+    assert set(history[-1].changed) <= {"patient.name", "patient.sex", "patient.birth_date"}, history[-1].changed
+    h.store.close()
