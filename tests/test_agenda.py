@@ -255,6 +255,17 @@ def test_an_update_not_from_the_scheduler_changes_data_not_the_booked_state(upda
     assert dict(before.data) == dict(after.data)
 
 
+@pytest.mark.parametrize("change, state", [("reschedule", "rescheduled"), ("update", "modified"),
+                                           ("cancel", "cancelled")])
+def test_an_order_booked_and_changed_before_its_request_ends_as_in_the_natural_order(change, state):
+    """The order family has no rescheduled or modified state: the request's create replays the
+    order's changes (recorded with their event kinds) in the appointment family."""
+    natural = only_entry(run(srm(), orm(), siu(), siu(action=change)))
+    late = only_entry(run(orm(), siu(), siu(action=change), srm()))
+    assert natural.state == late.state == state
+    assert (late.kind, late.agenda_id) == (natural.kind, natural.agenda_id)
+
+
 # --- rejections ---------------------------------------------------------------------------
 
 

@@ -431,3 +431,20 @@ def test_what_the_scheduler_booked_and_what_was_requested_end_the_same_in_any_or
     # the re-sent request takes back only the patient fields the HIS's SIU spelled its own way
     assert set(history[-1].changed) <= {"patient.name", "patient.sex", "patient.birth_date"}, history[-1].changed
     h.store.close()
+
+
+@pytest.mark.parametrize("change, state", [("S13", "rescheduled"), ("S14", "modified")])
+def test_an_order_scheduled_and_changed_before_its_request_ends_as_in_the_natural_order(tmp_path, change, state):
+    """ORM, S12, S13 (or S14), then the SRM ended `booked`: the order family keeps `scheduled`
+    for both, and the request's create mapped that to booked. The change history (with each
+    event's kind and action, from the store across batches) is replayed instead."""
+    ends = []
+    for name, order in (("natural", [srm(), orm(), siu("S12"), siu(change)]),
+                        ("late", [orm(), siu("S12"), siu(change), srm()])):
+        h = Harness(tmp_path / name)
+        for raw in order:
+            h.receive(raw)  # one batch each: the late SRM finds the history in the store
+        (entry,) = h.entries()
+        ends.append((entry.kind, entry.state))
+        h.store.close()
+    assert ends[0] == ends[1] == ("appointment-request", state)

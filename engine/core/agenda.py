@@ -205,6 +205,7 @@ class HistoryItem:
     from_state: str | None  # None: the entry was created by this item
     to_state: str
     changed: tuple[str, ...] = ()
+    kind: str | None = None  # the event's kind ("appointment": the scheduler); None if not recorded
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -655,7 +656,7 @@ def _decide_new(
             history=(
                 HistoryItem(
                     at=now, message_id=message_id, action="create", from_state=None, to_state=state,
-                    changed=tuple(changed),
+                    changed=tuple(changed), kind=event.kind,
                 ),
             ),
         )  # fmt: skip
@@ -668,6 +669,24 @@ def _decide_new(
     if waiting:
         return Hold(key=key, keys=keys, reason=f"waits behind earlier messages for the entry with this {_key_kind(key)}")
     return Reject(reason=f"cannot {event.action}: no entry for this {_key_kind(key)}", code="unknown-entry")
+
+
+def _replayed(kind: str, history: tuple[HistoryItem, ...]) -> str | None:
+    """The state an entry of ``kind`` would be in after the changes in ``history``, in order
+    (an order's S12 then S13 replayed as a request's: rescheduled, where the order family,
+    which has no such state, kept 'scheduled'). None without a complete history (entries
+    recorded before the event kinds were, or a caller that did not load it)."""
+    if not history or history[0].from_state is not None or any(item.kind is None for item in history):
+        return None
+    state = INITIAL_STATE[kind]
+    for item in history[1:]:
+        if item.action in ("create", "attach") or (item.action == "update" and item.kind != "appointment"):
+            continue  # data only (see _apply: only the scheduler's update moves the state)
+        try:
+            state = transition(kind, state, item.action)
+        except IllegalMove:
+            continue
+    return state
 
 
 def _apply(
@@ -697,7 +716,7 @@ def _apply(
     if takes_over:
         family_move = (FAMILY[kind], FAMILY[event.kind])
         if family_move[0] != family_move[1]:
-            state = _CROSS_FAMILY[family_move][state]
+            state = _replayed(event.kind, entry.history) or _CROSS_FAMILY[family_move][state]
         kind = event.kind
         agenda, fallback = book.select(event)
         if not fallback or book.fallback.id == agenda_id:
@@ -734,11 +753,14 @@ def _apply(
         if changed:
             return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
         return Update(entry=entry, noop=True)
-    if not changed and to_state == entry.state:
+    scheduler_change = FAMILY[kind] == "order" and event.kind == "appointment" and action in ("reschedule", "update")
+    if not changed and to_state == entry.state and not scheduler_change:
+        # (an order keeps `scheduled` through the scheduler's changes; they are still recorded,
+        # as a request's create replays them: see _replayed)
         return Update(entry=entry, noop=True)
     item = HistoryItem(
         at=now, message_id=message_id, action=action, from_state=entry.state, to_state=to_state,
-        changed=tuple(changed),
+        changed=tuple(changed), kind=event.kind,
     )  # fmt: skip
     updated = replace(
         entry,

@@ -347,6 +347,8 @@ class Processor:
         event = result.event
         keys = ag.correlation_keys(event)
         existing = view.find(keys)
+        if existing is not None and event.action == "create" and ag.FAMILY[existing.kind] != ag.FAMILY[event.kind]:
+            existing = self._with_history(existing)  # its changes are replayed in the new family
         now = self._now()
         waiting = existing is None and event.action not in ("create", "attach", "book") and bool(view.held_for(keys))
         decision = ag.decide(event, existing, now=now, message_id=str(work.message_id), book=self.book,
@@ -485,8 +487,22 @@ class Processor:
             zd_number=entry.zd_number, placer_id=entry.placer_id, filler_id=entry.filler_id,
             data=to_json(entry.data), attachments=entry.attachments,
             keys=ag.entry_keys(entry), at=at, message_id=message_id, action=action, from_state=from_state,
-            changed=tuple(changed),
+            changed=tuple(changed), event_kind=entry.history[-1].kind if entry.history else None,
+            event_action=entry.history[-1].action if entry.history else None,
         )
+
+    def _with_history(self, entry: ag.AgendaEntry) -> ag.AgendaEntry:
+        """The entry with every change so far: the committed ones from the store, then this
+        batch's (an entry read from the store carries only the latter)."""
+        if entry.history and entry.history[0].from_state is None:
+            return entry  # created in this batch: all of it is at hand
+        stored = tuple(
+            ag.HistoryItem(at=dt.datetime.fromtimestamp(h.at, dt.timezone.utc), message_id=str(h.message_id),
+                           action=h.event_action or h.action, from_state=h.from_state, to_state=h.to_state,
+                           changed=h.changed, kind=h.event_kind if h.event_action else None)
+            for h in self.store.agenda_history(int(entry.id))
+        )
+        return dataclasses.replace(entry, history=stored + entry.history)
 
     @staticmethod
     def _attachment_op(attachment: ag.Attachment) -> PutAttachment:

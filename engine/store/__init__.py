@@ -263,6 +263,8 @@ class AgendaHistoryRecord:
     from_state: str | None
     to_state: str
     changed: tuple[str, ...]
+    event_kind: str | None = None  # None in history written before schema version 7
+    event_action: str | None = None
 
 
 @_value
@@ -490,6 +492,8 @@ class SaveAgendaEntry:
     from_state: str | None
     changed: tuple[str, ...] = ()
     new: bool = False  # create with this entry_id (the engine assigns ids so a batch can refer to them)
+    event_kind: str | None = None  # the kind of event that made this change (appointment: the scheduler)
+    event_action: str | None = None  # its action (for action "release": the released event's)
 
 
 @_value

@@ -185,6 +185,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         why="find whether any event is still held without scanning released ones",
         statements=("CREATE INDEX held_events_open ON held_events (id) WHERE released_at IS NULL",),
     ),
+    Migration(
+        version=7,
+        why="the kind and action of the event behind each agenda change (a release records the "
+            "released event's), so an order's scheduling can be replayed when its request comes later",
+        statements=("ALTER TABLE agenda_history ADD COLUMN event_kind TEXT",
+                    "ALTER TABLE agenda_history ADD COLUMN event_action TEXT"),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

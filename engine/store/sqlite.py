@@ -566,9 +566,10 @@ class _Transaction:
             [(key, entry_id) for key in op.keys],
         )
         execute(
-            "INSERT INTO agenda_history (entry_id, at, message_id, action, from_state, to_state, changed) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (entry_id, op.at, op.message_id, op.action, op.from_state, op.state, " ".join(op.changed)),
+            "INSERT INTO agenda_history (entry_id, at, message_id, action, from_state, to_state, changed, "
+            "event_kind, event_action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, op.at, op.message_id, op.action, op.from_state, op.state, " ".join(op.changed),
+             op.event_kind, op.event_action),
         )
         return entry_id
 
@@ -989,14 +990,14 @@ class SQLiteStore:
 
     def agenda_history(self, entry_id: int) -> list[AgendaHistoryRecord]:
         rows = self._query(
-            "SELECT entry_id, at, message_id, action, from_state, to_state, changed FROM agenda_history "
-            "WHERE entry_id = ? ORDER BY id",
+            "SELECT entry_id, at, message_id, action, from_state, to_state, changed, event_kind, event_action "
+            "FROM agenda_history WHERE entry_id = ? ORDER BY id",
             (entry_id,),
         )
         return [
             AgendaHistoryRecord(
                 entry_id=r[0], at=r[1], message_id=r[2], action=r[3], from_state=r[4], to_state=r[5],
-                changed=tuple(r[6].split()) if r[6] else (),
+                changed=tuple(r[6].split()) if r[6] else (), event_kind=r[7], event_action=r[8],
             )
             for r in rows
         ]
