@@ -224,6 +224,10 @@ def _run(args) -> int:
     import signal
 
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    # A process started with SIGINT ignored (`cmd &` in a script, some supervisors) passes that
+    # on, and Twisted then leaves SIGINT alone: the engine would not stop on it at all. SIGINT
+    # stops it cleanly, like SIGTERM, however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     pid_file = Path(args.pid_file) if args.pid_file else None
     if pid_file is not None:
         pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -94,3 +94,25 @@ def test_signal_under_load_exits_0_in_time_and_loses_nothing(tmp_path, signum):
         if engine is not None:
             engine.kill()
         sink.down()
+
+
+def test_sigint_stops_an_engine_started_with_sigint_ignored(tmp_path, monkeypatch):
+    """A shell script's `koppel run &` (or a supervisor) starts it with SIGINT ignored; Twisted
+    then leaves SIGINT alone and the engine did not stop on it at all."""
+    import subprocess
+
+    channels = tmp_path / "channels"
+    write_channel(channels, {"sink": 9})
+    engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/var/koppel.db")
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: real_popen(
+        *args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), **kwargs))
+    engine.start(until="engine.started")
+    monkeypatch.undo()
+    try:
+        engine.proc.send_signal(signal.SIGINT)
+        assert engine.wait(15) == 0, engine.tail()
+        assert [e.get("event") for e in engine.logged()][-1] == "engine.stopped"
+    finally:
+        if engine.proc.poll() is None:
+            engine.kill()
