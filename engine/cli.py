@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--channel", required=True, help="the channel the message arrives on")
     preview.add_argument("--store", default=None, help="decide against the entries in this store (read-only)")
     preview.add_argument("--raw", action="store_true", help="the file's bytes are one message, untouched")
+    preview.add_argument("--data", action="store_true",
+                         help="with --store: show the stored entry's patient fields too (kept in the audit trail)")
     preview.add_argument("file")
     preview.set_defaults(func=_map)
 

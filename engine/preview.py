@@ -24,7 +24,10 @@ from engine.core.agenda import plain as _plain
 from engine.shell.processor import entry_from_record
 
 
-def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.datetime | None = None) -> dict:
+def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.datetime | None = None,
+            patient_data: bool = True) -> dict:
+    """``patient_data=False``: the entry's ``patient.*`` fields are hidden (with ``--store``
+    they are the stored entry's, not only the file's)."""
     config = bundle.config
     try:
         channel = config.channel(channel_name)
@@ -75,7 +78,9 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
     result["fallback_agenda"] = bool(getattr(decision, "fallback", False))
     result["entry"] = {"agenda": entry.agenda_id, "kind": entry.kind, "state": entry.state,
                        "zd_number": entry.zd_number, "placer_id": entry.placer_id, "filler_id": entry.filler_id,
-                       "data": _plain({k: v for k, v in entry.data.items() if k != "attachments"}),
+                       "data": _plain({k: (v if patient_data or not k.startswith("patient.") else
+                                           "(hidden: --data shows it)")
+                                       for k, v in entry.data.items() if k != "attachments"}),
                        "attachments": list(entry.attachments)}
     from engine.mapping import build_outbound
 
@@ -110,9 +115,16 @@ def run(args) -> int:
         with open(args.file, "rb") as handle:
             messages = split_messages(handle.read(), raw=args.raw)
         out = []
+        patient_data = store is None or args.data  # the stored entry's patient fields only on request
+        if store is not None and args.data:  # in the audit trail first, as `agenda show --data`
+            from engine.operator import _now, _os_user, _write
+            from engine.store import RecordAudit
+
+            _write(store, RecordAudit(at=_now(), action="read-agenda-data",
+                                      reason=f"koppel map --store --data; koppel CLI, user {_os_user() or '-'}"))
         for raw in messages:
             try:
-                out.append(preview(bundle, args.channel, raw, store=store))
+                out.append(preview(bundle, args.channel, raw, store=store, patient_data=patient_data))
             except ValueError as error:
                 sys.stderr.write(f"error: {error}\n")
                 return 2

@@ -115,7 +115,7 @@ def test_srm_s01_maps_to_an_appointment_request(bundled):
     assert f["requested_start"] == dt.datetime(2016, 3, 29, tzinfo=AMS_SUMMER)
     assert f["requested_end"] == dt.datetime(2016, 4, 28, tzinfo=AMS_SUMMER)
     assert f["requested_start"].utcoffset() == dt.timedelta(hours=2)
-    assert f["patient_remark"] == "Patiënt spreekt uitsluitend Frans."
+    assert f["patient.remark"] == "Patiënt spreekt uitsluitend Frans."
     assert (f["specialism"], f["location_agb"], f["location_name"]) == ("CAR", "01059998", "Isala, locatie Zwolle")
     assert f["practitioner"] == "Meijer"
 

@@ -55,3 +55,30 @@ def test_preview_reads_but_never_writes_the_store(capsys, tmp_path):
 def test_an_unknown_channel_is_a_usage_error(capsys):
     code, out = run(capsys, "--channel", "nope", str(SAMPLES / "zd_srm_s01_appointment_request.hl7"))
     assert code == 2 and "no channel 'nope'" in out.err
+
+
+def test_with_a_store_the_stored_entrys_patient_fields_need_data_and_are_audited(capsys, tmp_path):
+    import json as _json
+
+    from engine.store import SaveAgendaEntry
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    store = open_store(url)
+    zd = "ZD200046139"  # the SRM sample's: its re-send finds this stored entry
+    store.write([SaveAgendaEntry(
+        entry_id=None, agenda_id="cardiology", kind="appointment-request", state="requested", zd_number=zd,
+        placer_id=zd, filler_id=None, data=_json.dumps({"patient.bsn": "123456782", "patient.street": "Stored 1"}),
+        attachments=(), keys=(f"zd:{zd}",), at=0.0, message_id=None, action="create", from_state=None)])
+    store.close()
+    sample = str(SAMPLES / "zd_srm_s01_appointment_request.hl7")
+    code, out = run(capsys, "--channel", "zorgdomein-in", "--store", url, sample)
+    data = json.loads(out.out)["entry"]["data"]
+    assert code == 0 and data["patient.bsn"] == "(hidden: --data shows it)" and "Stored" not in out.out
+    assert data["care_product"]["code"] == "CARREG001"  # the rest is shown
+    with open_store(url) as s:
+        assert s.list_audit() == []
+    code, out = run(capsys, "--channel", "zorgdomein-in", "--store", url, "--data", sample)
+    assert code == 0 and json.loads(out.out)["entry"]["data"]["patient.bsn"] != "(hidden: --data shows it)"
+    with open_store(url) as s:
+        (record,) = s.list_audit()
+    assert record.action == "read-agenda-data" and "koppel map" in record.reason
