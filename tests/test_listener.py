@@ -386,10 +386,10 @@ def test_a_frame_that_never_ends_is_closed_at_the_frame_timeout_and_nothing_is_s
     receiver, transport = h.connect()
     receiver.dataReceived(frame(message("MSG1"))[:50])
     h.clock.advance(20)
-    receiver.dataReceived(b"more bytes of the same frame")
-    h.clock.advance(9.9)
+    receiver.dataReceived(b"more bytes of the same frame")  # still arriving: the 30 s count again
+    h.clock.advance(29.9)
     assert not transport.disconnecting
-    h.clock.advance(0.2)
+    h.clock.advance(0.2)  # 30 s without a byte in an open frame: it stalled
     assert transport.disconnecting
     receiver.connectionLost()
     h.clock.advance(0)
@@ -398,6 +398,38 @@ def test_a_frame_that_never_ends_is_closed_at_the_frame_timeout_and_nothing_is_s
     assert h.sample("koppel_frames_discarded_total", reason="timeout") == 1
     assert h.sample("koppel_frames_discarded_total", reason="eof") is None
     assert h.sample("koppel_connections_closed_total", reason="frame-timeout") == 1
+
+
+def test_a_large_frame_arriving_slowly_for_longer_than_the_frame_timeout_is_stored(store):
+    """A 2 MB letter over a slow VPN link takes minutes; frame_timeout is a stall timeout, not
+    a deadline from the frame's first byte (which cut off every such message, on every resend)."""
+    h = Harness(store=store, frame_timeout=30.0, idle_timeout=600.0)
+    receiver, transport = h.connect()
+    data = frame(message("BIG1") + b"OBX|1|ED|PDF^brief||^AP^^Base64^" + b"QUJD" * 500_000 + b"\r")
+    step = len(data) // 120
+    for start in range(0, len(data), step):  # 2 MB in 120 pieces, 5 s apart: 10 minutes in all
+        receiver.dataReceived(data[start:start + step])
+        h.clock.advance(5)
+    assert not transport.disconnecting
+    assert [read_ack(a).code for a in acks(transport)] == ["AA"]
+    assert [m.control_id for m in store.list_messages()] == ["BIG1"]
+
+
+def test_a_peer_that_half_closes_after_sending_still_gets_its_acks(store):
+    """`shutdown(SHUT_WR)` after the last message (nc -N, Java's shutdownOutput()): the ACKs
+    are written, then the connection closes; Twisted used to take the EOF for the end."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    h = Harness(store=store)
+    receiver, transport = h.connect()
+    assert IHalfCloseableProtocol.providedBy(receiver)
+    receiver.dataReceived(frame(message("HC1")) + frame(message("HC2")))
+    receiver.readConnectionLost()  # the peer's FIN, before the commit
+    assert not transport.disconnecting  # the ACKs are still owed
+    h.clock.advance(0)
+    assert [read_ack(a).control_id for a in acks(transport)] == ["HC1", "HC2"]
+    assert transport.disconnecting
+    assert h.sample("koppel_connections_closed_total", reason="peer-half-closed") == 1
 
 
 def test_the_frame_timeout_does_not_fire_once_the_frame_is_complete(harness):

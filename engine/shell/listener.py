@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from zope.interface import implementer
 
 from engine.config import peer_allowed
 from engine.core import mllp
@@ -101,6 +102,7 @@ class _Answer:
         self.started = started
 
 
+@implementer(IHalfCloseableProtocol)
 class MLLPReceiver(protocol.Protocol):
     def __init__(self, factory: "MLLPListenerFactory", peer: str) -> None:
         self.factory = factory
@@ -139,6 +141,17 @@ class MLLPReceiver(protocol.Protocol):
         self.factory.closed(self)
         self.lost.callback(None)
 
+    def readConnectionLost(self) -> None:
+        """The peer half-closed (shutdown(SHUT_WR), `nc -N`, Java's shutdownOutput()) after its
+        last message and still reads: its ACKs go out, then the connection closes. Without this
+        Twisted took the EOF for the end of the connection and the ACKs were never written."""
+        for event in self.reader.eof():
+            self._discarded(event)
+        self._close("peer-half-closed")
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
     # -- bytes in -------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -160,8 +173,7 @@ class MLLPReceiver(protocol.Protocol):
                 self._oversize(event)
             else:
                 self._discarded(event)
-        # a frame that ended in this read leaves the one after it (if begun) a fresh timer
-        self._watch_frame(restart=bool(events) and type(events[-1]) is not mllp.JunkDiscarded)
+        self._watch_frame()
 
     def _frame(self, payload: bytes) -> None:
         factory = self.factory
@@ -322,16 +334,17 @@ class MLLPReceiver(protocol.Protocol):
         else:
             self._idle_call = self.factory.clock.callLater(timeout, self._timed_out, "idle-timeout")
 
-    def _watch_frame(self, restart: bool = False) -> None:
-        """frame_timeout counts from the start of the frame now open: a frame begun in the
-        same read that finished the one before it gets its own full time."""
+    def _watch_frame(self) -> None:
+        """frame_timeout is how long a frame that is open may go without a byte: a frame that
+        stalled is dropped, but a 20 MB letter trickling over a slow VPN is not cut off at 30 s
+        (as a deadline from its first byte did), nor is a frame begun in the read that
+        finished the one before it."""
         timeout = self.factory.settings.frame_timeout
         if timeout is None:
             return
         if self.reader.in_frame:
             if self._frame_call is not None and self._frame_call.active():
-                if restart:
-                    self._frame_call.reset(timeout)
+                self._frame_call.reset(timeout)
             else:
                 self._frame_call = self.factory.clock.callLater(timeout, self._timed_out, "frame-timeout")
         elif self._frame_call is not None:
