@@ -779,3 +779,20 @@ def test_a_channel_without_an_accept_list_keeps_the_type_label_bounded(store, mo
     assert h.sample("koppel_received_messages_total", type="ZZZ^Z01", outcome="accepted") == 1
     assert h.sample("koppel_received_messages_total", type="ADT^A01", outcome="accepted") is None
     assert h.sample("koppel_received_messages_total", type="other", outcome="accepted") == 2
+
+
+def test_ack_control_ids_stay_within_msh10s_20_characters_for_years_of_messages():
+    """MSH-10 is ST(20) up to 2.5.1: the start time, a pid up to Linux's 4,194,304 and a
+    counter past 10^12 fit (a decimal counter after a ms timestamp passed 20 at 10^5)."""
+    from engine.shell.listener import default_control_ids
+
+    ids = default_control_ids(1_795_000_000.0, 4_194_304)
+    first = ids()
+    ids._next = 36**6 - 1  # 2.2 billion: an outbound id (the processor's) still has room for "-N"
+    outbound = ids()
+    ids._next = 10**12
+    late = ids()
+    assert len(first) <= 20 and len(late) <= 20 and len(outbound + "-9") <= 20
+    assert len({first, outbound, late}) == 3
+    others = {default_control_ids(1_795_000_000.0 + dt, pid)() for dt in (0, 1) for pid in (1, 36, 4_194_304)}
+    assert len(others) == 6  # unique across restarts (another second) and processes (another pid)

@@ -79,16 +79,17 @@ class ControlIds:
     under load or across restarts the way timestamp ids do; tests pass a fixed one.
     """
 
-    __slots__ = ("prefix", "_next")
+    __slots__ = ("prefix", "_next", "_encode")
 
-    def __init__(self, prefix: str, start: int = 1) -> None:
+    def __init__(self, prefix: str, start: int = 1, encode=str) -> None:
         self.prefix = prefix
         self._next = start
+        self._encode = encode  # the counter's digits (the shell uses base 36, to stay short)
 
     def __call__(self) -> str:
         value = self._next
         self._next = value + 1
-        return f"{self.prefix}{value}"
+        return f"{self.prefix}{self._encode(value)}"
 
 
 @functools.lru_cache(maxsize=64)  # a handful of versions on the wire; bounded against odd ones

@@ -510,8 +510,11 @@ class MLLPListenerFactory(protocol.Factory):
 
 
 def default_control_ids(clock_seconds: float, pid: int) -> ControlIds:
-    """ACK control ids unique across restarts: start time (base 36) and pid, then a counter."""
-    return ControlIds(prefix=f"K{_base36(int(clock_seconds * 1000))}{_base36(pid)}-")
+    """ACK control ids unique across restarts: start second and pid (fixed widths, base 36),
+    then a base-36 counter. MSH-10 is at most 20 characters up to HL7 2.5.1: 12 here, so a
+    counter of 8 digits (2.8 trillion messages; 6 for an outbound id's "-N" suffix) fits."""
+    prefix = f"K{_base36(int(clock_seconds)).rjust(6, '0')[-6:]}{_base36(pid).rjust(5, '0')[-5:]}"
+    return ControlIds(prefix=prefix, encode=_base36)
 
 
 def _base36(number: int) -> str:
