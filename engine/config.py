@@ -55,6 +55,7 @@ Order = Literal["fifo", "none"]
 ORDERS: tuple[Order, ...] = ("fifo", "none")
 ACK_MODES = ("on-store", "on-map")
 STORE_FAILURE_CODES = ("AE", "AR")
+ACCEPT_ACK_POLICIES = ("as-asked", "always")
 PROCESSING_IDS = ("P", "T", "D")  # HL7 table 0103
 
 # MSH fields a destination may not rewrite: the delimiters (1, 2), what the message is (9),
@@ -319,10 +320,14 @@ class AckConfig:
 
     mode: Literal["on-store", "on-map"] = "on-store"
     store_failure: Literal["AE", "AR"] = "AE"
+    # MSH-15 NE/ER/SU withhold the accept ACK as HL7 says (as-asked); `always` answers every
+    # message, for senders with NE in their header template that still wait for an answer.
+    accept_ack: Literal["as-asked", "always"] = "as-asked"
 
     def __post_init__(self) -> None:
         _check(self.mode in ACK_MODES, f"unknown ack mode {self.mode!r}")
         _check(self.store_failure in STORE_FAILURE_CODES, "store_failure must be AE or AR")
+        _check(self.accept_ack in ACCEPT_ACK_POLICIES, "accept_ack must be as-asked or always")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -998,7 +1003,7 @@ class _ChannelReader(_Walker):
         return m.get("window", _duration(allow_zero=True), DEFAULT_DUPLICATE_WINDOW)
 
     def ack(self, node: yaml.Node, path: str) -> AckConfig:
-        m = self.mapping(node, path, ("mode", "store_failure"))
+        m = self.mapping(node, path, ("mode", "store_failure", "accept_ack"))
         if m is None:
             return AckConfig()
 
@@ -1008,6 +1013,7 @@ class _ChannelReader(_Walker):
         return AckConfig(
             mode=m.get("mode", mode, "on-store"),
             store_failure=m.get("store_failure", _choice(*STORE_FAILURE_CODES), "AE"),
+            accept_ack=m.get("accept_ack", _choice(*ACCEPT_ACK_POLICIES), "as-asked"),
         )
 
     def destinations(self, node: yaml.Node, path: str) -> None:

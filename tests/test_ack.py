@@ -180,6 +180,14 @@ def test_msh_15_decides_the_code_and_whether_the_accept_ack_is_sent(msh15, msh16
     assert is_enhanced(header) == (code != original)
 
 
+@pytest.mark.parametrize("msh15", ["NE", "ER", "SU", "AL"])
+@pytest.mark.parametrize("original", ["AA", "AE", "AR"])
+def test_always_answers_whatever_msh_15_asks_with_the_enhanced_code(msh15, original):
+    header = read_header(msh(msh15=msh15), default_charset="8859/1")
+    decision = decide(header, original, always=True)
+    assert decision.send and decision.code == {"AA": "CA", "AE": "CE", "AR": "CR"}[original]
+
+
 @pytest.mark.parametrize("bad", ["CA", "XX", "", "aa"])
 def test_decide_refuses_a_code_that_is_not_original_mode(bad):
     header = read_header(msh(), default_charset="8859/1")

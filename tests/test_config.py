@@ -187,7 +187,7 @@ def test_a_minimal_channel_gets_the_documented_defaults(dirs):
     assert source.max_connections == 64
     assert channel.accept == AcceptConfig(types=None, versions=None, processing_ids=None)
     assert channel.duplicate_window == 24 * 3600.0
-    assert channel.ack == AckConfig(mode="on-store", store_failure="AE")
+    assert channel.ack == AckConfig(mode="on-store", store_failure="AE", accept_ack="as-asked")
     assert channel.routes == ()
     assert channel.file == dirs / "channels" / "a.yaml"
 
@@ -248,6 +248,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "duplicates:\n  window: -1h\n", "a.yaml:5:11: duplicates.window: invalid duration '-1h': must not be negative; expected a number of seconds or parts with units d, h, m, s, ms from largest to smallest, e.g. 30s, 10m, 1h30m, 500ms"),
         (MINIMAL + "ack:\n  mode: on-mapp\n", "a.yaml:5:9: ack.mode: 'on-mapp' is not one of: on-store, on-map"),
         (MINIMAL + "ack:\n  store_failure: CE\n", "a.yaml:5:18: ack.store_failure: 'CE' is not one of: AE, AR"),
+        (MINIMAL + "ack:\n  accept_ack: never\n", "a.yaml:5:15: ack.accept_ack: 'never' is not one of: as-asked, always"),
         # destinations
         (MINIMAL + "destinations:\n  d:\n    ack_timeout: 1s\n", "a.yaml:6:5: destinations.d.endpoint: missing (required)"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1\n", "a.yaml:6:15: destinations.d.endpoint: endpoint 'tcp:127.0.0.1' has no port, e.g. tcp:host=10.1.2.3:port=6661 or tls:host=his.example:port=6661"),

@@ -561,6 +561,19 @@ def test_enhanced_mode_ne_stores_the_message_and_writes_nothing(harness):
     assert harness.sample("koppel_acks_withheld_total", code="CA") == 1
 
 
+def test_a_channel_that_always_answers_acks_an_ne_message_with_ca(store):
+    """`ack: {accept_ack: always}` for senders whose header template says NE but that wait
+    for an answer anyway (they hung: nothing came back, and a resend is a duplicate)."""
+    h = Harness(store=store, always_answer=True)
+    receiver, transport = h.connect()
+    receiver.dataReceived(frame(message("MSG1", accept_ack="NE", app_ack="NE")))
+    h.clock.advance(0)
+    receiver.dataReceived(frame(message("MSG1", accept_ack="NE", app_ack="NE")))  # its resend
+    h.clock.advance(0)
+    assert [(read_ack(a).code, read_ack(a).control_id) for a in acks(transport)] == [("CA", "MSG1")] * 2
+    assert h.sample("koppel_acks_withheld_total", code="CA") is None
+
+
 def test_enhanced_mode_er_writes_only_errors(store):
     h = Harness(store=store, rules=AcceptRules(types=frozenset({"ORU^R01"})))
     receiver, transport = h.connect()

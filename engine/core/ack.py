@@ -46,15 +46,19 @@ def is_enhanced(header: Header) -> bool:
     )
 
 
-def decide(header: Header, original_code: str) -> AckDecision:
-    """Map an original-mode outcome onto the mode the sender asked for."""
+def decide(header: Header, original_code: str, *, always: bool = False) -> AckDecision:
+    """Map an original-mode outcome onto the mode the sender asked for. ``always``: answer
+    even where MSH-15 (NE, ER, SU) says not to, for senders whose header template says NE but
+    that wait for an answer anyway (a channel's `ack: {accept_ack: always}`)."""
     if original_code not in ORIGINAL_CODES:
         raise ValueError(f"not an original-mode ACK code: {original_code!r}")
     if not is_enhanced(header):
         return AckDecision(code=original_code, send=True)
     code = ENHANCED_OF[original_code]
     condition = header.accept_ack_type
-    if condition == "NE":
+    if always:
+        send = True
+    elif condition == "NE":
         send = False
     elif condition == "ER":
         send = code != "CA"

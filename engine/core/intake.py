@@ -85,14 +85,16 @@ class Assessment:
     def accepted(self) -> bool:
         return self.rejection is None
 
-    def decision(self, failure: Rejection | None = None) -> AckDecision:
+    def decision(self, failure: Rejection | None = None, *, always: bool = False) -> AckDecision:
         rejection = failure or self.rejection
-        return decide(self.header, rejection.ack_code if rejection else "AA")
+        return decide(self.header, rejection.ack_code if rejection else "AA", always=always)
 
-    def ack(self, *, timestamp: str, control_id: str, failure: Rejection | None = None) -> tuple[str, bytes]:
-        """(wire code, ACK payload); the payload is b"" when MSH-15 says to withhold it."""
+    def ack(self, *, timestamp: str, control_id: str, failure: Rejection | None = None,
+            always: bool = False) -> tuple[str, bytes]:
+        """(wire code, ACK payload); the payload is b"" when MSH-15 says to withhold it
+        (unless ``always``)."""
         rejection = failure or self.rejection
-        decision = self.decision(failure)
+        decision = self.decision(failure, always=always)
         if not decision.send:
             return decision.code, b""
         return decision.code, build_ack(

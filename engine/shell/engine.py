@@ -223,6 +223,7 @@ def receive_settings(
         on_queued=on_queued,
         on_stored=on_stored,
         ack_mode=channel.ack.mode,
+        always_answer=channel.ack.accept_ack == "always",
         receive_marks=receive_marks,
         resume=resume,
     )

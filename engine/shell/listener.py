@@ -72,6 +72,7 @@ class ReceiveSettings:
     # to mapping. Must not raise.
     on_stored: Callable[..., object] = field(default=lambda *a: None)
     ack_mode: str = "on-store"  # on-map: the ACK waits for the mapping outcome
+    always_answer: bool = False  # answer even where MSH-15 (NE, ER, SU) says not to
     # Fields known at receive time for the stored row (e.g. processing="filtered"), so an
     # on-store channel records what no route takes in the same insert, not a later update.
     receive_marks: Callable[..., dict] = field(default=lambda assessment, targets: {})
@@ -466,7 +467,8 @@ class MLLPListenerFactory(protocol.Factory):
             assessment = Assessment(
                 header=read_header(b"", default_charset="8859/1"), rejection=failure, payload_hash=b""
             )
-        return assessment.ack(timestamp=self.timestamp(), control_id=self.control_ids(), failure=failure)
+        return assessment.ack(timestamp=self.timestamp(), control_id=self.control_ids(), failure=failure,
+                              always=self.settings.always_answer)
 
     def message_for(self, assessment: Assessment, payload: bytes, peer: str) -> ReceivedMessage:
         """The store record, with the ACK we will send once it is committed."""
