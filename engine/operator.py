@@ -619,12 +619,7 @@ def dead_letters_replay(args, store, dests) -> int:
         _known_queue(store, dests, resolved, _now())
         _delivered_queues(dests, [(resolved.queue, None)])
         _shared_note(resolved)
-        new = []
-        while True:  # in short transactions: the engine's commits (and so its ACKs) never wait long
-            step = _write(store, ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP))
-            new.extend(step)
-            if len(step) < STEP:
-                break
+        new = _in_steps(store, lambda: ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP))
         if not new:
             print(f"queue {resolved.label()}: no dead letters, nothing changed")
             return NOTHING
@@ -667,13 +662,8 @@ def queue_move(args, store, dests) -> int:
     if dests.names_on(source) and not args.force:
         raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: its sender may "
                              "have an entry on the wire; pause it and give --force, or let it deliver")
-    moved: list[int] = []
-    while True:  # in short transactions, as replay --all
-        step = _write(store, MoveQueue(from_queue=source, to_queue=target.queue, destination=target.given_name,
-                                       at=_now(), reason=reason, limit=STEP))
-        moved.extend(step)
-        if len(step) < STEP:
-            break
+    moved = _in_steps(store, lambda: MoveQueue(from_queue=source, to_queue=target.queue,
+                                               destination=target.given_name, at=_now(), reason=reason, limit=STEP))
     if not moved:
         print(f"queue {source}: nothing pending, nothing changed")
         return NOTHING
@@ -686,6 +676,17 @@ def queue_move(args, store, dests) -> int:
 
 
 STEP = 500  # entries per transaction for bulk replays and moves
+
+
+def _in_steps(store, make_op: Callable[[], Any]) -> list[int]:
+    """Write ``make_op()`` (an op taking at most STEP entries) until a step takes fewer: short
+    transactions, so the engine's commits, and so its ACKs, never wait long behind ours."""
+    done: list[int] = []
+    while True:
+        step = _write(store, make_op())
+        done.extend(step)
+        if len(step) < STEP:
+            return done
 
 
 def _delivered_queues(dests: _Destinations, items: Sequence[tuple[str, Any]]) -> None:

@@ -185,7 +185,8 @@ def test_a_channel_that_cannot_listen_stops_the_engine_from_starting(engine, tak
     assert "Unhandled error" not in engine.output()
 
 
-def test_a_reloaded_channel_that_cannot_listen_is_logged_and_the_rest_keeps_running(tmp_path, taken_port):
+def _engine_with_metrics(tmp_path) -> tuple[KoppelProcess, int]:
+    """An engine (not started) whose /metrics port is known before it starts."""
     from tests.test_metrics_flow import free_port
 
     (tmp_path / "channels").mkdir()
@@ -193,6 +194,11 @@ def test_a_reloaded_channel_that_cannot_listen_is_logged_and_the_rest_keeps_runn
     engine = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/k.db",
                            metrics=f"tcp:{metrics_port}:interface=127.0.0.1",
                            args=("--pid-file", str(tmp_path / PID_FILE)))
+    return engine, metrics_port
+
+
+def test_a_reloaded_channel_that_cannot_listen_is_logged_and_the_rest_keeps_running(tmp_path, taken_port):
+    engine, metrics_port = _engine_with_metrics(tmp_path)
     try:
         write(engine, "a", "SRM^S01")
         engine.start(until="engine.started")
@@ -234,11 +240,7 @@ def test_listener_up_after_a_reload_that_moves_one_channel_and_removes_another(t
     new one set 1, and nothing removed a removed channel's series)."""
     from tests.test_metrics_flow import free_port
 
-    (tmp_path / "channels").mkdir()
-    metrics_port = free_port()
-    engine = KoppelProcess(tmp_path / "channels", f"sqlite:///{tmp_path}/k.db",
-                           metrics=f"tcp:{metrics_port}:interface=127.0.0.1",
-                           args=("--pid-file", str(tmp_path / PID_FILE)))
+    engine, metrics_port = _engine_with_metrics(tmp_path)
     try:
         write(engine, "moved", "SRM^S01")
         write(engine, "old", "ORU^R01")
