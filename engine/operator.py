@@ -619,7 +619,11 @@ def dead_letters_replay(args, store, dests) -> int:
         _known_queue(store, dests, resolved, _now())
         _delivered_queues(dests, [(resolved.queue, None)])
         _shared_note(resolved)
-        new = _in_steps(store, lambda: ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP))
+        new: list[int] = []
+        # Entries this command creates have ids above its first one: one that dies again while
+        # the command runs (the destination still refuses it) is not replayed again by it.
+        new = _in_steps(store, lambda: ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP,
+                                                         below_id=min(new) if new else None), done=new)
         if not new:
             print(f"queue {resolved.label()}: no dead letters, nothing changed")
             return NOTHING
@@ -646,31 +650,48 @@ def dead_letters_replay(args, store, dests) -> int:
 @_command
 def queue_move(args, store, dests) -> int:
     """Re-queue the pending entries of a queue no destination uses any more (a destination's
-    host or port changed while they waited; the engine logs queue.orphaned) at the tail of
-    a destination's queue, oldest first."""
+    host or port changed while they waited; the engine logs queue.orphaned): each at the tail
+    of the queue its destination now delivers to, oldest first; those of a destination that
+    no longer exists to DEST."""
     from engine.store import MoveQueue
 
     reason = _optional_reason(args)
     source = _queue_key(args.source) if ":" in args.source else None
     if source is None:
         raise _Fail(USAGE, f"give the old queue as HOST:PORT, not {args.source!r}")
-    target = dests.resolve(args.dest)
-    if target.given_name is None:
-        raise _Fail(USAGE, "give the destination to move to by its name (its queue and name come from --channels)")
-    if source == target.queue:
-        raise _Fail(USAGE, f"{args.dest} already delivers to {source}")
+    fallback = dests.resolve(args.dest) if args.dest else None
+    if fallback is not None and fallback.given_name is None:
+        raise _Fail(USAGE, "give DEST by its name (its queue comes from --channels)")
     if dests.names_on(source) and not args.force:
-        raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: its sender may "
-                             "have an entry on the wire; pause it and give --force, or let it deliver")
-    moved = _in_steps(store, lambda: MoveQueue(from_queue=source, to_queue=target.queue,
-                                               destination=target.given_name, at=_now(), reason=reason, limit=STEP))
-    if not moved:
+        raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: "
+                             "pause it, then give --force, or let it deliver")
+    if store.claimed_elsewhere("deliver") and not store.is_paused(source):
+        raise _Fail(NOTHING, f"a running engine may still be sending from {source}: pause it first "
+                             f"(koppel queue pause {source}), move, then resume it")
+    waiting = store.pending_destinations(source)
+    if not waiting:
         print(f"queue {source}: nothing pending, nothing changed")
         return NOTHING
-    print(f"moved {_plural(len(moved), 'pending entry', 'pending entries')} from {source} to the tail of queue "
-          f"{target.label()}: new {'entry' if len(moved) == 1 else 'entries'} {_id_list(moved)}"
+    moves, unplaced = [], []
+    for name in sorted(waiting):
+        queue = dests.queue_of(name)
+        if queue is not None and queue != source:
+            moves.append((name, queue, name))  # its own destination, at its new address
+        elif fallback is not None and fallback.queue != source:
+            moves.append((name, fallback.queue, fallback.given_name))
+        else:
+            unplaced.append(name)
+    if unplaced:
+        raise _Fail(NOTHING, f"entries on {source} for {', '.join(unplaced)}, which "
+                             + ("delivers there still" if not fallback else "no destination takes") +
+                             "; give DEST, the destination that should deliver them")
+    moved = _in_steps(store, lambda: MoveQueue(from_queue=source, moves=tuple(moves), at=_now(), reason=reason,
+                                               limit=STEP))
+    print(f"moved {_plural(len(moved), 'pending entry', 'pending entries')} from {source}: "
+          + ", ".join(f"{name} -> {queue} ({new})" for name, queue, new in moves)
+          + f"; new {'entry' if len(moved) == 1 else 'entries'} {_id_list(moved)}"
           + (f"; reason: {reason}" if reason else ""))
-    _log_action("operator.queue_moved", queue=source, to_queue=target.queue, destination=target.given_name,
+    _log_action("operator.queue_moved", queue=source, moves=[f"{n}->{q}" for n, q, _ in moves],
                 entries=len(moved), reason_given=reason is not None)
     return OK
 
@@ -678,10 +699,11 @@ def queue_move(args, store, dests) -> int:
 STEP = 500  # entries per transaction for bulk replays and moves
 
 
-def _in_steps(store, make_op: Callable[[], Any]) -> list[int]:
+def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = None) -> list[int]:
     """Write ``make_op()`` (an op taking at most STEP entries) until a step takes fewer: short
-    transactions, so the engine's commits, and so its ACKs, never wait long behind ours."""
-    done: list[int] = []
+    transactions, so the engine's commits, and so its ACKs, never wait long behind ours. The
+    new ids collect in ``done`` (given: make_op can see the steps so far)."""
+    done = [] if done is None else done
     while True:
         step = _write(store, make_op())
         done.extend(step)
@@ -729,15 +751,13 @@ def dead_letters_drop(args, store, dests) -> int:
     entries = _entry_ids(store, args.ids)
     dropped = _write(store, DropDeadLetters(entry_ids=tuple(e.id for e in entries), reason=reason,
                                             at=_now()))
-    for entry in entries:  # as the store now has them: one may have been replayed meanwhile
-        now_state = store.get_entry(entry.id)
-        if now_state is None or now_state.state != "dropped":
-            continue
-        print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
-              f"message {entry.message_id})")
-    print(f"{_plural(int(dropped), 'dead letter')} dropped; reason recorded in the audit log")
-    if dropped < len(entries):
-        print(f"{len(entries) - dropped} entries were no longer dead letters and were not dropped")
+    for entry in entries:  # the ones this command dropped: another operator may have got there first
+        if entry.id in dropped:
+            print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
+                  f"message {entry.message_id})")
+    print(f"{_plural(len(dropped), 'dead letter')} dropped; reason recorded in the audit log")
+    if len(dropped) < len(entries):
+        print(f"{len(entries) - len(dropped)} entries were no longer dead letters and were not dropped")
         return NOTHING
     return OK
 
@@ -939,8 +959,14 @@ def _shown(data: dict[str, Any], *, patient: bool) -> dict[str, Any]:
     """Entry data as `agenda show` prints it: the patient's fields only when asked (--data)."""
     if patient:
         return data
-    return {name: ("(hidden: --data shows it)" if name.startswith("patient.") else value)
+    return {name: ("(hidden: --data shows it)" if is_patient_field(name) else value)
             for name, value in data.items()}
+
+
+def is_patient_field(name: str) -> bool:
+    """A field about the patient, hidden unless asked for: `patient.*`, and `patient_remark`,
+    the SRM's free-text remark as entries stored before it was renamed patient.remark hold it."""
+    return name.startswith("patient.") or name == "patient_remark"
 
 
 @_command
@@ -1048,9 +1074,11 @@ def register(subparsers) -> None:
         p.add_argument("dest", metavar="DEST", help=dest_help)
         p.add_argument("--reason", default=None, help="why (printed with the result, kept in the audit log)")
         p.set_defaults(func=func)
-    p = common(qsub.add_parser("move", help="re-queue the pending entries of an old HOST:PORT onto a destination"))
+    p = common(qsub.add_parser("move", help="re-queue the pending entries of an old HOST:PORT where their "
+                                            "destinations deliver now"))
     p.add_argument("source", metavar="HOST:PORT", help="the queue nothing delivers any more (see queue.orphaned)")
-    p.add_argument("dest", metavar="DEST", help="the destination (by name) that should deliver them")
+    p.add_argument("dest", metavar="DEST", nargs="?", default=None,
+                   help="for entries whose destination no longer exists: the destination (by name) to take them")
     p.add_argument("--reason", default=None, help="why (kept in the audit log)")
     p.add_argument("--force", action="store_true", help="move even though a destination still uses HOST:PORT")
     p.set_defaults(func=queue_move)

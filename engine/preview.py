@@ -21,6 +21,7 @@ from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.core.intake import AcceptRules, check_accept
 from engine.core.agenda import plain as _plain
+from engine.operator import is_patient_field
 from engine.shell.processor import entry_from_record
 
 
@@ -78,7 +79,7 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
     result["fallback_agenda"] = bool(getattr(decision, "fallback", False))
     result["entry"] = {"agenda": entry.agenda_id, "kind": entry.kind, "state": entry.state,
                        "zd_number": entry.zd_number, "placer_id": entry.placer_id, "filler_id": entry.filler_id,
-                       "data": _plain({k: (v if patient_data or not k.startswith("patient.") else
+                       "data": _plain({k: (v if patient_data or not is_patient_field(k) else
                                            "(hidden: --data shows it)")
                                        for k, v in entry.data.items() if k != "attachments"}),
                        "attachments": list(entry.attachments)}

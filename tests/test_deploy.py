@@ -255,12 +255,14 @@ def _promtool_scenarios() -> dict:
                 # A split engine: receiver and deliverer both export the queue's age; one alert.
                 "interval": "1m",
                 "input_series": [
-                    {"series": f'koppel_queue_oldest_age_seconds{{job="koppel",instance="k:{port}",queue="127.0.0.1:6661"}}',
+                    {"series": f'koppel_queue_oldest_age_seconds{{job="koppel",instance="k:{port}",env="production",'
+                               'queue="127.0.0.1:6661"}',
                      "values": "0+60x30"} for port in (9464, 9465)
                 ],
                 "alert_rule_test": [
                     {"eval_time": "25m", "alertname": "KoppelQueueOldestAgeHigh",
-                     "exp_alerts": [_expect_split("KoppelQueueOldestAgeHigh", queue="127.0.0.1:6661")]},
+                     "exp_alerts": [_expect_split("KoppelQueueOldestAgeHigh", queue="127.0.0.1:6661",
+                                                  env="production")]},  # labels other than instance kept
                 ],
             },
             {

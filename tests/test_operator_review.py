@@ -273,6 +273,52 @@ def test_queue_move_requeues_an_orphaned_queue_onto_a_destination_in_order_with_
     assert code == 1 and "nothing pending" in out
 
 
+def test_queue_move_sends_each_entry_where_its_own_destination_delivers_now(world, capsys):
+    """hix-agenda and hix-copy shared 127.0.0.1:6661; hix-agenda moved to :6662, hix-copy to
+    :6663: each entry follows its own destination (one DEST for all re-labelled hix-copy's
+    messages as hix-agenda's, with its rewrite), and one of a destination that no longer
+    exists needs DEST."""
+    text = (world.channels / "zorgdomein-in.yaml").read_text()
+    copy = write_one(world.store, Append(message=received(
+        "ZD010", received_at=T0 + 130, targets=(QueueTarget(queue=HIX_Q, destination="hix-copy"),)))).message_id
+    gone = write_one(world.store, Append(message=received(
+        "ZD011", received_at=T0 + 131, targets=(QueueTarget(queue=HIX_Q, destination="hix-old"),)))).message_id
+    moved_text = text.replace("port=6661", "port=6662", 1).replace("port=6661", "port=6663", 1)
+    (world.channels / "zorgdomein-in.yaml").write_text(moved_text)
+    code, _, err = world.run(capsys, "queue", "move", HIX_Q)
+    assert code == 1 and "hix-old" in err and "give DEST" in err
+    assert len(world.store.queue_head(HIX_Q, 10)) == 5  # nothing moved
+    code, out, err = world.run(capsys, "queue", "move", HIX_Q, "ris", "--reason", "HIS moved")
+    assert code == 0, err
+    assert {e.message_id: e.destination for e in world.store.queue_head("127.0.0.1:6662", 10)} == {
+        world.m1: "hix-agenda", world.m2: "hix-agenda", world.m3: "hix-agenda"}
+    assert [(e.message_id, e.destination) for e in world.store.queue_head("127.0.0.1:6663", 10)] == [(copy, "hix-copy")]
+    assert (gone, "ris") in [(e.message_id, e.destination) for e in world.store.queue_head(RIS_Q, 10)]
+
+
+def test_queue_move_beside_a_running_engine_needs_the_queue_paused_first(world, capsys, tmp_path):
+    import subprocess
+    import sys
+
+    text = (world.channels / "zorgdomein-in.yaml").read_text()
+    (world.channels / "zorgdomein-in.yaml").write_text(text.replace("port=6661", "port=6662"))
+    holder = subprocess.Popen([sys.executable, "-c", (  # a running engine's deliver claim
+        "import sys; sys.path.insert(0, %r)\n"
+        "from engine.store import open_store\n"
+        "s = open_store(%r); s.claim('deliver'); print('held', flush=True); sys.stdin.read()") % (
+        str(ROOT), world.url)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = world.run(capsys, "queue", "move", HIX_Q)
+        assert code == 1 and "pause it first" in err
+        assert world.run(capsys, "queue", "pause", HIX_Q)[0] == 0
+        code, out, err = world.run(capsys, "queue", "move", HIX_Q)
+        assert code == 0 and "moved 3 pending entries" in out, err
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
 def test_queue_move_refuses_a_queue_a_destination_still_delivers_unless_forced(world, capsys):
     code, _, err = world.run(capsys, "queue", "move", HIX_Q, "ris")
     assert code == 1 and "hix-agenda" in err and "--force" in err

@@ -102,8 +102,9 @@ def test_moving_a_queue_requeues_its_pending_entries_in_order_at_the_new_tail_in
         write_one(store, Append(message=received("NEW0", received_at=T0 + 10, targets=(NEW,))))
         (first, *_rest) = store.queue_head(OLD.queue, 10)
         write_one(store, DeadLetter(entry_id=first.id, reason="AR", ack=None, at=T0 + 11))  # stays dead, stays put
-        moved = [write_one(store, MoveQueue(from_queue=OLD.queue, to_queue=NEW.queue, destination=NEW.destination,
-                                            at=T0 + 20, reason="HIS moved", limit=3)) for _ in range(3)]
+        moves = ((OLD.destination, NEW.queue, NEW.destination),)
+        moved = [write_one(store, MoveQueue(from_queue=OLD.queue, moves=moves, at=T0 + 20, reason="HIS moved",
+                                            limit=3)) for _ in range(3)]
         assert [len(ids) for ids in moved] == [3, 1, 0]
         assert [e.control_id for e in store.queue_head(NEW.queue, 10)] == ["NEW0", "OLD1", "OLD2", "OLD3", "OLD4"]
         assert (store.queue_depths()[NEW.queue], store.queue_depths().get(OLD.queue, 0)) == (5, 0)

@@ -924,3 +924,23 @@ def test_stop_while_a_message_is_in_flight_ends_when_it_is_answered_not_after_th
     h.destination.answer("AE")
     h.run(10)
     assert stopped
+
+
+def test_on_resume_the_sender_reads_the_store_again_so_entries_moved_away_meanwhile_are_not_sent(make):
+    """pause, `koppel queue move`, resume: the page read before the pause still held the moved
+    entries, which were then sent to the old host as well as queued for the new one."""
+    from engine.store import MoveQueue, SetPaused, write_one
+
+    h = make()
+    h.enqueue("C1", "C2", "C3")
+    h.start()
+    write_one(h.store, SetPaused(queue=QUEUE, paused=True, at=T0, reason="moving"))
+    h.sender.poll()
+    h.destination.answer("AA")  # C1, on the wire at the pause, completes
+    h.run(5)
+    moved = write_one(h.store, MoveQueue(from_queue=QUEUE, moves=((NAME, "10.9.9.9:6661", NAME),), at=T0 + 5))
+    assert len(moved) == 2
+    write_one(h.store, SetPaused(queue=QUEUE, paused=False, at=T0 + 6))
+    h.run(5)
+    assert h.destination.received() == ["C1"]
+    assert h.sender.state == sender_module.IDLE

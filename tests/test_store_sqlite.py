@@ -383,7 +383,7 @@ def test_dropping_dead_letters_keeps_the_reason_in_the_audit_log(store):
     fill(store, 2)
     a, b = store.queue_head(HIX.queue, 10)
     write_one(store, DeadLetter(entry_id=a.id, reason="AR", ack=None, at=T0))
-    assert write_one(store, DropDeadLetters(entry_ids=(a.id, b.id), reason="patient merged, ticket 7", at=T0 + 1)) == 1
+    assert write_one(store, DropDeadLetters(entry_ids=(a.id, b.id), reason="patient merged, ticket 7", at=T0 + 1)) == (a.id,)
     assert store.get_entry(a.id).state == "dropped"
     assert store.get_entry(b.id).state == "pending"  # only dead entries can be dropped
     [record] = store.list_audit()

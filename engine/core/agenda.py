@@ -716,7 +716,8 @@ def _apply(
     if takes_over:
         family_move = (FAMILY[kind], FAMILY[event.kind])
         if family_move[0] != family_move[1]:
-            state = _replayed(event.kind, entry.history) or _CROSS_FAMILY[family_move][state]
+            replayed = None if closed else _replayed(event.kind, entry.history)
+            state = replayed or _CROSS_FAMILY[family_move][state]  # closed stays closed
         kind = event.kind
         agenda, fallback = book.select(event)
         if not fallback or book.fallback.id == agenda_id:

@@ -411,6 +411,8 @@ class Engine(service.MultiService):
                 stopped = defer.maybeDeferred(self.senders.pop(queue).stop)
                 if delivers(self.role):  # its series go; entries still waiting make it an orphan
                     stopped.addBoth(self._forget_queue, queue)
+                else:  # the receiver's copy of its oldest age (see _refresh_depths) goes too
+                    self.metrics.queue_oldest_age_seconds.remove(queue)
                 stopping.append(stopped)
         for queue, destinations in by_queue.items():
             sender = self.senders.get(queue)

@@ -390,8 +390,9 @@ class Processor:
         """Apply events that waited for this entry (a letter before its request), one at a
         time in arrival order, each with its own mapping's outbound messages."""
         ops: list = []
+        waiting = self._waiting(view, entry)  # read once: applying one changes no other's event
         while True:
-            held = self._next_held(view, entry)
+            held = self._next_ready(waiting, entry)
             if not held:
                 return ops
             released = ag.release([(str(h.message_id), h.event) for h in held], entry, now=self._now(),
@@ -424,11 +425,11 @@ class Processor:
             self.log.info("agenda.released", entry_id=entry.id, count=len(held))
 
     @staticmethod
-    def _next_held(view: "_BatchView", entry: ag.AgendaEntry) -> list["_Held"]:
-        """The waiting event to apply next ([] when none can): the earliest to arrive of those
-        the entry answers to. Events held under an id that another waiting event brings (an
-        S13 sent with only the scheduler's id, behind the S12 that carries it) count as
-        waiting too, so a later event (an S14 under the ZD-number) cannot overtake them."""
+    def _waiting(view: "_BatchView", entry: ag.AgendaEntry) -> list["_Held"]:
+        """The events waiting for this entry, in arrival order: those held under its keys, and
+        those held under an id another of them brings (an S13 sent with only the scheduler's
+        id, behind the S12 that carries it), so that a later event (an S14 under the
+        ZD-number) cannot overtake them."""
         keys = set(ag.entry_keys(entry))
         found: dict[int, _Held] = {}
         frontier = set(keys)
@@ -440,10 +441,16 @@ class Processor:
                     brought.update(ag.correlation_keys(item.event))
             frontier = brought - keys
             keys |= frontier
+        return sorted(found.values(), key=lambda h: h.message_id)  # ids are in arrival order
+
+    @staticmethod
+    def _next_ready(waiting: list["_Held"], entry: ag.AgendaEntry) -> list["_Held"]:
+        """The earliest waiting event the entry (as it is now) answers to, taken off the list;
+        [] when none can apply."""
         answers_to = set(ag.entry_keys(entry))
-        for item in sorted(found.values(), key=lambda h: h.message_id):  # ids are in arrival order
+        for index, item in enumerate(waiting):
             if answers_to.intersection(item.keys):
-                return [item]
+                return [waiting.pop(index)]
         return []
 
     def _original_event(self, item: "_Held", mapping) -> ag.AgendaEvent:

@@ -271,6 +271,8 @@ class QueueSender:
         if paused != self._paused:
             self._paused = paused
             self.log.info("queue.paused" if paused else "queue.resumed")
+            if not paused:
+                self._forget_pages()
             self.wake()
         elif self.mode == UNORDERED:
             self._poll_unordered(head)
@@ -541,6 +543,17 @@ class QueueSender:
             return self._all_running()
 
         self._switching = old.addCallback(restart)
+
+    def _forget_pages(self) -> None:
+        """On resume: read what waits from the store again, not from the page read before the
+        pause. An operator may have moved entries off this queue meanwhile (koppel queue move),
+        and they must not be sent here as well. Only while no lane is sending."""
+        if any(lane.state not in (PAUSED, IDLE, STOPPED) for lane in self._lanes):
+            return
+        if self.mode == FIFO:
+            self._buffer = []  # re-read after _last_id: nothing handled is read again
+        else:
+            self._reset()
 
     def _reset(self) -> None:
         """Forget what was read; it is read from the store again (after a crash or a switch)."""

@@ -390,21 +390,24 @@ class RecordAudit:
 
 @_value
 class MoveQueue:
-    """Re-queue up to ``limit`` pending entries of one queue, oldest first, at the tail of
-    another: a destination's host or port changed while they waited (a queue is its
-    host:port). Each old entry ends 'replayed' and its new one's replay_of points back; one
-    audit record per entry ('move'). Result: tuple of new entry ids (empty: none left).
-    Bounded, so a big backlog moves in short transactions that never hold up the engine."""
+    """Re-queue up to ``limit`` pending entries of one queue, oldest first, each at the tail of
+    the queue its destination now delivers to: a destination's host or port changed while they
+    waited (a queue is its host:port). ``moves`` maps an entry's destination name to (queue,
+    destination name); entries of other destinations stay. Each old entry ends 'replayed' and
+    its new one's replay_of points back; one audit record per entry ('move'). Result: tuple of
+    new entry ids (empty: none left). Bounded, so a big backlog moves in short transactions
+    that never hold up the engine."""
 
     from_queue: str
-    to_queue: str
-    destination: str
+    moves: tuple[tuple[str, str, str], ...]  # (entry's destination, to queue, new destination)
     at: float
     reason: str | None = None
     limit: int = 500
 
     def __post_init__(self) -> None:
-        if self.from_queue == self.to_queue:
+        if not self.moves:
+            raise ValueError("nothing to move: no destinations given")
+        if any(queue == self.from_queue for _, queue, _ in self.moves):
             raise ValueError("a queue cannot be moved onto itself")
 
 
@@ -419,6 +422,7 @@ class ReplayDeadLetters:
     entry_ids: tuple[int, ...] = ()
     queue: str | None = None
     limit: int | None = None  # with queue: at most this many (the oldest) per transaction
+    below_id: int | None = None  # with queue: only entries with a smaller id (not our own replays)
 
     def __post_init__(self) -> None:
         if bool(self.entry_ids) == (self.queue is not None):
@@ -427,7 +431,8 @@ class ReplayDeadLetters:
 
 @_value
 class DropDeadLetters:
-    """Drop dead entries for good, with a reason kept in the audit log. Result: count dropped."""
+    """Drop dead entries for good, with a reason kept in the audit log. Result: the ids
+    dropped (those still dead), in id order."""
 
     entry_ids: tuple[int, ...]
     reason: str
@@ -602,6 +607,8 @@ class MessageStore(Protocol):
 
     def queue_depths(self) -> dict[str, int]: ...
 
+    def pending_destinations(self, queue: str) -> dict[str, int]: ...
+
     def queue_stats(self, now: float) -> list[QueueStats]: ...
 
     def is_paused(self, queue: str) -> bool: ...
@@ -657,6 +664,10 @@ class MessageStore(Protocol):
     def claim(self, duty: str) -> None:
         """Become the only process doing ``duty`` ("receive", "deliver") for this store
         (StoreError if another process does)."""
+        ...
+
+    def claimed_elsewhere(self, duty: str) -> bool:
+        """Whether another process does ``duty`` for this store now (a running engine)."""
         ...
 
     def close(self) -> None: ...

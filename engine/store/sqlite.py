@@ -458,17 +458,20 @@ class _Transaction:
         self._audit(op.at, op.action, None, None, op.message_id, op.reason)
 
     def _move_queue(self, op: MoveQueue) -> tuple[int, ...]:
+        where = {name: (queue, new_name) for name, queue, new_name in op.moves}
         rows = self._conn.execute(
             "UPDATE queue_entries SET state = 'replayed', done_at = ? WHERE id IN ("
-            "SELECT id FROM queue_entries WHERE queue = ? AND state = 'pending' ORDER BY id LIMIT ?) "
-            "RETURNING id, message_id",
-            (op.at, op.from_queue, op.limit),
+            "SELECT id FROM queue_entries WHERE queue = ? AND state = 'pending' "
+            f"AND destination IN ({_placeholders(len(where))}) ORDER BY id LIMIT ?) "
+            "RETURNING id, message_id, destination",
+            (op.at, op.from_queue, *where, op.limit),
         ).fetchall()
         new_ids = []
-        for old_id, message_id in sorted(rows):
+        for old_id, message_id, destination in sorted(rows):
+            to_queue, new_name = where[destination]
             self._count(op.from_queue, pending=-1)
-            new_id = self._insert_entry(op.to_queue, op.destination, message_id, op.at, old_id)
-            why = f"to {op.to_queue} as entry {new_id}" + (f": {op.reason}" if op.reason else "")
+            new_id = self._insert_entry(to_queue, new_name, message_id, op.at, old_id)
+            why = f"to {to_queue} ({new_name}) as entry {new_id}" + (f": {op.reason}" if op.reason else "")
             self._audit(op.at, "move", op.from_queue, old_id, message_id, why)
             new_ids.append(new_id)
         return tuple(new_ids)
@@ -478,8 +481,8 @@ class _Transaction:
         select = "SELECT id, queue, destination, message_id FROM queue_entries "
         if op.queue is not None:
             dead = self._conn.execute(
-                select + "WHERE queue = ? AND state = 'dead' ORDER BY id LIMIT ?",
-                (op.queue, -1 if op.limit is None else op.limit),
+                select + "WHERE queue = ? AND state = 'dead' AND id < ? ORDER BY id LIMIT ?",
+                (op.queue, 2**63 - 1 if op.below_id is None else op.below_id, -1 if op.limit is None else op.limit),
             ).fetchall()
         else:
             for chunk in _chunks(sorted(set(op.entry_ids))):
@@ -500,8 +503,8 @@ class _Transaction:
             new_ids.append(new_id)
         return tuple(new_ids)
 
-    def _drop(self, op: DropDeadLetters) -> int:
-        dropped = 0
+    def _drop(self, op: DropDeadLetters) -> tuple[int, ...]:
+        dropped: list[int] = []
         for chunk in _chunks(sorted(set(op.entry_ids))):
             rows = self._conn.execute(
                 "UPDATE queue_entries SET state = 'dropped', done_at = ? "
@@ -512,8 +515,8 @@ class _Transaction:
             for entry_id, queue, message_id in sorted(rows):
                 self._count(queue, dead=-1)
                 self._audit(op.at, "drop", queue, entry_id, message_id, op.reason)
-                dropped += 1
-        return dropped
+                dropped.append(entry_id)
+        return tuple(dropped)
 
     def _prune(self, op: Prune) -> PruneResult:
         entries = self._conn.execute(
@@ -749,6 +752,26 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
+    def claimed_elsewhere(self, duty: str) -> bool:
+        import fcntl
+
+        if duty in self._claims:
+            return False
+        path = Path(f"{self.config.path.resolve()}.{duty}.lock")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # never claimed
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while a claimant holds it
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # (closing drops the probe's shared lock)
+        return False
+
     def claim(self, duty: str) -> None:
         """Become the one process that does ``duty`` ("receive" or "deliver") for this store,
         until close().
@@ -913,6 +936,13 @@ class SQLiteStore:
             )
             for r in rows
         ]
+
+    def pending_destinations(self, queue: str) -> dict[str, int]:
+        """How many entries wait on ``queue`` for each destination name."""
+        rows = self._query(
+            "SELECT destination, count(*) FROM queue_entries WHERE queue = ? AND state = 'pending' "
+            "GROUP BY destination", (queue,))
+        return {name: int(count) for name, count in rows}
 
     def queue_head(
         self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True
