@@ -665,26 +665,34 @@ def queue_move(args, store, dests) -> int:
     if dests.names_on(source) and not args.force:
         raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: "
                              "pause it, then give --force, or let it deliver")
-    if store.claimed_elsewhere("deliver") and not store.is_paused(source):
-        raise _Fail(NOTHING, f"a running engine may still be sending from {source}: pause it first "
-                             f"(koppel queue pause {source}), move, then resume it")
+    if store.claimed_elsewhere("deliver"):
+        if not store.is_paused(source):
+            raise _Fail(NOTHING, f"a running engine may still be sending from {source}: pause it first "
+                                 f"(koppel queue pause {source}), move, then resume it")
+        # Its sender sees a pause within a second and records the entry on the wire, which
+        # the move leaves where it is (it may be delivered there).
+        time.sleep(PAUSE_SEEN)
     waiting = store.pending_destinations(source)
     if not waiting:
         print(f"queue {source}: nothing pending, nothing changed")
         return NOTHING
-    moves, unplaced = [], []
+    moves, unplaced, staying = [], [], []
     for name in sorted(waiting):
         queue = dests.queue_of(name)
-        if queue is not None and queue != source:
+        if queue == source:
+            staying.append(name)  # still delivers there: its entries stay (--force moves the others)
+        elif queue is not None:
             moves.append((name, queue, name))  # its own destination, at its new address
         elif fallback is not None and fallback.queue != source:
-            moves.append((name, fallback.queue, fallback.given_name))
+            moves.append((name, fallback.queue, fallback.given_name))  # a destination that is gone
         else:
             unplaced.append(name)
     if unplaced:
-        raise _Fail(NOTHING, f"entries on {source} for {', '.join(unplaced)}, which "
-                             + ("delivers there still" if not fallback else "no destination takes") +
-                             "; give DEST, the destination that should deliver them")
+        raise _Fail(NOTHING, f"entries on {source} for {', '.join(unplaced)}, which no configured destination "
+                             "is; give DEST, the destination that should deliver them")
+    if not moves:
+        print(f"queue {source}: only {', '.join(staying)} entries wait, and it still delivers there; nothing changed")
+        return NOTHING
     moved = _in_steps(store, lambda: MoveQueue(from_queue=source, moves=tuple(moves), at=_now(), reason=reason,
                                                limit=STEP))
     print(f"moved {_plural(len(moved), 'pending entry', 'pending entries')} from {source}: "
@@ -697,6 +705,7 @@ def queue_move(args, store, dests) -> int:
 
 
 STEP = 500  # entries per transaction for bulk replays and moves
+PAUSE_SEEN = 2.0  # seconds a running engine's sender needs to see a pause (it polls every second)
 
 
 def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = None) -> list[int]:

@@ -296,9 +296,14 @@ def test_queue_move_sends_each_entry_where_its_own_destination_delivers_now(worl
     assert (gone, "ris") in [(e.message_id, e.destination) for e in world.store.queue_head(RIS_Q, 10)]
 
 
-def test_queue_move_beside_a_running_engine_needs_the_queue_paused_first(world, capsys, tmp_path):
+def test_queue_move_beside_a_running_engine_needs_the_queue_paused_first(world, capsys, tmp_path, monkeypatch):
     import subprocess
     import sys
+
+    from engine import operator
+
+    waited = []
+    monkeypatch.setattr(operator.time, "sleep", waited.append)
 
     text = (world.channels / "zorgdomein-in.yaml").read_text()
     (world.channels / "zorgdomein-in.yaml").write_text(text.replace("port=6661", "port=6662"))
@@ -314,9 +319,23 @@ def test_queue_move_beside_a_running_engine_needs_the_queue_paused_first(world, 
         assert world.run(capsys, "queue", "pause", HIX_Q)[0] == 0
         code, out, err = world.run(capsys, "queue", "move", HIX_Q)
         assert code == 0 and "moved 3 pending entries" in out, err
+        assert waited == [operator.PAUSE_SEEN]  # for the sender to see the pause and record its entry on the wire
     finally:
         holder.stdin.close()
         holder.wait(10)
+
+
+def test_queue_move_forced_leaves_the_entries_of_a_destination_that_still_delivers_there(world, capsys):
+    """--force with DEST moved a still-configured destination's entries to DEST, re-labelled."""
+    text = (world.channels / "zorgdomein-in.yaml").read_text()
+    copy = write_one(world.store, Append(message=received(
+        "ZD010", received_at=T0 + 130, targets=(QueueTarget(queue=HIX_Q, destination="hix-copy"),)))).message_id
+    (world.channels / "zorgdomein-in.yaml").write_text(text.replace("port=6661", "port=6662", 1))  # hix-agenda only
+    assert world.run(capsys, "queue", "pause", HIX_Q)[0] == 0
+    code, out, err = world.run(capsys, "queue", "move", HIX_Q, "ris", "--force")
+    assert code == 0, err
+    assert [(e.message_id, e.destination) for e in world.store.queue_head(HIX_Q, 20)] == [(copy, "hix-copy")]
+    assert {e.message_id for e in world.store.queue_head("127.0.0.1:6662", 20)} == {world.m1, world.m2, world.m3}
 
 
 def test_queue_move_refuses_a_queue_a_destination_still_delivers_unless_forced(world, capsys):

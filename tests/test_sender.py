@@ -944,3 +944,69 @@ def test_on_resume_the_sender_reads_the_store_again_so_entries_moved_away_meanwh
     h.run(5)
     assert h.destination.received() == ["C1"]
     assert h.sender.state == sender_module.IDLE
+
+
+# --------------------------------------------------------------------------- resume after a queue move
+
+NEW_QUEUE = "10.9.9.9:6661"  # where the moved entries' destination delivers now
+OTHER = "ris"  # a second destination on the same host:port, whose entries stay
+
+
+def _enqueue_for(h, control_id, destination):
+    h.store.write([Append(message=h.message(control_id, targets=(QueueTarget(queue=QUEUE, destination=destination),)))])
+    h.sender.enqueued(1)
+
+
+def _pause_move_resume(h, *, before_move=lambda: None):
+    from engine.store import MoveQueue, SetPaused, write_one
+
+    write_one(h.store, SetPaused(queue=QUEUE, paused=True, at=T0, reason="moving"))
+    h.sender.poll()  # the pause is seen while an entry is on the wire
+    before_move()
+    moved = write_one(h.store, MoveQueue(from_queue=QUEUE, moves=((NAME, NEW_QUEUE, NAME),), at=T0 + 1))
+    write_one(h.store, SetPaused(queue=QUEUE, paused=False, at=T0 + 2))
+    h.run(2)  # the resume is seen while that entry still waits for its ACK
+    return moved
+
+
+def test_fifo_a_resume_seen_while_sending_still_reads_the_queue_again_before_the_next_entry(make):
+    h = make()
+    _enqueue_for(h, "C1", OTHER)
+    _enqueue_for(h, "C2", NAME)
+    _enqueue_for(h, "C3", NAME)
+    h.start()  # C1 on the wire, C2 and C3 in the page
+    assert len(_pause_move_resume(h)) == 2
+    h.destination.answer("AA")
+    h.run(5)
+    assert h.destination.received() == ["C1"]
+
+
+def test_unordered_a_resume_seen_while_one_lane_sends_keeps_every_lane_off_the_old_page(make):
+    h = make(order="none", parallel=2)
+    for cid, destination in (("C1", OTHER), ("C2", OTHER), ("C3", NAME), ("C4", NAME), ("C5", NAME)):
+        _enqueue_for(h, cid, destination)
+    h.start()  # C1 and C2 on the two lanes
+    lane0 = h.destination.connections[0]
+
+    def first_lane_done():
+        h.destination.send(mllp.encode_frame(ack("AA", "C1")), lane0)
+
+    assert len(_pause_move_resume(h, before_move=first_lane_done)) == 3
+    h.destination.answer("AA")  # C2
+    h.run(5)
+    assert sorted(h.destination.received()) == ["C1", "C2"]
+
+
+def test_the_entry_on_the_wire_is_not_moved_away_from_its_queue(make):
+    """A pause waits for the entry on the wire: the move leaves it (recorded as in flight by
+    the sender) where it may be delivered, instead of queueing it a second time elsewhere."""
+    h = make()
+    _enqueue_for(h, "C1", NAME)
+    _enqueue_for(h, "C2", NAME)
+    h.start()
+    moved = _pause_move_resume(h, before_move=lambda: h.run(0.1))  # the sender's bookkeeping commits
+    assert len(moved) == 1  # C2 only
+    h.destination.answer("AA")
+    h.run(5)
+    assert h.destination.received() == ["C1"]
+    assert [e.control_id for e in h.store.queue_head(NEW_QUEUE, 10)] == ["C2"]

@@ -315,7 +315,7 @@ class Engine(service.MultiService):
         self.pruner = None
         if retention and delivers(role):  # pruning follows delivery: the deliverer knows what is done
             self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log)
-        self.control_ids = default_control_ids(time.time(), os.getpid())
+        self.control_ids = default_control_ids(time.time(), int.from_bytes(os.urandom(4), "big"))
         self.senders: dict[str, QueueSender | RemoteQueue] = {}
         # receive-only: queue depths from the store, for the queue-full check (RemoteQueue);
         # deliver-only: wake the senders when the receiving process commits (StoreWatcher)

@@ -511,11 +511,13 @@ class MLLPListenerFactory(protocol.Factory):
         return defer.DeferredList([receiver.lost for receiver in receivers])
 
 
-def default_control_ids(clock_seconds: float, pid: int) -> ControlIds:
-    """ACK control ids unique across restarts: start second and pid (fixed widths, base 36),
-    then a base-36 counter. MSH-10 is at most 20 characters up to HL7 2.5.1: 12 here, so a
-    counter of 8 digits (2.8 trillion messages; 6 for an outbound id's "-N" suffix) fits."""
-    prefix = f"K{_base36(int(clock_seconds)).rjust(6, '0')[-6:]}{_base36(pid).rjust(5, '0')[-5:]}"
+def default_control_ids(clock_seconds: float, nonce: int) -> ControlIds:
+    """ACK control ids unique across restarts: the start time in tenths of a second and a
+    random nonce (fixed widths, base 36), then a base-36 counter. Not the pid: in a container
+    the engine is pid 1 every time, and a restart within a second repeated every id. MSH-10 is
+    at most 20 characters up to HL7 2.5.1: 12 here, so a counter of 8 digits (2.8 trillion
+    messages; 6, 2.2 billion, for an outbound id's "-N" suffix) fits."""
+    prefix = f"K{_base36(int(clock_seconds * 10)).rjust(7, '0')[-7:]}{_base36(nonce % 36**4).rjust(4, '0')}"
     return ControlIds(prefix=prefix, encode=_base36)
 
 

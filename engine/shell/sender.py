@@ -193,6 +193,7 @@ class QueueSender:
         self._poller.clock = reactor
         self._failures_logged = Repeats()
         self._resend_candidate: int | None = None  # on the wire when the engine last stopped
+        self._reread = False  # a resume asked to read the queue again (see _forget_pages)
 
     @property
     def state(self) -> str:
@@ -309,6 +310,8 @@ class QueueSender:
     @defer.inlineCallbacks
     def _run(self, lane: Lane, generation: int):
         while not self._stopping and generation == self._generation:
+            if self._reread:  # a resume came while this lane was sending: its entry is done now
+                self._forget_pages(now=True)
             if self._paused:
                 lane.state = PAUSED
                 yield lane.sleep(None)
@@ -355,6 +358,13 @@ class QueueSender:
     def _run_lane(self, lane: Lane, generation: int):
         while not self._stopping and generation == self._generation and lane.index < self.settings.parallel:
             now = self.reactor.seconds()
+            if self._reread:  # see _run; unordered: once no lane has an entry on the wire
+                if self._inflight:
+                    lane.state = IDLE
+                    yield lane.sleep(None)  # the lane whose entry is done last wakes the others
+                    continue
+                self._forget_pages(now=True)
+                self.wake()
             if self._paused:
                 lane.state = PAUSED
                 yield lane.sleep(None)
@@ -544,12 +554,15 @@ class QueueSender:
 
         self._switching = old.addCallback(restart)
 
-    def _forget_pages(self) -> None:
+    def _forget_pages(self, *, now: bool = False) -> None:
         """On resume: read what waits from the store again, not from the page read before the
         pause. An operator may have moved entries off this queue meanwhile (koppel queue move),
-        and they must not be sent here as well. Only while no lane is sending."""
-        if any(lane.state not in (PAUSED, IDLE, STOPPED) for lane in self._lanes):
+        and they must not be sent here as well. While a lane still has an entry on the wire
+        (a pause waits for its answer) the loops do it before their next entry (_reread)."""
+        if not now and any(lane.state not in (PAUSED, IDLE, STOPPED) for lane in self._lanes):
+            self._reread = True
             return
+        self._reread = False
         if self.mode == FIFO:
             self._buffer = []  # re-read after _last_id: nothing handled is read again
         else:

@@ -462,9 +462,11 @@ class _Transaction:
         rows = self._conn.execute(
             "UPDATE queue_entries SET state = 'replayed', done_at = ? WHERE id IN ("
             "SELECT id FROM queue_entries WHERE queue = ? AND state = 'pending' "
-            f"AND destination IN ({_placeholders(len(where))}) ORDER BY id LIMIT ?) "
+            f"AND destination IN ({_placeholders(len(where))}) "
+            # not the one a sender recorded as on the wire: it may be delivered where it is
+            "AND id IS NOT (SELECT inflight FROM queues WHERE queue = ?) ORDER BY id LIMIT ?) "
             "RETURNING id, message_id, destination",
-            (op.at, op.from_queue, *where, op.limit),
+            (op.at, op.from_queue, *where, op.from_queue, op.limit),
         ).fetchall()
         new_ids = []
         for old_id, message_id, destination in sorted(rows):
