@@ -662,10 +662,11 @@ def queue_move(args, store, dests) -> int:
     fallback = dests.resolve(args.dest) if args.dest else None
     if fallback is not None and fallback.given_name is None:
         raise _Fail(USAGE, "give DEST by its name (its queue comes from --channels)")
-    if dests.names_on(source) and not args.force:
-        raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: "
-                             "pause it, then give --force, or let it deliver")
-    if store.claimed_elsewhere("deliver"):
+    engine_running = store.claimed_elsewhere("deliver")
+    if dests.names_on(source) and (engine_running or not args.force):
+        raise _Fail(NOTHING, f"queue {source} is delivered by {', '.join(dests.names_on(source))}: let it "
+                             "deliver, or (with the engine's delivery stopped) give --force")
+    if engine_running:  # its sender for this queue is gone if it reloaded the config we read
         if not store.is_paused(source):
             raise _Fail(NOTHING, f"a running engine may still be sending from {source}: pause it first "
                                  f"(koppel queue pause {source}), move, then resume it")

@@ -424,3 +424,21 @@ def test_drop_and_replay_report_only_what_they_did_when_another_operator_got_the
     assert code == 1
     (line,) = [line for line in out.splitlines() if line.startswith("replayed entry")]
     assert line.startswith(f"replayed entry {third} as entry ")
+
+
+def test_queue_move_takes_the_head_whose_last_attempt_failed(world, capsys):
+    """The typical orphan: the head kept failing at the old address. The queue's record of the
+    entry on the wire was never cleared, so every move left the oldest message behind."""
+    from engine.store import MarkSending, RecordFailure
+
+    head = world.hix[0]
+    write_one(world.store, MarkSending(queue=HIX_Q, entry_id=head))
+    write_one(world.store, RecordFailure(entry_id=head, error="connection refused", ack=None,
+                                         next_attempt_at=T0 + 400, at=T0 + 160))
+    assert world.store.inflight_entry(HIX_Q) is None  # answered (a failure): no longer on the wire
+    text = (world.channels / "zorgdomein-in.yaml").read_text()
+    (world.channels / "zorgdomein-in.yaml").write_text(text.replace("port=6661", "port=6662"))
+    code, _, err = world.run(capsys, "queue", "move", HIX_Q)
+    assert code == 0, err
+    assert world.store.queue_head(HIX_Q, 10) == []
+    assert [e.message_id for e in world.store.queue_head("127.0.0.1:6662", 10)] == [world.m1, world.m2, world.m3]

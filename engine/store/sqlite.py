@@ -403,7 +403,15 @@ class _Transaction:
         if queue is None:
             return False
         self._last_error[queue] = op.error
+        self._settled_on_the_wire(queue, op.entry_id)
         return True
+
+    def _settled_on_the_wire(self, queue: str, entry_id: int) -> None:
+        """The entry recorded as on the wire has its answer (a failure, a dead letter): no longer
+        on the wire, so a move may take it (the head of a queue whose host changed)."""
+        if self._inflight.get(queue) == entry_id:
+            del self._inflight[queue]
+        self._conn.execute("UPDATE queues SET inflight = NULL WHERE queue = ? AND inflight = ?", (queue, entry_id))
 
     def _dead_letter(self, op: DeadLetter) -> bool:
         queue = self._finish_entry(
@@ -416,6 +424,7 @@ class _Transaction:
             return False
         self._count(queue, pending=-1, dead=1)
         self._last_error[queue] = op.reason
+        self._settled_on_the_wire(queue, op.entry_id)
         return True
 
     def _enqueue(self, op: Enqueue) -> tuple[int, ...]:
