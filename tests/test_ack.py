@@ -188,6 +188,15 @@ def test_always_answers_whatever_msh_15_asks_with_the_enhanced_code(msh15, origi
     assert decision.send and decision.code == {"AA": "CA", "AE": "CE", "AR": "CR"}[original]
 
 
+@pytest.mark.parametrize("msh15", ["", "AL"])
+@pytest.mark.parametrize("original", ["AA", "AR"])
+def test_an_acknowledgement_is_never_acknowledged(msh15, original):
+    """HL7 v2: an ACK message gets no ACK (a peer sending its ACKs here must not start a loop)."""
+    header = read_header(msh(msh15=msh15, mtype=b"ACK^S01^ACK"), default_charset="8859/1")
+    assert header.message_type == "ACK"
+    assert not decide(header, original).send and not decide(header, original, always=True).send
+
+
 @pytest.mark.parametrize("bad", ["CA", "XX", "", "aa"])
 def test_decide_refuses_a_code_that_is_not_original_mode(bad):
     header = read_header(msh(), default_charset="8859/1")

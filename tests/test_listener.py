@@ -574,6 +574,17 @@ def test_a_channel_that_always_answers_acks_an_ne_message_with_ca(store):
     assert h.sample("koppel_acks_withheld_total", code="CA") is None
 
 
+def test_an_ack_sent_to_the_listener_is_stored_and_not_answered_and_the_next_message_is(harness):
+    """An acknowledgement is not acknowledged: a peer that sends its ACKs here gets none back
+    (no ACK loop), and the connection goes on."""
+    receiver, transport = harness.connect()
+    receiver.dataReceived(frame(message("A1", type_="ACK^R01^ACK", body=b"MSA|AA|X1")) + frame(message("MSG2")))
+    harness.clock.advance(0)
+    assert [read_ack(a).control_id for a in acks(transport)] == ["MSG2"]
+    assert sorted(m.control_id for m in harness.stored()) == ["A1", "MSG2"]
+    assert harness.sample("koppel_acks_withheld_total", code="AA") == 1
+
+
 def test_enhanced_mode_er_writes_only_errors(store):
     h = Harness(store=store, rules=AcceptRules(types=frozenset({"ORU^R01"})))
     receiver, transport = h.connect()

@@ -52,6 +52,10 @@ def decide(header: Header, original_code: str, *, always: bool = False) -> AckDe
     that wait for an answer anyway (a channel's `ack: {accept_ack: always}`)."""
     if original_code not in ORIGINAL_CODES:
         raise ValueError(f"not an original-mode ACK code: {original_code!r}")
+    if header.message_type == "ACK":
+        # An acknowledgement is not acknowledged (HL7 v2, 2.9.2): answering a peer that sends
+        # its ACKs here could start an ACK loop. Stored (or refused) as any message, unanswered.
+        return AckDecision(code=ENHANCED_OF[original_code] if is_enhanced(header) else original_code, send=False)
     if not is_enhanced(header):
         return AckDecision(code=original_code, send=True)
     code = ENHANCED_OF[original_code]
