@@ -947,6 +947,16 @@ def _day(text: str | None, *, end: bool = False) -> float | None:
     return dt.datetime.combine(day, dt.time(), ZoneInfo("Europe/Amsterdam")).timestamp()
 
 
+def _entry_data(text: str | None) -> dict[str, Any]:
+    """An entry's stored data as shown: without the engine's own bookkeeping (which kind of
+    message set each field, see engine.core.agenda.SOURCES)."""
+    from engine.core.agenda import SOURCES
+
+    data = json.loads(text) if text else {}
+    data.pop(SOURCES, None)
+    return data
+
+
 def _agenda_json(record, *, with_data: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": record.id,
@@ -961,7 +971,7 @@ def _agenda_json(record, *, with_data: bool) -> dict[str, Any]:
         "updated_at": record.updated_at,
     }
     if with_data:
-        out["data"] = json.loads(record.data) if record.data else {}
+        out["data"] = _entry_data(record.data)
     return out
 
 
@@ -1037,7 +1047,7 @@ def agenda_show(args, store, dests) -> int:
     now = _now()
     print(f"entry {record.id}  agenda {record.agenda_id}  {record.kind}  {record.state}")
     print(f"zd-number {record.zd_number or '-'}  placer {record.placer_id or '-'}  filler {record.filler_id or '-'}")
-    data = _shown(json.loads(record.data) if record.data else {}, patient=args.data)
+    data = _shown(_entry_data(record.data), patient=args.data)
     for name in sorted(data):
         if name == "attachments":
             continue

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.agenda import (
+    SOURCES,
     ACTIONS,
     CLOSED_STATES,
     FAMILY,
@@ -157,7 +158,9 @@ def test_every_arrival_order_of_one_referral_ends_in_the_same_entry(order):
     assert set(entry.attachments) == {PDF_SHA}
     assert store.blobs == {PDF_SHA: PDF}
     assert (entry.zd_number, entry.placer_id, entry.filler_id) == (ZD, "ORD000123", "F778")
-    assert dict(entry.data) == {
+    data = dict(entry.data)
+    sources = data.pop(SOURCES)
+    assert data == {
         "patient.bsn": BSN,
         "care_product": {"code": "CARREG001", "text": "consult"},
         "specialism": "CAR",
@@ -165,6 +168,9 @@ def test_every_arrival_order_of_one_referral_ends_in_the_same_entry(order):
         "cluster": "Laboratorium",
         "booked_start": "2024-03-12T09:30",
     }
+    # who set each field: the greatest kind that sent it (0 the request, 2 the scheduler, 3 the order)
+    assert sources == {"patient.bsn": 0, "care_product": 0, "specialism": 0, "requested_start": 0,
+                       "cluster": 3, "booked_start": 2}
     assert all(entry.state in states_of(entry.kind) for entry in store.entries.values())
 
 
@@ -264,6 +270,19 @@ def test_an_order_booked_and_changed_before_its_request_ends_as_in_the_natural_o
     late = only_entry(run(orm(), siu(), siu(action=change), srm()))
     assert natural.state == late.state == state
     assert (late.kind, late.agenda_id) == (natural.kind, natural.agenda_id)
+
+
+def test_an_order_update_keeps_the_requests_care_product_whichever_came_first():
+    """Each field keeps the value of the greatest kind that sent it: an order's XO (a lesser
+    kind) fills in what the request lacks but does not replace its care product, before or
+    after the request; the order's own fields still follow the order's messages."""
+    xo = AgendaEvent(kind="diagnostic-order", action="update", zd_number=ZD, placer_id="ORD000123",
+                     fields={"care_product": {"code": "LABEDG002"}, "cluster": "Laboratorium 2"})
+    natural = only_entry(run(srm(), orm(), xo))
+    late = only_entry(run(orm(), xo, srm()))
+    assert natural.data["care_product"] == late.data["care_product"] == {"code": "CARREG001", "text": "consult"}
+    assert natural.data["cluster"] == late.data["cluster"] == "Laboratorium 2"  # the order's own field
+    assert dict(natural.data) == dict(late.data)
 
 
 # --- rejections ---------------------------------------------------------------------------

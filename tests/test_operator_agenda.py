@@ -25,7 +25,8 @@ def store_url(tmp_path):
     store.write([SaveAgendaEntry(
         entry_id=first, agenda_id="cardio-poli", kind="appointment-request", state="booked",
         zd_number="ZD900000017", placer_id="ZD900000017", filler_id="F1",
-        data=json.dumps({"patient.bsn": "123456782"}), attachments=(digest,), keys=("filler:F1",),
+        data=json.dumps({"patient.bsn": "123456782", "_sources": {"patient.bsn": 0}}), attachments=(digest,),
+        keys=("filler:F1",),
         at=1795430100.0, message_id=9, action="book", from_state="requested", changed=("booked_start",))])
     store.write([SaveAgendaEntry(
         entry_id=None, agenda_id="lab", kind="diagnostic-order", state="ordered", zd_number="ZD900000025",
@@ -72,7 +73,9 @@ def test_agenda_show_prints_the_patients_fields_only_with_data(store_url, capsys
     with open_store(store_url) as store:
         assert store.list_audit() == []  # without --data nothing patient-identifying was shown
     assert main(["agenda", "show", "ZD900000017", "--store", store_url, "--json", "--data"]) == 0
-    assert json.loads(capsys.readouterr().out)["data"]["patient.bsn"] == "123456782"
+    shown = json.loads(capsys.readouterr().out)["data"]
+    assert shown["patient.bsn"] == "123456782"
+    assert "_sources" not in shown  # the engine's bookkeeping of who set each field is not shown
     with open_store(store_url) as store:
         (record,) = store.list_audit()  # who read a patient's fields, whatever the log level
     assert record.action == "read-agenda-data" and "koppel CLI, user " in record.reason

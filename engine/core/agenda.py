@@ -578,21 +578,40 @@ def _is_empty(value: object) -> bool:
     return value is None or value == "" or (isinstance(value, (list, tuple)) and not value)
 
 
+# Entry data keeps, under this key, the rank (KIND_PRECEDENCE index) of the kind of message
+# that set each field: a field is replaced only by a message of the same or a greater kind, so
+# the value that ends up there does not depend on arrival order (an order's XO update cannot
+# overwrite the request's care product, whether it comes before or after the request; the
+# order's own CA still updates the order's order_control).
+SOURCES = "_sources"
+
+
 def _merge(
-    data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True
+    data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True, rank: int | None = None
 ) -> tuple[dict[str, object], list[str]]:
-    """Event fields over entry data; empty values never erase what another message said.
-    Without ``overwrite`` only fields the entry lacks are added."""
+    """Event fields over entry data; empty values never erase what another message said. A
+    field set by a message of a greater kind (lower rank) than this one's is kept; one whose
+    source is not recorded (older entries) follows ``overwrite``."""
     merged = dict(data)
+    sources = dict(merged.get(SOURCES) or {})
     changed: list[str] = []
     for name, value in fields.items():
-        if name == "attachments" or _is_empty(value) or (not overwrite and name in merged):
+        if name == "attachments" or name == SOURCES or _is_empty(value):
             continue
+        if name in merged:
+            source = sources.get(name)
+            allowed = overwrite if source is None or rank is None else rank <= source
+            if not allowed:
+                continue
         if isinstance(value, list):
             value = tuple(value)
         if name not in merged or (merged[name] != value and plain(merged[name]) != plain(value)):
             merged[name] = value
             changed.append(name)
+        if rank is not None and (sources.get(name) is None or rank < sources[name] or name in changed):
+            sources[name] = rank
+    if sources:
+        merged[SOURCES] = sources
     return merged, sorted(changed)
 
 
@@ -638,7 +657,7 @@ def _decide_new(
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
     if event.action == "create":
         agenda, fallback = book.select(event)
-        data, changed = _merge({}, event.fields)
+        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind))
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
@@ -736,7 +755,7 @@ def _apply(
         # it arrives before or after the booking.
         to_state = state
 
-    data, changed = _merge(entry.data, event.fields, overwrite=overwrite)
+    data, changed = _merge(entry.data, event.fields, overwrite=overwrite, rank=KIND_PRECEDENCE.index(event.kind))
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:
