@@ -62,6 +62,7 @@ from engine.config import (
 from engine.core import charsets
 from engine.core import convert as _convert
 from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
+from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape
@@ -618,7 +619,7 @@ class _SegmentPlan:
     """One template segment: the parts list with static fields filled in, and for each
     field with placeholders how to put it together from the context's values."""
 
-    __slots__ = ("parts", "dynamic", "sub", "comp", "rep")
+    __slots__ = ("parts", "dynamic", "plain", "sub", "comp", "rep")
 
     def __init__(self, name: str, fields: Sequence[tuple[int, _Field]], d: Delimiters, slots: _Slots) -> None:
         self.rep, self.comp, self.sub = d.repetition.decode(), d.component.decode(), d.subcomponent.decode()
@@ -632,24 +633,34 @@ class _SegmentPlan:
                 continue
             dynamic.append((n, leaves))
         self.dynamic = dynamic  # resolved to value-list indexes by bind()
+        self.plain: tuple[tuple[int, int], ...] = ()  # (field, value index) needing no trim: bind()
 
     def bind(self, slots: _Slots) -> None:
         """Turn (dynamic?, number) leaves into indexes of the context's value list."""
         offset = slots.offset
         bound = []
+        plain = []
+        escapes = slots.escape is not _unchanged_escape
         for n, leaves in self.dynamic:
             reps = tuple(
                 tuple(tuple(number if is_dynamic else offset + number for is_dynamic, number in component) for component in repetition)
                 for repetition in leaves
             )
             if len(reps) == 1 and len(reps[0]) == 1 and len(reps[0][0]) == 1:
-                bound.append((n, reps[0][0][0], None))
+                number = reps[0][0][0]
+                if escapes and number < offset and slots.dynamic[number][0] == "one":
+                    plain.append((n, number))  # one escaped value: no delimiter to trim
+                else:
+                    bound.append((n, number, None))
             else:
                 bound.append((n, -1, reps))
         self.dynamic = bound
+        self.plain = tuple(plain)
 
     def render(self, values: list[str]) -> list[str]:
         parts = self.parts.copy()
+        for n, number in self.plain:
+            parts[n] = values[number]
         sub, comp, rep = self.sub, self.comp, self.rep
         for n, single, reps in self.dynamic:
             if reps is None:
