@@ -448,3 +448,22 @@ def test_an_order_scheduled_and_changed_before_its_request_ends_as_in_the_natura
         ends.append((entry.kind, entry.state))
         h.store.close()
     assert ends[0] == ends[1] == ("appointment-request", state)
+
+
+def _with_aig(raw: bytes, specialism: str) -> bytes:
+    return raw.rstrip(b"\r") + f"\rAIG|1||{specialism}^{specialism}^99zda\r".encode()
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["natural-order", "request-last"])
+def test_the_schedulers_s14_moving_the_booking_to_another_specialism_is_kept(tmp_path, late):
+    """The request's specialism outranks a scheduler's field of the same name: the SIU's is
+    booked_specialism, so an S14 moving the appointment to GYN is kept (it was dropped)."""
+    h = Harness(tmp_path)
+    s12, s14 = _with_aig(siu("S12"), "CAR"), _with_aig(siu("S14"), "GYN")
+    for raw in ([s12, s14, srm()] if late else [srm(), s12, s14]):
+        h.receive(raw)
+    (entry,) = h.entries()
+    data = json.loads(entry.data)
+    h.store.close()
+    assert entry.state == "modified"
+    assert data["booked_specialism"] == "GYN"
