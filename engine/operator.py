@@ -336,6 +336,14 @@ def _os_user() -> str | None:
         return None
 
 
+def audit_data_read(store, what: str) -> None:
+    """A 'read-agenda-data' audit record for a CLI read of patient fields, with the OS user."""
+    from engine.store import RecordAudit
+
+    _write(store, RecordAudit(at=_now(), action="read-agenda-data",
+                              reason=f"{what}; koppel CLI, user {_os_user() or '-'}"))
+
+
 def _log_action(event: str, **fields: Any) -> None:
     """One structured log line on stderr for an operator action (JSON unless stderr is a
     terminal), with the operating-system user who ran it. Ids and names only, as everywhere
@@ -1026,10 +1034,7 @@ def agenda_show(args, store, dests) -> int:
     history = store.agenda_history(record.id)
     attachments = [store.get_attachment(h) for h in record.attachments]
     if args.data:  # patient fields: in the audit trail before they are shown (no record, no data)
-        from engine.store import RecordAudit
-
-        _write(store, RecordAudit(at=_now(), action="read-agenda-data",
-                                  reason=f"agenda entry {record.id}; koppel CLI, user {_os_user() or '-'}"))
+        audit_data_read(store, f"agenda entry {record.id}")
     if args.json:
         out = _agenda_json(record, with_data=True)
         out["data"] = _shown(out["data"], patient=args.data)

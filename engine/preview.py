@@ -118,11 +118,9 @@ def run(args) -> int:
         out = []
         patient_data = store is None or args.data  # the stored entry's patient fields only on request
         if store is not None and args.data:  # in the audit trail first, as `agenda show --data`
-            from engine.operator import _now, _os_user, _write
-            from engine.store import RecordAudit
+            from engine.operator import audit_data_read
 
-            _write(store, RecordAudit(at=_now(), action="read-agenda-data",
-                                      reason=f"koppel map --store --data; koppel CLI, user {_os_user() or '-'}"))
+            audit_data_read(store, "koppel map --store --data")
         for raw in messages:
             try:
                 out.append(preview(bundle, args.channel, raw, store=store, patient_data=patient_data))

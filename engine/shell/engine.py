@@ -555,9 +555,7 @@ class Engine(service.MultiService):
             for gauge in (self.metrics.queue_depth, self.metrics.queue_oldest_age_seconds,
                           self.metrics.queue_paused, self.metrics.destination_connected):
                 gauge.remove(queue)
-            self._orphans.discard(queue)
-            if self._orphan_check is not None and self._orphan_check.running:
-                self._check_orphans()
+            self._orphans.discard(queue)  # (reload() looks for orphans once its senders stopped)
         return result
 
     def _check_orphans(self) -> None:
