@@ -419,9 +419,12 @@ def _format(value: Any) -> str:
 
 
 def _format_datetime(value: _dt.datetime) -> str:
-    """HL7 DTM: YYYYMMDDHHMMSS and, when aware, the offset as +HHMM. An offset that is not
-    whole minutes (Amsterdam before 1940: +00:19:32) is rounded to the minute, since HL7 has
-    no seconds in an offset."""
+    """HL7 DTM: YYYYMMDDHHMMSS and, when aware, the offset as +HHMM (a DTM that was sent
+    without a time of day goes out as it was sent). An offset that is not whole minutes
+    (Amsterdam before 1940: +00:19:32) is rounded to the minute, since HL7 has no seconds
+    in an offset."""
+    if value.__class__ is _convert.DayTime and value.hl7:  # sent without a time of day: as sent
+        return value.hl7
     text = "%04d%02d%02d%02d%02d%02d" % (value.year, value.month, value.day, value.hour, value.minute, value.second)
     tzinfo = value.tzinfo
     if tzinfo is None:
@@ -728,8 +731,11 @@ def build(
     """The outbound message for `event`, encoded in the template's charset.
 
     Placeholders take event values (escaped); MSH-1/2/7/9/10/12/18 are filled here.
-    Characters the charset cannot hold become '?'.
+    Characters the charset cannot hold become '?'. MSH-7 and ``{timestamp}`` are
+    ``timestamp`` in Amsterdam time, as every other time that goes out, whatever the host's zone.
     """
+    if timestamp.tzinfo is not None:
+        timestamp = timestamp.astimezone(_convert._zone("Europe/Amsterdam"))
     plan: _TemplatePlan = template._plan
     field_sep = plan.field_sep
     top = plan.top.values(event, entry, None, None, timestamp)

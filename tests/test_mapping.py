@@ -419,7 +419,7 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
 
     assert first(back, parse_path("SCH-1.1")) == "ZD200046139"
     assert first(back, parse_path("PID-5.1.1")) == "de Boer"
-    assert first(back, parse_path("SCH-11.4")) == "20160329000000+0200"
+    assert first(back, parse_path("SCH-11.4")) == "20160329"  # ARQ-11 sent as dates: as sent
     assert first(back, parse_path("AIL-3.4.1")) == "01059998"
 
 

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 __all__ = [
     "Code",
     "ConversionError",
+    "DayTime",
     "DutchName",
     "agb",
     "bsn",
@@ -67,6 +68,10 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     (``datetime.timezone``), not a ZoneInfo: Python compares and subtracts datetimes that
     share one ZoneInfo by wall time, which would make the two 02:30s of the autumn
     change equal. With fixed offsets comparison and arithmetic are exact.
+
+    Sent without a time of day (``20160428``, ``201604``), it is a ``DayTime``: that first
+    instant for comparing and storing, and the text as sent for writing it back, so a window
+    end ``20160428`` never goes out as ``20160428000000+0200``, midnight *before* that day.
     """
     text = text.strip()
     if not text:
@@ -98,7 +103,26 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
         local = value.astimezone(_dt.timezone.utc).astimezone(zone)
     except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 across UTC
         raise ConversionError("date/time out of range") from error
+    if hour is None:
+        return _day_time(local.replace(tzinfo=_fixed(local.utcoffset())), text)  # type: ignore[arg-type]
     return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
+
+
+class DayTime(_dt.datetime):
+    """A DTM sent without a time of day: the instant its period starts (it compares, sorts
+    and is stored as that), and ``hl7``, the text as sent, which is what goes out again.
+    A value computed from one (``+ timedelta``, ``replace``) has ``hl7`` None: a full time."""
+
+    hl7: str | None = None
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]  # copies keep the text sent
+        return _day_time, (_dt.datetime(*self.timetuple()[:6], self.microsecond, self.tzinfo), self.hl7)
+
+
+def _day_time(moment: _dt.datetime, hl7: str | None) -> DayTime:
+    day = DayTime(*moment.timetuple()[:6], moment.microsecond, moment.tzinfo)
+    day.hl7 = hl7
+    return day
 
 
 @functools.lru_cache(maxsize=64)
