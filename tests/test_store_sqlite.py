@@ -614,7 +614,8 @@ def test_a_write_that_must_not_wait_is_told_busy_at_once_while_another_process_w
         with pytest.raises(StoreBusy):
             store.write([Append(message=received("C1"))], wait=False)
         assert time.monotonic() - started < 0.1  # not after busy_timeout
-        assert store._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 300  # restored
+        store.list_messages()  # a read gets the configured timeout back
+        assert store._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 300
         with pytest.raises(StoreError) as waited:  # a waiting write waits busy_timeout, then fails
             store.write([Append(message=received("C1"))])
         assert not isinstance(waited.value, StoreBusy)
@@ -625,3 +626,18 @@ def test_a_write_that_must_not_wait_is_told_busy_at_once_while_another_process_w
     finally:
         store.close()
         other.close()
+
+
+def test_a_run_of_writes_that_must_not_wait_sets_the_busy_timeout_once(tmp_path):
+    """The engine's committer writes with wait=False every turn: no PRAGMA pair per commit."""
+    store = open_store(f"sqlite:///{tmp_path}/k.db?busy_timeout=0.3")
+    try:
+        statements: list[str] = []
+        store._conn().set_trace_callback(statements.append)
+        for n in range(3):
+            store.write([Append(message=received(f"C{n}"))], wait=False)
+        assert [s for s in statements if "busy_timeout" in s] == ["PRAGMA busy_timeout = 0"]
+        store.write([Append(message=received("C9"))])  # a waiting write waits again
+        assert [s for s in statements if "busy_timeout" in s][-1] == "PRAGMA busy_timeout = 300"
+    finally:
+        store.close()
