@@ -1068,8 +1068,80 @@ def agenda_show(args, store, dests) -> int:
     return OK
 
 
+# --------------------------------------------------------------------------- store maintenance
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
+@_command
+def store_backup(args, store, dests) -> int:
+    """A consistent copy of the store, taken while the engine runs, then opened and checked.
+
+    The copy holds every message body and agenda entry: who made it, and where, goes into
+    the audit trail first (no record, no backup), so the backup holds that record too."""
+    from engine.store import RecordAudit, StoreError
+
+    target = Path(args.file)
+    if target.exists() or target.is_symlink():
+        raise _Fail(NOTHING, f"{target} already exists; a backup never overwrites a file")
+    reason = _optional_reason(args)
+    _write(store, RecordAudit(at=_now(), action="store-backup",
+                              reason=f"to {target.resolve()}; koppel CLI, user {_os_user() or '-'}"
+                                     + (f"; {reason}" if reason else "")))
+    started = time.monotonic()
+    size = store.backup(str(target))
+    took = time.monotonic() - started
+    try:
+        copy = _open_store(f"sqlite:///{target.resolve()}")
+    except _Fail as fail:
+        raise _Fail(NOTHING, f"the backup at {target} does not open: {fail.message}") from None
+    try:
+        problems = copy.check_integrity()
+        version = copy.schema_version()
+    except StoreError as error:
+        problems, version = [str(error)], None
+    finally:
+        copy.close()
+    if problems:
+        sys.stderr.write(f"error: the backup at {target} fails its check:\n")
+        for problem in problems[:20]:
+            sys.stderr.write(f"  {problem}\n")
+        return NOTHING
+    print(f"backup written to {target}: {_size(size)}, schema version {version}, in {took:.1f}s; "
+          "it opens and passes SQLite's quick_check")
+    _log_action("store.backup", size=size)
+    return OK
+
+
+@_command
+def store_check(args, store, dests) -> int:
+    """SQLite's quick_check (or, with --full, integrity_check and the foreign-key check)."""
+    started = time.monotonic()
+    problems = store.check_integrity(full=args.full)
+    what = "integrity_check and foreign_key_check" if args.full else "quick_check"
+    if problems:
+        print(f"the store FAILS SQLite's {what}: {_plural(len(problems), 'problem')}")
+        for problem in problems[:50]:
+            print(f"  {problem}")
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more")
+        return NOTHING
+    print(f"the store passes SQLite's {what} (schema version {store.schema_version()}, "
+          f"{time.monotonic() - started:.1f}s)")
+    return OK
+
+
 def register(subparsers) -> None:
-    """Add queue, dead-letters, audit and resend to the ``koppel`` parser."""
+    """Add queue, dead-letters, audit, resend, store and agenda to the ``koppel`` parser."""
     from engine.cli import DEFAULT_STORE
 
     def common(p, *, channels: bool = True):
@@ -1140,6 +1212,18 @@ def register(subparsers) -> None:
                    help="queue the message as it was received even if DEST gets this type only as "
                         "mapped (by default refused: resend a message built from it instead)")
     p.set_defaults(func=resend)
+
+    storep = subparsers.add_parser("store", help="back up or check the store (safe while the engine runs)")
+    ssub = storep.add_subparsers(dest="action", required=True)
+    p = common(ssub.add_parser("backup", help="write a consistent copy of the store to a new file, then "
+                                              "check the copy"), channels=False)
+    p.add_argument("file", metavar="FILE", help="the backup file to create (never overwritten)")
+    p.add_argument("--reason", default=None, help="why (kept in the audit log with the OS user)")
+    p.set_defaults(func=store_backup)
+    p = common(ssub.add_parser("check", help="check the store's file for corruption"), channels=False)
+    p.add_argument("--full", action="store_true",
+                   help="also compare every index with its table and check foreign keys (slower)")
+    p.set_defaults(func=store_check)
 
     agenda = subparsers.add_parser("agenda", help="agenda entries made from referrals, orders and bookings")
     asub = agenda.add_subparsers(dest="action", required=True)

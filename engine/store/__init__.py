@@ -670,6 +670,15 @@ class MessageStore(Protocol):
         """Whether another process does ``duty`` for this store now (a running engine)."""
         ...
 
+    def backup(self, target: str) -> int:
+        """A consistent copy of the whole store at ``target`` (for SQLite a new file), taken
+        while the engine runs; its size in bytes. StoreError if ``target`` exists."""
+        ...
+
+    def check_integrity(self, *, full: bool = False) -> list[str]:
+        """Problems found in the store's storage, [] when it is sound."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -893,7 +894,9 @@ class SQLiteStore:
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         try:
-            return self._conn().execute(sql, tuple(params)).fetchall()
+            conn = self._conn()
+            self._wait_for_locks(conn, True)
+            return conn.execute(sql, tuple(params)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
@@ -1151,3 +1154,61 @@ class SQLiteStore:
     def schema_version(self) -> int:
         rows = self._query("SELECT max(version) FROM schema_version")
         return int(rows[0][0] or 0)
+
+    # -- maintenance (operator commands)
+
+    def backup(self, target: str) -> int:
+        """Write a consistent copy of the whole store to the new file ``target``; its size.
+
+        VACUUM INTO reads in one read transaction: the copy is one committed state, and in WAL
+        mode the engine's commits go on meanwhile. It is written under a temporary name, synced,
+        then linked to ``target``, so a file at ``target`` is always a whole backup and an
+        existing file is never overwritten."""
+        path = Path(target)
+        if path.exists() or path.is_symlink():
+            raise StoreError(f"{path} already exists; a backup never overwrites a file")
+        if not path.parent.is_dir():
+            raise StoreError(f"no directory {path.parent} for the backup")
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            # Made empty first, as readable as the store itself and no more: it holds patient data.
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             stat.S_IMODE(os.stat(self.config.path).st_mode) & 0o666))
+            conn = self._conn()
+            self._wait_for_locks(conn, True)
+            conn.execute("VACUUM INTO ?", (str(partial),))
+            _fsync(partial)  # VACUUM INTO does not sync what it writes
+            os.link(partial, path)  # fails, rather than overwrites, if target appeared meanwhile
+            _fsync(path.parent)
+            return path.stat().st_size
+        except sqlite3.Error as exc:
+            raise StoreError(f"store backup failed: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"store backup failed: {exc.strerror or exc}") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def check_integrity(self, *, full: bool = False) -> list[str]:
+        """What is wrong with the store's file, [] when it is sound: SQLite's quick_check, or
+        with ``full`` its integrity_check (also compares every index with its table) and the
+        foreign-key check. Reads every page in one read transaction; blocks no commit."""
+        pragma = "integrity_check" if full else "quick_check"
+        try:
+            problems = [row[0] for row in self._query(f"PRAGMA {pragma}") if row[0] != "ok"]
+            if full:
+                problems += [f"row {row[1]} of {row[0]} refers to a missing row of {row[2]}"
+                             for row in self._query("PRAGMA foreign_key_check")]
+        except StoreError as error:
+            cause = error.__cause__
+            if getattr(cause, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise
+            return [str(cause)]  # so damaged that the check itself stops: that is its finding
+        return problems
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
