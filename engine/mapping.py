@@ -207,8 +207,11 @@ class _Value:
         )
         return _FAILED
 
-    def evaluate(self, target: _Target, errors: list[MappingError], label: str | None = None) -> Any:
-        """The value, None when absent, or _FAILED after appending errors. Never raises."""
+    def evaluate(self, target: _Target, errors: list[MappingError], label: str | None = None,
+                 defaulted: list[bool] | None = None) -> Any:
+        """The value, None when absent, or _FAILED after appending errors. Never raises.
+        When the value is the `default` (nothing usable was sent), True is appended to
+        ``defaulted``."""
         reader = self._reader
         try:
             if reader is not None:  # the straight line of _value for a plain text read
@@ -218,21 +221,24 @@ class _Value:
                 elif self.table is None and not self.convert:
                     return value
                 else:
-                    value = self._finish(value, errors, label)
+                    value = self._finish(value, errors, label, defaulted)
             else:
-                value = self._value(target, errors, label)
+                value = self._value(target, errors, label, defaulted)
         except Exception as unexpected:  # a broken message must not escape as an exception
             return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
         if value is _FAILED:
             return value
         if value is None:
             if self.default is not None:
+                if defaulted is not None:
+                    defaulted.append(True)
                 return self.default
             if self.required:
                 return self.error(errors, "missing (required)", label)
         return value
 
-    def _value(self, target: _Target, errors: list[MappingError], label: str | None) -> Any:
+    def _value(self, target: _Target, errors: list[MappingError], label: str | None,
+               defaulted: list[bool] | None = None) -> Any:
         if self.path is None and not self.options:
             return self.constant
         if self.group is not None:
@@ -245,7 +251,7 @@ class _Value:
             for option in self.options:
                 value = option.evaluate(target, tried, label)
                 if value is not None and value is not _FAILED:
-                    return self._finish(value, errors, label) if (self.table or self.convert) else value
+                    return self._finish(value, errors, label, defaulted) if (self.table or self.convert) else value
             # An option that does not convert is passed over ("the first that is a ZD-number");
             # when nothing fits a required field, why each option failed is the better error.
             if tried and self.required and self.default is None:
@@ -258,13 +264,16 @@ class _Value:
         raw = first(target, self.path)
         if not raw or raw == '""':  # "" is HL7's explicit null
             return None
-        return self._finish(raw, errors, label)
+        return self._finish(raw, errors, label, defaulted)
 
-    def _finish(self, raw: Any, errors: list[MappingError], label: str | None) -> Any:
+    def _finish(self, raw: Any, errors: list[MappingError], label: str | None,
+                defaulted: list[bool] | None = None) -> Any:
         if self.table is not None:
             looked_up = self.table.get(raw) if isinstance(raw, str) else None
             if looked_up is None:
                 if self.default is not None:
+                    if defaulted is not None:
+                        defaulted.append(True)
                     return self.default
                 return self.error(errors, f"value not in table {self.table_name}", label)
             raw = looked_up
@@ -783,15 +792,23 @@ class Mapping:
         """Map one message. Never raises on message content; errors never hold values."""
         errors: list[MappingError] = []
         got: dict[str, Any] = {}
+        defaulted: list[bool] = []
+        by_default: set[str] = set()
         for name, spec in self.values:
-            value = spec.evaluate(message, errors)
+            if spec.__class__ is _Value and spec.default is not None:
+                value = spec.evaluate(message, errors, None, defaulted)
+                if defaulted:
+                    by_default.add(name)
+                    defaulted.clear()
+            else:
+                value = spec.evaluate(message, errors)
             if value is not None and value is not _FAILED:
                 got[name] = value
         if errors:
             return MappingResult(event=None, errors=tuple(errors))
         top = {name: got.pop(name, None) for name in TOP_LEVEL}
         try:
-            event = AgendaEvent(**top, fields=got)
+            event = AgendaEvent(**top, fields=got, defaulted=frozenset(by_default - top.keys()))
         except (TypeError, ValueError) as problem:
             line = dict(self.values)["action"].line if "action" in dict(self.values) else 1
             error = MappingError(file=str(self.file), line=line, field="kind/action", path="", reason=str(problem))

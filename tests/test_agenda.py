@@ -285,6 +285,25 @@ def test_an_order_update_keeps_the_requests_care_product_whichever_came_first():
     assert dict(natural.data) == dict(late.data)
 
 
+def test_a_mapping_default_never_replaces_a_sent_value_whichever_came_first():
+    """Sex U is the mappings' default when PID-8 is empty: a request without PID-8 must not
+    block the order's real F, and a booking without PID-8 must not replace it."""
+    no_sex = srm(**{"patient.sex": "U"})
+    no_sex = AgendaEvent(kind=no_sex.kind, action=no_sex.action, zd_number=ZD, placer_id=ZD,
+                         fields=no_sex.fields, defaulted=frozenset({"patient.sex"}))
+    with_sex = AgendaEvent(kind="diagnostic-order", action="create", zd_number=ZD, placer_id="ORD000123",
+                           fields={**orm().fields, "patient.sex": "F"})
+    booking = siu(**{"patient.sex": "U"})
+    booking = AgendaEvent(kind="appointment", action="book", placer_id=ZD, filler_id="F778",
+                          fields=booking.fields, defaulted=frozenset({"patient.sex"}))
+    for events in ([no_sex, with_sex, booking], [with_sex, no_sex, booking], [with_sex, booking, no_sex]):
+        assert only_entry(run(*events)).data["patient.sex"] == "F", [e.kind for e in events]
+    alone = only_entry(run(no_sex))  # a default still fills a gap, and a sent value replaces it later
+    assert alone.data["patient.sex"] == "U"
+    sent_later = srm(action="update", **{"patient.sex": "M"})
+    assert only_entry(run(no_sex, sent_later)).data["patient.sex"] == "M"
+
+
 # --- rejections ---------------------------------------------------------------------------
 
 

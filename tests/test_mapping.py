@@ -120,6 +120,16 @@ def test_srm_s01_maps_to_an_appointment_request(bundled):
     assert f["practitioner"] == "Meijer"
 
 
+@pytest.mark.parametrize("pid8, defaulted", [(b"U", False), (b"F", False), (b"", True), (b"Q", True)])
+def test_an_event_names_the_fields_that_took_the_mappings_default(bundled, pid8, defaulted):
+    """PID-8 empty, or a code the sex table lacks, gives the default U, marked as such, so
+    the agenda never lets it replace a sex another message sent."""
+    raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"|20000101|U|", b"|20000101|" + pid8 + b"|")
+    _, e = mapped(bundled, raw)
+    assert e.fields["patient.sex"] == (pid8.decode() if not defaulted else "U")
+    assert e.defaulted == ({"patient.sex"} if defaulted else set())
+
+
 def test_srm_s04_cancels_the_request(bundled):
     raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
     _, e = mapped(bundled, raw)

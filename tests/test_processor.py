@@ -467,3 +467,30 @@ def test_the_schedulers_s14_moving_the_booking_to_another_specialism_is_kept(tmp
     h.store.close()
     assert entry.state == "modified"
     assert data["booked_specialism"] == "GYN"
+
+
+def test_a_held_event_keeps_which_fields_took_the_mappings_default():
+    """A held event is stored as JSON and applied on release: it must still say which values
+    were defaults, or a held letter's sex U would replace the request's F on release."""
+    from engine.core.agenda import AgendaEvent
+    from engine.shell.processor import event_from_json, event_to_json
+
+    event = AgendaEvent(kind="referral", action="attach", zd_number="ZD123456789",
+                        fields={"patient.sex": "U", "patient.bsn": "999999990"}, defaulted=frozenset({"patient.sex"}))
+    back, mapping = event_from_json(event_to_json(event, "zorgdomein-oru"))
+    assert (back.defaulted, mapping) == (frozenset({"patient.sex"}), "zorgdomein-oru")
+    legacy = json.loads(event_to_json(event))
+    del legacy["defaulted"]  # held before this was recorded
+    assert event_from_json(json.dumps(legacy))[0].defaulted == frozenset()
+
+
+def test_a_booking_without_pid8_keeps_the_sex_the_order_sent(h):
+    """The SIU mapping's `default: U` (PID-8 empty) is not a value the scheduler sent: it must
+    not replace the order's F, though the scheduler's kind outranks the order's."""
+    h.receive(orm())
+    booking = siu().replace(b"||19800101|F\r", b"||19800101|\r")
+    assert b"|19800101|\r" in booking
+    message_id = h.receive(booking)
+    assert h.outcome(message_id)[0] == "mapped"
+    (entry,) = h.entries()
+    assert entry.state == "scheduled" and json.loads(entry.data)["patient.sex"] == "F"

@@ -186,6 +186,9 @@ class AgendaEvent:
     placer_id: str | None = None
     filler_id: str | None = None
     fields: Mapping[str, object]
+    # Names in ``fields`` whose value is the mapping's `default` (nothing usable was sent):
+    # such a value fills a gap but never replaces what a message said.
+    defaulted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -584,21 +587,29 @@ def _is_empty(value: object) -> bool:
 # overwrite the request's care product, whether it comes before or after the request; the
 # order's own CA still updates the order's order_control).
 SOURCES = "_sources"
+# The rank of a mapping default (sex U when PID-8 is empty): below every kind of message, so
+# any message that sends the field replaces it, and a default never replaces a sent value.
+DEFAULT_RANK = len(KIND_PRECEDENCE)
 
 
 def _merge(
-    data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True, rank: int | None = None
+    data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True, rank: int | None = None,
+    defaulted: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, object], list[str]]:
     """Event fields over entry data; empty values never erase what another message said. A
     field set by a message of a greater kind (lower rank) than this one's is kept; one whose
-    source is not recorded (older entries) follows ``overwrite``."""
+    source is not recorded (older entries) follows ``overwrite``. A ``defaulted`` field only
+    fills a field the entry lacks."""
     merged = dict(data)
     sources = dict(merged.get(SOURCES) or {})
     changed: list[str] = []
     for name, value in fields.items():
         if name == "attachments" or name == SOURCES or _is_empty(value):
             continue
+        field_rank = DEFAULT_RANK if name in defaulted else rank
         if name in merged:
+            if name in defaulted:
+                continue
             source = sources.get(name)
             allowed = overwrite if source is None or rank is None else rank <= source
             if not allowed:
@@ -608,8 +619,8 @@ def _merge(
         if name not in merged or (merged[name] != value and plain(merged[name]) != plain(value)):
             merged[name] = value
             changed.append(name)
-        if rank is not None and (sources.get(name) is None or rank < sources[name] or name in changed):
-            sources[name] = rank
+        if field_rank is not None and (sources.get(name) is None or field_rank < sources[name] or name in changed):
+            sources[name] = field_rank
     if sources:
         merged[SOURCES] = sources
     return merged, sorted(changed)
@@ -657,7 +668,7 @@ def _decide_new(
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
     if event.action == "create":
         agenda, fallback = book.select(event)
-        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind))
+        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
@@ -755,7 +766,8 @@ def _apply(
         # it arrives before or after the booking.
         to_state = state
 
-    data, changed = _merge(entry.data, event.fields, overwrite=overwrite, rank=KIND_PRECEDENCE.index(event.kind))
+    data, changed = _merge(entry.data, event.fields, overwrite=overwrite, rank=KIND_PRECEDENCE.index(event.kind),
+                           defaulted=event.defaulted)
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:

@@ -119,7 +119,8 @@ def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
     """A held event, with the mapping that made it (its outbound messages are built on release)."""
     return json.dumps(
         {"kind": event.kind, "action": event.action, "zd_number": event.zd_number, "placer_id": event.placer_id,
-         "filler_id": event.filler_id, "fields": ag.plain(event.fields), "mapping": mapping},
+         "filler_id": event.filler_id, "fields": ag.plain(event.fields), "mapping": mapping,
+         "defaulted": sorted(event.defaulted)},
         sort_keys=True,
     )
 
@@ -127,7 +128,8 @@ def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
 def event_from_json(text: str) -> tuple[ag.AgendaEvent, str | None]:
     data = json.loads(text)
     event = ag.AgendaEvent(kind=data["kind"], action=data["action"], zd_number=data.get("zd_number"),
-                           placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=data["fields"])
+                           placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=data["fields"],
+                           defaulted=frozenset(data.get("defaulted") or ()))
     return event, data.get("mapping")
 
 
