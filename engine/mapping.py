@@ -778,6 +778,9 @@ def build(
 # Mappings
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Mapping:
     """One mapping file: which messages, how each event field is read, where it goes."""
@@ -787,6 +790,12 @@ class Mapping:
     types: tuple[str, ...]
     values: tuple[tuple[str, _Value | _List], ...]
     outbound: tuple[Outbound, ...] = ()
+    # (name, spec, whether it has a default), worked out once: apply runs per message.
+    _plan: tuple[tuple[str, Any, bool], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_plan", tuple(
+            (name, spec, spec.__class__ is _Value and spec.default is not None) for name, spec in self.values))
 
     def apply(self, message: Message) -> MappingResult:
         """Map one message. Never raises on message content; errors never hold values."""
@@ -794,8 +803,8 @@ class Mapping:
         got: dict[str, Any] = {}
         defaulted: list[bool] = []
         by_default: set[str] = set()
-        for name, spec in self.values:
-            if spec.__class__ is _Value and spec.default is not None:
+        for name, spec, with_default in self._plan:
+            if with_default:
                 value = spec.evaluate(message, errors, None, defaulted)
                 if defaulted:
                     by_default.add(name)
@@ -808,7 +817,7 @@ class Mapping:
             return MappingResult(event=None, errors=tuple(errors))
         top = {name: got.pop(name, None) for name in TOP_LEVEL}
         try:
-            event = AgendaEvent(**top, fields=got, defaulted=frozenset(by_default - top.keys()))
+            event = AgendaEvent(**top, fields=got, defaulted=frozenset(by_default - top.keys()) if by_default else _NONE)
         except (TypeError, ValueError) as problem:
             line = dict(self.values)["action"].line if "action" in dict(self.values) else 1
             error = MappingError(file=str(self.file), line=line, field="kind/action", path="", reason=str(problem))
