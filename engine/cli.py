@@ -230,6 +230,12 @@ def _run(args) -> int:
     # on, and Twisted then leaves SIGINT alone: the engine would not stop on it at all. SIGINT
     # stops it cleanly, like SIGTERM, however it was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:  # before the pid file: a second engine on this store must not replace the running one's
+        engine.claim()
+    except StoreError as error:
+        log.get_logger().error("engine.start_failed", error=str(error)[:200])
+        store.close()
+        return 1
     pid_file = Path(args.pid_file) if args.pid_file else None
     if pid_file is not None:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -241,8 +247,11 @@ def _run(args) -> int:
     try:
         reactor.run()
     finally:
-        if pid_file is not None and pid_file.read_text().strip() == str(os.getpid()):
-            pid_file.unlink()
+        try:  # (removed meanwhile, e.g. a cleanup of /run: nothing to do, the stop was clean)
+            if pid_file is not None and pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
+        except FileNotFoundError:
+            pass
     return exit_code[0]
 
 

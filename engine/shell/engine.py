@@ -248,6 +248,7 @@ class ListenerService(service.Service):
         # service waits on it (start-up fails, a reload carries on): MultiService ignores
         # what startService returns, so the failure would otherwise go unhandled.
         self.started: defer.Deferred = defer.succeed(None)
+        self.unbound: defer.Deferred = defer.succeed(None)  # fires once a stop has closed the port
 
     def startService(self) -> defer.Deferred:
         service.Service.startService(self)
@@ -274,7 +275,10 @@ class ListenerService(service.Service):
     def stopService(self):
         service.Service.stopService(self)
         if self.port is not None:
-            yield self.port.stopListening()
+            stopped = defer.maybeDeferred(self.port.stopListening)
+            self.unbound = unbound = defer.Deferred()
+            stopped.addBoth(lambda result: (unbound.callback(None), result)[1])
+            yield stopped
             if not self.retired:  # else the new listener's 1, or no series at all, stands
                 self.metrics.listener_up.labels(self.factory.settings.channel).set(0)
         yield self.factory.drain()
@@ -336,12 +340,17 @@ class Engine(service.MultiService):
         self.admin_port = None
         self.ready = False
 
-    def startService(self):
-        # StoreError (the start fails, exit 1) if another process already does this role's work
+    def claim(self) -> None:
+        """StoreError if another process already does this role's work on the store (idempotent;
+        `koppel run` claims before it writes its pid file, so a refused second engine never
+        touches the running one's)."""
         if receives(self.role):
             self.store.claim("receive")
         if delivers(self.role):
             self.store.claim("deliver")
+
+    def startService(self):
+        self.claim()  # StoreError (the start fails, exit 1) if another process does this role's work
         service.Service.startService(self)
         self.committer.start()
         self.checkpointer.start()
@@ -444,12 +453,15 @@ class Engine(service.MultiService):
                 self.processor.destinations = destinations_by_name
         running = {listener.factory.settings.channel: listener for listener in self.listeners}
         wanted = {channel.name: channel for channel in config.channels}
+        unbound, new = [], []
         for name, listener in running.items():
             channel = wanted.get(name)
             if channel is None or channel.source.listen != listener.endpoint:
                 self.listeners.remove(listener)
                 listener.retired = True
-                stopped = defer.maybeDeferred(listener.disownServiceParent)
+                # (one a reload just made may still wait to bind: it has no parent yet)
+                stopped = defer.maybeDeferred(listener.disownServiceParent) if listener.parent else defer.succeed(None)
+                unbound.append(listener.unbound)
                 if channel is None:  # removed on purpose: no listener_up 0 left to page on
                     stopped.addBoth(self._forget_channel, name)
                 stopping.append(stopped)
@@ -466,7 +478,19 @@ class Engine(service.MultiService):
             listener = ListenerService(reactor, channel.source.listen, factory, self.metrics)
             self.listeners.append(listener)
             if not starting:
-                listener.setServiceParent(self)
+                new.append(listener)
+        # New listeners bind once the retired ones have closed their ports: a channel whose listen
+        # options changed on the same port (or a port passed to another channel) would else find
+        # it still in use, and stay down until a restart. (reload() waits for `stopping` first.)
+        def bind(_=None):
+            for listener in new:
+                if listener in self.listeners:  # not replaced meanwhile by a later reload
+                    listener.setServiceParent(self)
+
+        if unbound:
+            defer.DeferredList(unbound).addCallback(bind)
+        else:
+            bind()
         self.config = config
         return stopping
 
@@ -646,7 +670,18 @@ class Engine(service.MultiService):
         if self.processor is not None:
             if getattr(self, "_gauges", None) is not None and self._gauges.running:
                 self._gauges.stop()
-            yield self.processor.wait_idle()
+            # Not forever: a store that refuses the mapping's commits (disk full) is waited out
+            # by the processor; its messages stay 'pending' and are mapped at the next start.
+            idle: defer.Deferred = defer.Deferred()
+            self.processor.wait_idle().addBoth(lambda _: None if idle.called else idle.callback(None))
+            timeout = self.reactor.callLater(self.drain_timeout, idle.cancel)
+            try:
+                yield idle
+            except defer.CancelledError:
+                self.log.warning("engine.mapping_stop_timeout", seconds=self.drain_timeout,
+                                 hint="messages not mapped yet are mapped at the next start")
+            if timeout.active():
+                timeout.cancel()
         senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
         timeout = self.reactor.callLater(self.drain_timeout, senders.cancel)
         try:

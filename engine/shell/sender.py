@@ -47,6 +47,8 @@ SET_ASIDE = 1000
 # Delivery marks ride along with a commit at most this much later (receive commits are
 # immediate). A crash in between resends those messages after restart (at-least-once).
 BOOKKEEPING_WINDOW = 0.02
+# A delivered or dead-letter mark the store refused is submitted again this much later.
+BOOKKEEPING_RETRY = 1.0
 
 # The sender's states, in one place: what it is doing now.
 IDLE = "idle"  # nothing to send
@@ -658,11 +660,7 @@ class QueueSender:
 
     def _delivered(self, entry: QueueEntry, answer: bytes) -> None:
         now = self.reactor.seconds()
-        self._settling(
-            entry.id,
-            None,
-            self.committer.submit(MarkDelivered(entry_id=entry.id, ack=answer, at=now), within=BOOKKEEPING_WINDOW),
-        )
+        self._settling(entry.id, None, self._commit_mark(MarkDelivered(entry_id=entry.id, ack=answer, at=now)))
         self._done(entry)
         self._histogram("delivery_latency_seconds", entry.destination).observe(max(0.0, now - entry.enqueued_at))
         self._failures_logged.reset()
@@ -670,13 +668,8 @@ class QueueSender:
 
     def _dead_letter(self, entry: QueueEntry, reason: str, answer: bytes | None) -> None:
         now = self.reactor.seconds()
-        self._settling(
-            entry.id,
-            None,
-            self.committer.submit(
-                DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now), within=BOOKKEEPING_WINDOW
-            ),
-        )
+        mark = DeadLetter(entry_id=entry.id, reason=reason, ack=answer, at=now)
+        self._settling(entry.id, None, self._commit_mark(mark))
         self._done(entry)
         self._count("dead_letters_total", entry.destination).inc()
         self.log.warning(
@@ -709,6 +702,20 @@ class QueueSender:
         self._count("delivery_retries_total", entry.destination).inc()
         self._log_failure(entry, reason, attempt, delay)
         return _with(entry, attempts=attempt, next_attempt_at=next_at, last_error=reason), delay
+
+    def _commit_mark(self, op, retried: bool = False) -> defer.Deferred:
+        """A delivered or dead-letter mark, submitted again until the store takes it (disk full, a
+        lock held too long): the sender has moved on, and an entry left 'pending' would count in
+        the depth and the oldest age for ever and be sent again after a restart, out of order.
+        Given up only when the sender stops (then it is resent after the restart, at least once)."""
+        def again(failure):
+            if self._stopping:
+                return failure
+            if not retried:  # logged once per mark, not once a second while the store is down
+                self._bookkeeping_failed(failure)
+            return task.deferLater(self.reactor, BOOKKEEPING_RETRY, self._commit_mark, op, True)
+
+        return self.committer.submit(op, within=BOOKKEEPING_WINDOW).addErrback(again)
 
     def _settling(self, entry_id: int, due: float | None, d: defer.Deferred) -> None:
         """Bookkeeping submitted for an entry: until it commits, the store still shows the entry

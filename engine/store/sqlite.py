@@ -693,12 +693,32 @@ class SQLiteStore:
                 migrate(conn, MIGRATIONS, now=time.time())
             else:  # an operator command beside a running engine: never changes the schema under it
                 check_version(conn, MIGRATIONS)
+            self._identity = self._file_identity()
         except StoreError:
             self.close()
             raise
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"cannot open the store: {exc}") from exc
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot open the store: {exc.strerror}") from exc
+
+    def _file_identity(self) -> tuple[int, int]:
+        st = os.stat(self.config.path)
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        """The file at the store's path is still the one opened. SQLite goes on committing into
+        a file that was removed (`rm -rf var/`) or moved away, and that is gone or elsewhere
+        at the next start: a message acknowledged meanwhile would be lost. One stat a commit."""
+        try:
+            same = self._file_identity() == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"the store file {self.config.path} was removed or replaced while in use; "
+                             "nothing more is committed to it (restart the engine)")
 
     # -- connections
 
@@ -857,6 +877,7 @@ class SQLiteStore:
             tx = _Transaction(conn)
             results = tx.apply_all(ops)
             tx.finish()
+            self._check_file()
             conn.execute("COMMIT")
             return results
         except BaseException as exc:
