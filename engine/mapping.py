@@ -744,7 +744,7 @@ def build(
     ``timestamp`` in Amsterdam time, as every other time that goes out, whatever the host's zone.
     """
     if timestamp.tzinfo is not None:
-        timestamp = timestamp.astimezone(_convert._zone("Europe/Amsterdam"))
+        timestamp = timestamp.astimezone(_convert.hospital_zone())
     plan: _TemplatePlan = template._plan
     field_sep = plan.field_sep
     top = plan.top.values(event, entry, None, None, timestamp)

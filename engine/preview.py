@@ -19,6 +19,7 @@ from engine.core.ack import ControlIds
 from engine.core.files import split_messages
 from engine.core.header import read_header
 from engine.core.hl7message import Message
+from engine.core.convert import hospital_zone
 from engine.core.intake import AcceptRules, check_accept
 from engine.core.agenda import plain as _plain
 from engine.operator import is_patient_field
@@ -34,7 +35,7 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
         channel = config.channel(channel_name)
     except KeyError:
         raise ValueError(f"no channel {channel_name!r} (channels: {', '.join(c.name for c in config.channels)})")
-    now = now or dt.datetime.now(dt.timezone.utc).astimezone()
+    now = now or dt.datetime.now(hospital_zone())
     header = read_header(raw, default_charset=channel.source.charset)
     result: dict = {"channel": channel.name, "type": header.type_and_trigger, "control_id": header.control_id}
     rules = AcceptRules(types=channel.accept.types, versions=channel.accept.versions,

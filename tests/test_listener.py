@@ -822,3 +822,30 @@ def test_ack_control_ids_stay_within_msh10s_20_characters_for_years_of_messages(
     assert len(others) == 6  # unique across restarts (a tenth of a second later) and processes (another nonce)
     # the engine draws the nonce at random: pid 1 in a container restarted in the same tenth of
     # a second gets other ids, unlike with the pid
+
+
+def test_the_acks_msh7_is_amsterdam_time_whatever_the_hosts_zone(store, monkeypatch):
+    """Every other time Koppel writes is Amsterdam time; a host on UTC (most servers and
+    containers) gave the ACK +0000 beside them."""
+    import time as time_module
+    from datetime import datetime as real_datetime
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setenv("TZ", "UTC")
+    time_module.tzset()
+    try:
+        clock = MemoryReactorClock()
+        factory = MLLPListenerFactory(ReceiveSettings(channel=CHANNEL), committer=GroupCommitter(store, clock=clock),
+                                      metrics=Metrics(), clock=clock, control_ids=ControlIds("KTEST-"))
+        address = IPv4Address("TCP", "127.0.0.1", 40001)
+        receiver, transport = factory.buildProtocol(address), StringTransport(peerAddress=address)
+        receiver.makeConnection(transport)
+        receiver.dataReceived(frame(message("MSG00001")))
+        clock.advance(0)
+        [ack] = acks(transport)
+        stamp = ack.split(b"\r")[0].split(b"|")[6].decode()
+        offset = real_datetime.now(ZoneInfo("Europe/Amsterdam")).strftime("%z")
+        assert stamp.endswith(offset) and offset in ("+0100", "+0200"), stamp
+    finally:
+        monkeypatch.undo()  # the TZ this run had, then re-read
+        time_module.tzset()

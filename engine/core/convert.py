@@ -48,6 +48,14 @@ _DTM = re.compile(
 )
 
 
+HOSPITAL_ZONE = "Europe/Amsterdam"
+
+
+def hospital_zone() -> ZoneInfo:
+    """The zone every time Koppel writes is in (ACKs, outbound messages), whatever the host's."""
+    return _zone(HOSPITAL_ZONE)
+
+
 @functools.lru_cache(maxsize=16)
 def _zone(name: str) -> ZoneInfo:
     try:

@@ -13,7 +13,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable
 
 from twisted.internet import defer, protocol
@@ -23,6 +23,7 @@ from zope.interface import implementer
 from engine.config import peer_allowed
 from engine.core import mllp
 from engine.core.ack import ControlIds, format_timestamp
+from engine.core.convert import hospital_zone
 from engine.core.errors import Rejection
 from engine.core.intake import (
     ACCEPT_ALL,
@@ -387,7 +388,7 @@ class MLLPListenerFactory(protocol.Factory):
         metrics,
         clock: IReactorTime,
         control_ids: Callable[[], str],
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc).astimezone(),
+        now: Callable[[], datetime] = lambda: datetime.now(hospital_zone()),
         log=None,
     ) -> None:
         self.settings = settings

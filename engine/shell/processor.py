@@ -23,7 +23,7 @@ from typing import Any, Callable
 from twisted.internet import defer, task
 
 from engine.core import agenda as ag
-from engine.core.convert import PartialDate
+from engine.core.convert import PartialDate, hospital_zone
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
 from engine.core.header import read_header
 from engine.core.hl7message import Message
@@ -304,7 +304,7 @@ class Processor:
             counter.inc()
 
     def _now(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.clock.seconds(), dt.timezone.utc).astimezone()
+        return dt.datetime.fromtimestamp(self.clock.seconds(), hospital_zone())
 
     @defer.inlineCallbacks
     def _commit_batch(self, works: list[Work]):
