@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import hashlib
 import sqlite3
 import subprocess
@@ -641,3 +642,26 @@ def test_a_run_of_writes_that_must_not_wait_sets_the_busy_timeout_once(tmp_path)
         assert [s for s in statements if "busy_timeout" in s][-1] == "PRAGMA busy_timeout = 300"
     finally:
         store.close()
+
+
+def test_a_new_store_is_readable_by_its_owner_only_whatever_the_umask(tmp_path):
+    """`koppel run` on a bare machine (umask 022) made var/ 0755 and koppel.db 0644: every
+    local user could read the referrals. An existing file keeps the mode the operator gave it."""
+    import stat as stat_module
+
+    old = os.umask(0o022)
+    try:
+        store = open_store(f"sqlite:///{tmp_path}/var/koppel.db")
+        store.write([Append(message=received("C1"))])
+        wal_modes = [stat_module.S_IMODE((tmp_path / "var" / f"koppel.db-{n}").stat().st_mode) for n in ("wal", "shm")]
+        store.close()
+        existing = tmp_path / "shared.db"
+        existing.touch(mode=0o640)
+        open_store(f"sqlite:///{existing}").close()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat_module.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "var") == 0o700
+    assert mode(tmp_path / "var" / "koppel.db") == 0o600
+    assert wal_modes == [0o600, 0o600]  # SQLite gives them the database file's mode
+    assert mode(existing) == 0o640

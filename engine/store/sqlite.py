@@ -683,9 +683,9 @@ class SQLiteStore:
         self._closed = False
         self._claims: dict[str, int] = {}  # duty -> fd holding its lock (claim)
         try:
-            config.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(config.path, create_file=migrate_schema)
         except OSError as exc:
-            raise StoreError(f"cannot create the store directory: {exc.strerror}") from exc
+            raise StoreError(f"cannot create the store: {exc.strerror}") from exc
         conn = self._conn()
         try:
             if migrate_schema:
@@ -1225,6 +1225,19 @@ class SQLiteStore:
                 raise
             return [str(cause)]  # so damaged that the check itself stops: that is its finding
         return problems
+
+
+def _create_private(path: Path, *, create_file: bool) -> None:
+    """A new store is readable by its owner only, whatever the umask: it holds patient data.
+    A new directory gets 0700 and a new file 0600 (SQLite gives its -wal and -shm files the
+    database file's mode). What exists already keeps the mode the operator gave it."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, mode=0o700)
+    if create_file:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
 
 
 def _fsync(path: Path) -> None:
