@@ -84,7 +84,7 @@ class FakeStore:
         if isinstance(decision, Create):
             entry = decision.entry.with_id(f"E{len(self.entries) + 1}")
             self._save(entry, decision.attachments)
-        elif isinstance(decision, Update) and not decision.noop:
+        elif isinstance(decision, Update) and (not decision.noop or decision.ranks):
             self._save(decision.entry, decision.attachments)
         elif isinstance(decision, Hold):
             self.held.append((message_id, event))
@@ -283,6 +283,22 @@ def test_an_order_update_keeps_the_requests_care_product_whichever_came_first():
     assert natural.data["care_product"] == late.data["care_product"] == {"code": "CARREG001", "text": "consult"}
     assert natural.data["cluster"] == late.data["cluster"] == "Laboratorium 2"  # the order's own field
     assert dict(natural.data) == dict(late.data)
+
+
+def test_a_greater_kind_repeating_a_value_keeps_it_against_a_lesser_kinds_later_change():
+    """A referral update (REF^I13) that repeats the order's care product changes no value, but
+    from then on the referral, not the order, has said it: the order's XO must not replace it
+    afterwards, as it cannot when it comes before the referral update."""
+    repeat = AgendaEvent(kind="referral", action="update", zd_number=ZD, fields={"care_product": {"code": "LABEDG001"}})
+    xo = AgendaEvent(kind="diagnostic-order", action="update", zd_number=ZD, placer_id="ORD000123",
+                     fields={"care_product": {"code": "LABEDG002"}})
+    store = run(orm(), repeat, xo)
+    assert isinstance(store.decisions[1], Update) and store.decisions[1].noop and store.decisions[1].ranks
+    assert len(only_entry(store).history) == 1  # nothing a person would call a change: no history item
+    late = only_entry(run(orm(), xo, repeat))
+    assert only_entry(store).data["care_product"] == late.data["care_product"] == {"code": "LABEDG001"}
+    again = run(orm(), repeat, repeat)  # a re-delivery of the repeat raises nothing more
+    assert not again.decisions[2].ranks
 
 
 def test_a_mapping_default_never_replaces_a_sent_value_whichever_came_first():

@@ -51,7 +51,7 @@ def siu(trigger: str = "S12", filler: str = "F778") -> bytes:
     return ("\r".join(segments) + "\r").encode("latin-1")
 
 
-MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu"}
+MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu", "REF": "ref"}
 
 
 class Harness:
@@ -494,3 +494,25 @@ def test_a_booking_without_pid8_keeps_the_sex_the_order_sent(h):
     assert h.outcome(message_id)[0] == "mapped"
     (entry,) = h.entries()
     assert entry.state == "scheduled" and json.loads(entry.data)["patient.sex"] == "F"
+
+
+def test_a_greater_kind_that_only_repeats_values_is_kept_quietly(h):
+    """A REF^I13 that repeats the order's patient fields changes nothing a person sees (no
+    history item, updated_at kept, nothing sent), but the entry now records the referral as
+    their source, so the order's later changes cannot replace them."""
+    order_pid = next(s for s in orm().split(b"\r") if s.startswith(b"PID|"))
+    ref = b"\r".join([b"MSH|^~\\&|VERWIJZER|HUISARTS|KOPPEL|ZIEKENHUIS|20261201090000+0100||REF^I13^REF_I12|REF13|P|2.4",
+                      b"RF1||||||" + ZD.encode(), order_pid]) + b"\r"
+    h.receive(orm())
+    (before,) = h.entries()
+    queued = len(h.queued)
+    message_id = h.receive(ref)
+    assert h.outcome(message_id)[0] == "mapped"
+    (after,) = h.entries()
+    assert json.loads(after.data)["_sources"]["patient.bsn"] == 1  # the referral's rank, was the order's 3
+    assert {k: v for k, v in json.loads(after.data).items() if k != "_sources"} == {
+        k: v for k, v in json.loads(before.data).items() if k != "_sources"}
+    assert (after.updated_at, after.state) == (before.updated_at, before.state)
+    assert len(h.store.agenda_history(after.id)) == len(h.store.agenda_history(before.id)) == 1
+    assert len(h.queued) == queued  # nothing sent
+

@@ -275,6 +275,9 @@ class Update:
     attachments: tuple[Attachment, ...] = ()
     changed: tuple[str, ...] = ()
     noop: bool = False
+    # A noop from a greater kind than the one that set some of its fields: no value changed,
+    # but the entry now records that kind for them (to save quietly: no history, nothing sent).
+    ranks: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -784,12 +787,12 @@ def _apply(
     if to_state is None:  # a repeated book/complete: fine if it changes nothing
         if changed:
             return Reject(reason=f"cannot {action}: entry is {entry.state}", code="illegal-move")
-        return Update(entry=entry, noop=True)
+        return _noop(entry, data)
     scheduler_change = FAMILY[kind] == "order" and event.kind == "appointment" and action in ("reschedule", "update")
     if not changed and to_state == entry.state and not scheduler_change:
         # (an order keeps `scheduled` through the scheduler's changes; they are still recorded,
         # as a request's create replays them: see _replayed)
-        return Update(entry=entry, noop=True)
+        return _noop(entry, data)
     item = HistoryItem(
         at=now, message_id=message_id, action=action, from_state=entry.state, to_state=to_state,
         changed=tuple(changed), kind=event.kind,
@@ -807,6 +810,15 @@ def _apply(
         history=entry.history + (item,),
     )
     return Update(entry=updated, attachments=new_attachments, changed=tuple(changed))
+
+
+def _noop(entry: AgendaEntry, data: dict[str, object]) -> Update:
+    """Nothing changes: a re-delivery, or a message that repeats what the entry holds. If it
+    is of a greater kind than the one that set some of those fields, the entry keeps that
+    (``ranks``), so a later message of the lesser kind cannot change them, as in the other order."""
+    if (data.get(SOURCES) or {}) == (entry.data.get(SOURCES) or {}):
+        return Update(entry=entry, noop=True)
+    return Update(entry=replace(entry, data=data), noop=True, ranks=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -378,6 +378,9 @@ class Processor:
         elif not decision.noop:
             ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
                                      existing.state, decision.changed, at))
+        elif decision.ranks:  # nothing changed but which kind set some fields: kept quietly
+            ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
+                                     existing.state, (), at, history=False))
         view.put(entry)
         if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
             ops.extend(self._outbound_ops(mapping, event, entry, work, at))
@@ -403,6 +406,9 @@ class Processor:
             state = entry.state
             for item, (message_id, decision) in zip(held, released.results):
                 if isinstance(decision, ag.Update):
+                    if decision.ranks:
+                        ops.append(self._save_op(decision.entry, int(entry.id), int(message_id), "release", state,
+                                                 (), at, history=False))
                     if not decision.noop:
                         ops.append(self._save_op(decision.entry, int(entry.id), int(message_id), "release", state,
                                                  decision.changed, at))
@@ -490,14 +496,15 @@ class Processor:
             return []
         return [Enqueue(message_id=work.message_id, targets=work.forward, at=at, audit=False)]
 
-    def _save_op(self, entry, entry_id, message_id, action, from_state, changed, at, *, new=False) -> SaveAgendaEntry:
+    def _save_op(self, entry, entry_id, message_id, action, from_state, changed, at, *, new=False,
+                 history=True) -> SaveAgendaEntry:
         return SaveAgendaEntry(
             new=new, entry_id=entry_id, agenda_id=entry.agenda_id, kind=entry.kind, state=entry.state,
             zd_number=entry.zd_number, placer_id=entry.placer_id, filler_id=entry.filler_id,
             data=to_json(entry.data), attachments=entry.attachments,
             keys=ag.entry_keys(entry), at=at, message_id=message_id, action=action, from_state=from_state,
             changed=tuple(changed), event_kind=entry.history[-1].kind if entry.history else None,
-            event_action=entry.history[-1].action if entry.history else None,
+            event_action=entry.history[-1].action if entry.history else None, history=history,
         )
 
     def _with_history(self, entry: ag.AgendaEntry) -> ag.AgendaEntry:

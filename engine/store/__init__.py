@@ -479,7 +479,7 @@ class MarkSending:
 @_value
 class SaveAgendaEntry:
     """Create (entry_id None) or replace an agenda entry, add its correlation keys and one
-    history item, in the caller's transaction. Result: the entry id."""
+    history item (unless ``history`` is False), in the caller's transaction. Result: the entry id."""
 
     entry_id: int | None
     agenda_id: str
@@ -499,6 +499,9 @@ class SaveAgendaEntry:
     new: bool = False  # create with this entry_id (the engine assigns ids so a batch can refer to them)
     event_kind: str | None = None  # the kind of event that made this change (appointment: the scheduler)
     event_action: str | None = None  # its action (for action "release": the released event's)
+    # False: only the data changes (which kind set some fields), no history item, and the
+    # entry keeps its updated_at: nothing a person would call a change happened.
+    history: bool = True
 
 
 @_value

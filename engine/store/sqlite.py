@@ -566,6 +566,10 @@ class _Transaction:
                  attachments, op.at, op.at),
             )
             entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
+        elif not op.history:
+            if execute("UPDATE agenda_entries SET data = ? WHERE id = ?", (op.data, op.entry_id)).rowcount != 1:
+                raise StoreError(f"agenda entry {op.entry_id} does not exist")
+            return op.entry_id
         else:
             entry_id = op.entry_id
             cur = execute(
