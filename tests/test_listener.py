@@ -849,3 +849,23 @@ def test_the_acks_msh7_is_amsterdam_time_whatever_the_hosts_zone(store, monkeypa
     finally:
         monkeypatch.undo()  # the TZ this run had, then re-read
         time_module.tzset()
+
+
+def test_a_stopped_listener_aborts_a_connection_whose_peer_stopped_reading_after_its_grace(store):
+    """A reload that removes a channel stops its listener: a peer that no longer reads keeps a
+    closing connection (and the reload) waiting for ever, unless it is aborted after the grace."""
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionAborted
+
+    from engine.shell.engine import ListenerService
+
+    h = Harness(store=store)
+    receiver, transport = h.connect()
+    listener = ListenerService(h.clock, "tcp:0", h.factory, h.metrics, grace=10.0)
+    stopped = listener.stopService()  # (never bound: no port to close, only connections to drain)
+    h.clock.advance(9.9)
+    assert transport.disconnecting and not transport.disconnected and not stopped.called
+    h.clock.advance(0.1)
+    assert transport.disconnected  # aborted: the kernel would now drop it, and connectionLost follows
+    receiver.connectionLost(Failure(ConnectionAborted()))
+    assert stopped.called

@@ -236,12 +236,14 @@ def _filtered_detail(header) -> str:
 class ListenerService(service.Service):
     """One channel's MLLP listener (an endpoint string, so TLS is configuration)."""
 
-    def __init__(self, reactor, endpoint: str, factory: MLLPListenerFactory, metrics: Metrics) -> None:
+    def __init__(self, reactor, endpoint: str, factory: MLLPListenerFactory, metrics: Metrics,
+                 grace: float | None = None) -> None:
         self.setName(f"listener:{factory.settings.channel}")
         self.reactor = reactor
         self.endpoint = endpoint
         self.factory = factory
         self.metrics = metrics
+        self.grace = grace  # how long a stop waits for a connection's last ACKs before aborting it
         self.port = None
         self.retired = False  # replaced or removed by a reload: koppel_listener_up is no longer ours
         # Fires with the port, or fails once the failure is logged. Whoever started the
@@ -281,7 +283,7 @@ class ListenerService(service.Service):
             yield stopped
             if not self.retired:  # else the new listener's 1, or no series at all, stands
                 self.metrics.listener_up.labels(self.factory.settings.channel).set(0)
-        yield self.factory.drain()
+        yield self.factory.drain(self.grace)
 
 
 class Engine(service.MultiService):
@@ -475,7 +477,7 @@ class Engine(service.MultiService):
                 continue
             factory = MLLPListenerFactory(settings, committer=self.committer, metrics=self.metrics,
                                           clock=reactor, control_ids=self.control_ids)
-            listener = ListenerService(reactor, channel.source.listen, factory, self.metrics)
+            listener = ListenerService(reactor, channel.source.listen, factory, self.metrics, grace=self.drain_timeout)
             self.listeners.append(listener)
             if not starting:
                 new.append(listener)

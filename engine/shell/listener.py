@@ -504,12 +504,27 @@ class MLLPListenerFactory(protocol.Factory):
             **self.settings.receive_marks(assessment, targets),
         )
 
-    def drain(self) -> defer.Deferred:
-        """Stop reading on every connection; fires when their pending ACKs are out."""
+    def drain(self, grace: float | None = None) -> defer.Deferred:
+        """Stop reading on every connection; fires when their pending ACKs are out, or, with
+        ``grace``, at the latest that many seconds later: a peer that stopped reading keeps
+        a closing connection open for ever (its ACKs never leave our buffer), and a reload
+        that removes its channel would wait for it for ever. Such connections are aborted."""
         receivers = list(self.receivers)
         for receiver in receivers:
             receiver._close("shutdown")
-        return defer.DeferredList([receiver.lost for receiver in receivers])
+        drained = defer.DeferredList([receiver.lost for receiver in receivers])
+        if grace is None or not receivers:
+            return drained
+
+        def abort() -> None:
+            for receiver in receivers:
+                if not receiver.lost.called:
+                    receiver.log.warning("connection.aborted", reason="peer not reading after shutdown",
+                                         seconds=grace)
+                    receiver.transport.abortConnection()
+
+        call = self.clock.callLater(grace, abort)
+        return drained.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
 
 
 def default_control_ids(clock_seconds: float, nonce: int) -> ControlIds:
