@@ -136,9 +136,21 @@ _ROLE_DEFAULTS = {
 }
 
 
+def _no_core_dumps() -> None:
+    """A crash must not write the engine's memory (referrals, letters, the admin token) to a
+    core file that the store's retention never prunes (systemd-coredump, apport, ./core)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):  # not on this platform: nothing to switch off
+        pass
+
+
 def _run(args) -> int:
     from engine import log
 
+    _no_core_dumps()
     metrics, admin, pid_file = _ROLE_DEFAULTS[args.role]
     args.metrics = metrics if args.metrics is None else args.metrics
     args.admin = admin if args.admin is None else args.admin

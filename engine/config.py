@@ -830,6 +830,11 @@ def _client_endpoint(node: yaml.Node, path: str) -> str:
     try:
         queue_key_of(value)
         scheme, _, options = _split_endpoint(value)
+        if scheme == "ssl":
+            # Twisted's ssl: client checks no certificate without caCertsDir, and never the
+            # host name: patient data would go to whoever answers on the path.
+            raise ValueError(f"endpoint {value!r}: ssl: does not check the destination's certificate and host "
+                             "name; use tls:HOST:PORT (trustRoots=DIR for a private CA)")
         _check_tls_paths(value, scheme, options, server=False)
         _twisted_accepts(value, server=False)
     except ValueError as error:

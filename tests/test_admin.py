@@ -248,6 +248,7 @@ def test_the_engine_refuses_to_be_built_with_an_exposed_admin_endpoint_and_no_to
 def test_the_token_comes_from_the_file_first_then_the_environment(tmp_path):
     path = tmp_path / "token"
     path.write_text(f"  {TOKEN}  \nsecond line ignored\n")
+    path.chmod(0o600)  # a token file other users can read is refused (tests/test_security_review.py)
     assert load_token(str(path), {"KOPPEL_ADMIN_TOKEN": "other"}) == TOKEN
     assert load_token(None, {"KOPPEL_ADMIN_TOKEN": " env-token "}) == "env-token"
     assert load_token(None, {"KOPPEL_ADMIN_TOKEN": ""}) is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import os
@@ -55,6 +56,13 @@ def load_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str
             raise ValueError(f"cannot read the admin token from {path}: {safe_error(error)}") from None
         if not token:
             raise ValueError(f"{path} holds no admin token (the first line is empty)")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            raise ValueError(f"cannot read the admin token from {path}: {safe_error(error)}") from None
+        if mode & 0o007:  # any local user could read (or set) the token and use the API
+            raise ValueError(f"{path} is readable or writable by other users: chmod o-rwx {path} "
+                             "(e.g. mode 0640, group koppel)")
         return token
     token = environ.get(TOKEN_ENV, "").strip()
     return token or None
@@ -304,7 +312,15 @@ class AdminAPI(resource.Resource):
         request.finish()
 
     def _authorize(self, request) -> None:
+        # Not for browsers: a web page could otherwise make a browser on this host send a
+        # cross-site POST (a "simple request", no preflight) to pause a queue or drop a dead
+        # letter, and without a token a page whose name rebinds to 127.0.0.1 could read bodies.
+        if request.getHeader(b"origin") is not None:
+            raise ApiError(403, "forbidden", "the admin API does not answer browser (cross-origin) requests")
         if self._token_bytes is None:
+            if not _local_host_header(request):
+                raise ApiError(403, "forbidden", "without a token the admin API answers only requests "
+                                                 "for localhost or a loopback address")
             return
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
@@ -679,11 +695,73 @@ class AdminAPI(resource.Resource):
         return 200, out
 
 
+def _local_host_header(request) -> bool:
+    """Whether the Host header names this host (localhost or a loopback address), or is absent.
+    A unix socket cannot be reached by a browser, so any Host is fine there."""
+    address = request.getHost() if hasattr(request, "getHost") else None
+    if address is not None and not hasattr(address, "host"):
+        return True
+    header = request.getHeader(b"host")
+    if header is None:
+        return True
+    host = header.decode("latin-1").strip()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # --------------------------------------------------------------------------- serving
 
 
+class _AdminRequest(server.Request):
+    """A request whose body is held in memory and refused past MAX_BODY as it arrives.
+
+    twisted.web spools any body over 100 kB to a temporary file, without a limit, before the
+    resource (and so the token check) sees the request: one unauthenticated POST could fill
+    the disk. Here the connection is answered 413 and closed instead.
+    """
+
+    _body_bytes = 0
+    _too_large = False
+
+    def gotLength(self, length):
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data):
+        if self._too_large:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_BODY:
+            self._refuse_body()
+            return
+        self.content.write(data)
+
+    def process(self):
+        if self._too_large:  # already answered; the connection is closing
+            return
+        super().process()
+
+    def _refuse_body(self) -> None:
+        self._too_large = True
+        self.content = io.BytesIO()
+        body = json.dumps({"error": "too_large", "message": f"the request body is over {MAX_BODY} bytes"}).encode()
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: application/json; charset=utf-8\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.channel.transport.loseConnection()
+
+
 def site_for(engine, *, token: str | None, read=None, clock=None, log=None) -> server.Site:
-    site = server.Site(AdminAPI(engine, token=token, read=read, clock=clock, log=log))
+    site = server.Site(AdminAPI(engine, token=token, read=read, clock=clock, log=log), requestFactory=_AdminRequest)
     site.noisy = False
     site.displayTracebacks = False
     return site
