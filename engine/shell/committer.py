@@ -238,7 +238,8 @@ class Checkpointer:
 
 
 class Pruner:
-    """Deletes delivered entries and message bodies older than the retention, in slices.
+    """Deletes delivered entries, message bodies and released held events older than the
+    retention, in slices.
 
     Each slice is a bounded ``Prune`` through the group committer, so pruning a large
     backlog never holds the store for long; it repeats while slices come back full.
@@ -271,16 +272,17 @@ class Pruner:
         self._busy = True
         try:
             before = self._reactor.seconds() - self._retention
-            total_entries = total_messages = 0
+            total_entries = total_messages = total_held = 0
             while True:
                 op = self._prune_op(before=before)
                 result = yield self._committer.submit(op)
                 total_entries += result.entries
                 total_messages += result.messages
-                if result.entries < op.limit and result.messages < op.limit:
+                total_held += result.held
+                if max(result.entries, result.messages, result.held) < op.limit:
                     break
-            if (total_entries or total_messages) and self._log is not None:
-                self._log.info("store.pruned", entries=total_entries, messages=total_messages)
+            if (total_entries or total_messages or total_held) and self._log is not None:
+                self._log.info("store.pruned", entries=total_entries, messages=total_messages, held=total_held)
         except Exception as error:  # noqa: BLE001 - retried on the next interval
             if self._log is not None:
                 from engine.log import safe_error

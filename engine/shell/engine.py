@@ -312,12 +312,8 @@ class Engine(service.MultiService):
         self.committer = GroupCommitter(store, clock=reactor, metrics=self.metrics, log=self.log,
                                         busy_limit=busy_limit)
         self.checkpointer = Checkpointer(store, reactor=reactor, log=self.log, commits=lambda: self.committer.commits)
-        longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
-        if retention is not None and retention < longest_window:
-            raise ValueError(
-                "retention must be at least the longest duplicate window, or a retried message "
-                "would be stored again after its first copy was pruned"
-            )
+        self.retention = retention
+        self._check_retention(config)
         self.pruner = None
         if retention and delivers(role):  # pruning follows delivery: the deliverer knows what is done
             self.pruner = Pruner(self.committer, reactor=reactor, retention=retention, log=self.log)
@@ -496,9 +492,19 @@ class Engine(service.MultiService):
         self.config = config
         return stopping
 
+    def _check_retention(self, config: EngineConfig) -> None:
+        longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
+        if self.retention is not None and self.retention < longest_window:
+            raise ValueError(
+                "retention must be at least the longest duplicate window, or a retried message "
+                "would be stored again after its first copy was pruned"
+            )
+
     @defer.inlineCallbacks
     def reload(self, bundle):
-        """Apply a config that already loaded and checked; unchanged listeners keep their connections."""
+        """Apply a config that already loaded and checked; unchanged listeners keep their connections.
+        A duplicate window longer than the retention is refused (ValueError), the running config kept."""
+        self._check_retention(bundle.config)
         stopping = self._apply(bundle.config, bundle.mappings, bundle.book, starting=False)
         yield defer.DeferredList(stopping)
         if self._orphan_check is not None and self._orphan_check.running:

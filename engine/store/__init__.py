@@ -441,10 +441,11 @@ class DropDeadLetters:
 
 @_value
 class Prune:
-    """Delete finished entries and unreferenced messages older than `before`. Result: PruneResult.
+    """Delete finished entries, unreferenced messages and held events released before
+    `before`. Result: PruneResult.
 
-    At most `limit` entries and `limit` messages go per op, so one prune never holds the
-    write lock for long; repeat until both counts are below `limit`.
+    At most `limit` of each go per op, so one prune never holds the write lock for long;
+    repeat until every count is below `limit`.
     """
 
     before: float
@@ -459,6 +460,7 @@ class Prune:
 class PruneResult:
     entries: int
     messages: int
+    held: int = 0  # released held events
 
 
 @_value

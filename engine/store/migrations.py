@@ -192,6 +192,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         statements=("ALTER TABLE agenda_history ADD COLUMN event_kind TEXT",
                     "ALTER TABLE agenda_history ADD COLUMN event_action TEXT"),
     ),
+    Migration(
+        version=8,
+        why="prune released held events (and their keys) by release time without reading the events",
+        statements=(
+            "CREATE INDEX held_events_released ON held_events (released_at) WHERE released_at IS NOT NULL",
+            "CREATE INDEX held_keys_held ON held_keys (held_id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -545,7 +545,18 @@ class _Transaction:
             "AND NOT EXISTS (SELECT 1 FROM queue_entries e WHERE e.message_id = m.id) LIMIT ?)",
             (op.before, PENDING, UNANSWERED, op.limit),
         ).rowcount
-        return PruneResult(entries=entries, messages=messages)
+        # A released held event is never read again (its entry has the data, the letter is
+        # stored by sha256), yet it holds the patient's fields and the whole letter: it goes
+        # with its keys once released longer ago than the retention.
+        released = [row[0] for row in self._conn.execute(
+            "SELECT id FROM held_events WHERE released_at < ? ORDER BY released_at LIMIT ?",
+            (op.before, op.limit),
+        )]
+        for chunk in _chunks(released):
+            marks = _placeholders(len(chunk))
+            self._conn.execute(f"DELETE FROM held_keys WHERE held_id IN ({marks})", tuple(chunk))
+            self._conn.execute(f"DELETE FROM held_events WHERE id IN ({marks})", tuple(chunk))
+        return PruneResult(entries=entries, messages=messages, held=len(released))
 
     def _audit(
         self, at: float, action: str, queue: str | None, entry_id: int | None,
