@@ -103,7 +103,9 @@ def bench_mapping(count: int, runs: int = 3) -> None:
         pinned = "not pinned"
     bundle = load_bundle(ROOT / "channels", ROOT / "mappings")
     book = bundle.book
-    now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc).astimezone()
+    from engine.core.convert import hospital_zone
+
+    now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=hospital_zone())  # as the engine's clock gives it
     print(f"(a) mapping on one core ({pinned}), N={count} per type, best of {runs}")
     for label, make, name in (("SRM^S01", srm, "zorgdomein-srm"), ("ORM^O01", orm, "zorgdomein-orm")):
         mapping = bundle.mappings.mapping(name)
