@@ -1246,8 +1246,8 @@ def _create_private(path: Path, *, create_file: bool) -> None:
     """A new store is readable by its owner only, whatever the umask: it holds patient data.
     A new directory gets 0700 and a new file 0600 (SQLite gives its -wal and -shm files the
     database file's mode). What exists already keeps the mode the operator gave it."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, mode=0o700)
+    if not path.parent.is_dir():  # (the other role's process may make it meanwhile: exist_ok)
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
     if create_file:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
