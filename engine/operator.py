@@ -20,9 +20,10 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 OK, NOTHING, USAGE = 0, 1, 2
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: ids and limits beyond it overflow the driver
@@ -1082,6 +1083,22 @@ def _size(size: int) -> str:
     return f"{value / 1024:.1f} TiB"
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Whether SIGTERM or SIGHUP came (a timeout, a stopped systemd timer), to ask while a long
+    copy runs, so it stops and leaves no partial copy of the patient data behind."""
+    import signal
+
+    stop: list[int] = []
+    numbers = (signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, lambda number, _frame: stop.append(number)) for number in numbers}
+    try:
+        yield lambda: bool(stop)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 @_command
 def store_backup(args, store, dests) -> int:
     """A consistent copy of the store, taken while the engine runs, then opened and checked.
@@ -1098,7 +1115,13 @@ def store_backup(args, store, dests) -> int:
                               reason=f"to {target.resolve()}; koppel CLI, user {_os_user() or '-'}"
                                      + (f"; {reason}" if reason else "")))
     started = time.monotonic()
-    size = store.backup(str(target))
+    with _stop_on_signals() as stopped:
+        try:
+            size = store.backup(str(target), cancelled=stopped)
+        except StoreError:
+            if stopped():
+                raise _Fail(NOTHING, f"stopped by a signal: no backup written to {target}") from None
+            raise
     took = time.monotonic() - started
     try:
         copy = _open_store(f"sqlite:///{target.resolve()}")

@@ -159,3 +159,35 @@ def test_koppel_store_backup_of_a_missing_store_creates_nothing(tmp_path, capsys
     assert main(["store", "backup", str(tmp_path / "copy.db"), "--store", f"sqlite:///{tmp_path}/none.db"]) == 1
     assert "no store at" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_cancelled_backup_stops_and_leaves_no_partial_copy(store, tmp_path):
+    for n in range(300):
+        write_one(store, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
+    with pytest.raises(StoreError):
+        store.backup(str(tmp_path / "copy.db"), cancelled=lambda: True)
+    assert sorted(os.listdir(tmp_path)) == ["koppel.db", "koppel.db-shm", "koppel.db-wal"]
+    assert store.backup(str(tmp_path / "copy.db")) > 0  # the connection is fine afterwards
+
+
+def test_koppel_store_backup_stopped_by_sigterm_exits_1_and_leaves_nothing(store, tmp_path, capsys, monkeypatch):
+    """A timeout or a stopped systemd timer sends SIGTERM: the copy of every referral must not
+    stay behind as a hidden partial file."""
+    import signal
+
+    from engine.store.sqlite import SQLiteStore
+
+    for n in range(300):
+        write_one(store, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
+    real_backup = SQLiteStore.backup
+
+    def terminated_meanwhile(self, target, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the copy runs
+        return real_backup(self, target, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "backup", terminated_meanwhile)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["store", "backup", str(tmp_path / "copy.db"), "--store", f"sqlite:///{tmp_path}/koppel.db"]) == 1
+    assert "stopped by a signal" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("copy", ".copy"))]
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again

@@ -16,7 +16,7 @@ delivery bookkeeping and pay for one fsync. Results align with ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, Union
+from typing import Callable, Literal, Protocol, Sequence, Union
 
 __all__ = [
     "PENDING",
@@ -675,9 +675,10 @@ class MessageStore(Protocol):
         """Whether another process does ``duty`` for this store now (a running engine)."""
         ...
 
-    def backup(self, target: str) -> int:
+    def backup(self, target: str, *, cancelled: Callable[[], bool] | None = None) -> int:
         """A consistent copy of the whole store at ``target`` (for SQLite a new file), taken
-        while the engine runs; its size in bytes. StoreError if ``target`` exists."""
+        while the engine runs; its size in bytes. StoreError if ``target`` exists, or when
+        ``cancelled()`` turns true while it copies (nothing is left behind)."""
         ...
 
     def check_integrity(self, *, full: bool = False) -> list[str]:

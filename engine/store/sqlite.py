@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1193,13 +1193,14 @@ class SQLiteStore:
 
     # -- maintenance (operator commands)
 
-    def backup(self, target: str) -> int:
+    def backup(self, target: str, *, cancelled: Callable[[], bool] | None = None) -> int:
         """Write a consistent copy of the whole store to the new file ``target``; its size.
 
         VACUUM INTO reads in one read transaction: the copy is one committed state, and in WAL
         mode the engine's commits go on meanwhile. It is written under a temporary name, synced,
         then linked to ``target``, so a file at ``target`` is always a whole backup and an
-        existing file is never overwritten."""
+        existing file is never overwritten. ``cancelled`` is asked now and then while it copies
+        (a SIGTERM): then it stops, removes the partial copy and raises StoreError."""
         path = Path(target)
         if path.exists() or path.is_symlink():
             raise StoreError(f"{path} already exists; a backup never overwrites a file")
@@ -1212,7 +1213,13 @@ class SQLiteStore:
                              stat.S_IMODE(os.stat(self.config.path).st_mode) & 0o666))
             conn = self._conn()
             self._wait_for_locks(conn, True)
-            conn.execute("VACUUM INTO ?", (str(partial),))
+            if cancelled is not None:  # (a Python callback, so a signal handler runs meanwhile too)
+                conn.set_progress_handler(lambda: 1 if cancelled() else 0, 1000)
+            try:
+                conn.execute("VACUUM INTO ?", (str(partial),))
+            finally:
+                if cancelled is not None:
+                    conn.set_progress_handler(None, 0)
             _fsync(partial)  # VACUUM INTO does not sync what it writes
             os.link(partial, path)  # fails, rather than overwrites, if target appeared meanwhile
             _fsync(path.parent)
