@@ -1010,3 +1010,33 @@ def test_the_entry_on_the_wire_is_not_moved_away_from_its_queue(make):
     h.run(5)
     assert h.destination.received() == ["C1"]
     assert [e.control_id for e in h.store.queue_head(NEW_QUEUE, 10)] == ["C2"]
+
+
+def test_marks_the_store_refused_are_retried_together_once_a_second(tmp_path):
+    """During a disk-full outage the sender goes on delivering and its marks pile up: retrying
+    each alone made one failing transaction (and one error line) per mark per second."""
+    h = Harness(tmp_path)
+    try:
+        h.enqueue("C1", "C2", "C3", "C4", "C5")
+        h.start()
+        original = h.store.write
+        writes: list[int] = []
+
+        def full(ops, wait=True):
+            writes.append(len(ops))
+            raise StoreError(f"store write of {len(ops)} operations failed: database or disk is full")
+
+        h.store.write = full
+        for _ in range(5):
+            h.destination.answer("AA")
+            h.run(0.1)
+        h.run(1.0)  # every mark refused at least once by now
+        writes.clear()
+        h.run(3.0)  # three retry rounds
+        assert writes == [5, 5, 5]
+        h.store.write = original  # room again
+        h.run(1.0)
+        assert h.states() == ["delivered"] * 5
+    finally:
+        h.sender.stop()
+        h.store.close()

@@ -196,6 +196,7 @@ class QueueSender:
         self._failures_logged = Repeats()
         self._resend_candidate: int | None = None  # on the wire when the engine last stopped
         self._reread = False  # a resume asked to read the queue again (see _forget_pages)
+        self._refused_marks: list[tuple[object, defer.Deferred]] = []  # marks the store refused, to retry
 
     @property
     def state(self) -> str:
@@ -703,19 +704,47 @@ class QueueSender:
         self._log_failure(entry, reason, attempt, delay)
         return _with(entry, attempts=attempt, next_attempt_at=next_at, last_error=reason), delay
 
-    def _commit_mark(self, op, retried: bool = False) -> defer.Deferred:
+    def _commit_mark(self, op) -> defer.Deferred:
         """A delivered or dead-letter mark, submitted again until the store takes it (disk full, a
         lock held too long): the sender has moved on, and an entry left 'pending' would count in
         the depth and the oldest age for ever and be sent again after a restart, out of order.
         Given up only when the sender stops (then it is resent after the restart, at least once)."""
-        def again(failure):
-            if self._stopping:
-                return failure
-            if not retried:  # logged once per mark, not once a second while the store is down
-                self._bookkeeping_failed(failure)
-            return task.deferLater(self.reactor, BOOKKEEPING_RETRY, self._commit_mark, op, True)
+        return self.committer.submit(op, within=BOOKKEEPING_WINDOW).addErrback(self._mark_refused, op)
 
-        return self.committer.submit(op, within=BOOKKEEPING_WINDOW).addErrback(again)
+    def _mark_refused(self, failure, op) -> defer.Deferred:
+        if self._stopping:
+            return failure
+        waiting: defer.Deferred = defer.Deferred()
+        if not self._refused_marks:  # logged once per outage, retried once a second for all marks
+            self._bookkeeping_failed(failure)
+            self.reactor.callLater(BOOKKEEPING_RETRY, self._resubmit_marks)
+        self._refused_marks.append((op, waiting))
+        return waiting
+
+    def _resubmit_marks(self) -> None:
+        """Every refused mark again in one transaction: during an outage thousands of marks
+        may wait, and one failing commit a second is enough (each alone would be a failing
+        transaction and an error line apiece, on a disk that is already full)."""
+        refused, self._refused_marks = self._refused_marks, []
+        if self._stopping:
+            for _, waiting in refused:
+                waiting.errback(defer.CancelledError())
+            return
+
+        def committed(_):
+            for _, waiting in refused:
+                waiting.callback(None)
+
+        def again(_failure):
+            if self._stopping:
+                for _, waiting in refused:
+                    waiting.errback(defer.CancelledError())
+                return
+            if not self._refused_marks:
+                self.reactor.callLater(BOOKKEEPING_RETRY, self._resubmit_marks)
+            self._refused_marks[:0] = refused
+
+        self.committer.submit_many(tuple(op for op, _ in refused)).addCallbacks(committed, again)
 
     def _settling(self, entry_id: int, due: float | None, d: defer.Deferred) -> None:
         """Bookkeeping submitted for an entry: until it commits, the store still shows the entry
