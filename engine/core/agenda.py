@@ -734,7 +734,12 @@ def _apply(
     closed = not entry.is_open
     if closed and action != "attach" and not takes_over:
         if action == "cancel" and state == "cancelled":
-            return Update(entry=entry, noop=True)
+            # It changes no value, but becomes the source of those it repeats, as it would have
+            # had it cancelled first (the order's CA then the request's S04, or the other way).
+            same = {name: value for name, value in event.fields.items()
+                    if name in entry.data and plain(entry.data[name]) == plain(value)}
+            data, _ = _merge(entry.data, same, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
+            return _noop(entry, data)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
     # Ids from different senders can collide (a REF's RF1-11 and a scheduler's SCH-2): a
     # message about another patient must never change this entry.
