@@ -743,9 +743,11 @@ def build(
     Characters the charset cannot hold become '?'. MSH-7 and ``{timestamp}`` are
     ``timestamp`` in Amsterdam time, as every other time that goes out, whatever the host's zone.
     """
-    zone = _convert.hospital_zone()
-    if timestamp.tzinfo is not zone and timestamp.tzinfo is not None:  # (the engine's clock is in it)
-        timestamp = timestamp.astimezone(zone)
+    if timestamp.tzinfo is not None:
+        zone = _convert.hospital_zone()
+        if timestamp.tzinfo is not zone:  # (the engine's clock is in it already)
+            timestamp = timestamp.astimezone(zone)
+        timestamp = _convert.with_fixed_offset(timestamp)  # formatted at most a few times below
     plan: _TemplatePlan = template._plan
     field_sep = plan.field_sep
     top = plan.top.values(event, entry, None, None, timestamp)

@@ -18,6 +18,7 @@ __all__ = [
     "Code",
     "ConversionError",
     "DayTime",
+    "with_fixed_offset",
     "DutchName",
     "agb",
     "bsn",
@@ -112,8 +113,16 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 across UTC
         raise ConversionError("date/time out of range") from error
     if hour is None:
-        return _day_time(local.replace(tzinfo=_fixed(local.utcoffset())), text)  # type: ignore[arg-type]
+        day = DayTime(local.year, local.month, local.day, local.hour, local.minute, local.second,
+                      local.microsecond, _fixed(local.utcoffset()))  # type: ignore[arg-type]
+        day.hl7 = text
+        return day
     return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
+
+
+def with_fixed_offset(value: _dt.datetime) -> _dt.datetime:
+    """The same instant with its current UTC offset as a fixed tzinfo (cheap to format)."""
+    return value.replace(tzinfo=_fixed(value.utcoffset()))  # type: ignore[arg-type]
 
 
 class DayTime(_dt.datetime):
