@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     }.get(args.command) or args.func
     try:
         return handler(args) or 0
+    except BrokenPipeError:  # `koppel messages | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 1
     except OSError as error:  # a file named on the command line: one line, not a traceback
         if error.filename is None:
             raise

@@ -1115,25 +1115,28 @@ def store_backup(args, store, dests) -> int:
                               reason=f"to {target.resolve()}; koppel CLI, user {_os_user() or '-'}"
                                      + (f"; {reason}" if reason else "")))
     started = time.monotonic()
-    with _stop_on_signals() as stopped:
+    with _stop_on_signals() as stopped:  # until the copy is checked: a stop leaves no file
         try:
             size = store.backup(str(target), cancelled=stopped)
         except StoreError:
             if stopped():
                 raise _Fail(NOTHING, f"stopped by a signal: no backup written to {target}") from None
             raise
-    took = time.monotonic() - started
-    try:
-        copy = _open_store(f"sqlite:///{target.resolve()}")
-    except _Fail as fail:
-        raise _Fail(NOTHING, f"the backup at {target} does not open: {fail.message}") from None
-    try:
-        problems = copy.check_integrity()
-        version = copy.schema_version()
-    except StoreError as error:
-        problems, version = [str(error)], None
-    finally:
-        copy.close()
+        took = time.monotonic() - started
+        try:
+            copy = _open_store(f"sqlite:///{target.resolve()}")
+        except _Fail as fail:
+            raise _Fail(NOTHING, f"the backup at {target} does not open: {fail.message}") from None
+        try:
+            problems = copy.check_integrity()
+            version = copy.schema_version()
+        except StoreError as error:
+            problems, version = [str(error)], None
+        finally:
+            copy.close()
+        if stopped():  # the copy is whole but was not checked to the end: not a backup to trust
+            target.unlink(missing_ok=True)
+            raise _Fail(NOTHING, f"stopped by a signal: no backup written to {target}")
     if problems:
         sys.stderr.write(f"error: the backup at {target} fails its check:\n")
         for problem in problems[:20]:

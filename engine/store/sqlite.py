@@ -1221,6 +1221,8 @@ class SQLiteStore:
                 if cancelled is not None:
                     conn.set_progress_handler(None, 0)
             _fsync(partial)  # VACUUM INTO does not sync what it writes
+            if cancelled is not None and cancelled():  # (a SIGTERM while it synced)
+                raise StoreError("store backup stopped")
             os.link(partial, path)  # fails, rather than overwrites, if target appeared meanwhile
             _fsync(path.parent)
             return path.stat().st_size
