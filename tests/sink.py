@@ -18,7 +18,7 @@ writing a channel directory, running ``koppel run`` as a subprocess (port learne
 generator that sends over several connections until the engine goes away, and a blocking
 MLLP source that resends until ACKed, like a real sender does when the engine is killed under it.
 
-As a script: ``python tests/sink.py [--port N] [--delay S] [--quiet]`` prints ``port N`` and
+As a script: ``python tests/sink.py [--port N] [--delay S] [--no-raw]`` prints ``port N`` and
 then reads commands on stdin: ``down``, ``up``, ``nak CODE N``, ``delay S``, ``drop N``,
 ``stats`` (one JSON line), ``ids`` (delivered MSH-10s as JSON), ``quit``.
 """
