@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         "reload": _reload,
     }.get(args.command) or args.func
     try:
-        return handler(args) or 0
+        status = handler(args) or 0
+        sys.stdout.flush()  # a reader gone meanwhile shows here, not as an error at exit
+        return status
     except BrokenPipeError:  # `koppel messages | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
         return 1

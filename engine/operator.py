@@ -1090,8 +1090,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     import signal
 
     stop: list[int] = []
-    numbers = (signal.SIGTERM, signal.SIGHUP)
-    previous = {number: signal.signal(number, lambda number, _frame: stop.append(number)) for number in numbers}
+    previous: dict = {}
+    try:
+        for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # (SIGINT: an operator's Ctrl-C)
+            previous[number] = signal.signal(number, lambda number, _frame: stop.append(number))
+    except ValueError:  # not the main thread: the signals are the main thread's, nothing to ask
+        pass
     try:
         yield lambda: bool(stop)
     finally:

@@ -738,6 +738,9 @@ def _apply(
             # had it cancelled first (the order's CA then the request's S04, or the other way).
             same = {name: value for name, value in event.fields.items()
                     if name in entry.data and plain(entry.data[name]) == plain(value)}
+            known_bsn, event_bsn = entry.data.get("patient.bsn"), event.fields.get("patient.bsn")
+            if not _is_empty(known_bsn) and not _is_empty(event_bsn) and plain(known_bsn) != plain(event_bsn):
+                same = {}  # another patient's message (colliding ids): it changes nothing here
             data, _ = _merge(entry.data, same, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
             return _noop(entry, data)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")

@@ -219,6 +219,8 @@ class QueueSender:
         self._stopping = True
         if self._poller.running:
             self._poller.stop()
+        if self._refused_marks:  # their last try now, in a commit the engine's stop flushes
+            self._resubmit_marks()
         self.wake()
         d = self._switching or self._all_running()
         return d.addBoth(lambda _: self._disconnect())
@@ -352,7 +354,13 @@ class QueueSender:
 
     def _head(self) -> QueueEntry | None:
         if not self._buffer:
-            self._buffer = self.store.queue_head(self.queue, PAGE, after_id=self._last_id)
+            after = self._last_id
+            while True:  # (after a switch: not an entry delivered or dead-lettered whose mark waits)
+                page = self.store.queue_head(self.queue, PAGE, after_id=after)
+                self._buffer = [e for e in page if self._unsettled.get(e.id, (None, 0))[1] is not None]
+                if self._buffer or len(page) < PAGE:
+                    break
+                after = page[-1].id
             self._buffer.reverse()  # pop() from the end is O(1)
         return self._buffer[-1] if self._buffer else None
 
@@ -726,9 +734,7 @@ class QueueSender:
         may wait, and one failing commit a second is enough (each alone would be a failing
         transaction and an error line apiece, on a disk that is already full)."""
         refused, self._refused_marks = self._refused_marks, []
-        if self._stopping:
-            for _, waiting in refused:
-                waiting.errback(defer.CancelledError())
+        if not refused:  # (stop() gave them their last try already)
             return
 
         def committed(_):
