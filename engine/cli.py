@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     }.get(args.command) or args.func
     try:
         status = handler(args) or 0
-        sys.stdout.flush()  # a reader gone meanwhile shows here, not as an error at exit
+        if sys.stdout is not None:  # (None: started with stdout closed; print() wrote nothing)
+            sys.stdout.flush()  # a reader gone meanwhile shows here, not as an error at exit
         return status
     except BrokenPipeError:  # `koppel messages | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
