@@ -738,16 +738,12 @@ def _apply(
             # had it cancelled first (the order's CA then the request's S04, or the other way).
             same = {name: value for name, value in event.fields.items()
                     if name in entry.data and plain(entry.data[name]) == plain(value)}
-            known_bsn, event_bsn = entry.data.get("patient.bsn"), event.fields.get("patient.bsn")
-            if not _is_empty(known_bsn) and not _is_empty(event_bsn) and plain(known_bsn) != plain(event_bsn):
-                same = {}  # another patient's message (colliding ids): it changes nothing here
+            if _other_patient(entry, event):
+                same = {}  # (colliding ids): it changes nothing here
             data, _ = _merge(entry.data, same, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
             return _noop(entry, data)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
-    # Ids from different senders can collide (a REF's RF1-11 and a scheduler's SCH-2): a
-    # message about another patient must never change this entry.
-    known_bsn, event_bsn = entry.data.get("patient.bsn"), event.fields.get("patient.bsn")
-    if not _is_empty(known_bsn) and not _is_empty(event_bsn) and plain(known_bsn) != plain(event_bsn):
+    if _other_patient(entry, event):
         return Reject(reason=f"cannot {action}: the message's patient (BSN) is not the entry's",
                       code="patient-mismatch")
 
@@ -818,6 +814,13 @@ def _apply(
         history=entry.history + (item,),
     )
     return Update(entry=updated, attachments=new_attachments, changed=tuple(changed))
+
+
+def _other_patient(entry: AgendaEntry, event: AgendaEvent) -> bool:
+    """Whether both name a BSN and they differ. Ids from different senders can collide (a REF's
+    RF1-11 and a scheduler's SCH-2): a message about another patient must never change an entry."""
+    known_bsn, event_bsn = entry.data.get("patient.bsn"), event.fields.get("patient.bsn")
+    return not _is_empty(known_bsn) and not _is_empty(event_bsn) and plain(known_bsn) != plain(event_bsn)
 
 
 def _noop(entry: AgendaEntry, data: dict[str, object]) -> Update:
