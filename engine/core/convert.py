@@ -113,10 +113,7 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 across UTC
         raise ConversionError("date/time out of range") from error
     if hour is None:
-        day = DayTime(local.year, local.month, local.day, local.hour, local.minute, local.second,
-                      local.microsecond, _fixed(local.utcoffset()))  # type: ignore[arg-type]
-        day.hl7 = text
-        return day
+        return _day_time(local, text, _fixed(local.utcoffset()))  # type: ignore[arg-type]
     return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
 
 
@@ -136,8 +133,10 @@ class DayTime(_dt.datetime):
         return _day_time, (_dt.datetime(*self.timetuple()[:6], self.microsecond, self.tzinfo), self.hl7)
 
 
-def _day_time(moment: _dt.datetime, hl7: str | None) -> DayTime:
-    day = DayTime(*moment.timetuple()[:6], moment.microsecond, moment.tzinfo)
+def _day_time(moment: _dt.datetime, hl7: str | None, tzinfo: _dt.tzinfo | None = None) -> DayTime:
+    """``moment`` as a DayTime (in ``tzinfo`` if given) that writes back as ``hl7``."""
+    day = DayTime(moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+                  moment.microsecond, moment.tzinfo if tzinfo is None else tzinfo)
     day.hl7 = hl7
     return day
 
