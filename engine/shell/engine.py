@@ -654,14 +654,7 @@ class Engine(service.MultiService):
         self.log.info("engine.stopping")
         service.Service.stopService(self)
         stops = [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
-        drained = defer.DeferredList(stops)
-        timeout = self.reactor.callLater(self.drain_timeout, drained.cancel)
-        try:
-            yield drained
-        except defer.CancelledError:
-            self.log.warning("engine.drain_timeout", seconds=self.drain_timeout)
-        if timeout.active():
-            timeout.cancel()
+        yield self._at_most_drain_timeout(defer.DeferredList(stops), "engine.drain_timeout")
         for listener in self.listeners:
             for receiver in list(listener.factory.receivers):
                 receiver.transport.abortConnection()
@@ -680,24 +673,10 @@ class Engine(service.MultiService):
                 self._gauges.stop()
             # Not forever: a store that refuses the mapping's commits (disk full) is waited out
             # by the processor; its messages stay 'pending' and are mapped at the next start.
-            idle: defer.Deferred = defer.Deferred()
-            self.processor.wait_idle().addBoth(lambda _: None if idle.called else idle.callback(None))
-            timeout = self.reactor.callLater(self.drain_timeout, idle.cancel)
-            try:
-                yield idle
-            except defer.CancelledError:
-                self.log.warning("engine.mapping_stop_timeout", seconds=self.drain_timeout,
-                                 hint="messages not mapped yet are mapped at the next start")
-            if timeout.active():
-                timeout.cancel()
+            yield self._at_most_drain_timeout(self.processor.wait_idle(), "engine.mapping_stop_timeout",
+                                              hint="messages not mapped yet are mapped at the next start")
         senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
-        timeout = self.reactor.callLater(self.drain_timeout, senders.cancel)
-        try:
-            yield senders
-        except defer.CancelledError:
-            self.log.warning("engine.sender_stop_timeout", seconds=self.drain_timeout)
-        if timeout.active():
-            timeout.cancel()
+        yield self._at_most_drain_timeout(senders, "engine.sender_stop_timeout")
         if self.pruner is not None:
             self.pruner.stop()
         yield self.committer.stop()
@@ -708,6 +687,18 @@ class Engine(service.MultiService):
             yield self.admin_port.stopListening()
         self.store.close()
         self.log.info("engine.stopped")
+
+    @defer.inlineCallbacks
+    def _at_most_drain_timeout(self, waited: defer.Deferred, event: str, **fields):
+        """Wait for ``waited`` (cancelled, and ``event`` logged, after --drain-timeout): each phase
+        of a stop is bounded, so a peer, a destination or the store cannot hold it for ever."""
+        timeout = self.reactor.callLater(self.drain_timeout, waited.cancel)
+        try:
+            yield waited
+        except defer.CancelledError:
+            self.log.warning(event, seconds=self.drain_timeout, **fields)
+        if timeout.active():
+            timeout.cancel()
 
     def listener_ports(self) -> dict[str, int]:
         """Bound port per channel (useful when config says port 0)."""

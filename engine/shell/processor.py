@@ -210,12 +210,16 @@ class Processor:
         return message_id in self._handling
 
     def wait_idle(self) -> defer.Deferred:
-        """Fires when everything submitted so far is processed (for shutdown and tests)."""
+        """Fires when everything submitted so far is processed (for shutdown and tests). Each
+        caller gets a Deferred of its own, so one that gives up waiting (cancels) leaves the
+        processor's own untouched."""
         if not self._running:
             return defer.succeed(None)
         if self.idle is None:
             self.idle = defer.Deferred()
-        return self.idle
+        mine: defer.Deferred = defer.Deferred()
+        self.idle.addBoth(lambda result: (None if mine.called else mine.callback(None), result)[1])
+        return mine
 
     @defer.inlineCallbacks
     def _drain(self):
