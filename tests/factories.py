@@ -61,3 +61,17 @@ def received(control_id: str | None = "ZD123", **fields) -> ReceivedMessage:
         targets=(HIX,) if accepted else (),
     )
     return ReceivedMessage(**{**defaults, **fields})
+
+
+def store_with_messages(tmp_path, count: int = 5) -> str:
+    """The URL of a store at ``tmp_path/koppel.db`` holding ``count`` accepted messages for HIX."""
+    from engine.store import Append, open_store, write_one
+
+    store = open_store(f"sqlite:///{tmp_path}/koppel.db")
+    try:
+        for n in range(count):
+            write_one(store, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
+    finally:
+        store.close()
+    return f"sqlite:///{tmp_path}/koppel.db"
+

@@ -9,18 +9,9 @@ import sys
 from pathlib import Path
 
 from engine.cli import main
-from engine.store import Append, open_store, write_one
-from tests.factories import HIX, T0, received
+from tests.factories import store_with_messages
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _store_with_messages(tmp_path) -> str:
-    s = open_store(f"sqlite:///{tmp_path}/koppel.db")
-    for n in range(3):
-        write_one(s, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
-    s.close()
-    return f"sqlite:///{tmp_path}/koppel.db"
 
 
 def test_a_command_with_no_stdout_still_succeeds(tmp_path, monkeypatch):
@@ -28,14 +19,14 @@ def test_a_command_with_no_stdout_still_succeeds(tmp_path, monkeypatch):
     scheduler or wrapper that runs `koppel ... >&-`). print() then writes nothing and the
     command worked; the new flush after the handler raised AttributeError: a traceback and
     exit status 1 for a command that had done its work."""
-    url = _store_with_messages(tmp_path)
+    url = store_with_messages(tmp_path, 3)
     monkeypatch.setattr(sys, "stdout", None)
     assert main(["messages", "--store", url]) == 0
 
 
 def test_a_command_run_with_stdout_closed_exits_0(tmp_path):
     """The same, as an operator's shell runs it: stdout closed in the child."""
-    url = _store_with_messages(tmp_path)
+    url = store_with_messages(tmp_path, 3)
     result = subprocess.run(
         [sys.executable, "-c", "from engine.cli import main; raise SystemExit(main())",
          "messages", "--store", url],

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from engine.cli import main
 from engine.core import agenda as ag
-from engine.store import Append, StoreError, open_store, write_one
-from tests.factories import HIX, T0, received
+from engine.store import StoreError
+from tests.factories import store_with_messages
 from tests.test_sender import NAME, Harness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,19 +84,11 @@ def test_a_switch_to_fifo_does_not_resend_an_entry_whose_delivered_mark_waits(tm
 # --------------------------------------------------------------------------- koppel store backup
 
 
-def _store_with_messages(tmp_path) -> str:
-    s = open_store(f"sqlite:///{tmp_path}/koppel.db")
-    for n in range(5):
-        write_one(s, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
-    s.close()
-    return f"sqlite:///{tmp_path}/koppel.db"
-
-
 def test_store_backup_run_from_a_thread_still_makes_the_backup(tmp_path, capsys):
     """Signal handlers can only be installed in the main thread: `koppel store backup` run from
     another thread (a wrapper, a scheduler in Python) wrote its audit record, then failed with a
     ValueError traceback and made no backup. It worked before the signal handling."""
-    url = _store_with_messages(tmp_path)
+    url = store_with_messages(tmp_path)
     outcome: list[object] = []
 
     def run():
@@ -121,7 +113,7 @@ def test_output_into_a_closed_pipe_ends_quietly_without_pythonunbuffered(tmp_pat
     block-buffered in an operator's shell, so the pipe error came at exit, outside main's
     handler: 'Exception ignored ... BrokenPipeError' and exit status 120. (The suite's own
     environment sets PYTHONUNBUFFERED, which hid it.)"""
-    url = _store_with_messages(tmp_path)
+    url = store_with_messages(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before anything is written
@@ -173,7 +165,7 @@ def test_ctrl_c_while_the_copy_is_checked_leaves_no_unchecked_backup(tmp_path, c
 
     from engine.store.sqlite import SQLiteStore
 
-    url = _store_with_messages(tmp_path)
+    url = store_with_messages(tmp_path)
     real_check = SQLiteStore.check_integrity
 
     def interrupted_meanwhile(self, **kwargs):
