@@ -26,7 +26,7 @@ from engine.store import (
 )
 from engine.store.migrations import MIGRATIONS, migrate
 from tests.factories import HIX, T0, received
-from tests.test_processor import ZD, Harness, oru, srm
+from tests.test_processor import ZD, h, oru, srm  # noqa: F401 - h is a fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86_400.0
@@ -37,13 +37,6 @@ def count(store, table: str) -> int:
 
 
 # --------------------------------------------------------------------------- released held events
-
-
-@pytest.fixture
-def h(tmp_path):
-    harness = Harness(tmp_path)
-    yield harness
-    harness.store.close()
 
 
 def test_a_released_held_event_with_its_letter_and_keys_goes_once_older_than_the_retention(h):

@@ -8,20 +8,18 @@ a later change cannot move it silently. Synthetic patients only.
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from engine.core import agenda as ag
 from engine.core import convert
-from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.core.paths import first, parse_path
-from engine.mapping import _format, build_outbound, load_mappings
+from engine.mapping import _format, build_outbound
 from tests.conftest import load_sample
+from tests.test_mapping import bundled, mapped  # noqa: F401 - bundled is a fixture
 
-ROOT = Path(__file__).resolve().parent.parent
 SRM = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
 UTC = dt.timezone.utc
 WINTER = dt.timezone(dt.timedelta(hours=1))
@@ -31,21 +29,8 @@ NEW_ENTRY = SimpleNamespace(id=1, state="requested")
 BSN = "999911120"  # synthetic, passes the 11-proof
 
 
-@pytest.fixture(scope="module")
-def mappings():
-    return load_mappings(ROOT / "mappings")
-
-
-def apply(mappings, raw: bytes):
-    header = read_header(raw, default_charset="8859/1")
-    mapping = mappings.for_type(header.type_and_trigger)
-    result = mapping.apply(Message.parse(raw, codec=header.codec))
-    assert result.errors == ()
-    return mapping, result.event
-
-
-def built(mappings, raw: bytes, *, timestamp: dt.datetime = NOW) -> Message:
-    mapping, event = apply(mappings, raw)
+def built(bundled, raw: bytes, *, timestamp: dt.datetime = NOW) -> Message:
+    mapping, event = mapped(bundled, raw)
     ((_, data),) = build_outbound(mapping, event, NEW_ENTRY, control_id="K1", timestamp=timestamp)
     return Message.parse(data, codec="latin-1")
 
@@ -58,11 +43,11 @@ def out(message: Message, path: str) -> str | None:
 # Finding 1: a requested window sent as dates went to the HIS with an invented time of day
 
 
-def test_a_requested_window_sent_as_dates_reaches_the_his_as_those_dates(mappings):
+def test_a_requested_window_sent_as_dates_reaches_the_his_as_those_dates(bundled):
     """ZorgDomein sends ARQ-11 as dates (`20160329^20160428`: from the 29th up to and
     including the 28th). Before the fix the SIU^S12 said `20160428000000+0200`, midnight at
     the *start* of the last day, so the HIS saw a window a day shorter than the referrer asked."""
-    siu = built(mappings, SRM)
+    siu = built(bundled, SRM)
     assert out(siu, "SCH-11.4") == "20160329"
     assert out(siu, "SCH-11.5") == "20160428"
 
@@ -79,9 +64,9 @@ def test_a_requested_window_sent_as_dates_reaches_the_his_as_those_dates(mapping
         ("201604280930+0000", "20160428113000+0200"),
     ],
 )
-def test_a_dtm_without_a_time_of_day_goes_out_at_the_precision_it_came_in(mappings, sent, goes_out):
+def test_a_dtm_without_a_time_of_day_goes_out_at_the_precision_it_came_in(bundled, sent, goes_out):
     raw = SRM.replace(b"|20160329^20160428|", b"|" + sent.encode() + b"^|")
-    assert out(built(mappings, raw), "SCH-11.4") == goes_out
+    assert out(built(bundled, raw), "SCH-11.4") == goes_out
 
 
 def test_a_dtm_without_a_time_of_day_still_compares_and_is_stored_as_its_first_instant():
@@ -106,18 +91,18 @@ def test_a_dtm_without_a_time_of_day_still_compares_and_is_stored_as_its_first_i
         (dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=WINTER), "20260102030405+0100"),
     ],
 )
-def test_the_build_time_goes_out_in_amsterdam_time_whatever_the_hosts_zone(mappings, moment, msh7):
+def test_the_build_time_goes_out_in_amsterdam_time_whatever_the_hosts_zone(bundled, moment, msh7):
     """The processor passes `now` in the host's zone (`datetime.astimezone()`); on a host on
     UTC, as this VM and most containers are, the SIU^S12 said `...+0000` in MSH-7 while its
     appointment times were Amsterdam times. Before the fix: MSH-7 `20260102020405+0000`."""
-    siu = built(mappings, SRM, timestamp=moment)
+    siu = built(bundled, SRM, timestamp=moment)
     assert out(siu, "MSH-7") == msh7
 
 
-def test_the_timestamp_placeholder_goes_out_in_amsterdam_time(mappings):
+def test_the_timestamp_placeholder_goes_out_in_amsterdam_time(bundled):
     """The archive's MDM^T02 EVN-2 is `{timestamp}`: the same instant, in Amsterdam time."""
     raw = load_sample("zorgdomein/zd_oru_r01_attachments.hl7")
-    mapping, event = apply(mappings, raw)
+    mapping, event = mapped(bundled, raw)
     moment = dt.datetime(2026, 7, 2, 2, 4, 5, tzinfo=UTC)
     entry = SimpleNamespace(id=7, state="requested")
     outbound = build_outbound(mapping, event, entry, control_id="K1", timestamp=moment)
