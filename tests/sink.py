@@ -88,6 +88,7 @@ class Sink:
         self.keep_raw = keep_raw
         self.name = name
         self.delay = 0.0
+        self.close_after_ack = False  # one message per connection, as some hospital systems do
         self.records: list[Received] = []
         self._first_order: list[str] = []  # MSH-10s in order of their first AA
         self._first_set: set[str] = set()
@@ -285,7 +286,7 @@ class Sink:
         if code == "DROP":
             return False
         conn.sendall(ack_for(control_id, code, ack_number))
-        return True
+        return not self.close_after_ack
 
 
 def _cut(conn: socket.socket) -> None:

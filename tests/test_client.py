@@ -56,3 +56,34 @@ def test_a_timeout_closes_the_connection_and_fails_the_request():
     clock.advance(5)
     assert transport.disconnecting or getattr(transport, "disconnected", False)
     assert failures and failures[0].type.__name__ == "TimeoutError"
+
+
+def test_peer_closed_sees_the_peers_fin_before_the_reactor_reads_it():
+    """Systems that close after each ACK: the FIN waits unread behind the ACK (a real socket pair)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    try:
+        client, transport, _ = connected()
+        transport.socket = ours
+        assert not client.peer_closed()  # open, nothing unread
+        theirs.sendall(b"\x0bA1\x1c\r")
+        assert not client.peer_closed()  # an answer waits: not closed as far as we know
+        ours.recv(100)
+        theirs.close()
+        assert client.peer_closed()
+        assert ours.recv(100) == b""  # only peeked: the reactor still reads the FIN itself
+    finally:
+        ours.close()
+
+
+def test_peer_closed_cannot_tell_without_a_socket():
+    client, _, _ = connected()  # StringTransport; TLS transports have none either
+    assert not client.peer_closed()
+
+
+def test_answers_and_bytes_are_counted_per_connection():
+    client, _, _ = connected()
+    client.request(b"MSH|1")
+    client.dataReceived(b"junk" + mllp.encode_frame(b"A1") + mllp.encode_frame(b"A2"))
+    assert (client.answered, client.bytes_in) == (1, 4 + 2 * 5)

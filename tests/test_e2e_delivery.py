@@ -227,6 +227,30 @@ def test_a_connection_dropped_before_the_ack_resends_the_same_message(harness):
     assert harness.a.delivered_ids() == sent
 
 
+def test_a_destination_that_closes_after_each_ack_gets_every_message_without_a_retry(harness):
+    """Many hospital systems take one message per connection: ACK, then close. Each next
+    message must go on a new connection, not into the closing one (a failed attempt, backed
+    off: before the fix, one message per retry interval)."""
+    harness.a.close_after_ack = True
+    harness.start()
+    sent = ids("CLS", 40)
+    harness.send_all_accepted(sent)
+    assert harness.a.wait_for_delivered(sent, DELIVERY_TIMEOUT), harness.a.stats()
+    assert harness.a.delivered_ids() == sent
+    assert harness.a.stats()["answers"] == {"AA": 40}
+
+    def entries_a():
+        store = harness.store()
+        try:
+            entries = [store.get_entry(n) for n in range(1, 81)]
+        finally:
+            store.close()
+        return [e for e in entries if e is not None and e.destination == "dest-a"]
+
+    wait(lambda: all(e.state == "delivered" for e in entries_a()), what="the delivered marks committed")
+    assert [e.attempts for e in entries_a()] == [1] * 40  # no attempt failed
+
+
 def test_a_full_queue_naks_the_source_and_loses_nothing_it_accepted(harness):
     harness.a.down()
     harness.start(max_queue=5)

@@ -48,6 +48,18 @@ def control_id_of(payload: bytes) -> str:
     return payload.split(b"\r", 1)[0].split(b"|")[9].decode("ascii")
 
 
+class PeerSocket:
+    """The socket under a PeerTransport, for the sender's peek: has the peer's FIN arrived?"""
+
+    def __init__(self) -> None:
+        self.fin = False
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if self.fin:
+            return b""
+        raise BlockingIOError
+
+
 class PeerTransport(StringTransport):
     """A TCP connection as Twisted's: closing it reaches the protocol on a later turn."""
 
@@ -55,6 +67,7 @@ class PeerTransport(StringTransport):
         super().__init__()
         self.reactor = reactor
         self.protocol = None
+        self.socket = PeerSocket()
 
     def loseConnection(self) -> None:
         super().loseConnection()
@@ -298,6 +311,7 @@ def test_two_destinations_on_one_host_port_share_one_ordered_queue_with_their_ow
                                             targets=(QueueTarget(queue=QUEUE, destination="ris"),)))])
     h.enqueue("C3")
     h.start()
+    started = h.reactor.seconds()
     for _ in range(3):
         h.destination.answer()
     assert h.destination.received() == ["C1", "C2", "C3"]
@@ -396,17 +410,54 @@ def test_a_connection_reset_while_waiting_for_the_ack_resends_the_same_message(m
 
 
 def test_a_destination_that_closes_after_each_ack_gets_each_message_on_a_new_connection(make):
+    """Its FIN arrives with the ACK, unread when the next message is due: the sender sees it and
+    connects again, rather than write the message into the closed connection and back off."""
+    h = make()
+    h.enqueue("C1", "C2", "C3")
+    h.start()
+    started = h.reactor.seconds()
+    for _ in range(3):
+        h.destination.current.transport.socket.fin = True  # ACK and FIN in one go
+        h.destination.current.dataReceived(mllp.encode_frame(ack("AA", h.destination.last())))
+    h.reactor.advance(0)
+    assert [h.destination.frames(c) != [] for c in h.destination.connections] == [True, True, True]
+    assert h.destination.received() == ["C1", "C2", "C3"]
+    assert h.states() == ["delivered", "delivered", "delivered"]
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
+    assert h.reactor.seconds() == started  # no backoff
+
+
+def test_a_message_that_meets_the_close_after_the_previous_ack_is_sent_again_at_once(make):
+    """The FIN came just after the check: the message went into a connection the destination
+    was closing. Not a refusal: sent again at once on a new connection, no retry counted."""
+    h = make()
+    h.enqueue("C1", "C2")
+    h.start()
+    started = h.reactor.seconds()
+    h.destination.current.dataReceived(mllp.encode_frame(ack("AA", "C1")))
+    first = h.destination.current
+    assert h.destination.frames(first)[-1].split(b"|")[9] == b"C2"  # C2 went out on the old one
+    first.transport.reset()
+    assert len(h.destination.connections) == 2
+    h.destination.answer()
+    assert h.destination.received() == ["C1", "C2", "C2"]
+    assert h.states() == ["delivered", "delivered"]
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
+    assert h.reactor.seconds() == started
+
+
+def test_a_new_connection_closed_without_an_answer_is_a_failed_attempt_as_before(make):
+    """Sent again at once only on a connection that had answered before: a destination that
+    takes the message on a fresh connection and closes without answering is backed off."""
     h = make()
     h.enqueue("C1", "C2")
     h.start()
     h.destination.current.dataReceived(mllp.encode_frame(ack("AA", "C1")))
-    h.destination.current.transport.reset()
-    h.reactor.advance(0)
-    assert len(h.destination.connections) == 2
-    h.destination.answer()
-    assert h.destination.received() == ["C1", "C2"]
-    assert h.states() == ["delivered", "delivered"]
-    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
+    h.destination.current.transport.reset()  # C2 on the old connection: sent again at once
+    h.destination.current.transport.reset()  # and on the new one: a failure
+    assert h.destination.received() == ["C1", "C2", "C2"]
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 1
+    assert h.entry(2).attempts == 1
 
 
 def test_stop_waits_for_the_message_in_flight_and_sends_nothing_after_it(make):

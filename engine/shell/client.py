@@ -6,6 +6,7 @@ connection is closed, so a late ACK can never be read as the next message's.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 
 from twisted.internet import defer, protocol
@@ -25,6 +26,8 @@ class MLLPClient(protocol.Protocol):
         self.connected_d: defer.Deferred = defer.Deferred()
         self.lost_d: defer.Deferred = defer.Deferred()
         self.junk = 0
+        self.answered = 0  # answers matched to requests on this connection
+        self.bytes_in = 0
 
     def connectionMade(self) -> None:
         self.connected_d.callback(self)
@@ -44,18 +47,35 @@ class MLLPClient(protocol.Protocol):
         # made while this read is dispatched (the sender's next message) must not take a
         # second, unsolicited frame of the same read for its answer.
         answerable = len(self._waiting)
+        self.bytes_in += len(data)
         for event in self.reader.feed(data):
             if type(event) is mllp.FrameReceived:
                 if answerable == 0 or not self._waiting:
                     self.junk += 1  # an answer nobody asked for: never matched later
                     continue
                 answerable -= 1
+                self.answered += 1
                 d, call = self._waiting.popleft()
                 if call is not None and call.active():
                     call.cancel()
                 d.callback(event.payload)
             elif type(event) is mllp.JunkDiscarded:
                 self.junk += event.size
+
+    def peer_closed(self) -> bool:
+        """Has the peer closed its side, its FIN not yet read? Many systems close the connection
+        after each ACK; the FIN arrives with the ACK or just after it, and the reactor reads it
+        only on a later turn. A message written meanwhile meets the close and would fail.
+        One non-blocking peek at the socket; False when it cannot tell (TLS, no socket)."""
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing unread
+        except OSError:
+            return True  # reset: as closed
 
     def _timed_out(self, d: defer.Deferred) -> None:
         self.transport.abortConnection()

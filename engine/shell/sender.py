@@ -30,6 +30,7 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.error import TimeoutError as EndpointTimeoutError
 
 from engine.config import DestinationConfig
@@ -337,7 +338,9 @@ class QueueSender:
                 lane.state = BACKOFF
                 yield lane.sleep(entry.next_attempt_at - now)
                 continue
-            failed = yield self._attempt(lane, entry, destination)
+            attempt = self._attempt(lane, entry, destination)
+            waited = not attempt.called
+            failed = yield attempt
             if failed is not None:
                 entry, delay = failed
                 self._buffer[-1] = entry
@@ -345,11 +348,11 @@ class QueueSender:
                     break  # stopping (or switching): not after waiting out the backoff
                 lane.state = BACKOFF
                 yield lane.sleep(delay)
-            else:
-                # Send the next message on a later turn: the answer fired inside the client's
-                # dataReceived, and a second (unsolicited) frame in the same read must find
-                # no request waiting, or it would be taken for the next message's answer.
-                yield lane.sleep(0)
+            elif not waited:
+                yield lane.sleep(0)  # dead-lettered without sending: let the reactor turn
+            # Otherwise the next message goes out now, in the turn that read this one's ACK
+            # (the client never takes a second frame of that read for the next one's answer):
+            # a reactor turn between them cost 10% of the drain rate.
         lane.state = STOPPED
 
     def _head(self) -> QueueEntry | None:
@@ -399,7 +402,9 @@ class QueueSender:
                 self._set_aside(entry, due=entry.next_attempt_at)
                 continue
             try:
-                failed = yield self._attempt(lane, entry, destination)
+                attempt = self._attempt(lane, entry, destination)
+                waited = not attempt.called
+                failed = yield attempt
             except BaseException:
                 self._inflight.discard(entry.id)
                 raise
@@ -414,8 +419,8 @@ class QueueSender:
                         jitter=retry.jitter, draw=self.draw(),
                     )
                     continue
-            # The next request on this connection on a later turn (see _run).
-            yield lane.sleep(0)
+            if not waited:  # see _run: the next request at once, unless nothing went on the wire
+                yield lane.sleep(0)
         lane.state = STOPPED
         if lane.index >= self.settings.parallel and not self._stopping and generation == self._generation:
             lane.disconnect()  # parallel lowered by a reload
@@ -607,6 +612,9 @@ class QueueSender:
             lane.stale = False
             lane.disconnect()
         client = lane.client
+        if client is not None and client.transport is not None and client.peer_closed():
+            lane.disconnect()  # closed after its last ACK (one message per connection): a new one
+            client = None
         if client is None or client.transport is None or not client.transport.connected:
             client = yield lane.connected()  # only when (re)connecting: a Deferred less per message
             if client is not None and lane.stale:  # changed while connecting: connect again
@@ -627,12 +635,29 @@ class QueueSender:
         self.committer.submit(
             MarkSending(queue=self.queue, entry_id=entry.id), within=BOOKKEEPING_WINDOW
         ).addErrback(self._bookkeeping_failed)
-        try:
-            answer = yield client.request(outbound, timeout=destination.ack_timeout)
-            failure = None
-        except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
-            answer, failure = None, _describe(error)
-            lane.disconnect()
+        for last_try in (False, True):
+            reused = client.answered > 0 and not last_try
+            received = client.bytes_in
+            try:
+                answer = yield client.request(outbound, timeout=destination.ack_timeout)
+                failure = None
+                break
+            except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
+                answer, failure = None, _describe(error)
+                lane.disconnect()
+                if self._stopping or not (
+                    reused and isinstance(error, ConnectionClosed) and client.bytes_in == received
+                ):
+                    break
+            # The destination closed the connection after its previous ACK and its FIN came
+            # after our check: the message met a closed connection, not a refusal. Sent again
+            # at once on a new connection (as HTTP clients do with a stale keep-alive), not
+            # counted as a failed attempt and not backed off.
+            self.log.debug("delivery.stale_connection", entry_id=entry.id, control_id=entry.control_id)
+            client = yield lane.connected()
+            if client is None:
+                return self._failed(entry, lane.connect_error, None)
+            lane.state = SENDING
         outcome = judge(
             answer,
             sent_control_id=entry.control_id or "",
