@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionClosed
 
 from engine.core.files import split_messages
 from engine.core.header import read_header
@@ -22,19 +23,30 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
     if not messages:
         out.write("no messages found\n")
         return 1
-    try:
-        client = yield connect(reactor, host_port_endpoint(target, timeout))
-    except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
-        out.write(f"cannot connect to {target}: {error.__class__.__name__}\n")
-        return 1
+    client = None
     status = 0
     for path, message in messages:
         sent_id = read_header(message, default_charset="8859/1").control_id
-        try:
-            answer = yield client.request(message, timeout=timeout)
-        except Exception as error:  # noqa: BLE001
-            out.write(f"{path}\t{sent_id}\tNO ACK\t{error.__class__.__name__}\n")
-            return 1
+        for last_try in (False, True):
+            if client is None or not client.transport.connected or client.peer_closed():
+                # first message, or the system closed the connection after its last ACK
+                # (one message per connection, as some do): a new connection
+                try:
+                    client = yield connect(reactor, host_port_endpoint(target, timeout))
+                except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
+                    out.write(f"cannot connect to {target}: {error.__class__.__name__}\n")
+                    return 1
+            reused = client.answered > 0 and not last_try
+            received = client.bytes_in
+            try:
+                answer = yield client.request(message, timeout=timeout)
+                break
+            except Exception as error:  # noqa: BLE001
+                if reused and isinstance(error, ConnectionClosed) and client.bytes_in == received:
+                    client = None  # it met the close after the previous ACK: once more, anew
+                    continue
+                out.write(f"{path}\t{sent_id}\tNO ACK\t{error.__class__.__name__}\n")
+                return 1
         reply = read_ack(answer)
         mismatch = "" if reply.answers(sent_id) else "\t(MSA-2 does not match the sent MSH-10)"
         out.write(f"{path}\t{reply.code or '??'}\t{reply.control_id}\t{reply.text}{mismatch}\n")
