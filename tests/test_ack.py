@@ -54,7 +54,7 @@ STORE_TEXT = b"message could not be stored; send it again"
 def test_original_mode_aa_is_exact():
     assert ack(msh(), "AA") == (
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.4||||||8859/1\r"
-        b"MSA|AA|CTRL1"
+        b"MSA|AA|CTRL1\r"
     )
 
 
@@ -62,7 +62,7 @@ def test_original_mode_ae_for_v24_carries_msa_3_and_an_err_1_only():
     assert ack(msh(), "AE", STORE_FAILED) == (
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.4||||||8859/1\r"
         b"MSA|AE|CTRL1|" + STORE_TEXT + b"\r"
-        b"ERR|MSH^1^^207&Application internal error&HL70357"
+        b"ERR|MSH^1^^207&Application internal error&HL70357\r"
     )
 
 
@@ -77,7 +77,7 @@ def test_original_mode_ar_for_v25_uses_err_2_3_4_7_8():
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.5||||||8859/1\r"
         b"MSA|AR|CTRL1|message type not accepted on this channel\r"
         b"ERR||MSH^1^9|200^Unsupported message type^HL70357|E|||"
-        b"message type not accepted on this channel|message type not accepted on this channel"
+        b"message type not accepted on this channel|message type not accepted on this channel\r"
     )
 
 
@@ -90,7 +90,7 @@ def test_from_v27_msa_3_is_left_out_and_the_text_is_only_in_err():
 def test_enhanced_mode_ca_is_exact():
     assert ack(msh(version="2.5.1", msh15="AL", msh16="NE"), "CA") == (
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.5.1||||||8859/1\r"
-        b"MSA|CA|CTRL1"
+        b"MSA|CA|CTRL1\r"
     )
 
 
@@ -98,7 +98,7 @@ def test_enhanced_mode_ce_is_exact():
     assert ack(msh(version="2.5.1", msh15="AL", msh16="NE"), "CE", STORE_FAILED) == (
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.5.1||||||8859/1\r"
         b"MSA|CE|CTRL1|" + STORE_TEXT + b"\r"
-        b"ERR||MSH^1|207^Application internal error^HL70357|E|||" + STORE_TEXT + b"|" + STORE_TEXT
+        b"ERR||MSH^1|207^Application internal error^HL70357|E|||" + STORE_TEXT + b"|" + STORE_TEXT + b"\r"
     )
 
 
@@ -107,7 +107,7 @@ def test_enhanced_mode_cr_is_exact():
         b"MSH|^~\\&|Koppel|HOSP|ZorgDomein|ZD|20260102161545+0100||ACK^S01^ACK|K1|P|2.5.1||||||8859/1\r"
         b"MSA|CR|CTRL1|message type not accepted on this channel\r"
         b"ERR||MSH^1^9|200^Unsupported message type^HL70357|E|||"
-        b"message type not accepted on this channel|message type not accepted on this channel"
+        b"message type not accepted on this channel|message type not accepted on this channel\r"
     )
 
 
@@ -118,7 +118,7 @@ def test_an_unreadable_header_gets_a_minimal_msh_and_both_err_layouts():
         b"MSH|^~\\&|||||20260102161545+0100||ACK|K1|P|2.5\r"
         b"MSA|AR||message does not start with an MSH segment\r"
         b"ERR|MSH^1^^100&Segment sequence error&HL70357|MSH^1|100^Segment sequence error^HL70357|E|||"
-        b"message does not start with an MSH segment|message does not start with an MSH segment"
+        b"message does not start with an MSH segment|message does not start with an MSH segment\r"
     )
 
 
@@ -130,6 +130,7 @@ def test_an_unknown_charset_gets_ae_103_located_at_msh_18():
         b"MSA|AE|CTRL1|unsupported character set in MSH-18",
         b"ERR||MSH^1^18|103^Table value not found^HL70357|E|||"
         b"unsupported character set in MSH-18|unsupported character set in MSH-18",
+        b"",  # the last segment ends with CR too
     ]
 
 
@@ -339,7 +340,8 @@ def test_an_ack_built_for_random_msh_values_and_delimiters_parses_back_to_the_ri
     out = build_ack(header, code=decision.code, timestamp=TS, control_id=control_id, rejection=rejection)
 
     s, e = sep.encode(), enc.encode()
-    segments = out.split(b"\r")
+    assert out.endswith(b"\r")  # every segment ends with CR, the last one too
+    segments = out[:-1].split(b"\r")
     assert [seg[:3] for seg in segments] == [b"MSH", b"MSA"] + ([b"ERR"] if rejection else [])
     m = segments[0].split(s)
     assert m[1] == e

@@ -155,7 +155,7 @@ def build_ack(
     segments.append(fs.join(_trim([b"MSA", code.encode("ascii"), header.field(10), text])))
     if rejection is not None:
         segments.append(_err_segment(header, rejection, version))
-    return b"\r".join(segments)
+    return b"\r".join(segments) + b"\r"  # every segment ends with CR, the last one too (HL7 v2 2.6)
 
 
 def _err_segment(header: Header, rejection: Rejection, version: tuple[int, ...] | None) -> bytes:
