@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -206,3 +209,66 @@ def test_sigterm_under_load_exits_0_and_every_acked_message_is_stored(engine, st
     assert [c for c in load.acked if counts[c] != 1] == []
     events = [e.get("event") for e in engine.logged()]
     assert events[-1] == "engine.stopped"
+
+
+def test_a_sender_that_does_not_read_its_acks_is_held_back_by_tcp_not_buffered_in_memory(engine):
+    """A sender that writes and never reads (fire and forget, a batch sender that reads only at
+    the end, a sender whose reading thread died): its ACKs pile up. Koppel used to go on
+    reading and storing, and kept every unsent ACK in its own memory, without limit (about
+    160 bytes a message: a day of such a sender's traffic, hundreds of MB). Now it stops
+    reading that connection once a bounded backlog of ACKs waits, so TCP holds the sender
+    back, as a blocking engine (HAPI, Mirth) does; once the sender reads, everything flows."""
+    port = engine.start()
+    # Past what the kernel holds for the engine (its send buffer grows up to tcp_wmem's maximum)
+    # and the engine's own backlog, at about 115 bytes an ACK, with room to spare.
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    total = (wmem_max + (1 << 20)) // 100 + 15_000
+    stream = b"".join(b"\x0b" + message(f"NR{i:07d}") + b"\x1c\r" for i in range(total))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the sender's side holds few ACKs
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(1.0)
+    offset = 0
+    try:
+        while offset < len(stream):
+            offset += sock.send(stream[offset:offset + 65536])
+    except socket.timeout:
+        pass
+
+    def stored() -> int:
+        return engine.query("SELECT count(*) FROM messages")[0][0]
+
+    # Wait until the engine stores no more (or has stored everything).
+    count, deadline = -1, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        before, count = count, stored()
+        if count == total or count == before:
+            break
+        time.sleep(0.5)
+    assert count < total, (f"the engine read and stored all {total} messages while the sender read none "
+                           f"of their ACKs: ~{total * 160 // 2**20} MB of ACKs waited in its memory")
+    print(f"held back: {count} of {total} stored, {offset} bytes sent")
+
+    # The sender now reads: every message gets its AA, in order, and is stored once.
+    answers = bytearray()
+
+    def reader() -> None:
+        sock.settimeout(ACK_TIMEOUT)
+        ends = 0
+        while ends < total:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            ends += chunk.count(b"\x1c")  # (an ACK holds no other FS)
+            answers.extend(chunk)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    sock.settimeout(ACK_TIMEOUT)
+    sock.sendall(stream[offset:])
+    thread.join(60)
+    sock.close()
+    replies = [read_ack(a) for a in re.findall(rb"\x0b(.*?)\x1c\r", bytes(answers), re.S)]
+    assert [(r.code, r.control_id) for r in replies] == [("AA", f"NR{i:07d}") for i in range(total)]
+    assert engine.query("SELECT count(*), count(DISTINCT control_id) FROM messages") == [(total, total)]

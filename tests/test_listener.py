@@ -869,3 +869,30 @@ def test_a_stopped_listener_aborts_a_connection_whose_peer_stopped_reading_after
     assert transport.disconnected  # aborted: the kernel would now drop it, and connectionLost follows
     receiver.connectionLost(Failure(ConnectionAborted()))
     assert stopped.called
+
+
+def test_a_peer_that_does_not_read_its_acks_pauses_reading_without_timing_out_its_frame(store):
+    """The transport pauses the receiver (stop reading) while too many ACKs wait for a peer that
+    does not read them, and resumes it once they are written. A frame open meanwhile is not
+    timed out (the stall is ours), and closing lets go of the producer first: a transport with a
+    paused producer resumes it when its buffer empties, instead of closing."""
+    h = Harness(store=store, frame_timeout=30.0)
+    receiver, transport = h.connect()
+    assert transport.producer is receiver and transport.streaming
+    data = frame(message("BP1"))
+    receiver.dataReceived(data[:40])
+    receiver.pauseProducing()
+    assert transport.producerState == "paused"
+    h.clock.advance(31)
+    assert not transport.disconnecting
+    receiver.resumeProducing()
+    assert transport.producerState == "producing"
+    receiver.dataReceived(data[40:])
+    h.clock.advance(0)
+    h.clock.advance(0)
+    assert [read_ack(a).control_id for a in acks(transport)] == ["BP1"]
+    receiver.pauseProducing()
+    receiver.readConnectionLost()  # (as after the peer's FIN) closing: the producer goes first
+    assert transport.producer is None and transport.disconnecting
+    receiver.resumeProducing()  # a late resume must not start reading a closing connection
+    assert transport.producerState == "paused"

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Callable
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from zope.interface import implementer
 
 from engine.config import peer_allowed
@@ -47,6 +47,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # sender makes up, so the label is "other" past this many, or for anything not shaped TYP^TRG.
 MAX_TYPE_LABELS = 50
 _TYPE_LABEL = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{2,3}", re.ASCII)
+
+# ACK bytes that may wait in a connection's transport for a peer that does not read them
+# (on top of the kernel's send buffer, up to 4 MB on Linux): past this the connection stops
+# reading, so TCP holds the sender back, instead of Koppel storing on and keeping every unsent
+# ACK in memory without limit. About 9,000 ACKs: a sender that pipelines a batch and reads
+# only at its end is not stalled by it.
+ACK_BACKLOG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,8 +111,12 @@ class _Answer:
         self.started = started
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class MLLPReceiver(protocol.Protocol):
+    """One connection. It is also the producer of its own transport's ACKs: the transport pauses
+    it (stop reading) while more than ACK_BACKLOG_BYTES of them wait for a peer that does not
+    read, and resumes it once they are written."""
+
     def __init__(self, factory: "MLLPListenerFactory", peer: str) -> None:
         self.factory = factory
         self.peer = peer
@@ -118,6 +129,8 @@ class MLLPReceiver(protocol.Protocol):
         self._frame_call = None
         self._closing = False
         self._lost = False
+        self._producing = False  # registered as the transport's producer
+        self._paused = False  # not reading: the peer has not read its ACKs
         self.lost = defer.Deferred()  # fires when the connection is gone (for draining)
         self.log = factory.log.bind(peer=peer)
 
@@ -129,6 +142,12 @@ class MLLPReceiver(protocol.Protocol):
                 set_keepalive(1)
             except Exception:  # noqa: BLE001 - not every transport supports it
                 pass
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            if hasattr(self.transport, "bufferSize"):
+                self.transport.bufferSize = ACK_BACKLOG_BYTES
+            register(self, True)
+            self._producing = True
         self.factory.opened(self)
         self._reset_idle()
 
@@ -152,7 +171,30 @@ class MLLPReceiver(protocol.Protocol):
         self._close("peer-half-closed")
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self._lose()
+
+    # -- backpressure (IPushProducer, called by the transport) ---------------------
+    def pauseProducing(self) -> None:
+        """Too many ACKs wait for the peer to read them: stop reading its messages. A frame it
+        is in the middle of is not timed out meanwhile: the stall is ours."""
+        if self._closing or self._lost:
+            return
+        self._paused = True
+        self.transport.pauseProducing()
+        self._cancel(self._frame_call)
+        self._frame_call = None
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._closing or self._lost:
+            return  # not reading any more anyway (a half-closed read side must not be read again)
+        self.transport.resumeProducing()
+        self._watch_frame()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; connectionLost does the cleaning up."""
 
     # -- bytes in -------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -324,7 +366,7 @@ class MLLPReceiver(protocol.Protocol):
                 factory.count(metrics.acks_withheld, answer.code).inc()
             factory.count(metrics.ack_latency).observe(time.perf_counter() - answer.started)
         if self._closing and not answers and not self._lost:
-            self.transport.loseConnection()
+            self._lose()
 
     # -- timers -----------------------------------------------------------------
     def _reset_idle(self) -> None:
@@ -342,7 +384,7 @@ class MLLPReceiver(protocol.Protocol):
         (as a deadline from its first byte did), nor is a frame begun in the read that
         finished the one before it."""
         timeout = self.factory.settings.frame_timeout
-        if timeout is None:
+        if timeout is None or self._paused:
             return
         if self.reader.in_frame:
             if self._frame_call is not None and self._frame_call.active():
@@ -369,7 +411,15 @@ class MLLPReceiver(protocol.Protocol):
         self.log.info("connection.closing", reason=reason)
         self._cancel(self._frame_call)
         if not self._answers:
-            self.transport.loseConnection()
+            self._lose()
+
+    def _lose(self) -> None:
+        """Close once what is written has gone out. The producer goes first: a transport with a
+        paused producer resumes it when its buffer empties, instead of closing."""
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     @staticmethod
     def _cancel(call) -> None:
