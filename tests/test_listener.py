@@ -457,6 +457,44 @@ def test_an_idle_connection_is_closed_at_the_idle_timeout(store):
     assert read_ack(acks(transport)[0]).code == "AA"
 
 
+@pytest.mark.parametrize(("settings", "reason"), [
+    (dict(idle_timeout=600.0), "idle-timeout"),
+    (dict(frame_timeout=30.0), "frame-timeout"),
+])
+def test_a_timed_out_connection_whose_peer_reads_nothing_is_cut_one_period_later(store, settings, reason):
+    """The close waits for the ACKs to be written, which a peer that never reads never allows:
+    found with real sockets, where the connection stayed open (and counted) for ever."""
+    h = Harness(store=store, **settings)
+    receiver, transport = h.connect()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    receiver.dataReceived(frame(message("MSG1")))
+    h.clock.advance(0)
+    if reason == "frame-timeout":
+        receiver.dataReceived(b"\x0bMSH|")  # a frame begun and never finished
+    period = settings.get("idle_timeout") or settings["frame_timeout"]
+    h.clock.advance(period + 1)
+    assert transport.disconnecting and not aborted  # closing: the ACK may still leave
+    h.clock.advance(period - 2)
+    assert not aborted
+    h.clock.advance(2)
+    assert aborted == [True]
+    assert h.sample("koppel_connections_closed_total", reason=reason) == 1
+
+
+def test_a_timed_out_connection_that_closes_in_time_is_not_cut(store):
+    h = Harness(store=store, idle_timeout=600.0)
+    receiver, transport = h.connect()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    h.clock.advance(601)
+    assert transport.disconnecting
+    receiver.connectionLost()
+    h.clock.advance(601)
+    assert not aborted
+    assert not h.clock.getDelayedCalls()
+
+
 def test_closing_waits_for_the_acks_of_frames_already_received():
     committer = RecordingCommitter()
     h = Harness(committer=committer, idle_timeout=1.0)

@@ -127,6 +127,7 @@ class MLLPReceiver(protocol.Protocol):
         self._answers: deque[_Answer] = deque()
         self._idle_call = None
         self._frame_call = None
+        self._abort_call = None  # cuts a timed-out connection whose peer does not read
         self._closing = False
         self._lost = False
         self._producing = False  # registered as the transport's producer
@@ -156,7 +157,8 @@ class MLLPReceiver(protocol.Protocol):
             self._discarded(event)
         self._cancel(self._idle_call)
         self._cancel(self._frame_call)
-        self._idle_call = self._frame_call = None
+        self._cancel(self._abort_call)
+        self._idle_call = self._frame_call = self._abort_call = None
         self._answers.clear()
         self._lost = True
         self.factory.closed(self)
@@ -396,11 +398,24 @@ class MLLPReceiver(protocol.Protocol):
             self._frame_call = None
 
     def _timed_out(self, reason: str) -> None:
+        settings = self.factory.settings
         if reason == "frame-timeout":
             # The peer stopped mid-frame: what it sent of it is dropped, nothing stored.
             self.reader.eof()
-            self.factory.metrics.frames_discarded.labels(self.factory.settings.channel, "timeout").inc()
+            self.factory.metrics.frames_discarded.labels(settings.channel, "timeout").inc()
         self._close(reason)
+        # A close waits until the ACKs are written, and a peer that reads nothing never takes
+        # them: its connection would stay open for ever, holding a max_connections slot.
+        # Cut after one more period of the same timeout.
+        grace = settings.idle_timeout if reason == "idle-timeout" else settings.frame_timeout
+        if not self._lost and grace is not None:
+            self._abort_call = self.factory.clock.callLater(grace, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            self.log.warning("connection.aborted", reason="peer not reading its acknowledgements")
+            self.transport.abortConnection()
 
     def _close(self, reason: str) -> None:
         """Stop reading; close once ACKs for frames already received are written."""
