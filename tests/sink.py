@@ -9,6 +9,8 @@ unless scripted to:
 * answer AE/AR/CE/CR for the next N messages      ``sink.nak_next("AE", 3)``
 * answer only after S seconds                      ``sink.delay = 1.5``
 * drop the connection on the next message(s)       ``sink.drop_next(1)``
+* read slowly, N bytes a second (a slow link)      ``sink.read_rate = 2_000_000``
+* close after each ACK, with bytes after it        ``sink.close_after_ack = True``, ``sink.trailer = b"\\r\\n"``
 * go down (stop listening, cut connections) and come back on the same port
                                                    ``sink.down()`` / ``sink.up()``
 
@@ -29,6 +31,7 @@ import json
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -89,6 +92,9 @@ class Sink:
         self.name = name
         self.delay = 0.0
         self.close_after_ack = False  # one message per connection, as some hospital systems do
+        self.read_rate: float | None = None  # bytes per second: a destination that reads slowly (a slow link)
+        self.trailer = b""  # written a moment after each ACK, on its own (a line end some systems send)
+        self.close_notify = False  # TLS: close with a close_notify (and wait for the peer's), not a bare FIN
         self.records: list[Received] = []
         self._first_order: list[str] = []  # MSH-10s in order of their first AA
         self._first_set: set[str] = set()
@@ -222,6 +228,8 @@ class Sink:
             except OSError:
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.read_rate:  # a small window, so the sender feels the pace at once
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             with self._lock:
                 number = self._next_connection
                 self._next_connection += 1
@@ -238,6 +246,8 @@ class Sink:
                 data = conn.recv(65536)
                 if not data:
                     return
+                if self.read_rate:
+                    time.sleep(len(data) / self.read_rate)
                 buffer += data
                 while True:
                     end = buffer.find(EB + CR)
@@ -247,8 +257,10 @@ class Sink:
                     frame = buffer[start + 1 : end] if 0 <= start < end else buffer[:end]
                     buffer = buffer[end + 2 :]
                     if not self._answer(conn, number, frame):
+                        if self.close_notify and isinstance(conn, ssl.SSLSocket):
+                            conn = conn.unwrap()  # TLS's own goodbye first, and wait for Koppel's
                         return
-        except OSError:
+        except (OSError, ValueError):
             return
         finally:
             with self._lock:
@@ -286,6 +298,9 @@ class Sink:
         if code == "DROP":
             return False
         conn.sendall(ack_for(control_id, code, ack_number))
+        if self.trailer:
+            time.sleep(0.005)  # its own segment, after the reader took the ACK
+            conn.sendall(self.trailer)
         return not self.close_after_ack
 
 

@@ -87,3 +87,110 @@ def test_answers_and_bytes_are_counted_per_connection():
     client.request(b"MSH|1")
     client.dataReceived(b"junk" + mllp.encode_frame(b"A1") + mllp.encode_frame(b"A2"))
     assert (client.answered, client.bytes_in) == (1, 4 + 2 * 5)
+
+
+class _SocketTransport:
+    """A Twisted TCP transport over one end of a socket pair, on the test's clock; its buffer
+    is written only when the test says so (``flush``), as the reactor would on POLLOUT."""
+
+    def __init__(self):
+        import socket
+
+        from twisted.internet import tcp
+
+        class Connection(tcp.Connection):
+            def startWriting(self):
+                pass
+
+            def stopWriting(self):
+                pass
+
+        self.clock = MemoryReactorClock()
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setblocking(False)
+        self.client = MLLPClient(clock=self.clock)
+        self.transport = Connection(self.ours, self.client, self.clock)
+        self.transport.connected = True
+        self.client.makeConnection(self.transport)
+
+    def flush(self):
+        while self.transport.dataBuffer or self.transport._tempDataBuffer:
+            before = len(self.transport.dataBuffer) - self.transport.offset + self.transport._tempDataLen
+            self.transport.doWrite()
+            if len(self.transport.dataBuffer) - self.transport.offset + self.transport._tempDataLen == before:
+                return  # the socket is full
+
+    def peer_reads(self, size):
+        self.peer.setblocking(False)
+        got = 0
+        while got < size:
+            try:
+                chunk = self.peer.recv(min(65536, size - got))
+            except BlockingIOError:
+                break
+            got += len(chunk)
+        self.flush()
+        return got
+
+    def run_for(self, seconds, step=0.05):
+        """Time passes as on a real reactor: every call runs when it is due, not after a jump."""
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def close(self):
+        self.ours.close()
+        self.peer.close()
+
+
+def test_the_ack_timeout_waits_while_a_slow_destination_is_still_taking_a_large_message():
+    """A letter with its PDF over a slow link takes longer to write than the ACK timeout: the
+    timeout counts from when the destination has the last byte, not from the first."""
+    pair = _SocketTransport()
+    try:
+        failures = []
+        pair.client.request(b"MSH|" + b"A" * 4_000_000, timeout=5).addErrback(failures.append)
+        taken = 0
+        for _ in range(40):  # 10 s of reading, a step at a time: twice the timeout
+            taken += pair.peer_reads(100_000)
+            pair.clock.advance(0.25)
+            assert not failures, f"timed out while the destination was still reading ({taken} bytes taken)"
+        while pair.peer_reads(1_000_000):  # the rest; now the ACK timeout runs
+            pass
+        pair.run_for(4.5)
+        assert not failures
+        pair.run_for(1)
+        assert failures and failures[0].type.__name__ == "TimeoutError"
+    finally:
+        pair.close()
+
+
+def test_a_destination_that_stops_reading_a_large_message_times_out_after_the_ack_timeout():
+    pair = _SocketTransport()
+    try:
+        failures = []
+        pair.client.request(b"MSH|" + b"A" * 4_000_000, timeout=5).addErrback(failures.append)
+        pair.peer_reads(100_000)  # then it stops reading
+        pair.run_for(4.5)
+        assert not failures
+        pair.run_for(1)
+        assert failures and failures[0].type.__name__ == "TimeoutError"
+    finally:
+        pair.close()
+
+
+def test_a_tls_failure_is_reported_as_such_not_as_a_closed_connection():
+    from OpenSSL import SSL
+    from twisted.internet.error import ConnectionClosed
+    from twisted.python.failure import Failure
+
+    from engine.shell.client import TLSFailed
+
+    client, _, _ = connected()
+    failures = []
+    client.request(b"MSH|1", timeout=5).addErrback(failures.append)
+    client.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    assert failures[0].type is TLSFailed and str(failures[0].value) == "certificate verify failed"
+    client, _, _ = connected()
+    client.request(b"MSH|1", timeout=5).addErrback(failures.append)
+    client.connectionLost(Failure(ConnectionClosed()))
+    assert failures[1].type is ConnectionClosed

@@ -27,11 +27,13 @@ from sink import (  # noqa: E402
     KOPPEL,
     ROOT,
     KoppelProcess,
+    MLLPClient,
     ResendingSource,
     Sink,
     check_order,
     frame,
     make_message,
+    read_ack_code,
     write_channel,
 )
 
@@ -217,6 +219,64 @@ def test_a_slow_destination_within_ack_timeout_gets_each_message_exactly_once(ha
     assert harness.a.received_ids() == sent  # no timeout, so no resend
 
 
+def test_a_large_message_to_a_slow_reader_is_not_timed_out_while_it_is_still_being_written(harness):
+    """A letter (MDM with a PDF) over a slow link takes longer to write than the ACK timeout.
+    The ACK timeout counts from when the destination has the whole message; before the fix it
+    ran from the first byte, so the message timed out on every attempt and held its queue
+    for ever."""
+    harness.a.read_rate = 3_000_000  # bytes a second: ~1.3 s for the message, ack_timeout 1 s
+    port = harness.start(ack_timeout="1s")
+    body = b"OBX|1|ED|PDF^Brief^L||^AP^^Base64^" + b"QUJD" * 1_000_000 + b"\r"
+    big = make_message("BIG00000") + body
+    with MLLPClient(port) as source:
+        assert read_ack_code(source.request(big)) == ("AA", "BIG00000")
+        assert read_ack_code(source.request(make_message("BIG00001"))) == ("AA", "BIG00001")
+    assert harness.a.wait_for_delivered(["BIG00000", "BIG00001"], DELIVERY_TIMEOUT), (
+        harness.a.stats(), [line for line in harness.engine.output().splitlines() if "delivery.retry" in line][:3])
+    assert harness.a.received_ids() == ["BIG00000", "BIG00001"]  # no timeout, so no resend
+    assert harness.a.records[0].raw == big  # every byte, in order
+
+
+def test_a_destination_that_never_answers_the_connect_is_recorded_as_a_connect_timeout(harness):
+    """A host that drops the SYNs (down behind a firewall): here a listener whose accept queue
+    is full. Twisted's TCP connect, cancelled by connect_timeout, fails with its own
+    ConnectingCancelledError, which was recorded as "connection failed
+    (ConnectingCancelledError)"; the operator must read "connect timed out"."""
+    import socket
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue: from now on the kernel drops every SYN
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", blackhole.getsockname()[1]))
+            fillers.append(filler)
+        harness.a.down()
+        harness.a.port = blackhole.getsockname()[1]
+        port = harness.start()  # connect_timeout: 2s
+        with MLLPClient(port) as source:
+            assert read_ack_code(source.request(make_message("HOL00000"))) == ("AA", "HOL00000")
+        failed = harness.engine.wait_for("delivery.retry", timeout=DELIVERY_TIMEOUT)
+        assert failed["reason"] == "connect timed out", failed
+
+        def last_error():
+            store = harness.store()
+            try:
+                entries = [store.get_entry(n) for n in (1, 2)]
+            finally:
+                store.close()
+            return [e.last_error for e in entries if e is not None and e.destination == "dest-a"]
+
+        wait(lambda: last_error() == ["connect timed out"], what="the failure recorded in the store")
+    finally:
+        for filler in fillers:
+            filler.close()
+        blackhole.close()
+
+
 def test_a_connection_dropped_before_the_ack_resends_the_same_message(harness):
     harness.a.drop_next(1)
     harness.start()
@@ -249,6 +309,32 @@ def test_a_destination_that_closes_after_each_ack_gets_every_message_without_a_r
 
     wait(lambda: all(e.state == "delivered" for e in entries_a()), what="the delivered marks committed")
     assert [e.attempts for e in entries_a()] == [1] * 40  # no attempt failed
+
+
+def test_a_destination_that_closes_after_an_ack_and_a_line_end_gets_every_message_without_a_retry(harness):
+    """The same, from a system that writes a line end after the ACK frame, on its own, and
+    then closes. The bytes outside any frame are no answer to the next message: it met a
+    closed connection and is sent again at once. Before the fix any byte read after the
+    request disqualified that, so each message after the first waited out a retry."""
+    harness.a.close_after_ack = True
+    harness.a.trailer = b"\r\n"
+    harness.start()
+    sent = ids("CLT", 20)
+    harness.send_all_accepted(sent)
+    assert harness.a.wait_for_delivered(sent, DELIVERY_TIMEOUT), harness.a.stats()
+    assert harness.a.delivered_ids() == sent
+    assert harness.a.stats()["answers"] == {"AA": 20}
+
+    def entries_a():
+        store = harness.store()
+        try:
+            entries = [store.get_entry(n) for n in range(1, 41)]
+        finally:
+            store.close()
+        return [e for e in entries if e is not None and e.destination == "dest-a"]
+
+    wait(lambda: all(e.state == "delivered" for e in entries_a()), what="the delivered marks committed")
+    assert [e.attempts for e in entries_a()] == [1] * 20  # no attempt failed
 
 
 def test_a_full_queue_naks_the_source_and_loses_nothing_it_accepted(harness):

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.sink import (
     KoppelProcess,
+    MLLPClient,
     Sink,
     control_id_of,
     frame,
@@ -110,3 +111,87 @@ def test_a_peer_refused_by_an_ssl_listener_is_closed_at_once(certificate):
     tls.makeConnection(transport)
     assert transport.disconnecting
     assert h.sample("koppel_connections_refused_total", reason="not-allowed") == 1
+
+
+def test_a_tls_destination_whose_certificate_is_not_trusted_is_reported_as_a_tls_failure(tmp_path, certificate):
+    """A destination's certificate expired or signed by a CA Koppel does not trust: every
+    attempt fails in the handshake. The queue's last error and the log must say so; it read
+    "connection closed before the acknowledgement", as if the destination dropped the message."""
+    cert, key, _ = certificate
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    sink = Sink(name="tls-sink", tls=server_side).start()
+    other = tmp_path / "other-trust"  # a CA directory that does not hold the sink's issuer
+    other.mkdir()
+    (other / "ca.pem").write_bytes(_another_ca())
+    channels = tmp_path / "channels"
+    path = write_channel(channels, {"archive": sink.port})
+    path.write_text(path.read_text().replace(
+        f"endpoint: tcp:host=127.0.0.1:port={sink.port}", f"endpoint: tls:localhost:{sink.port}:trustRoots={other}"))
+    engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/k.db", workdir=tmp_path)
+    try:
+        port = engine.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(frame(make_message("TLSBAD0")))
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                chunk = conn.recv(4096)
+                assert chunk
+                answer += chunk
+        assert read_ack_code(answer) == ("AA", "TLSBAD0")
+        failed = engine.wait_for("delivery.retry", timeout=20)
+        assert failed["reason"].startswith("TLS failed"), failed
+        assert "certificate verify failed" in failed["reason"], failed
+        assert sink.records == []
+    finally:
+        engine.terminate()
+        sink.stop()
+
+
+def _another_ca() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Another CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("close_notify", [False, True], ids=["bare-fin", "close-notify"])
+def test_a_tls_destination_that_closes_after_each_ack_gets_every_message_without_a_retry(
+        tmp_path, certificate, close_notify):
+    """One message per connection over TLS. Under TLS the socket peek sees a close_notify as
+    data, not as the close, so the next message meets the closing connection and must be sent
+    again at once on a new one, never backed off."""
+    cert, key, trust = certificate
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    sink = Sink(name="tls-sink", tls=server_side).start()
+    sink.close_after_ack = True
+    sink.close_notify = close_notify
+    channels = tmp_path / "channels"
+    path = write_channel(channels, {"archive": sink.port})
+    path.write_text(path.read_text().replace(
+        f"endpoint: tcp:host=127.0.0.1:port={sink.port}", f"endpoint: tls:localhost:{sink.port}:trustRoots={trust}"))
+    engine = KoppelProcess(channels, f"sqlite:///{tmp_path}/k.db", workdir=tmp_path)
+    sent = [f"TLC{n:03d}" for n in range(30)]
+    try:
+        sink.down()  # the messages queue up first, then go out back to back
+        port = engine.start()
+        with MLLPClient(port) as source:
+            for cid in sent:
+                assert read_ack_code(source.request(make_message(cid))) == ("AA", cid)
+        sink.up()
+        assert sink.wait_for_delivered(sent, timeout=20), (sink.stats(), engine.tail())
+        assert sink.delivered_ids() == sent
+        assert sink.stats()["answers"] == {"AA": 30}  # each sent once: no failed attempt resent it
+        retried = [e for e in engine.logged() if e.get("event") == "delivery.retry"]
+        assert [e["reason"] for e in retried] == ["connection refused"] * len(retried)  # only while down
+    finally:
+        engine.terminate()
+        sink.stop()

@@ -394,6 +394,24 @@ def test_a_connect_that_never_completes_times_out_and_is_retried(make):
     assert h.entry(1).state == "delivered"
 
 
+def test_a_tcp_connect_cancelled_by_the_connect_timeout_is_recorded_as_a_connect_timeout(make):
+    """Twisted's TCP connect, cancelled, fails with ConnectingCancelledError, not CancelledError."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectingCancelledError
+
+    h = make(connect_timeout=10.0)
+
+    def connect():
+        return defer.Deferred(lambda d: d.errback(ConnectingCancelledError(IPv4Address("TCP", "10.1.2.3", 6661))))
+
+    h.sender._connect = connect
+    h.enqueue("C1")
+    h.start()
+    h.run(10)
+    assert h.entry(1).attempts == 1
+    assert h.entry(1).last_error == "connect timed out"
+
+
 def test_a_connection_reset_while_waiting_for_the_ack_resends_the_same_message(make):
     h = make()
     h.enqueue("C1", "C2")
@@ -444,6 +462,39 @@ def test_a_message_that_meets_the_close_after_the_previous_ack_is_sent_again_at_
     assert h.states() == ["delivered", "delivered"]
     assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
     assert h.reactor.seconds() == started
+
+
+def test_a_line_end_after_the_ack_and_then_the_close_still_sends_the_message_again_at_once(make):
+    """Some systems write a line end after the ACK frame, on its own, then close. Those bytes
+    outside any frame answer nothing: the next message met a closed connection, as above."""
+    h = make()
+    h.enqueue("C1", "C2")
+    h.start()
+    started = h.reactor.seconds()
+    h.destination.current.dataReceived(mllp.encode_frame(ack("AA", "C1")))
+    first = h.destination.current
+    first.dataReceived(b"\r\n")  # read after C2 went out on the old connection
+    first.transport.reset()
+    assert len(h.destination.connections) == 2
+    h.destination.answer()
+    assert h.destination.received() == ["C1", "C2", "C2"]
+    assert h.states() == ["delivered", "delivered"]
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
+    assert h.reactor.seconds() == started
+
+
+def test_a_connection_closed_in_the_middle_of_an_answer_is_a_failed_attempt(make):
+    """The destination began to answer (a frame begun) and then closed: not a stale connection."""
+    h = make()
+    h.enqueue("C1", "C2")
+    h.start()
+    h.destination.current.dataReceived(mllp.encode_frame(ack("AA", "C1")))
+    first = h.destination.current
+    first.dataReceived(b"\x0bMSH|^~\\&|HIX")
+    first.transport.reset()
+    assert h.destination.received() == ["C1", "C2"]
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 1
+    assert h.entry(2).attempts == 1
 
 
 def test_a_new_connection_closed_without_an_answer_is_a_failed_attempt_as_before(make):

@@ -2,6 +2,12 @@
 
 Used by ``koppel send``, ``koppel bench`` and delivery. On an ACK timeout the
 connection is closed, so a late ACK can never be read as the next message's.
+
+The ACK timeout counts from when the destination has taken the whole message: a large one
+over a slow link may take longer to write than the timeout (a letter with its PDF), and it
+must not time out while the destination is still reading it. While bytes are still on
+their way the connection is given up only when the destination takes none of them for a
+whole timeout (it stopped reading, or the connection is silently dead).
 """
 
 from __future__ import annotations
@@ -13,7 +19,12 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionClosed, TimeoutError
 
 from engine.core import mllp
-from engine.shell.wire import send_now
+from engine.shell.wire import send_now, unsent
+
+# While a message is still being written, how often its progress is looked at.
+WRITE_CHECK = 0.25
+# A frame up to this size almost always goes to the kernel whole: not looked at after the write.
+LARGE = 64 * 1024
 
 
 class MLLPClient(protocol.Protocol):
@@ -28,6 +39,7 @@ class MLLPClient(protocol.Protocol):
         self.junk = 0
         self.answered = 0  # answers matched to requests on this connection
         self.bytes_in = 0
+        self.junk_bytes_in = 0  # of bytes_in, those outside any frame (a line end after an ACK)
 
     def connectionMade(self) -> None:
         self.connected_d.callback(self)
@@ -35,11 +47,18 @@ class MLLPClient(protocol.Protocol):
     def request(self, payload: bytes, timeout: float | None = None) -> defer.Deferred:
         """Write one message; fires with the next answer frame's payload."""
         d: defer.Deferred = defer.Deferred()
-        call = None
+        waiter = [d, None]  # [deferred, its timeout call]
+        self._waiting.append(waiter)
+        frame = mllp.encode_frame(payload)
+        send_now(self.transport, frame)
         if timeout is not None:
-            call = self.clock.callLater(timeout, self._timed_out, d)
-        self._waiting.append((d, call))
-        send_now(self.transport, mllp.encode_frame(payload))
+            left = unsent(self.transport) if len(frame) > LARGE else 0
+            if left:  # still being written: watched from now on
+                waiter[1] = self.clock.callLater(
+                    min(timeout, WRITE_CHECK), self._deadline, waiter, timeout, left, self.clock.seconds()
+                )
+            else:
+                waiter[1] = self.clock.callLater(timeout, self._deadline, waiter, timeout, len(frame), None)
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -61,6 +80,12 @@ class MLLPClient(protocol.Protocol):
                 d.callback(event.payload)
             elif type(event) is mllp.JunkDiscarded:
                 self.junk += event.size
+                self.junk_bytes_in += event.size
+
+    @property
+    def frame_bytes_in(self) -> int:
+        """Bytes read that belong to frames (whole or begun): an answer, or the start of one."""
+        return self.bytes_in - self.junk_bytes_in
 
     def peer_closed(self) -> bool:
         """Has the peer closed its side, its FIN not yet read? Many systems close the connection
@@ -77,12 +102,37 @@ class MLLPClient(protocol.Protocol):
         except OSError:
             return True  # reset: as closed
 
+    def _deadline(self, waiter: list, timeout: float, before: int, progress_at: float | None) -> None:
+        """The ACK timeout is up, unless the message is still on its way and the destination is
+        taking it: then the timeout starts again once it has the last byte. ``before``: bytes
+        not taken at the last look; ``progress_at``: when the destination last took some (None:
+        not seen taking any since the timeout started)."""
+        d = waiter[0]
+        if d.called:
+            return
+        left = unsent(self.transport)
+        now = self.clock.seconds()
+        if left == 0:
+            if progress_at is not None:  # it took the last bytes since the last look: now the ACK's turn
+                waiter[1] = self.clock.callLater(timeout, self._deadline, waiter, timeout, 0, None)
+                return
+            self._timed_out(d)
+            return
+        if left < before:
+            before, progress_at = left, now
+        elif progress_at is None or now - progress_at >= timeout:
+            self._timed_out(d)  # nothing taken for a whole timeout: not reading, or gone
+            return
+        waiter[1] = self.clock.callLater(
+            min(timeout, WRITE_CHECK), self._deadline, waiter, timeout, before, progress_at
+        )
+
     def _timed_out(self, d: defer.Deferred) -> None:
         self.transport.abortConnection()
         self._fail_all(TimeoutError("no acknowledgement in time"))
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._fail_all(ConnectionClosed("connection closed before the acknowledgement"))
+        self._fail_all(_lost(reason))
         if not self.lost_d.called:
             self.lost_d.callback(None)
 
@@ -93,6 +143,28 @@ class MLLPClient(protocol.Protocol):
                 call.cancel()
             if not d.called:
                 d.errback(error)
+
+
+class TLSFailed(ConnectionError):
+    """The TLS layer ended the connection: the destination's certificate not trusted, expired or
+    for another host name, no common protocol version. Not a closed connection: an operator
+    must see it for what it is."""
+
+
+def _lost(reason) -> Exception:
+    """What the requests still waiting are failed with when the connection is gone."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - Twisted's TLS needs it; without it there is no TLS
+        SSL = None
+    if SSL is not None and reason is not None and reason.check(SSL.Error):
+        errors = reason.value.args[0] if reason.value.args else None
+        if isinstance(errors, list) and errors and all(isinstance(e, tuple) and e for e in errors):
+            text = "; ".join(str(e[-1]) for e in errors)
+        else:
+            text = str(reason.value) or type(reason.value).__name__
+        return TLSFailed(text)
+    return ConnectionClosed("connection closed before the acknowledgement")
 
 
 class MLLPClientFactory(protocol.ClientFactory):

@@ -30,7 +30,7 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.error import ConnectionClosed
+from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.internet.error import TimeoutError as EndpointTimeoutError
 
 from engine.config import DestinationConfig
@@ -38,7 +38,7 @@ from engine.core.delivery import judge
 from engine.core.outbound import OutboundError, prepare
 from engine.core.retry import backoff_delay
 from engine.log import Repeats, get_logger, safe_error
-from engine.shell.client import MLLPClientFactory
+from engine.shell.client import MLLPClientFactory, TLSFailed
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
@@ -95,7 +95,9 @@ class Lane:
             d.addTimeout(sender.settings.connect_timeout, sender.reactor)
             client = yield d
         except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
-            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError))  # not an ACK timeout
+            # Not an ACK timeout. A TCP connect cancelled by addTimeout fails with ConnectingCancelledError.
+            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError,
+                                           ConnectingCancelledError))
             self.connect_error = "connect timed out" if timed_out else _describe(error)
             self.connect_failures += 1
             return None
@@ -637,7 +639,7 @@ class QueueSender:
         ).addErrback(self._bookkeeping_failed)
         for last_try in (False, True):
             reused = client.answered > 0 and not last_try
-            received = client.bytes_in
+            received = client.frame_bytes_in  # bytes outside frames (a line end after an ACK): no answer
             try:
                 answer = yield client.request(outbound, timeout=destination.ack_timeout)
                 failure = None
@@ -646,7 +648,7 @@ class QueueSender:
                 answer, failure = None, _describe(error)
                 lane.disconnect()
                 if self._stopping or not (
-                    reused and isinstance(error, ConnectionClosed) and client.bytes_in == received
+                    reused and isinstance(error, ConnectionClosed) and client.frame_bytes_in == received
                 ):
                     break
             # The destination closed the connection after its previous ACK and its FIN came
@@ -858,6 +860,8 @@ def _on_nak(destination: DestinationConfig) -> dict[str, str]:
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, TLSFailed):  # OpenSSL's reasons: no message content in them
+        return f"TLS failed ({error})"
     name = type(error).__name__
     return {
         "TimeoutError": "no acknowledgement in time",

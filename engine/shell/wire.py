@@ -10,6 +10,10 @@ receive benchmark: about 10 us less CPU per message.
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
+
 from twisted.internet import tcp
 
 
@@ -34,3 +38,25 @@ def send_now(transport, data: bytes) -> None:
         return
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def unsent(transport) -> int:
+    """Bytes written to ``transport`` that the peer has not taken yet: still in Twisted's
+    buffers (TLS: also the application data held during the handshake) or in the kernel's
+    send queue, not yet acknowledged by the peer (Linux ``SIOCOUTQ``). 0 when it cannot tell
+    (a transport that is no TCP connection, as in the unit tests)."""
+    pending = 0
+    while not isinstance(transport, tcp.Connection):
+        held = getattr(transport, "_appSendBuffer", None)  # TLSMemoryBIOProtocol before the handshake ends
+        if held:
+            pending += sum(len(data) for data in held)
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return pending
+    pending += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    try:
+        queued = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        pending += struct.unpack("i", queued)[0]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return pending
