@@ -53,6 +53,10 @@ NakAction = Literal["retry", "dead-letter"]
 NAK_ACTIONS: tuple[NakAction, ...] = ("retry", "dead-letter")
 Order = Literal["fifo", "none"]
 ORDERS: tuple[Order, ...] = ("fifo", "none")
+# keep: one persistent connection; per-message: closed after each answer, as systems that take
+# one message per connection expect (Mirth's "Keep Connection Open: No")
+Connection = Literal["keep", "per-message"]
+CONNECTIONS: tuple[Connection, ...] = ("keep", "per-message")
 ACK_MODES = ("on-store", "on-map")
 STORE_FAILURE_CODES = ("AE", "AR")
 ACCEPT_ACK_POLICIES = ("as-asked", "always")
@@ -382,6 +386,7 @@ class DestinationConfig:
     charset: str | None = None  # re-encode outbound to this HL7 charset; None = as received
     order: Order = "fifo"
     parallel: int = 1  # > 1 only with order "none"
+    connection: Connection = "keep"
     queue_key: str = field(init=False)  # "host:port" from `endpoint`
 
     def __post_init__(self) -> None:
@@ -394,13 +399,16 @@ class DestinationConfig:
         _check(self.max_queue > 0, "max_queue must be more than 0")
         _check(self.charset is None or self.charset in KNOWN_CHARSETS, f"unknown charset {self.charset!r}")
         _check(self.order in ORDERS, "order must be fifo or none")
+        _check(self.connection in CONNECTIONS, "connection must be keep or per-message")
         _check(self.parallel >= 1, "parallel must be at least 1")
         _check(self.parallel == 1 or self.order == "none", "parallel > 1 needs order none")
 
 
 # Settings of the one connection behind a queue key; destinations sharing it must agree.
 # One queue, one connection and one depth limit: destinations sharing a host:port must agree.
-_CONNECTION_SETTINGS = ("ack_timeout", "connect_timeout", "retry", "order", "parallel", "charset", "max_queue")
+_CONNECTION_SETTINGS = (
+    "ack_timeout", "connect_timeout", "retry", "order", "parallel", "charset", "max_queue", "connection",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -884,7 +892,7 @@ _SOURCE_KEYS = (
 )  # fmt: skip
 _DESTINATION_KEYS = (
     "endpoint", "ack_timeout", "connect_timeout", "retry", "give_up_after", "on_nak", "max_queue", "rewrite",
-    "charset", "order", "parallel",
+    "charset", "order", "parallel", "connection",
 )  # fmt: skip
 
 
@@ -1061,6 +1069,7 @@ class _ChannelReader(_Walker):
             charset=m.get("charset", _nullable(_charset), None),
             order=m.get("order", _choice(*ORDERS), "fifo"),
             parallel=m.get("parallel", _int(1), 1),
+            connection=m.get("connection", _choice(*CONNECTIONS), "keep"),
         )
         if values["parallel"] > 1 and values["order"] != "none":
             self.report(

@@ -90,6 +90,7 @@ destinations:
     charset: 8859/15
     order: none
     parallel: 4
+    connection: per-message
 routes:
   - to: [hix-agenda, archive]
     when: {types: [SRM^S01]}
@@ -126,6 +127,7 @@ def test_a_full_config_becomes_exactly_these_values(dirs, monkeypatch):
         charset="8859/15",
         order="none",
         parallel=4,
+        connection="per-message",
     )
     archive = DestinationConfig(name="archive", endpoint="tls:127.0.0.2:7000")
     expected = EngineConfig(
@@ -204,7 +206,8 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         "dead-letter",
         "dead-letter",
     ]
-    assert (dest.max_queue, dest.rewrite, dest.charset, dest.order, dest.parallel) == (1_000_000, (), None, "fifo", 1)
+    assert (dest.max_queue, dest.rewrite, dest.charset, dest.order, dest.parallel, dest.connection) == (
+        1_000_000, (), None, "fifo", 1, "keep")
 
 
 @pytest.mark.parametrize(
@@ -265,6 +268,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    rewrite: {MSH-5: A|B}\n", "a.yaml:7:22: destinations.d.rewrite.MSH-5: must not contain '|' or line breaks"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    parallel: 4\n", "a.yaml:7:15: destinations.d.parallel: more than 1 needs order: none (fifo sends one at a time)"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    order: lifo\n", "a.yaml:7:12: destinations.d.order: 'lifo' is not one of: fifo, none"),
+        (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    connection: close\n", "a.yaml:7:17: destinations.d.connection: 'close' is not one of: keep, per-message"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {initial: 10m, max: 1m}\n", "a.yaml:7:32: destinations.d.retry.max: must be at least retry.initial"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {jitter: 1.5}\n", "a.yaml:7:21: destinations.d.retry.jitter: must be from 0 to 1, got 1.5"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {factor: 0.5}\n", "a.yaml:7:21: destinations.d.retry.factor: must be at least 1, got 0.5"),
@@ -641,5 +645,5 @@ destinations:
         "channels/a.yaml:5:1: x-defaults: unknown key; expected one of: "
         "name, source, accept, duplicates, ack, destinations, routes",
         "channels/a.yaml:6:3: destinations.d.ack_timout: unknown key; expected one of: endpoint, ack_timeout, "
-        "connect_timeout, retry, give_up_after, on_nak, max_queue, rewrite, charset, order, parallel",
+        "connect_timeout, retry, give_up_after, on_nak, max_queue, rewrite, charset, order, parallel, connection",
     ]

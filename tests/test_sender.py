@@ -571,16 +571,78 @@ def test_a_negative_ack_is_retried_or_dead_lettered_per_on_nak(make, code, state
     assert entry.state == state
     assert entry.last_error == f"destination answered {code}"
     assert entry.last_ack == ack(code, "C1")
-    if state == "pending":  # retried after the backoff, on the same connection, before C2
+    if state == "pending":  # retried after the backoff, on a new connection, before C2
         assert h.destination.received() == ["C1"]
+        first = h.destination.current
+        assert first.transport.disconnecting  # closed in good order: it answered
         h.run(1)
         assert h.destination.received() == ["C1", "C1"]
         h.destination.answer("AA")
         assert h.destination.received() == ["C1", "C1", "C2"]
         assert h.entry(1).state == "delivered"
-    else:  # the queue moves on at once
+        assert len(h.destination.connections) == 2
+    else:  # the queue moves on at once, on the same connection
         assert h.destination.received() == ["C1", "C2"]
-    assert len(h.destination.connections) == 1
+        assert len(h.destination.connections) == 1
+
+
+def test_a_late_second_answer_to_a_nakd_attempt_is_not_taken_for_the_retrys(make):
+    """Every attempt carries the same MSH-10, so MSA-2 cannot tell the answers apart: a
+    destination that answered AE and then, late, AA (found in an interop run) had that AA
+    taken for the retry's answer while the retry itself got AE. The retry goes on a new
+    connection, and the old one is closed."""
+    h = make()
+    h.enqueue("C1")
+    h.start()
+    first = h.destination.current
+    h.destination.answer("AE")
+    h.run(1)
+    assert len(h.destination.connections) == 2
+    h.destination.send(mllp.encode_frame(ack("AA", "C1")), first)  # too late, on the old one
+    assert h.entry(1).state == "pending"
+    h.destination.answer("AE")  # the retry's own answer
+    assert h.entry(1).state == "pending" and h.entry(1).attempts == 2
+
+
+def connected_values(h) -> list[float]:
+    """Every value the destination_connected gauge takes from now on."""
+    seen: list[float] = []
+    original = h.sender._connected_changed
+
+    def spy() -> None:
+        original()
+        seen.append(h.sample("koppel_destination_connected", queue=QUEUE))
+
+    h.sender._connected_changed = spy
+    return seen
+
+
+def test_connection_per_message_closes_after_each_answer_without_counting_a_disconnect(make):
+    h = make(connection="per-message")
+    h.enqueue("C1", "C2", "C3")
+    h.start()
+    seen = connected_values(h)
+    for n in range(3):
+        h.destination.answer("AA")
+        assert h.destination.connections[n].transport.disconnecting  # closed in good order
+        assert not h.destination.connections[n].transport.disconnected  # not aborted
+        h.reactor.advance(0)
+    assert h.destination.received() == ["C1", "C2", "C3"]
+    assert [len(h.destination.frames(c)) for c in h.destination.connections] == [1, 1, 1]
+    assert h.states() == ["delivered"] * 3
+    assert h.sample("koppel_delivery_retries_total", destination=NAME) == 0
+    assert seen and set(seen) == {1.0}  # no flicker to 0 (nor a KoppelDestinationDisconnected)
+
+
+def test_a_destination_that_closes_after_its_ack_stays_counted_as_connected(make):
+    h = make()
+    h.enqueue("C1", "C2")
+    h.start()
+    seen = connected_values(h)
+    h.destination.current.transport.socket.fin = True
+    h.destination.answer("AA")
+    assert len(h.destination.connections) == 2
+    assert seen and set(seen) == {1.0}
 
 
 def test_on_nak_can_dead_letter_an_ae_and_retry_an_ar(make):

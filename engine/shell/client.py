@@ -87,6 +87,19 @@ class MLLPClient(protocol.Protocol):
         """Bytes read that belong to frames (whole or begun): an answer, or the start of one."""
         return self.bytes_in - self.junk_bytes_in
 
+    def mark(self) -> tuple[int, int]:
+        """Where this connection stands before a request, for ``met_close``."""
+        return self.answered, self.frame_bytes_in
+
+    def met_close(self, error: BaseException, mark: tuple[int, int]) -> bool:
+        """Did a request fail only because the peer closed after its previous answer? The
+        connection had answered before and nothing of an answer came for this request (bytes
+        outside frames, a line end after the last ACK, do not count): the message met the
+        close, it was not refused, and may go again at once on a new connection (as HTTP
+        clients do with a stale keep-alive)."""
+        answered, frame_bytes = mark
+        return answered > 0 and isinstance(error, ConnectionClosed) and self.frame_bytes_in == frame_bytes
+
     def peer_closed(self) -> bool:
         """Has the peer closed its side, its FIN not yet read? Many systems close the connection
         after each ACK; the FIN arrives with the ACK or just after it, and the reactor reads it

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionClosed
 
 from engine.core.files import split_messages
 from engine.core.header import read_header
@@ -36,13 +35,12 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                 except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
                     out.write(f"cannot connect to {target}: {error.__class__.__name__}\n")
                     return 1
-            reused = client.answered > 0 and not last_try
-            received = client.bytes_in
+            mark = client.mark()
             try:
                 answer = yield client.request(message, timeout=timeout)
                 break
             except Exception as error:  # noqa: BLE001
-                if reused and isinstance(error, ConnectionClosed) and client.bytes_in == received:
+                if not last_try and client.met_close(error, mark):
                     client = None  # it met the close after the previous ACK: once more, anew
                     continue
                 out.write(f"{path}\t{sent_id}\tNO ACK\t{error.__class__.__name__}\n")

@@ -30,7 +30,7 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as EndpointTimeoutError
 
 from engine.config import DestinationConfig
@@ -89,7 +89,6 @@ class Lane:
         if self.client is not None and self.client.transport is not None and self.client.transport.connected:
             return self.client
         self.state = CONNECTING
-        self._set_up(False)
         try:
             d = sender._connect()
             d.addTimeout(sender.settings.connect_timeout, sender.reactor)
@@ -100,6 +99,7 @@ class Lane:
                                            ConnectingCancelledError))
             self.connect_error = "connect timed out" if timed_out else _describe(error)
             self.connect_failures += 1
+            self._set_up(False)
             return None
         self.client = client
         self.connect_failures = 0
@@ -118,6 +118,15 @@ class Lane:
         if client is not None and client.transport is not None:
             client.transport.abortConnection()
         self._set_up(False)
+
+    def close(self) -> None:
+        """Close in good order (the destination answered, or closed its side after its
+        answer); the next message connects anew. The destination still counts as connected:
+        with ``connection: per-message`` this happens after every message, and the
+        connected gauge must not flicker (nor page) for it."""
+        client, self.client = self.client, None
+        if client is not None and client.transport is not None:
+            client.transport.loseConnection()
 
     def _set_up(self, up: bool) -> None:
         self.up = up
@@ -614,8 +623,8 @@ class QueueSender:
             lane.stale = False
             lane.disconnect()
         client = lane.client
-        if client is not None and client.transport is not None and client.peer_closed():
-            lane.disconnect()  # closed after its last ACK (one message per connection): a new one
+        if client is not None and client.peer_closed():
+            lane.close()  # closed after its last ACK (one message per connection): a new one
             client = None
         if client is None or client.transport is None or not client.transport.connected:
             client = yield lane.connected()  # only when (re)connecting: a Deferred less per message
@@ -638,8 +647,7 @@ class QueueSender:
             MarkSending(queue=self.queue, entry_id=entry.id), within=BOOKKEEPING_WINDOW
         ).addErrback(self._bookkeeping_failed)
         for last_try in (False, True):
-            reused = client.answered > 0 and not last_try
-            received = client.frame_bytes_in  # bytes outside frames (a line end after an ACK): no answer
+            mark = client.mark()
             try:
                 answer = yield client.request(outbound, timeout=destination.ack_timeout)
                 failure = None
@@ -647,14 +655,10 @@ class QueueSender:
             except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
                 answer, failure = None, _describe(error)
                 lane.disconnect()
-                if self._stopping or not (
-                    reused and isinstance(error, ConnectionClosed) and client.frame_bytes_in == received
-                ):
+                if last_try or self._stopping or not client.met_close(error, mark):
                     break
-            # The destination closed the connection after its previous ACK and its FIN came
-            # after our check: the message met a closed connection, not a refusal. Sent again
-            # at once on a new connection (as HTTP clients do with a stale keep-alive), not
-            # counted as a failed attempt and not backed off.
+            # The message met the close that followed the previous ACK, its FIN unseen at our
+            # check: sent again at once on a new connection, not a failed attempt, no backoff.
             self.log.debug("delivery.stale_connection", entry_id=entry.id, control_id=entry.control_id)
             client = yield lane.connected()
             if client is None:
@@ -668,13 +672,18 @@ class QueueSender:
         )
         if outcome.code:  # an AA for another message is no AA for ours: counted as "mismatch"
             self._count("delivery_acks_total", entry.destination, "mismatch" if outcome.mismatch else outcome.code).inc()
+        if outcome.resync:
+            lane.disconnect()  # the stream cannot be trusted: start clean next time
+        elif answer is not None and (outcome.verdict == "retry" or destination.connection == "per-message"):
+            # per-message: as configured. A NAK: its retry goes on a new connection, since every
+            # attempt carries the same MSH-10, and a late second answer to this attempt (AE,
+            # then AA) would otherwise be taken for the retry's answer.
+            lane.close()
         if outcome.verdict == "delivered":
             self._delivered(entry, answer)
         elif outcome.verdict == "dead-letter":
             self._dead_letter(entry, outcome.reason, answer)
         else:
-            if outcome.resync:
-                lane.disconnect()  # the stream cannot be trusted: start clean next time
             return self._failed(entry, outcome.reason, answer)
         return None
 
