@@ -358,7 +358,7 @@ def write_bundle(workdir: Path, sinks: dict[str, int]) -> Path:
 def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:0:interface=127.0.0.1",
                   ack_timeout: str = "5s", retry: str = "{initial: 100ms, factor: 2, max: 500ms, jitter: 0.1}",
                   give_up_after: str = "never", max_queue: int | None = None,
-                  name: str = "e2e-in") -> Path:
+                  name: str = "e2e-in", connection: str = "keep") -> Path:
     """One channel listening on ``listen`` and routing everything to every sink (name -> port)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -377,6 +377,7 @@ def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:
             f"    retry: {retry}",
             f"    give_up_after: {give_up_after}",
             "    on_nak: {AE: retry, CE: retry, AR: dead-letter, CR: dead-letter}",
+            f"    connection: {connection}",
         ]
         if max_queue is not None:
             lines.append(f"    max_queue: {max_queue}")

@@ -337,6 +337,16 @@ def test_a_destination_that_closes_after_an_ack_and_a_line_end_gets_every_messag
     assert [e.attempts for e in entries_a()] == [1] * 20  # no attempt failed
 
 
+def test_connection_per_message_delivers_each_message_on_its_own_connection(harness):
+    harness.start(connection="per-message")
+    sent = ids("PER", 30)
+    harness.send_all_accepted(sent)
+    for sink in (harness.a, harness.b):
+        assert sink.wait_for_delivered(sent, DELIVERY_TIMEOUT), sink.stats()
+        assert sink.received_ids() == sent  # in order, none resent
+        assert len({r.connection for r in sink.records}) == 30
+
+
 def test_a_full_queue_naks_the_source_and_loses_nothing_it_accepted(harness):
     harness.a.down()
     harness.start(max_queue=5)
