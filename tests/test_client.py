@@ -156,10 +156,7 @@ def test_the_ack_timeout_waits_while_a_slow_destination_is_still_taking_a_large_
             assert not failures, f"timed out while the destination was still reading ({taken} bytes taken)"
         while pair.peer_reads(1_000_000):  # the rest; now the ACK timeout runs
             pass
-        pair.run_for(4.5)
-        assert not failures
-        pair.run_for(1)
-        assert failures and failures[0].type.__name__ == "TimeoutError"
+        assert_times_out_after(pair, failures, 5)
     finally:
         pair.close()
 
@@ -170,12 +167,17 @@ def test_a_destination_that_stops_reading_a_large_message_times_out_after_the_ac
         failures = []
         pair.client.request(b"MSH|" + b"A" * 4_000_000, timeout=5).addErrback(failures.append)
         pair.peer_reads(100_000)  # then it stops reading
-        pair.run_for(4.5)
-        assert not failures
-        pair.run_for(1)
-        assert failures and failures[0].type.__name__ == "TimeoutError"
+        assert_times_out_after(pair, failures, 5)
     finally:
         pair.close()
+
+
+def assert_times_out_after(pair, failures: list, timeout: float) -> None:
+    """Not failed half a second before ``timeout`` from now, failed with TimeoutError after it."""
+    pair.run_for(timeout - 0.5)
+    assert not failures
+    pair.run_for(1)
+    assert failures and failures[0].type.__name__ == "TimeoutError"
 
 
 def test_a_tls_failure_is_reported_as_such_not_as_a_closed_connection():

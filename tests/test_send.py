@@ -16,12 +16,17 @@ def send(port: int, paths) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def files(tmp_path: Path, prefix: str, count: int) -> list[Path]:
+    """``count`` message files, MSH-10 ``<prefix><n>``."""
+    paths = [tmp_path / f"{prefix}{n}.hl7" for n in range(count)]
+    for n, path in enumerate(paths):
+        path.write_bytes(make_message(f"{prefix}{n}"))
+    return paths
+
+
 def test_a_system_that_closes_after_each_ack_gets_every_file_on_a_new_connection(tmp_path):
     """Before, the second message met the closed connection: NO ACK, exit 1, the rest unsent."""
-    paths = []
-    for n in range(3):
-        paths.append(tmp_path / f"m{n}.hl7")
-        paths[-1].write_bytes(make_message(f"SND{n}"))
+    paths = files(tmp_path, "SND", 3)
     with Sink() as sink:
         sink.close_after_ack = True
         done = send(sink.port, paths)
@@ -33,10 +38,7 @@ def test_a_system_that_closes_after_each_ack_gets_every_file_on_a_new_connection
 
 
 def test_a_system_that_keeps_the_connection_gets_every_file_on_one(tmp_path):
-    paths = []
-    for n in range(3):
-        paths.append(tmp_path / f"m{n}.hl7")
-        paths[-1].write_bytes(make_message(f"ONE{n}"))
+    paths = files(tmp_path, "ONE", 3)
     with Sink() as sink:
         done = send(sink.port, paths)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -45,10 +47,8 @@ def test_a_system_that_keeps_the_connection_gets_every_file_on_one(tmp_path):
 
 
 def test_a_system_that_closes_without_answering_is_reported_no_ack(tmp_path):
-    path = tmp_path / "m.hl7"
-    path.write_bytes(make_message("DRP0"))
     with Sink() as sink:
         sink.drop_next(1)
-        done = send(sink.port, [path])
+        done = send(sink.port, files(tmp_path, "DRP", 1))
         assert done.returncode == 1
         assert "NO ACK" in done.stdout
