@@ -75,3 +75,12 @@ def store_with_messages(tmp_path, count: int = 5) -> str:
         store.close()
     return f"sqlite:///{tmp_path}/koppel.db"
 
+
+def one_channel_bundle(directory, channel_yaml: str):
+    """The bundle of a single channel file (``channel_yaml``) and no mappings, in ``directory``:
+    what tests of start and reload checks need, without the bundled configuration."""
+    from engine.bundle import load_bundle
+
+    (directory / "mappings").mkdir(parents=True, exist_ok=True)
+    (directory / "c.yaml").write_text(channel_yaml)
+    return load_bundle(directory, directory / "mappings")

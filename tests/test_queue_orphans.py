@@ -8,10 +8,9 @@ from __future__ import annotations
 from structlog.testing import capture_logs
 from twisted.internet.testing import MemoryReactorClock
 
-from engine.bundle import load_bundle
 from engine.shell.engine import ORPHAN_INTERVAL, Engine
 from engine.store import Append, QueueTarget, open_store, write_one
-from tests.factories import T0, received
+from tests.factories import T0, one_channel_bundle, received
 
 OLD = QueueTarget(queue="10.1.2.3:6661", destination="hix-agenda")
 CHANNEL = """
@@ -27,10 +26,7 @@ routes:
 
 
 def bundle(tmp_path, host: str):
-    directory = tmp_path / host
-    (directory / "mappings").mkdir(parents=True, exist_ok=True)
-    (directory / "c.yaml").write_text(CHANNEL.format(host=host))
-    return load_bundle(directory, directory / "mappings")
+    return one_channel_bundle(tmp_path / host, CHANNEL.format(host=host))
 
 
 def gauges(engine, queue: str) -> tuple:

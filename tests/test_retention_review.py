@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from engine.bundle import load_bundle
 from engine.shell.committer import GroupCommitter, Pruner
 from engine.shell.engine import Engine
 from engine.store import (
@@ -25,7 +24,7 @@ from engine.store import (
     open_store,
 )
 from engine.store.migrations import MIGRATIONS, migrate
-from tests.factories import HIX, T0, received
+from tests.factories import HIX, T0, one_channel_bundle, received
 from tests.test_processor import ZD, h, oru, srm  # noqa: F401 - h is a fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +111,7 @@ routes:
 
 
 def bundle(tmp_path, window: str):
-    directory = tmp_path / window
-    (directory / "mappings").mkdir(parents=True, exist_ok=True)
-    (directory / "c.yaml").write_text(CHANNEL.format(window=window))
-    return load_bundle(directory, directory / "mappings")
+    return one_channel_bundle(tmp_path / window, CHANNEL.format(window=window))
 
 
 def test_a_reload_cannot_raise_a_duplicate_window_above_the_retention(tmp_path):
