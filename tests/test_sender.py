@@ -455,6 +455,7 @@ def test_a_message_that_meets_the_close_after_the_previous_ack_is_sent_again_at_
     h.enqueue("C1", "C2")
     h.start()
     started = h.reactor.seconds()
+    seen = connected_values(h)
     h.destination.current.dataReceived(mllp.encode_frame(ack("AA", "C1")))
     first = h.destination.current
     assert h.destination.frames(first)[-1].split(b"|")[9] == b"C2"  # C2 went out on the old one
@@ -462,6 +463,7 @@ def test_a_message_that_meets_the_close_after_the_previous_ack_is_sent_again_at_
         first.dataReceived(trailer)  # read after C2 went out on the old connection
     first.transport.reset()
     assert len(h.destination.connections) == 2
+    assert seen and set(seen) == {1.0}  # no flicker to 0: the destination is there
     h.destination.answer()
     assert h.destination.received() == ["C1", "C2", "C2"]
     assert h.states() == ["delivered", "delivered"]

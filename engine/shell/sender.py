@@ -654,11 +654,13 @@ class QueueSender:
                 break
             except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
                 answer, failure = None, _describe(error)
-                lane.disconnect()
                 if last_try or self._stopping or not client.met_close(error, mark):
+                    lane.disconnect()
                     break
             # The message met the close that followed the previous ACK, its FIN unseen at our
-            # check: sent again at once on a new connection, not a failed attempt, no backoff.
+            # check: sent again at once on a new connection, not a failed attempt, no backoff,
+            # and the destination still counts as connected (as when the peek sees the FIN).
+            lane.close()
             self.log.debug("delivery.stale_connection", entry_id=entry.id, control_id=entry.control_id)
             client = yield lane.connected()
             if client is None:
