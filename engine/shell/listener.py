@@ -49,7 +49,6 @@ MAX_TYPE_LABELS = 50
 _TYPE_LABEL = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{2,3}", re.ASCII)
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceiveSettings:
     """What the listener needs from a channel's config, already validated."""
@@ -405,12 +404,16 @@ class MLLPReceiver(protocol.Protocol):
         # Cut after one more period of the same timeout.
         grace = settings.idle_timeout if reason == "idle-timeout" else settings.frame_timeout
         if not self._lost and grace is not None:
-            self._abort_call = self.factory.clock.callLater(grace, self._abort_unread)
+            self._abort_call = self.factory.clock.callLater(
+                grace, self.abort_unread, "peer not reading its acknowledgements", seconds=grace)
 
-    def _abort_unread(self) -> None:
+    def abort_unread(self, reason: str, **fields) -> None:
+        """Cut a closing connection that is still open: its peer does not read its last ACKs,
+        so they never leave and the close never completes."""
+        self._cancel(self._abort_call)
         self._abort_call = None
         if not self._lost:
-            self.log.warning("connection.aborted", reason="peer not reading its acknowledgements")
+            self.log.warning("connection.aborted", reason=reason, **fields)
             self.transport.abortConnection()
 
     def _close(self, reason: str) -> None:
@@ -579,10 +582,7 @@ class MLLPListenerFactory(protocol.Factory):
 
         def abort() -> None:
             for receiver in receivers:
-                if not receiver.lost.called:
-                    receiver.log.warning("connection.aborted", reason="peer not reading after shutdown",
-                                         seconds=grace)
-                    receiver.transport.abortConnection()
+                receiver.abort_unread("peer not reading after shutdown", seconds=grace)
 
         call = self.clock.callLater(grace, abort)
         return drained.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
