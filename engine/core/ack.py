@@ -126,6 +126,8 @@ def build_ack(
         msg_type = b"ACK" + cs + trigger
         if version is None or version >= (2, 3, 1):
             msg_type += cs + b"ACK"
+    elif header.batch:  # no trigger to mirror, but strict parsers need the structure
+        msg_type = b"ACK" + cs + cs + b"ACK"
     else:
         msg_type = b"ACK"
     msh = [

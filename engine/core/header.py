@@ -5,7 +5,8 @@ base64 PDF letter costs what a two-line ACK costs). Field values stay raw bytes 
 the message's own encoding, so an ACK can mirror them exactly; text views decode a
 copy. A header that cannot be read still yields a ``Header`` (with what could be
 read and the default delimiters) plus the ``rejection`` to answer with, so an AR
-can always be built.
+can always be built. A batch (FHS/BHS first) is refused that way too, its header read
+in MSH's place so that the AR mirrors it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Header:
     codec: str  # Python codec for decoding a copy ("latin-1" if the charset is unknown)
     rejection: Rejection | None = None
     bom: bool = False
+    batch: bool = False  # read from FHS/BHS (fields then hold MSH-3..6 and MSH-10 only)
 
     def field(self, number: int) -> bytes:
         """Raw MSH-n (n >= 2); b"" when absent."""
@@ -142,22 +144,14 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
         start += 1
     if raw[start : start + 3] != b"MSH":
         if raw[start : start + 3] in BATCH_HEADERS:
-            return _unreadable(
-                ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-                "batch messages (FHS/BHS) are not accepted; send one message per frame",
-                None,
-                bom,
-            )
+            return _batch(raw, start, bom)
         return _unreadable(
             ErrorCode.SEGMENT_SEQUENCE, "message does not start with an MSH segment", None, bom
         )
     sep = raw[start + 3 : start + 4]
-    if not sep or sep.isalnum() or not 0x21 <= sep[0] <= 0x7E or sep in _IN_OUR_VALUES:
+    if not _valid_separator(sep):
         return _unreadable(ErrorCode.DATA_TYPE, "MSH-1 field separator is missing or invalid", 1, bom)
-    cr = raw.find(b"\r", start)
-    lf = raw.find(b"\n", start, cr if cr >= 0 else len(raw))
-    end = lf if lf >= 0 else (cr if cr >= 0 else len(raw))
-    fields = tuple(raw[start:end].split(sep))
+    fields = _first_segment(raw, start, sep)
     encoding = fields[1] if len(fields) > 1 else b""
     if not _valid_encoding(encoding, sep):
         return _unreadable(
@@ -213,6 +207,44 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
     return header
 
 
+def _batch(raw: bytes, start: int, bom: bool) -> Header:
+    """A batch is refused, but answered like a message: with FHS-1/FHS-2 as delimiters,
+    FHS-3..6 (where MSH has them) to swap and FHS-11, the file control id, in MSH-10's place
+    for MSA-2 (BHS alike). The first segment is the outer envelope: FHS when it is there.
+    Delimiters that MSH could not have leave the minimal answer."""
+    code = ErrorCode.UNSUPPORTED_MESSAGE_TYPE
+    text = "batch messages (FHS/BHS) are not accepted; send one message per frame"
+    sep = raw[start + 3 : start + 4]
+    if not _valid_separator(sep):
+        return _unreadable(code, text, None, bom)
+    fields = _first_segment(raw, start, sep)
+    encoding = fields[1] if len(fields) > 1 else b""
+    if not _valid_encoding(encoding, sep):
+        return _unreadable(code, text, None, bom)
+    fields += (b"",) * (11 - len(fields))
+    return _unreadable(
+        code,
+        text,
+        None,
+        bom,
+        Delimiters(field=sep, encoding=encoding),
+        (b"MSH", encoding, *fields[2:6], b"", b"", b"", fields[10]),
+        batch=True,
+    )
+
+
+def _valid_separator(sep: bytes) -> bool:
+    return bool(sep) and not sep.isalnum() and 0x21 <= sep[0] <= 0x7E and sep not in _IN_OUR_VALUES
+
+
+def _first_segment(raw: bytes, start: int, sep: bytes) -> tuple[bytes, ...]:
+    """The fields of the segment at ``start``, which ends at CR, LF or CRLF."""
+    cr = raw.find(b"\r", start)
+    lf = raw.find(b"\n", start, cr if cr >= 0 else len(raw))
+    end = lf if lf >= 0 else (cr if cr >= 0 else len(raw))
+    return tuple(raw[start:end].split(sep))
+
+
 @functools.lru_cache(maxsize=64)
 def _valid_encoding(encoding: bytes, sep: bytes) -> bool:
     # 4 characters is the standard, 5 adds the 2.7 truncation character; 3 (no
@@ -238,6 +270,8 @@ def _unreadable(
     bom: bool,
     delimiters: Delimiters = DEFAULT_DELIMITERS,
     fields: tuple[bytes, ...] = (b"MSH",),
+    *,
+    batch: bool = False,
 ) -> Header:
     """A header we cannot trust beyond MSH-1: fields are kept only to mirror them."""
     return Header(
@@ -252,4 +286,5 @@ def _unreadable(
             location=ErrorLocation(field=field) if field else ErrorLocation(),
         ),
         bom=bom,
+        batch=batch,
     )
