@@ -350,7 +350,9 @@ def _bench(args) -> int:
         from twisted.internet import defer
 
         error = failure.value.subFailure.value if isinstance(failure.value, defer.FirstError) else failure.value
-        sys.stderr.write(f"cannot connect to {args.to}: {error.__class__.__name__}\n")
+        from engine.shell.client import describe_failure
+
+        sys.stderr.write(f"cannot connect to {args.to}: {describe_failure(error)}\n")
         return 1
 
     result = _react_deferred(go)

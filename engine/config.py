@@ -88,6 +88,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_DUPLICATE_WINDOW = 24 * 3600.0
 DEFAULT_ACK_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_KEEPALIVE = 60.0  # seconds idle before TCP keepalive probes; below common firewall timeouts
 DEFAULT_GIVE_UP_AFTER = 72 * 3600.0
 DEFAULT_MAX_QUEUE = 1_000_000
 
@@ -283,6 +284,7 @@ class SourceConfig:
     charset: str = DEFAULT_CHARSET  # HL7 MSH-18 name used when a message's MSH-18 is empty
     lenient_framing: bool = False
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    keepalive: float | None = DEFAULT_KEEPALIVE  # None: no TCP keepalive probes
     port: int = field(init=False)  # from `listen`; 0 = any free port
 
     def __post_init__(self) -> None:
@@ -292,6 +294,7 @@ class SourceConfig:
         _check(self.frame_timeout > 0, "frame_timeout must be more than 0")
         _check(self.charset in KNOWN_CHARSETS, f"unknown charset {self.charset!r}")
         _check(self.max_connections > 0, "max_connections must be more than 0")
+        _check(self.keepalive is None or self.keepalive >= 1, "keepalive must be at least 1s or None")
 
     def peer_allowed(self, host: str) -> bool:
         return peer_allowed(self.allow, host)
@@ -387,6 +390,7 @@ class DestinationConfig:
     order: Order = "fifo"
     parallel: int = 1  # > 1 only with order "none"
     connection: Connection = "keep"
+    keepalive: float | None = DEFAULT_KEEPALIVE  # None: no TCP keepalive probes
     queue_key: str = field(init=False)  # "host:port" from `endpoint`
 
     def __post_init__(self) -> None:
@@ -401,6 +405,7 @@ class DestinationConfig:
         _check(self.order in ORDERS, "order must be fifo or none")
         _check(self.connection in CONNECTIONS, "connection must be keep or per-message")
         _check(self.parallel >= 1, "parallel must be at least 1")
+        _check(self.keepalive is None or self.keepalive >= 1, "keepalive must be at least 1s or None")
         _check(self.parallel == 1 or self.order == "none", "parallel > 1 needs order none")
 
 
@@ -408,6 +413,7 @@ class DestinationConfig:
 # One queue, one connection and one depth limit: destinations sharing a host:port must agree.
 _CONNECTION_SETTINGS = (
     "ack_timeout", "connect_timeout", "retry", "order", "parallel", "charset", "max_queue", "connection",
+    "keepalive",
 )  # fmt: skip
 
 
@@ -786,6 +792,20 @@ def _duration(*, allow_never: bool = False, allow_zero: bool = False) -> _Reader
     return read
 
 
+def _keepalive(node: yaml.Node, path: str) -> float | None:
+    """``60s`` (idle time before the first probe), or ``off``."""
+    value = _text(node)
+    if value.lower() in ("off", "false", "never"):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as error:
+        raise _Invalid(f"{error}; or off") from None
+    if seconds is None or seconds < 1:
+        raise _Invalid("must be at least 1s (the kernel counts whole seconds), or off")
+    return seconds
+
+
 def _charset(node: yaml.Node, path: str) -> str:
     value = _text(node)
     if value not in KNOWN_CHARSETS:
@@ -888,11 +908,11 @@ def _twisted_accepts(endpoint: str, *, server: bool) -> None:
 _CHANNEL_KEYS = ("name", "source", "accept", "duplicates", "ack", "destinations", "routes")
 _SOURCE_KEYS = (
     "listen", "allow", "max_message_bytes", "idle_timeout", "frame_timeout", "charset", "lenient_framing",
-    "max_connections",
+    "max_connections", "keepalive",
 )  # fmt: skip
 _DESTINATION_KEYS = (
     "endpoint", "ack_timeout", "connect_timeout", "retry", "give_up_after", "on_nak", "max_queue", "rewrite",
-    "charset", "order", "parallel", "connection",
+    "charset", "order", "parallel", "connection", "keepalive",
 )  # fmt: skip
 
 
@@ -983,6 +1003,7 @@ class _ChannelReader(_Walker):
             charset=m.get("charset", _charset, DEFAULT_CHARSET),
             lenient_framing=m.get("lenient_framing", _bool, False),
             max_connections=m.get("max_connections", _int(1), DEFAULT_MAX_CONNECTIONS),
+            keepalive=m.get("keepalive", _keepalive, DEFAULT_KEEPALIVE),
         )
         if not self.clean_since(start):
             return None
@@ -1070,6 +1091,7 @@ class _ChannelReader(_Walker):
             order=m.get("order", _choice(*ORDERS), "fifo"),
             parallel=m.get("parallel", _int(1), 1),
             connection=m.get("connection", _choice(*CONNECTIONS), "keep"),
+            keepalive=m.get("keepalive", _keepalive, DEFAULT_KEEPALIVE),
         )
         if values["parallel"] > 1 and values["order"] != "none":
             self.report(

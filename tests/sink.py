@@ -11,6 +11,7 @@ unless scripted to:
 * drop the connection on the next message(s)       ``sink.drop_next(1)``
 * read slowly, N bytes a second (a slow link)      ``sink.read_rate = 2_000_000``
 * close after each ACK, with bytes after it        ``sink.close_after_ack = True``, ``sink.trailer = b"\\r\\n"``
+* end each ACK with FS alone (no CR)               ``sink.ack_end = b"\\x1c"``
 * go down (stop listening, cut connections) and come back on the same port
                                                    ``sink.down()`` / ``sink.up()``
 
@@ -56,14 +57,13 @@ def control_id_of(message: bytes) -> str:
     return fields[9].decode("ascii", "replace") if len(fields) > 9 else ""
 
 
-def ack_for(control_id: str, code: str, number: int) -> bytes:
+def ack_for(control_id: str, code: str, number: int, end: bytes = EB + CR) -> bytes:
     text = "" if code in SUCCESS else "|scripted " + code
     return (
         SB
         + f"MSH|^~\\&|SINK|TEST|KOPPEL|ZIEKENHUIS|20260101000000||ACK|SINK{number}|P|2.4\r"
         f"MSA|{code}|{control_id}{text}\r".encode("ascii")
-        + EB
-        + CR
+        + end
     )
 
 
@@ -94,6 +94,7 @@ class Sink:
         self.close_after_ack = False  # one message per connection, as some hospital systems do
         self.read_rate: float | None = None  # bytes per second: a destination that reads slowly (a slow link)
         self.trailer = b""  # written a moment after each ACK, on its own (a line end some systems send)
+        self.ack_end = EB + CR  # how each ACK frame ends: EB alone for systems that omit the CR
         self.close_notify = False  # TLS: close with a close_notify (and wait for the peer's), not a bare FIN
         self.records: list[Received] = []
         self._first_order: list[str] = []  # MSH-10s in order of their first AA
@@ -297,7 +298,7 @@ class Sink:
             ack_number = self._acks
         if code == "DROP":
             return False
-        conn.sendall(ack_for(control_id, code, ack_number))
+        conn.sendall(ack_for(control_id, code, ack_number, self.ack_end))
         if self.trailer:
             time.sleep(0.005)  # its own segment, after the reader took the ACK
             conn.sendall(self.trailer)
@@ -358,7 +359,7 @@ def write_bundle(workdir: Path, sinks: dict[str, int]) -> Path:
 def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:0:interface=127.0.0.1",
                   ack_timeout: str = "5s", retry: str = "{initial: 100ms, factor: 2, max: 500ms, jitter: 0.1}",
                   give_up_after: str = "never", max_queue: int | None = None,
-                  name: str = "e2e-in", connection: str = "keep") -> Path:
+                  name: str = "e2e-in", connection: str = "keep", keepalive: str | None = None) -> Path:
     """One channel listening on ``listen`` and routing everything to every sink (name -> port)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -366,6 +367,7 @@ def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:
         "source:",
         f"  listen: {listen}",
         "  allow: [127.0.0.1/32]",
+        *([f"  keepalive: {keepalive}"] if keepalive else []),
         "destinations:",
     ]
     for dest, port in sinks.items():
@@ -381,6 +383,8 @@ def write_channel(directory: Path, sinks: dict[str, int], *, listen: str = "tcp:
         ]
         if max_queue is not None:
             lines.append(f"    max_queue: {max_queue}")
+        if keepalive:
+            lines.append(f"    keepalive: {keepalive}")
     lines += ["routes:", f"  - to: [{', '.join(sinks)}]", ""]
     path = directory / f"{name}.yaml"
     path.write_text("\n".join(lines))

@@ -63,4 +63,4 @@ def test_bench_against_nothing_says_it_cannot_connect_in_one_line():
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert out.returncode == 1
-    assert out.stderr.strip() == f"cannot connect to 127.0.0.1:{port}: ConnectionRefusedError"
+    assert out.stderr.strip() == f"cannot connect to 127.0.0.1:{port}: connection refused"

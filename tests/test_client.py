@@ -196,3 +196,59 @@ def test_a_tls_failure_is_reported_as_such_not_as_a_closed_connection():
     client.request(b"MSH|1", timeout=5).addErrback(failures.append)
     client.connectionLost(Failure(ConnectionClosed()))
     assert failures[1].type is ConnectionClosed
+
+
+def test_an_ack_that_ends_with_fs_alone_answers_at_once():
+    """Some systems end their ACK frame with FS and no CR. Read strictly, every message would
+    wait for a CR that never comes and time out, and the queue would never move."""
+    client, transport, clock = connected()
+    got, failures = [], []
+    client.request(b"MSH|1", timeout=5).addCallbacks(got.append, failures.append)
+    client.dataReceived(b"\x0bACK-1\x1c")
+    assert got == [b"ACK-1"]
+    clock.advance(5)
+    assert failures == [] and not transport.disconnecting
+
+
+def test_the_cr_after_an_fs_that_ended_a_read_is_the_end_of_that_ack_not_junk_or_an_answer():
+    client, _, _ = connected()
+    got = []
+    client.request(b"MSH|1").addCallback(got.append)
+    client.dataReceived(b"\x0bACK-1\x1c")
+    client.request(b"MSH|2").addCallback(got.append)
+    client.dataReceived(b"\r")
+    client.dataReceived(b"\x0bACK-2\x1c\r\x0bACK-3\x1c")
+    assert got == [b"ACK-1", b"ACK-2"]
+    assert client.junk == 1  # ACK-3: nobody asked
+
+
+def test_a_request_that_met_the_close_after_an_ack_ending_in_fs_then_a_late_cr_may_go_again():
+    """The FS ended the previous ACK, the next message went out, then the CR and the FIN came:
+    the CR is no part of an answer to the new message, so it met the close and may be resent."""
+    from twisted.internet.error import ConnectionClosed
+    from twisted.python.failure import Failure
+
+    client, _, _ = connected()
+    client.request(b"MSH|1")
+    client.dataReceived(b"\x0bACK-1\x1c")
+    mark = client.mark()
+    failures = []
+    client.request(b"MSH|2").addErrback(failures.append)
+    client.dataReceived(b"\r")
+    client.connectionLost(Failure(ConnectionClosed()))
+    assert client.met_close(failures[0].value, mark)
+
+
+def test_a_request_whose_answer_had_begun_when_the_connection_closed_did_not_meet_the_close():
+    from twisted.internet.error import ConnectionClosed
+    from twisted.python.failure import Failure
+
+    client, _, _ = connected()
+    client.request(b"MSH|1")
+    client.dataReceived(b"\x0bACK-1\x1c\r")
+    mark = client.mark()
+    failures = []
+    client.request(b"MSH|2").addErrback(failures.append)
+    client.dataReceived(b"\x0bMSH|partial")
+    client.connectionLost(Failure(ConnectionClosed()))
+    assert not client.met_close(failures[0].value, mark)

@@ -68,6 +68,7 @@ source:
   charset: UNICODE UTF-8
   lenient_framing: true
   max_connections: 8
+  keepalive: off
 accept:
   types: [SRM^S01, ORU^R01, ORM]
   versions: [2.3, "2.4", "2.5.1"]
@@ -91,6 +92,7 @@ destinations:
     order: none
     parallel: 4
     connection: per-message
+    keepalive: 2m
 routes:
   - to: [hix-agenda, archive]
     when: {types: [SRM^S01]}
@@ -128,6 +130,7 @@ def test_a_full_config_becomes_exactly_these_values(dirs, monkeypatch):
         order="none",
         parallel=4,
         connection="per-message",
+        keepalive=120.0,
     )
     archive = DestinationConfig(name="archive", endpoint="tls:127.0.0.2:7000")
     expected = EngineConfig(
@@ -148,6 +151,7 @@ def test_a_full_config_becomes_exactly_these_values(dirs, monkeypatch):
                     charset="UNICODE UTF-8",
                     lenient_framing=True,
                     max_connections=8,
+                    keepalive=None,
                 ),
                 accept=AcceptConfig(
                     types=frozenset({"SRM^S01", "ORU^R01", "ORM"}),
@@ -224,7 +228,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         ("name: a b\nsource:\n  listen: tcp:0\n", "a.yaml:1:7: name: 'a b' is not a valid name: use letters, digits, '-', '_', '.' (at most 64)"),
         # source
         ("name: a\nsource:\n  allow: [127.0.0.1]\n", "a.yaml:3:3: source.listen: missing (required)"),
-        ("name: a\nsource: tcp:0\n", "a.yaml:2:9: source: expected a mapping with keys listen, allow, max_message_bytes, idle_timeout, frame_timeout, charset, lenient_framing, max_connections, got 'tcp:0'"),
+        ("name: a\nsource: tcp:0\n", "a.yaml:2:9: source: expected a mapping with keys listen, allow, max_message_bytes, idle_timeout, frame_timeout, charset, lenient_framing, max_connections, keepalive, got 'tcp:0'"),
         (MINIMAL + "  max_mesage_bytes: 1MiB\n", "a.yaml:4:3: source.max_mesage_bytes: unknown key; did you mean max_message_bytes?"),
         ("name: a\nsource:\n  listen: udp:2575\n", "a.yaml:3:11: source.listen: listen endpoint 'udp:2575' must start with tcp: or ssl:, e.g. tcp:2575 or tcp:2575:interface=0.0.0.0"),
         ("name: a\nsource:\n  listen: tcp:interface=0.0.0.0\n", "a.yaml:3:11: source.listen: listen endpoint 'tcp:interface=0.0.0.0' has no port, e.g. tcp:2575 or tcp:2575:interface=0.0.0.0"),
@@ -269,6 +273,8 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    parallel: 4\n", "a.yaml:7:15: destinations.d.parallel: more than 1 needs order: none (fifo sends one at a time)"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    order: lifo\n", "a.yaml:7:12: destinations.d.order: 'lifo' is not one of: fifo, none"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    connection: close\n", "a.yaml:7:17: destinations.d.connection: 'close' is not one of: keep, per-message"),
+        (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    keepalive: 500ms\n", "a.yaml:7:16: destinations.d.keepalive: must be at least 1s (the kernel counts whole seconds), or off"),
+        (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    keepalive: sometimes\n", "a.yaml:7:16: destinations.d.keepalive: invalid duration 'sometimes': expected a number of seconds or parts with units d, h, m, s, ms from largest to smallest, e.g. 30s, 10m, 1h30m, 500ms; or off"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {initial: 10m, max: 1m}\n", "a.yaml:7:32: destinations.d.retry.max: must be at least retry.initial"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {jitter: 1.5}\n", "a.yaml:7:21: destinations.d.retry.jitter: must be from 0 to 1, got 1.5"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {factor: 0.5}\n", "a.yaml:7:21: destinations.d.retry.factor: must be at least 1, got 0.5"),
@@ -494,12 +500,13 @@ def test_two_names_for_one_host_port_must_agree_on_connection_settings(dirs):
         MINIMAL
         + "destinations:\n"
         + "  agenda:\n    endpoint: tcp:127.0.0.1:6661\n"
-        + "  orders:\n    endpoint: tcp:host=127.0.0.1:port=6661\n    retry: {initial: 2s}\n    ack_timeout: 1m\n",
+        + "  orders:\n    endpoint: tcp:host=127.0.0.1:port=6661\n    retry: {initial: 2s}\n    ack_timeout: 1m\n"
+        + "    keepalive: off\n",
     )
     write(dirs, "b.yaml", MINIMAL_B + "destinations:\n  secure:\n    endpoint: tls:127.0.0.1:6661\n")
     assert problems(dirs) == [
         "channels/a.yaml:7:3: destinations.orders: shares queue 127.0.0.1:6661 with destination 'agenda' "
-        "(channels/a.yaml:5:3) but differs in ack_timeout, retry; one connection needs one setting",
+        "(channels/a.yaml:5:3) but differs in ack_timeout, retry, keepalive; one connection needs one setting",
         "channels/b.yaml:5:3: destinations.secure: shares queue 127.0.0.1:6661 with destination 'agenda' "
         "(channels/a.yaml:5:3) but differs in endpoint options; one connection needs one setting",
     ]
@@ -645,5 +652,5 @@ destinations:
         "channels/a.yaml:5:1: x-defaults: unknown key; expected one of: "
         "name, source, accept, duplicates, ack, destinations, routes",
         "channels/a.yaml:6:3: destinations.d.ack_timout: unknown key; expected one of: endpoint, ack_timeout, "
-        "connect_timeout, retry, give_up_after, on_nak, max_queue, rewrite, charset, order, parallel, connection",
+        "connect_timeout, retry, give_up_after, on_nak, max_queue, rewrite, charset, order, parallel, connection, keepalive",
     ]

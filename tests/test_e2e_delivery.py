@@ -11,6 +11,7 @@ Waiting is by polling with a deadline, never by a fixed sleep.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -316,6 +317,19 @@ def test_a_destination_that_closes_after_each_ack_gets_every_message_without_a_r
     assert [e.attempts for e in entries_a()] == [1] * 30  # no attempt failed
 
 
+@pytest.mark.parametrize("close_after_ack", [False, True], ids=["keeps-connection", "closes-after-ack"])
+def test_a_destination_whose_acks_end_with_fs_alone_gets_every_message_without_a_retry(harness, close_after_ack):
+    """Its ACK frames end with FS and no CR. Read strictly, each ACK waited for a CR that never
+    came: every message timed out (ack_timeout), was sent again, and the queue never moved."""
+    harness.a.ack_end = b"\x1c"
+    harness.a.close_after_ack = close_after_ack
+    harness.start()
+    sent = ids("FSA", 20)
+    harness.send_all_accepted(sent)
+    assert harness.a.wait_for_delivered(sent, DELIVERY_TIMEOUT), harness.a.stats()
+    assert harness.a.received_ids() == sent  # in order, none sent twice
+
+
 def test_connection_per_message_delivers_each_message_on_its_own_connection(harness):
     harness.start(connection="per-message")
     sent = ids("PER", 30)
@@ -397,3 +411,42 @@ def test_kill_9_during_traffic_loses_no_acked_message_and_keeps_order(harness, c
     with capsys.disabled():
         print(f"\nkill-9 soak seed={seed} kills={kills} acked={len(sent)} source resends={resent} "
               + "; ".join(report))
+
+
+def _keepalive_timers(local_port: int | None = None, remote_port: int | None = None) -> list[float]:
+    """Seconds left on the keepalive timer of each established 127.0.0.1 TCP socket with that
+    local or remote port, from /proc/net/tcp (timer kind 2 is keepalive; ``when`` in clock ticks).
+    A socket without keepalive shows no timer (kind 0) while idle."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, timer = fields[1], fields[2], fields[3], fields[5]
+        if state != "01":  # ESTABLISHED
+            continue
+        if local_port is not None and int(local.split(":")[1], 16) != local_port:
+            continue
+        if remote_port is not None and int(remote.split(":")[1], 16) != remote_port:
+            continue
+        kind, when = timer.split(":")
+        found.append(int(when, 16) / ticks if int(kind, 16) == 2 else 0.0)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_inbound_and_delivery_connections_carry_tcp_keepalive_with_the_configured_idle_time(harness):
+    """Over the VPN a firewall drops an idle connection without telling either end: keepalive
+    probes keep its state, and find a dead peer without waiting for a message to time out."""
+    port = harness.start(keepalive="7s")
+    with MLLPClient(port) as source:
+        assert read_ack_code(source.request(make_message("KA1")))[0] == "AA"
+        assert harness.a.wait_for_delivered(["KA1"], DELIVERY_TIMEOUT)
+        assert harness.b.wait_for_delivered(["KA1"], DELIVERY_TIMEOUT)
+        wait(lambda: len(_keepalive_timers(local_port=port)) == 1 and _keepalive_timers(local_port=port)[0] > 0,
+             what="the inbound connection's keepalive timer")
+        inbound = _keepalive_timers(local_port=port)
+        to_a = _keepalive_timers(remote_port=harness.a.port)
+        assert len(to_a) == 1 and 0 < to_a[0] <= 7, to_a
+        assert 0 < inbound[0] <= 7, inbound
+        # the source's own socket has no keepalive: the check can tell the difference
+        assert _keepalive_timers(remote_port=port) == [0.0]

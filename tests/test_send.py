@@ -51,4 +51,23 @@ def test_a_system_that_closes_without_answering_is_reported_no_ack(tmp_path):
         sink.drop_next(1)
         done = send(sink.port, files(tmp_path, "DRP", 1))
         assert done.returncode == 1
-        assert "NO ACK" in done.stdout
+        assert "NO ACK\tconnection closed before the acknowledgement" in done.stdout
+
+
+def test_a_system_whose_acks_end_with_fs_alone_is_answered_for_every_file(tmp_path):
+    """Before, the first ACK was never complete without its CR: NO ACK after the timeout."""
+    paths = files(tmp_path, "FSO", 3)
+    with Sink() as sink:
+        sink.ack_end = b"\x1c"
+        done = send(sink.port, paths)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert [line.split("\t")[1:3] for line in done.stdout.splitlines()] == [
+            ["AA", "FSO0"], ["AA", "FSO1"], ["AA", "FSO2"]]
+
+
+def test_a_port_nobody_listens_on_is_reported_as_refused(tmp_path):
+    with Sink() as sink:
+        port = sink.port
+    done = send(port, files(tmp_path, "REF", 1))
+    assert done.returncode == 1
+    assert done.stdout.strip() == f"cannot connect to 127.0.0.1:{port}: connection refused"

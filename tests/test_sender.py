@@ -9,6 +9,9 @@ at a time (``Harness.run``), so every retry happens at the second it is due.
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
@@ -377,6 +380,28 @@ def test_an_unresolvable_host_name_is_retried_like_a_refusal(make):
     assert h.entry(1).state == "delivered"
 
 
+@pytest.mark.parametrize(
+    "os_error, recorded",
+    [
+        (errno.EHOSTUNREACH, "connection failed (no route to host)"),
+        (errno.ENETUNREACH, "connection failed (network is unreachable)"),
+        (errno.EACCES, "connection failed (permission denied)"),
+        (errno.ETIMEDOUT, "connect timed out (TCP)"),
+    ],
+)
+def test_a_connect_failing_in_the_os_is_recorded_with_the_os_reason(make, os_error, recorded):
+    """A VPN tunnel that is down answers "no route to host": the operator must read that,
+    not the name of Twisted's exception class."""
+    from twisted.internet.error import getConnectError
+
+    h = make()
+    h.destination.refuse = lambda: getConnectError(OSError(os_error, os.strerror(os_error)))
+    h.enqueue("C1")
+    h.start()
+    assert h.entry(1).last_error == recorded
+    assert h.stats().last_error == recorded
+
+
 def test_a_connect_that_never_completes_times_out_and_is_retried(make):
     h = make(connect_timeout=10.0)
     h.destination.hang = True
@@ -695,12 +720,16 @@ def test_an_ack_split_over_many_reads_is_delivered_once_complete(make):
     h.enqueue("C1", "C2")
     h.start()
     data = mllp.encode_frame(ack("AA", "C1"))
-    for index in range(len(data) - 1):
+    for index in range(len(data) - 2):
         h.destination.send(data[index : index + 1])
         assert h.entry(1).state == "pending"
-    h.destination.send(data[-1:])
+    h.destination.send(data[-2:-1])  # the FS ends the ACK (systems that omit the CR exist)
     assert h.entry(1).state == "delivered"
     assert h.destination.received() == ["C1", "C2"]
+    h.destination.send(data[-1:])  # the CR, a read later: the end of C1's ACK, not C2's
+    assert h.entry(2).state == "pending" and h.destination.current.junk == 0
+    h.destination.answer("AA", "C2")
+    assert h.entry(2).state == "delivered"
 
 
 def test_a_second_unsolicited_ack_in_the_same_read_is_not_taken_for_the_next_message(make):

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import protocol, tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from engine.shell.wire import send_now
+from engine.shell.wire import KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, keep_alive, send_now
 
 
 class _Connection(tcp.Connection):
@@ -106,3 +106,63 @@ def test_other_transports_use_their_own_write():
     transport = StringTransport()
     send_now(transport, b"abc")
     assert transport.value() == b"abc"
+
+
+# --------------------------------------------------------------------------- keep_alive
+
+
+@pytest.fixture
+def tcp_connection():
+    """A Twisted TCP transport over a real loopback TCP connection (keepalive is a TCP option)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    server.close()
+    connection = _Connection(accepted)
+    yield connection, accepted
+    client.close()
+    accepted.close()
+
+
+def _options(sock) -> tuple[int, int, int, int]:
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
+def test_keep_alive_sets_the_idle_time_interval_and_probes(tcp_connection):
+    connection, sock = tcp_connection
+    assert keep_alive(connection, 45.0) is True
+    assert _options(sock) == (1, 45, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
+def test_keep_alive_reaches_the_tcp_connection_under_a_tls_wrapper(tcp_connection):
+    connection, sock = tcp_connection
+
+    class Wrapper:  # as TLSMemoryBIOProtocol: the TCP transport is its .transport
+        transport = connection
+
+    assert keep_alive(Wrapper(), 20.0) is True
+    assert _options(sock)[:2] == (1, 20)
+
+
+def test_keep_alive_none_switches_it_off(tcp_connection):
+    connection, sock = tcp_connection
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    assert keep_alive(connection, None) is True
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_keep_alive_on_a_transport_without_a_socket_does_nothing():
+    assert keep_alive(StringTransport(), 60.0) is False
+
+
+def test_keep_alive_on_a_closed_socket_does_not_raise(tcp_connection):
+    connection, sock = tcp_connection
+    sock.close()
+    assert keep_alive(connection, 60.0) is False

@@ -95,6 +95,12 @@ class FrameReader:
         return self._state != _IDLE
 
     @property
+    def awaiting_cr(self) -> bool:
+        """A frame ended with FS as the last byte of a read (lenient): a CR that starts the
+        next read is that frame's end, consumed without an event."""
+        return self._skip_cr
+
+    @property
     def buffered(self) -> int:
         return len(self._buf)
 

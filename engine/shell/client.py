@@ -16,10 +16,10 @@ import socket
 from collections import deque
 
 from twisted.internet import defer, protocol
-from twisted.internet.error import ConnectionClosed, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 
 from engine.core import mllp
-from engine.shell.wire import send_now, unsent
+from engine.shell.wire import keep_alive, send_now, unsent
 
 # While a message is still being written, how often its progress is looked at.
 WRITE_CHECK = 0.25
@@ -30,9 +30,12 @@ LARGE = 64 * 1024
 class MLLPClient(protocol.Protocol):
     """Sends frames and hands back each answer frame's payload, in order."""
 
-    def __init__(self, *, clock, max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, *, clock, max_frame_bytes: int = 64 * 1024 * 1024, keepalive: float | None = None) -> None:
         self.clock = clock
-        self.reader = mllp.FrameReader(max_frame_bytes=max_frame_bytes)
+        self.keepalive = keepalive  # seconds idle before TCP keepalive probes; None: the OS default (off)
+        # Lenient: an ACK that ends with FS alone is the ACK (systems that omit the CR exist;
+        # strict reading would time every message out). The CR, when it comes, is consumed.
+        self.reader = mllp.FrameReader(max_frame_bytes=max_frame_bytes, lenient=True)
         self._waiting: deque[tuple[defer.Deferred, object]] = deque()
         self.connected_d: defer.Deferred = defer.Deferred()
         self.lost_d: defer.Deferred = defer.Deferred()
@@ -42,6 +45,8 @@ class MLLPClient(protocol.Protocol):
         self.junk_bytes_in = 0  # of bytes_in, those outside any frame (a line end after an ACK)
 
     def connectionMade(self) -> None:
+        if self.keepalive is not None:
+            keep_alive(self.transport, self.keepalive)
         self.connected_d.callback(self)
 
     def request(self, payload: bytes, timeout: float | None = None) -> defer.Deferred:
@@ -67,6 +72,8 @@ class MLLPClient(protocol.Protocol):
         # second, unsolicited frame of the same read for its answer.
         answerable = len(self._waiting)
         self.bytes_in += len(data)
+        if data[:1] == b"\r" and self.reader.awaiting_cr:
+            self.junk_bytes_in += 1  # the end of the last answer, not the start of one
         for event in self.reader.feed(data):
             if type(event) is mllp.FrameReceived:
                 if answerable == 0 or not self._waiting:
@@ -180,13 +187,42 @@ def _lost(reason) -> Exception:
     return ConnectionClosed("connection closed before the acknowledgement")
 
 
+def describe_failure(error: BaseException) -> str:
+    """What an operator reads for a failed connect or request: no message content, no class
+    names where a phrase says it better (logs, `koppel queue list`, `koppel send`)."""
+    if isinstance(error, TLSFailed):  # OpenSSL's reasons: no message content in them
+        return f"TLS failed ({error})"
+    name = type(error).__name__
+    known = _KNOWN_ERRORS.get(name)
+    if known is not None:
+        return known
+    # Twisted names few of the OS's connect errors; the rest (no route to host, permission
+    # denied by a local firewall) carry the OS's reason, which an operator needs to see.
+    reason = error.args[0] if isinstance(error, ConnectError) and error.args else None
+    if isinstance(reason, str) and reason:
+        return f"connection failed ({reason[0].lower()}{reason[1:]})"
+    return f"connection failed ({name})"
+
+
+_KNOWN_ERRORS = {
+    "TimeoutError": "no acknowledgement in time",
+    "ConnectionClosed": "connection closed before the acknowledgement",
+    "ConnectionRefusedError": "connection refused",
+    "ConnectionLost": "connection lost",
+    "DNSLookupError": "host name could not be resolved",
+    "CancelledError": "connect timed out",
+    "TCPTimedOutError": "connect timed out (TCP)",
+}
+
+
 class MLLPClientFactory(protocol.ClientFactory):
-    def __init__(self, *, clock, max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, *, clock, max_frame_bytes: int = 64 * 1024 * 1024, keepalive: float | None = None) -> None:
         self.clock = clock
         self.max_frame_bytes = max_frame_bytes
+        self.keepalive = keepalive
 
     def buildProtocol(self, addr):
-        client = MLLPClient(clock=self.clock, max_frame_bytes=self.max_frame_bytes)
+        client = MLLPClient(clock=self.clock, max_frame_bytes=self.max_frame_bytes, keepalive=self.keepalive)
         client.factory = self
         return client
 

@@ -212,6 +212,7 @@ def receive_settings(
         default_charset=source.charset,
         max_message_bytes=source.max_message_bytes,
         lenient_framing=source.lenient_framing,
+        keepalive=source.keepalive,
         idle_timeout=source.idle_timeout,
         frame_timeout=source.frame_timeout,
         allow=source.allow,

@@ -37,7 +37,7 @@ from engine.core.intake import (
     assess_oversize,
 )
 from engine.log import Repeats, get_logger, safe_error
-from engine.shell.wire import send_now
+from engine.shell.wire import keep_alive, send_now
 from engine.store import Append, QueueTarget, ReceivedMessage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -58,6 +58,7 @@ class ReceiveSettings:
     default_charset: str = "8859/1"
     max_message_bytes: int = 64 * 1024 * 1024
     lenient_framing: bool = False
+    keepalive: float | None = 60.0  # seconds idle before TCP keepalive probes; None: off
     idle_timeout: float | None = 600.0
     frame_timeout: float | None = 30.0
     allow: tuple[Network, ...] | None = None
@@ -130,12 +131,7 @@ class MLLPReceiver(protocol.Protocol):
 
     # -- connection lifecycle -------------------------------------------------
     def connectionMade(self) -> None:
-        set_keepalive = getattr(self.transport, "setTcpKeepAlive", None)
-        if set_keepalive is not None:
-            try:
-                set_keepalive(1)
-            except Exception:  # noqa: BLE001 - not every transport supports it
-                pass
+        keep_alive(self.transport, self.factory.settings.keepalive)
         # The transport pauses us (stop reading) once more than its bufferSize (64 KiB, about
         # 550 ACKs) waits beyond the kernel's send buffer (up to 4 MB) for a peer that does not
         # read. Not a larger bufferSize: Twisted also reads with it, and a 1 MiB recv() per

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from engine.core.files import split_messages
 from engine.core.header import read_header
 from engine.core.response import read_ack
-from engine.shell.client import connect, host_port_endpoint
+from engine.shell.client import connect, describe_failure, host_port_endpoint
 
 
 @defer.inlineCallbacks
@@ -33,7 +33,7 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                 try:
                     client = yield connect(reactor, host_port_endpoint(target, timeout))
                 except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
-                    out.write(f"cannot connect to {target}: {error.__class__.__name__}\n")
+                    out.write(f"cannot connect to {target}: {describe_failure(error)}\n")
                     return 1
             mark = client.mark()
             try:
@@ -43,7 +43,7 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                 if not last_try and client.met_close(error, mark):
                     client = None  # it met the close after the previous ACK: once more, anew
                     continue
-                out.write(f"{path}\t{sent_id}\tNO ACK\t{error.__class__.__name__}\n")
+                out.write(f"{path}\t{sent_id}\tNO ACK\t{describe_failure(error)}\n")
                 return 1
         reply = read_ack(answer)
         mismatch = "" if reply.answers(sent_id) else "\t(MSA-2 does not match the sent MSH-10)"

@@ -38,7 +38,7 @@ from engine.core.delivery import judge
 from engine.core.outbound import OutboundError, prepare
 from engine.core.retry import backoff_delay
 from engine.log import Repeats, get_logger, safe_error
-from engine.shell.client import MLLPClientFactory, TLSFailed
+from engine.shell.client import MLLPClientFactory, describe_failure
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
@@ -97,7 +97,7 @@ class Lane:
             # Not an ACK timeout. A TCP connect cancelled by addTimeout fails with ConnectingCancelledError.
             timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError,
                                            ConnectingCancelledError))
-            self.connect_error = "connect timed out" if timed_out else _describe(error)
+            self.connect_error = "connect timed out" if timed_out else describe_failure(error)
             self.connect_failures += 1
             self._set_up(False)
             return None
@@ -653,7 +653,7 @@ class QueueSender:
                 failure = None
                 break
             except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
-                answer, failure = None, _describe(error)
+                answer, failure = None, describe_failure(error)
                 if last_try or self._stopping or not client.met_close(error, mark):
                     lane.disconnect()
                     break
@@ -826,7 +826,7 @@ class QueueSender:
 
     def _connect_endpoint(self) -> defer.Deferred:
         endpoint = clientFromString(self.reactor, self.settings.endpoint)
-        return endpoint.connect(MLLPClientFactory(clock=self.reactor))
+        return endpoint.connect(MLLPClientFactory(clock=self.reactor, keepalive=self.settings.keepalive))
 
     # -- helpers ----------------------------------------------------------------------
     def _bookkeeping_failed(self, failure) -> None:
@@ -868,20 +868,6 @@ class QueueSender:
 def _on_nak(destination: DestinationConfig) -> dict[str, str]:
     nak = destination.on_nak
     return {"AE": nak.AE, "CE": nak.CE, "AR": nak.AR, "CR": nak.CR}
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, TLSFailed):  # OpenSSL's reasons: no message content in them
-        return f"TLS failed ({error})"
-    name = type(error).__name__
-    return {
-        "TimeoutError": "no acknowledgement in time",
-        "ConnectionClosed": "connection closed before the acknowledgement",
-        "ConnectionRefusedError": "connection refused",
-        "ConnectionLost": "connection lost",
-        "DNSLookupError": "host name could not be resolved",
-        "CancelledError": "connect timed out",
-    }.get(name, f"connection failed ({name})")
 
 
 def _with(entry: QueueEntry, **changes) -> QueueEntry:

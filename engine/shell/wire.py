@@ -11,6 +11,7 @@ receive benchmark: about 10 us less CPU per message.
 from __future__ import annotations
 
 import fcntl
+import socket
 import struct
 import termios
 
@@ -60,3 +61,39 @@ def unsent(transport) -> int:
     except (OSError, ValueError, AttributeError):
         pass
     return pending
+
+
+# After ``idle`` seconds without traffic the kernel probes the peer every KEEPALIVE_INTERVAL
+# seconds; after KEEPALIVE_PROBES unanswered probes the connection is reset.
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 3
+
+
+def keep_alive(transport, idle: float | None) -> bool:
+    """Switch on TCP keepalive with ``idle`` seconds before the first probe (None: off).
+
+    Over an IPsec VPN a stateful firewall drops a connection that stays idle longer than its
+    timeout, and tells neither end: the next message disappears into it. Probes keep that
+    state alive, and find a peer that is gone without waiting for a message to time out.
+    False when the transport has no TCP socket (the unit tests' transports)."""
+    while not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport", None)  # TLS wraps the TCP connection
+        if transport is None:
+            return False
+    sock = transport.socket
+    try:
+        if idle is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+            return True
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", max(1, int(idle))),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ):
+            number = getattr(socket, option, None)
+            if number is not None:  # Linux; elsewhere the OS's own timing applies
+                sock.setsockopt(socket.IPPROTO_TCP, number, value)
+    except OSError:
+        return False  # the connection is already gone: nothing to keep alive
+    return True
