@@ -79,6 +79,9 @@ class Lane:
         self.connect_failures = 0  # in a row (unordered: the lane backs off, not only the entry)
         self.hold_until = 0.0  # unordered: no new connect attempt before this
         self.stale = False  # the endpoint changed while sending or connecting: reconnect first
+        # The destination has closed a connection on us: look for its FIN before each send
+        # (a peek, one syscall: 6% of the drain's time, so only for destinations that close).
+        self.peer_closes = False
         self.running: defer.Deferred | None = None
         self._wake: defer.Deferred | None = None
 
@@ -109,7 +112,8 @@ class Lane:
         return client
 
     def _lost(self, _, client) -> None:
-        if self.client is client:
+        if self.client is client:  # not closed by us (close and disconnect let go of it first)
+            self.peer_closes = True
             self.client = None
             self._set_up(False)
 
@@ -623,7 +627,7 @@ class QueueSender:
             lane.stale = False
             lane.disconnect()
         client = lane.client
-        if client is not None and client.peer_closed():
+        if client is not None and lane.peer_closes and client.peer_closed():
             lane.close()  # closed after its last ACK (one message per connection): a new one
             client = None
         if client is None or client.transport is None or not client.transport.connected:
@@ -660,6 +664,7 @@ class QueueSender:
             # The message met the close that followed the previous ACK, its FIN unseen at our
             # check: sent again at once on a new connection, not a failed attempt, no backoff,
             # and the destination still counts as connected (as when the peek sees the FIN).
+            lane.peer_closes = True
             lane.close()
             self.log.debug("delivery.stale_connection", entry_id=entry.id, control_id=entry.control_id)
             client = yield lane.connected()
