@@ -115,7 +115,7 @@ def test_an_unreadable_header_gets_a_minimal_msh_and_both_err_layouts():
     header = read_header(b"PID|1||123456782", default_charset="8859/1")
     out = build_ack(header, code="AR", timestamp=TS, control_id="K1", rejection=header.rejection)
     assert out == (
-        b"MSH|^~\\&|||||20260102161545+0100||ACK|K1|P|2.5\r"
+        b"MSH|^~\\&|||||20260102161545+0100||ACK^^ACK|K1|P|2.5\r"
         b"MSA|AR||message does not start with an MSH segment\r"
         b"ERR|MSH^1^^100&Segment sequence error&HL70357|MSH^1|100^Segment sequence error^HL70357|E|||"
         b"message does not start with an MSH segment|message does not start with an MSH segment\r"
@@ -220,7 +220,7 @@ def test_the_ack_mirrors_custom_delimiters_and_escapes_its_own_text():
     raw = load_sample("public/hl7apy_msh_only_custom_delimiters.hl7")
     out = ack(raw, "AR", TYPE_REJECTED)
     segments = out.split(b"\r")
-    assert segments[0] == b"MSH!$r?@!LB!LB!LIP!LIP!20260102161545+0100!!ACK!K1!D!2.5"
+    assert segments[0] == b"MSH!$r?@!LB!LB!LIP!LIP!20260102161545+0100!!ACK$$ACK!K1!D!2.5"
     err = segments[2].split(b"!")
     # "r" is the repetition separator here: no unescaped "r" may reach a field
     assert b"r" not in err[3]
@@ -346,7 +346,11 @@ def test_an_ack_built_for_random_msh_values_and_delimiters_parses_back_to_the_ri
     m = segments[0].split(s)
     assert m[1] == e
     assert [m[2], m[3], m[4], m[5]] == [fields[5].encode(), fields[6].encode(), fields[3].encode(), fields[4].encode()]
-    assert m[8].split(e[0:1])[:2] == ([b"ACK", trigger.encode()] if trigger else [b"ACK"])
+    structured = version_tuple(fields[12]) >= (2, 3, 1)  # MSH-9.3 required from 2.3.1
+    if structured:
+        assert m[8].split(e[0:1]) == [b"ACK", trigger.encode(), b"ACK"]
+    else:
+        assert m[8].split(e[0:1]) == ([b"ACK", trigger.encode()] if trigger else [b"ACK"])
     assert m[9] == control_id.encode()
     assert m[10] == (fields[11] or "P").encode()
     assert m[11] == fields[12].encode()
@@ -457,3 +461,20 @@ def test_format_timestamp_refuses_a_naive_datetime():
 @pytest.mark.parametrize(("text", "expected"), [("2.5.1", (2, 5, 1)), (" 2.4 ", (2, 4)), ("", None), ("2.x", None), ("V2", None)])
 def test_version_tuple_reads_dotted_versions_and_nothing_else(text, expected):
     assert version_tuple(text) == expected
+
+
+def test_hl7apy_strictly_reads_a_nak_that_has_no_trigger_to_mirror():
+    """MSH-9.3 (the structure) is required from 2.3.1 on: a bare `ACK` is refused by strict
+    parsers, so the sender could not read why its message was refused. (The NAK for an
+    unreadable header has MSH-9 `ACK^^ACK` too, but no MSA-2 to give: there is no MSH-10.)"""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    raw = b"MSH|^~\\&|GP|PRAKTIJK|Koppel|HOSP|20260102||ADT|M7|P|2.5\r"  # a type without a trigger
+    header = read_header(raw, default_charset="8859/1")
+    rejection = TYPE_REJECTED
+    out = build_ack(header, code="AR", timestamp=TS, control_id="K1", rejection=rejection)
+    parsed = parse_message(out.decode("latin-1"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    parsed.validate()
+    assert parsed.msh.msh_9.to_er7() == "ACK^^ACK"
+    assert parsed.msa.msa_1.value == "AR"

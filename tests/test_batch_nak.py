@@ -110,7 +110,7 @@ def test_an_empty_control_id_leaves_msa_2_empty_as_before():
 
 
 TODAY = (
-    b"MSH|^~\\&|||||20260102161545+0100||ACK|K1|P|2.5\r"
+    b"MSH|^~\\&|||||20260102161545+0100||ACK^^ACK|K1|P|2.5\r"
     b"MSA|AR||" + TEXT + b"\r"
     b"ERR|MSH^1^^200&Unsupported message type&HL70357|MSH^1|200^Unsupported message type^HL70357|E|||"
     + TEXT + b"|" + TEXT + b"\r"

@@ -121,14 +121,13 @@ def build_ack(
     fs = d.field
     cs = d.component or b"^"
     version = version_tuple(header.version)
-    trigger = header.component(9, 2)
-    if trigger:
-        msg_type = b"ACK" + cs + trigger
-        if version is None or version >= (2, 3, 1):
-            msg_type += cs + b"ACK"
-    elif header.batch:  # no trigger to mirror, but strict parsers need the structure
-        msg_type = b"ACK" + cs + cs + b"ACK"
-    else:
+    # MSH-9.3, the message structure, is required from 2.3.1 on (and the ACK says 2.5 when
+    # the version is unreadable): without it strict parsers (hl7apy) cannot read the answer,
+    # even when there is no trigger to mirror (an unreadable header, a batch).
+    msg_type = b"ACK" + cs + header.component(9, 2)
+    if version is None or version >= (2, 3, 1):
+        msg_type += cs + b"ACK"
+    elif msg_type == b"ACK" + cs:
         msg_type = b"ACK"
     msh = [
         b"MSH",
