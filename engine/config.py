@@ -327,6 +327,11 @@ class AckConfig:
 
     mode: Literal["on-store", "on-map"] = "on-store"
     store_failure: Literal["AE", "AR"] = "AE"
+    # What a message the channel refuses for what it is gets (a type, trigger, version or
+    # processing id it does not take, an unreadable header, a batch, too large; on-map: no
+    # route takes it). HL7 says AR, but AR also means "receiver problem, try again" and some
+    # senders retry it for ever: AE makes them stop. Enhanced mode: CR or CE.
+    rejected: Literal["AE", "AR"] = "AR"
     # MSH-15 NE/ER/SU withhold the accept ACK as HL7 says (as-asked); `always` answers every
     # message, for senders with NE in their header template that still wait for an answer.
     accept_ack: Literal["as-asked", "always"] = "as-asked"
@@ -334,6 +339,7 @@ class AckConfig:
     def __post_init__(self) -> None:
         _check(self.mode in ACK_MODES, f"unknown ack mode {self.mode!r}")
         _check(self.store_failure in STORE_FAILURE_CODES, "store_failure must be AE or AR")
+        _check(self.rejected in STORE_FAILURE_CODES, "rejected must be AE or AR")
         _check(self.accept_ack in ACCEPT_ACK_POLICIES, "accept_ack must be as-asked or always")
 
 
@@ -1037,7 +1043,7 @@ class _ChannelReader(_Walker):
         return m.get("window", _duration(allow_zero=True), DEFAULT_DUPLICATE_WINDOW)
 
     def ack(self, node: yaml.Node, path: str) -> AckConfig:
-        m = self.mapping(node, path, ("mode", "store_failure", "accept_ack"))
+        m = self.mapping(node, path, ("mode", "store_failure", "rejected", "accept_ack"))
         if m is None:
             return AckConfig()
 
@@ -1047,6 +1053,7 @@ class _ChannelReader(_Walker):
         return AckConfig(
             mode=m.get("mode", mode, "on-store"),
             store_failure=m.get("store_failure", _choice(*STORE_FAILURE_CODES), "AE"),
+            rejected=m.get("rejected", _choice(*STORE_FAILURE_CODES), "AR"),
             accept_ack=m.get("accept_ack", _choice(*ACCEPT_ACK_POLICIES), "as-asked"),
         )
 

@@ -78,6 +78,7 @@ duplicates:
 ack:
   mode: on-store
   store_failure: AR
+  rejected: AE
 destinations:
   hix-agenda:
     endpoint: tcp:host=LocalHost:port=6661
@@ -159,7 +160,7 @@ def test_a_full_config_becomes_exactly_these_values(dirs, monkeypatch):
                     processing_ids=frozenset({"P", "T"}),
                 ),
                 duplicate_window=0.0,
-                ack=AckConfig(mode="on-store", store_failure="AR"),
+                ack=AckConfig(mode="on-store", store_failure="AR", rejected="AE"),
                 routes=(
                     RouteConfig(to=("hix-agenda", "archive"), types=frozenset({"SRM^S01"})),
                     RouteConfig(to=("archive",)),
@@ -193,7 +194,7 @@ def test_a_minimal_channel_gets_the_documented_defaults(dirs):
     assert source.max_connections == 64
     assert channel.accept == AcceptConfig(types=None, versions=None, processing_ids=None)
     assert channel.duplicate_window == 24 * 3600.0
-    assert channel.ack == AckConfig(mode="on-store", store_failure="AE", accept_ack="as-asked")
+    assert channel.ack == AckConfig(mode="on-store", store_failure="AE", rejected="AR", accept_ack="as-asked")
     assert channel.routes == ()
     assert channel.file == dirs / "channels" / "a.yaml"
 
@@ -255,6 +256,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "duplicates:\n  window: -1h\n", "a.yaml:5:11: duplicates.window: invalid duration '-1h': must not be negative; expected a number of seconds or parts with units d, h, m, s, ms from largest to smallest, e.g. 30s, 10m, 1h30m, 500ms"),
         (MINIMAL + "ack:\n  mode: on-mapp\n", "a.yaml:5:9: ack.mode: 'on-mapp' is not one of: on-store, on-map"),
         (MINIMAL + "ack:\n  store_failure: CE\n", "a.yaml:5:18: ack.store_failure: 'CE' is not one of: AE, AR"),
+        (MINIMAL + "ack:\n  rejected: CR\n", "a.yaml:5:13: ack.rejected: 'CR' is not one of: AE, AR"),
         (MINIMAL + "ack:\n  accept_ack: never\n", "a.yaml:5:15: ack.accept_ack: 'never' is not one of: as-asked, always"),
         # destinations
         (MINIMAL + "destinations:\n  d:\n    ack_timeout: 1s\n", "a.yaml:6:5: destinations.d.endpoint: missing (required)"),

@@ -203,3 +203,38 @@ def test_an_oversize_frame_whose_head_has_no_msh_still_gets_an_ar():
     assert code == "AR"
     assert out.startswith(b"MSH|^~\\&|")
     assert b"message too large" in out
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"MSH|^~\\&|GP|P|K|H|20260102||ADT^A01^ADT_A01|M1|P|2.5\r",  # a type the channel does not take
+        b"PID|1||123456782\r",  # no MSH
+        b"BHS|^~\\&|GP|P|K|H|||||B1\r",  # a batch
+    ],
+    ids=["type", "unreadable", "batch"],
+)
+def test_rejected_code_ae_turns_every_refusal_into_ae_and_keeps_its_error(payload):
+    rules = AcceptRules(types=frozenset({"SRM^S01"}), rejected_code="AE")
+    default = assess(payload, rules=AcceptRules(types=frozenset({"SRM^S01"})), default_charset="8859/1")
+    changed = assess(payload, rules=rules, default_charset="8859/1")
+    assert default.rejection.ack_code == "AR"
+    assert changed.rejection.ack_code == "AE"
+    assert (changed.rejection.error_code, changed.rejection.text) == (
+        default.rejection.error_code, default.rejection.text)
+    code, out = changed.ack(timestamp=TS, control_id="K1")
+    assert code == "AE" and out.split(b"\r")[1].startswith(b"MSA|AE|")
+
+
+def test_rejected_code_ae_is_ce_in_enhanced_mode_and_leaves_other_errors_alone():
+    rules = AcceptRules(types=frozenset({"SRM^S01"}), rejected_code="AE")
+    enhanced = b"MSH|^~\\&|GP|P|K|H|20260102||ADT^A01^ADT_A01|M1|P|2.5|||AL\r"
+    assert assess(enhanced, rules=rules, default_charset="8859/1").ack(timestamp=TS, control_id="K1")[0] == "CE"
+    unknown_charset = b"MSH|^~\\&|GP|P|K|H|20260102||SRM^S01^SRM_S01|M1|P|2.5||||||KLINGON\r"
+    assert assess(unknown_charset, rules=rules, default_charset="8859/1").rejection.ack_code == "AE"
+
+
+def test_an_oversize_frame_gets_the_channels_rejected_code():
+    head = b"MSH|^~\\&|GP|P|K|H|20260102||ORU^R01^ORU_R01|M1|P|2.5\rOBX|1|ED|"
+    assert assess_oversize(head, default_charset="8859/1", rejected_code="AE").rejection.ack_code == "AE"
+    assert assess_oversize(head, default_charset="8859/1").rejection is TOO_LARGE

@@ -24,8 +24,8 @@ CHANNEL = """
 name: zd
 source:
   listen: tcp:0
-ack:
-  mode: {mode}
+{accept}ack:
+  mode: {mode}{ack_extra}
 destinations:
   his-scheduling: {{endpoint: "tcp:host=127.0.0.1:port=6661"}}
   ris-orders: {{endpoint: "tcp:host=127.0.0.1:port=6662"}}
@@ -40,10 +40,14 @@ routes:
 
 
 class Harness:
-    def __init__(self, tmp_path, mode):
+    def __init__(self, tmp_path, mode, *, rejected=None, accept=None):
         channels = tmp_path / "channels"
         channels.mkdir()
-        (channels / "zd.yaml").write_text(CHANNEL.format(mode=mode))
+        (channels / "zd.yaml").write_text(CHANNEL.format(
+            mode=mode,
+            ack_extra=f"\n  rejected: {rejected}" if rejected else "",
+            accept=f"accept:\n  types: [{accept}]\n" if accept else "",
+        ))
         self.bundle = load_bundle(channels, REPO / "mappings")
         config = self.bundle.config
         self.reactor = MemoryReactorClock()
@@ -130,6 +134,38 @@ def test_on_map_answers_ar_for_a_message_no_route_takes(onmap):
     assert reply.code == "AR"
     assert onmap.row("e49ce31d").processing == "filtered"
     assert onmap.metrics.registry.get_sample_value("koppel_filtered_total", {"channel": "zd"}) == 1
+
+
+@pytest.mark.parametrize("mode", ["on-map", "on-store"])
+def test_ack_rejected_ae_answers_ae_for_a_type_the_channel_does_not_accept(tmp_path, mode):
+    """HL7's AR also means "receiver problem, try again": a sender that retries AR for ever
+    stops on AE. The refusal is the same (ERR 200, kept as rejected); only the code differs."""
+    h = Harness(tmp_path, mode, rejected="AE", accept="SRM^S01")
+    try:
+        reply = read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7")))
+        assert reply.code == "AE"
+        assert "not accepted" in reply.text
+        assert h.row("e49ce31d").status == "rejected"
+    finally:
+        h.store.close()
+
+
+def test_ack_rejected_ae_answers_ae_on_map_for_a_message_no_route_takes(tmp_path):
+    h = Harness(tmp_path, "on-map", rejected="AE")
+    try:
+        reply = read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7")))
+        assert reply.code == "AE"
+        assert h.row("e49ce31d").processing == "filtered"
+    finally:
+        h.store.close()
+
+
+def test_a_refused_message_still_gets_ar_by_default(tmp_path):
+    h = Harness(tmp_path, "on-store", accept="SRM^S01")
+    try:
+        assert read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7"))).code == "AR"
+    finally:
+        h.store.close()
 
 
 def test_on_map_queues_raw_forwards_without_mapping(onmap):

@@ -5,7 +5,7 @@ rules, and decide the acknowledgement. Pure: the shell stores and writes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.core.ack import AckDecision, build_ack, decide
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
@@ -19,6 +19,7 @@ class AcceptRules:
     types: frozenset[str] | None = None  # "SRM^S01" exact, or "SRM" for any trigger
     versions: frozenset[str] | None = None
     processing_ids: frozenset[str] | None = None
+    rejected_code: str = "AR"  # what a refused message gets in original mode: AR, or AE (see AckConfig)
 
 
 ACCEPT_ALL = AcceptRules()
@@ -109,12 +110,15 @@ class Assessment:
 def assess(payload: bytes, *, rules: AcceptRules, default_charset: str) -> Assessment:
     header = read_header(payload, default_charset=default_charset)
     rejection = header.rejection or check_accept(header, rules)
+    if rejection is not None and rejection.ack_code == "AR" and rules.rejected_code != "AR":
+        rejection = replace(rejection, ack_code=rules.rejected_code)
     return Assessment(
         header=header, rejection=rejection, payload_hash=hashlib.sha256(payload).digest()
     )
 
 
-def assess_oversize(head: bytes, *, default_charset: str) -> Assessment:
+def assess_oversize(head: bytes, *, default_charset: str, rejected_code: str = "AR") -> Assessment:
     """An over-limit frame: answer AR "too large", mirroring what its head lets us read."""
     header = read_header(head, default_charset=default_charset)
-    return Assessment(header=header, rejection=TOO_LARGE, payload_hash=b"")
+    rejection = TOO_LARGE if rejected_code == "AR" else replace(TOO_LARGE, ack_code=rejected_code)
+    return Assessment(header=header, rejection=rejection, payload_hash=b"")

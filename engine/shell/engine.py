@@ -99,6 +99,7 @@ def receive_settings(
             if sender is not None:
                 sender.enqueued()
 
+    filtered = FILTERED if channel.ack.rejected == "AR" else replace(FILTERED, ack_code=channel.ack.rejected)
     map_routes = [route for route in channel.routes if route.map]
     filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
     on_map = channel.ack.mode == "on-map"
@@ -134,11 +135,11 @@ def receive_settings(
     def filter_on_map(message_id, header, nak):
         """on-map, nothing takes it: it is answered AR after all, and stored so."""
         detail = _filtered_detail(header)
-        code, ack = nak(FILTERED)
+        code, ack = nak(filtered)
         d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered", detail=detail,
                                            ack_code=code, ack=ack))
         d = handed(d, message_id)
-        return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=FILTERED,
+        return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=filtered,
                                                ack_code=code, ack=ack))
 
     def hand_on(message_id, header, forward, raw, received_at, nak, answered, route):
@@ -208,6 +209,7 @@ def receive_settings(
             types=channel.accept.types,
             versions=channel.accept.versions,
             processing_ids=channel.accept.processing_ids,
+            rejected_code=channel.ack.rejected,
         ),
         default_charset=source.charset,
         max_message_bytes=source.max_message_bytes,

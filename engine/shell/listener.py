@@ -332,7 +332,8 @@ class MLLPReceiver(protocol.Protocol):
         factory = self.factory
         settings = factory.settings
         factory.metrics.frames_discarded.labels(settings.channel, "oversize").inc()
-        assessment = assess_oversize(event.head, default_charset=settings.default_charset)
+        assessment = assess_oversize(event.head, default_charset=settings.default_charset,
+                                     rejected_code=settings.rules.rejected_code)
         code, ack = factory.acknowledge(assessment, None)
         self.log.warning("message.too_large", size=event.size, limit=settings.max_message_bytes, code=code)
         answer = _Answer(time.perf_counter())
