@@ -1,6 +1,7 @@
 """The MLLP client: answers matched to requests in order, unsolicited frames never matched,
 a timeout closes the connection."""
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from engine.core import mllp
@@ -222,33 +223,27 @@ def test_the_cr_after_an_fs_that_ended_a_read_is_the_end_of_that_ack_not_junk_or
     assert client.junk == 1  # ACK-3: nobody asked
 
 
-def test_a_request_that_met_the_close_after_an_ack_ending_in_fs_then_a_late_cr_may_go_again():
-    """The FS ended the previous ACK, the next message went out, then the CR and the FIN came:
-    the CR is no part of an answer to the new message, so it met the close and may be resent."""
+@pytest.mark.parametrize(
+    "first_ack, after_request, met",
+    [
+        # the FS ended the previous ACK; the CR came after the next message went out, then the
+        # FIN: the CR is no part of an answer to the new message, which met the close
+        (b"\x0bACK-1\x1c", b"\r", True),
+        # an answer to the new message had begun when the connection closed: not a stale one
+        (b"\x0bACK-1\x1c\r", b"\x0bMSH|partial", False),
+    ],
+    ids=["late-cr", "answer-begun"],
+)
+def test_whether_a_request_met_the_close_after_the_previous_ack(first_ack, after_request, met):
     from twisted.internet.error import ConnectionClosed
     from twisted.python.failure import Failure
 
     client, _, _ = connected()
     client.request(b"MSH|1")
-    client.dataReceived(b"\x0bACK-1\x1c")
+    client.dataReceived(first_ack)
     mark = client.mark()
     failures = []
     client.request(b"MSH|2").addErrback(failures.append)
-    client.dataReceived(b"\r")
+    client.dataReceived(after_request)
     client.connectionLost(Failure(ConnectionClosed()))
-    assert client.met_close(failures[0].value, mark)
-
-
-def test_a_request_whose_answer_had_begun_when_the_connection_closed_did_not_meet_the_close():
-    from twisted.internet.error import ConnectionClosed
-    from twisted.python.failure import Failure
-
-    client, _, _ = connected()
-    client.request(b"MSH|1")
-    client.dataReceived(b"\x0bACK-1\x1c\r")
-    mark = client.mark()
-    failures = []
-    client.request(b"MSH|2").addErrback(failures.append)
-    client.dataReceived(b"\x0bMSH|partial")
-    client.connectionLost(Failure(ConnectionClosed()))
-    assert not client.met_close(failures[0].value, mark)
+    assert client.met_close(failures[0].value, mark) is met

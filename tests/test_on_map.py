@@ -136,36 +136,41 @@ def test_on_map_answers_ar_for_a_message_no_route_takes(onmap):
     assert onmap.metrics.registry.get_sample_value("koppel_filtered_total", {"channel": "zd"}) == 1
 
 
+@pytest.fixture
+def harness(tmp_path):
+    """Harness(mode, **channel settings), closed after the test."""
+    made = []
+
+    def make(mode, **settings):
+        made.append(Harness(tmp_path, mode, **settings))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.store.close()
+
+
+ORM = "zorgdomein/zd_orm_o01_lab_v24.hl7"
+
+
 @pytest.mark.parametrize("mode", ["on-map", "on-store"])
-def test_ack_rejected_ae_answers_ae_for_a_type_the_channel_does_not_accept(tmp_path, mode):
+def test_ack_rejected_ae_answers_ae_for_a_type_the_channel_does_not_accept(harness, mode):
     """HL7's AR also means "receiver problem, try again": a sender that retries AR for ever
     stops on AE. The refusal is the same (ERR 200, kept as rejected); only the code differs."""
-    h = Harness(tmp_path, mode, rejected="AE", accept="SRM^S01")
-    try:
-        reply = read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7")))
-        assert reply.code == "AE"
-        assert "not accepted" in reply.text
-        assert h.row("e49ce31d").status == "rejected"
-    finally:
-        h.store.close()
+    h = harness(mode, rejected="AE", accept="SRM^S01")
+    reply = read_ack(h.send(load_sample(ORM)))
+    assert (reply.code, h.row("e49ce31d").status) == ("AE", "rejected")
+    assert "not accepted" in reply.text
 
 
-def test_ack_rejected_ae_answers_ae_on_map_for_a_message_no_route_takes(tmp_path):
-    h = Harness(tmp_path, "on-map", rejected="AE")
-    try:
-        reply = read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7")))
-        assert reply.code == "AE"
-        assert h.row("e49ce31d").processing == "filtered"
-    finally:
-        h.store.close()
+def test_ack_rejected_ae_answers_ae_on_map_for_a_message_no_route_takes(harness):
+    h = harness("on-map", rejected="AE")
+    assert read_ack(h.send(load_sample(ORM))).code == "AE"
+    assert h.row("e49ce31d").processing == "filtered"
 
 
-def test_a_refused_message_still_gets_ar_by_default(tmp_path):
-    h = Harness(tmp_path, "on-store", accept="SRM^S01")
-    try:
-        assert read_ack(h.send(load_sample("zorgdomein/zd_orm_o01_lab_v24.hl7"))).code == "AR"
-    finally:
-        h.store.close()
+def test_a_refused_message_still_gets_ar_by_default(harness):
+    assert read_ack(harness("on-store", accept="SRM^S01").send(load_sample(ORM))).code == "AR"
 
 
 def test_on_map_queues_raw_forwards_without_mapping(onmap):
