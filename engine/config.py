@@ -89,6 +89,7 @@ DEFAULT_DUPLICATE_WINDOW = 24 * 3600.0
 DEFAULT_ACK_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 60.0  # seconds idle before TCP keepalive probes; below common firewall timeouts
+MAX_KEEPALIVE = 32767  # Linux refuses a longer TCP_KEEPIDLE
 DEFAULT_GIVE_UP_AFTER = 72 * 3600.0
 DEFAULT_MAX_QUEUE = 1_000_000
 
@@ -809,6 +810,8 @@ def _keepalive(node: yaml.Node, path: str) -> float | None:
         raise _Invalid(f"{error}; or off") from None
     if seconds is None or seconds < 1:
         raise _Invalid("must be at least 1s (the kernel counts whole seconds), or off")
+    if seconds > MAX_KEEPALIVE:
+        raise _Invalid(f"must be at most {MAX_KEEPALIVE}s (9h6m7s, the longest idle Linux takes), or off")
     return seconds
 
 

@@ -28,6 +28,7 @@ then reads commands on stdin: ``down``, ``up``, ``nak CODE N``, ``delay S``, ``d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import signal
@@ -322,6 +323,28 @@ MESSAGE_TEMPLATE = (
     "ARQ|{cid}||||||CARHAR^Cardiologie / Hartfalen^99zda|CARREG001^consult cardioloog^99zda\r"
     "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L\r"
 )
+
+
+@contextlib.contextmanager
+def unanswered_port():
+    """A port on 127.0.0.1 whose SYNs go unanswered, as a host behind a dead VPN tunnel: a
+    listener whose accept queue is full and that never accepts (Linux then drops every SYN)."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((HOST, port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def make_message(control_id: str) -> bytes:

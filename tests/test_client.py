@@ -247,3 +247,17 @@ def test_whether_a_request_met_the_close_after_the_previous_ack(first_ack, after
     client.dataReceived(after_request)
     client.connectionLost(Failure(ConnectionClosed()))
     assert client.met_close(failures[0].value, mark) is met
+
+
+def test_describe_failure_tells_an_ack_timeout_from_a_connect_timeout():
+    """Both are Twisted's TimeoutError: the endpoint's connect timeout raises it too."""
+    from twisted.internet import error
+
+    from engine.shell.client import describe_failure
+
+    client, _, clock = connected()
+    failures = []
+    client.request(b"MSH|1", timeout=5).addErrback(failures.append)
+    clock.advance(5)
+    assert describe_failure(failures[0].value) == "no acknowledgement in time"
+    assert describe_failure(error.TimeoutError()) == "connect timed out"

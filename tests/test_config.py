@@ -276,6 +276,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    order: lifo\n", "a.yaml:7:12: destinations.d.order: 'lifo' is not one of: fifo, none"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    connection: close\n", "a.yaml:7:17: destinations.d.connection: 'close' is not one of: keep, per-message"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    keepalive: 500ms\n", "a.yaml:7:16: destinations.d.keepalive: must be at least 1s (the kernel counts whole seconds), or off"),
+        (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    keepalive: 10h\n", "a.yaml:7:16: destinations.d.keepalive: must be at most 32767s (9h6m7s, the longest idle Linux takes), or off"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    keepalive: sometimes\n", "a.yaml:7:16: destinations.d.keepalive: invalid duration 'sometimes': expected a number of seconds or parts with units d, h, m, s, ms from largest to smallest, e.g. 30s, 10m, 1h30m, 500ms; or off"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {initial: 10m, max: 1m}\n", "a.yaml:7:32: destinations.d.retry.max: must be at least retry.initial"),
         (MINIMAL + "destinations:\n  d:\n    endpoint: tcp:127.0.0.1:1\n    retry: {jitter: 1.5}\n", "a.yaml:7:21: destinations.d.retry.jitter: must be from 0 to 1, got 1.5"),

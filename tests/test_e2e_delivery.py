@@ -35,6 +35,7 @@ from sink import (  # noqa: E402
     frame,
     make_message,
     read_ack_code,
+    unanswered_port,
     write_channel,
 )
 
@@ -243,20 +244,9 @@ def test_a_destination_that_never_answers_the_connect_is_recorded_as_a_connect_t
     is full. Twisted's TCP connect, cancelled by connect_timeout, fails with its own
     ConnectingCancelledError, which was recorded as "connection failed
     (ConnectingCancelledError)"; the operator must read "connect timed out"."""
-    import socket
-
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    try:
-        for _ in range(3):  # fill the accept queue: from now on the kernel drops every SYN
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", blackhole.getsockname()[1]))
-            fillers.append(filler)
+    with unanswered_port() as blackhole:
         harness.a.down()
-        harness.a.port = blackhole.getsockname()[1]
+        harness.a.port = blackhole
         port = harness.start()  # connect_timeout: 2s
         with MLLPClient(port) as source:
             assert read_ack_code(source.request(make_message("HOL00000"))) == ("AA", "HOL00000")
@@ -272,10 +262,6 @@ def test_a_destination_that_never_answers_the_connect_is_recorded_as_a_connect_t
             return [e.last_error for e in entries if e is not None and e.destination == "dest-a"]
 
         wait(lambda: last_error() == ["connect timed out"], what="the failure recorded in the store")
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
 
 
 def test_a_connection_dropped_before_the_ack_resends_the_same_message(harness):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sink import KOPPEL, Sink, make_message  # noqa: E402
+from sink import KOPPEL, Sink, make_message, unanswered_port  # noqa: E402
 
 
 def send(port: int, paths) -> subprocess.CompletedProcess:
@@ -71,3 +71,14 @@ def test_a_port_nobody_listens_on_is_reported_as_refused(tmp_path):
     done = send(port, files(tmp_path, "REF", 1))
     assert done.returncode == 1
     assert done.stdout.strip() == f"cannot connect to 127.0.0.1:{port}: connection refused"
+
+
+def test_a_connect_that_times_out_is_reported_as_a_connect_timeout(tmp_path):
+    """The endpoint's connect timeout fails with Twisted's TimeoutError, the class the client
+    also uses for an ACK timeout: this printed "no acknowledgement in time" for a destination
+    that never took the connection."""
+    with unanswered_port() as port:
+        done = subprocess.run([str(KOPPEL), "send", "--timeout", "1", "--to", f"127.0.0.1:{port}",
+                               *map(str, files(tmp_path, "CTO", 1))], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stdout.strip() == f"cannot connect to 127.0.0.1:{port}: connect timed out"

@@ -141,6 +141,15 @@ def test_keep_alive_sets_the_idle_time_interval_and_probes(tcp_connection):
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
+def test_a_keepalive_longer_than_the_kernel_takes_still_gets_probes_at_the_longest_idle(tcp_connection):
+    """Linux refuses a TCP_KEEPIDLE over 32767 s, and the interval and probe count were then
+    never set: the kernel's 2 h, 75 s and 9 probes. (The config refuses such a value too.)"""
+    connection, sock = tcp_connection
+    assert keep_alive(connection, 36000.0) is True
+    assert _options(sock) == (1, 32767, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
 def test_keep_alive_reaches_the_tcp_connection_under_a_tls_wrapper(tcp_connection):
     connection, sock = tcp_connection
 

@@ -25,6 +25,9 @@ from engine.shell.wire import keep_alive, send_now, unsent
 WRITE_CHECK = 0.25
 # A frame up to this size almost always goes to the kernel whole: not looked at after the write.
 LARGE = 64 * 1024
+# What an ACK timeout fails a request with (a twisted.internet.error.TimeoutError, the class an
+# endpoint's connect timeout also raises: describe_failure tells them apart by it).
+ACK_TIMEOUT = "no acknowledgement in time"
 
 
 class MLLPClient(protocol.Protocol):
@@ -149,7 +152,7 @@ class MLLPClient(protocol.Protocol):
 
     def _timed_out(self, d: defer.Deferred) -> None:
         self.transport.abortConnection()
-        self._fail_all(TimeoutError("no acknowledgement in time"))
+        self._fail_all(TimeoutError(ACK_TIMEOUT))
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._fail_all(_lost(reason))
@@ -192,6 +195,8 @@ def describe_failure(error: BaseException) -> str:
     names where a phrase says it better (logs, `koppel queue list`, `koppel send`)."""
     if isinstance(error, TLSFailed):  # OpenSSL's reasons: no message content in them
         return f"TLS failed ({error})"
+    if isinstance(error, TimeoutError):  # Twisted's: ours for the ACK, the endpoint's for a connect
+        return ACK_TIMEOUT if getattr(error, "osError", None) == ACK_TIMEOUT else "connect timed out"
     name = type(error).__name__
     known = _KNOWN_ERRORS.get(name)
     if known is not None:

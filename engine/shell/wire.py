@@ -67,6 +67,9 @@ def unsent(transport) -> int:
 # seconds; after KEEPALIVE_PROBES unanswered probes the connection is reset.
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_PROBES = 3
+# Linux refuses a longer TCP_KEEPIDLE (EINVAL), and then the interval and the probe count were
+# never set either: a longer idle (`keepalive: 10h`) probes after this, not after the kernel's 2 h.
+MAX_KEEPALIVE_IDLE = 32767
 
 
 def keep_alive(transport, idle: float | None) -> bool:
@@ -87,7 +90,7 @@ def keep_alive(transport, idle: float | None) -> bool:
             return True
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (
-            ("TCP_KEEPIDLE", max(1, int(idle))),
+            ("TCP_KEEPIDLE", min(MAX_KEEPALIVE_IDLE, max(1, int(idle)))),
             ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
             ("TCP_KEEPCNT", KEEPALIVE_PROBES),
         ):
