@@ -389,14 +389,19 @@ def _messages(args) -> int:
     import datetime as dt
 
     from engine.operator import open_existing_store
+    from engine.store import StoreError
 
     store, problem = open_existing_store(args.store)
     if store is None:
         sys.stderr.write(f"error: {problem}\n")
         return 1
     try:
-        rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
-                                   limit=args.limit)
+        try:
+            rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
+                                       limit=args.limit)
+        except StoreError as error:  # a damaged or locked store: one line, as the other commands say it
+            sys.stderr.write(f"error: {error}\n")
+            return 1
         if args.json:
             import json
 

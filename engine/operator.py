@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -557,6 +558,9 @@ def dead_letters_list(args, store, dests) -> int:
     queue = None
     if args.dest is not None:
         resolved = dests.resolve(args.dest)
+        # A mistyped HOST:PORT is "no such queue" (exit 1), as for a mistyped name: never a
+        # reassuring "no dead letters" about a queue that does not exist.
+        _known_queue(store, dests, resolved, now)
         queue = resolved.queue
     entries = store.list_dead_letters(queue, args.limit)
     if args.json:
@@ -632,7 +636,8 @@ def dead_letters_replay(args, store, dests) -> int:
         # Entries this command creates have ids above its first one: one that dies again while
         # the command runs (the destination still refuses it) is not replayed again by it.
         new = _in_steps(store, lambda: ReplayDeadLetters(queue=resolved.queue, at=_now(), limit=STEP,
-                                                         below_id=min(new) if new else None), done=new)
+                                                         below_id=min(new) if new else None), done=new,
+                        what="were replayed onto the tail of the queue")
         if not new:
             print(f"queue {resolved.label()}: no dead letters, nothing changed")
             return NOTHING
@@ -641,7 +646,9 @@ def dead_letters_replay(args, store, dests) -> int:
         return OK
     entries = _entry_ids(store, args.ids)
     _delivered_queues(dests, [(e.queue, e) for e in entries])
-    new = _write(store, ReplayDeadLetters(entry_ids=tuple(e.id for e in entries), at=_now()))
+    new = _by_chunks(store, sorted(e.id for e in entries),
+                     lambda chunk: ReplayDeadLetters(entry_ids=chunk, at=_now()),
+                     what="were replayed onto the tail of their queues")
     # Paired by the new entries' replay_of: the store skips any that stopped being dead meanwhile.
     by_id = {e.id: e for e in entries}
     for new_id in new:
@@ -704,7 +711,7 @@ def queue_move(args, store, dests) -> int:
         print(f"queue {source}: only {', '.join(staying)} entries wait, and it still delivers there; nothing changed")
         return NOTHING
     moved = _in_steps(store, lambda: MoveQueue(from_queue=source, moves=tuple(moves), at=_now(), reason=reason,
-                                               limit=STEP))
+                                               limit=STEP), what="were moved")
     print(f"moved {_plural(len(moved), 'pending entry', 'pending entries')} from {source}: "
           + ", ".join(f"{name} -> {queue} ({new})" for name, queue, new in moves)
           + f"; new {'entry' if len(moved) == 1 else 'entries'} {_id_list(moved)}"
@@ -718,16 +725,56 @@ STEP = 500  # entries per transaction for bulk replays and moves
 PAUSE_SEEN = 2.0  # seconds a running engine's sender needs to see a pause (it polls every second)
 
 
-def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = None) -> list[int]:
+def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = None,
+              what: str = "entries") -> list[int]:
     """Write ``make_op()`` (an op taking at most STEP entries) until a step takes fewer: short
     transactions, so the engine's commits, and so its ACKs, never wait long behind ours. The
-    new ids collect in ``done`` (given: make_op can see the steps so far)."""
+    new ids collect in ``done`` (given: make_op can see the steps so far).
+
+    Each step is committed on its own: when a later one fails (the store locked by another
+    process for longer than its busy timeout, a full disk) or the command is interrupted, the
+    error says what the earlier steps did, so the operator is not told only "failed" about
+    entries that were in fact re-queued (and that the engine may be sending already)."""
+    from engine.store import StoreError
+
     done = [] if done is None else done
     while True:
-        step = _write(store, make_op())
+        try:
+            step = _write(store, make_op())
+        except (StoreError, KeyboardInterrupt) as error:
+            if not done:
+                raise
+            raise _stopped_half_way(error, done, what) from None
         done.extend(step)
         if len(step) < STEP:
             return done
+
+
+def _by_chunks(store, ids: Sequence[int], make_op: Callable[[tuple[int, ...]], Any], *, what: str,
+               new_ids: bool = True) -> list[int]:
+    """Write ``make_op(chunk)`` for the ids (in id order) STEP at a time, as ``--all`` does: ids
+    piped in from a listing may be tens of thousands, and one transaction for all of them held
+    the store's write lock for seconds (past the engine's 5 s, its commits fail and senders get
+    AE). Results concatenated; a failure after some steps says what they did (see _in_steps)."""
+    from engine.store import StoreError
+
+    done: list[int] = []
+    for start in range(0, len(ids), STEP):
+        try:
+            done.extend(_write(store, make_op(tuple(ids[start:start + STEP]))))
+        except (StoreError, KeyboardInterrupt) as error:
+            if not done:
+                raise
+            raise _stopped_half_way(error, done, what, new_ids=new_ids) from None
+    return done
+
+
+def _stopped_half_way(error: BaseException, done: Sequence[int], what: str, *, new_ids: bool = True) -> _Fail:
+    """The failure of a command whose earlier steps committed: what they did, then why it stopped."""
+    why = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+    which = f"new {'entry' if len(done) == 1 else 'entries'} {_id_list(done)}" if new_ids else _id_list(done)
+    return _Fail(NOTHING, f"{why}; before that, {_plural(len(done), 'entry', 'entries')} {what} ({which}) "
+                          "in committed steps; run the command again for the rest")
 
 
 def _delivered_queues(dests: _Destinations, items: Sequence[tuple[str, Any]]) -> None:
@@ -768,8 +815,9 @@ def dead_letters_drop(args, store, dests) -> int:
     if not reason:
         raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
     entries = _entry_ids(store, args.ids)
-    dropped = _write(store, DropDeadLetters(entry_ids=tuple(e.id for e in entries), reason=reason,
-                                            at=_now()))
+    dropped = _by_chunks(store, sorted(e.id for e in entries),
+                         lambda chunk: DropDeadLetters(entry_ids=chunk, reason=reason, at=_now()),
+                         what="were dropped", new_ids=False)
     for entry in entries:  # the ones this command dropped: another operator may have got there first
         if entry.id in dropped:
             print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
@@ -1114,6 +1162,13 @@ def store_backup(args, store, dests) -> int:
     target = Path(args.file)
     if target.exists() or target.is_symlink():
         raise _Fail(NOTHING, f"{target} already exists; a backup never overwrites a file")
+    # Before the audit record: a record of a backup "to FILE" that could never be written there
+    # would tell an auditor that a copy of every patient's data exists where none does.
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise _Fail(NOTHING, f"no directory {parent} for the backup (nothing written)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _Fail(NOTHING, f"cannot write in {parent} (nothing written)")
     reason = _optional_reason(args)
     _write(store, RecordAudit(at=_now(), action="store-backup",
                               reason=f"to {target.resolve()}; koppel CLI, user {_os_user() or '-'}"
@@ -1128,9 +1183,13 @@ def store_backup(args, store, dests) -> int:
             raise
         took = time.monotonic() - started
         try:
-            copy = _open_store(f"sqlite:///{target.resolve()}")
-        except _Fail as fail:
-            raise _Fail(NOTHING, f"the backup at {target} does not open: {fail.message}") from None
+            # By its path, not through a store URL: a file name with "?" (or anything a URL
+            # would read as options) is a fine backup name, and was reported as "does not open".
+            from engine.store.sqlite import SQLiteConfig, SQLiteStore
+
+            copy = SQLiteStore(SQLiteConfig(path=target.resolve()), migrate_schema=False)
+        except StoreError as error:
+            raise _Fail(NOTHING, f"the backup at {target} does not open: {error}") from None
         try:
             problems = copy.check_integrity()
             version = copy.schema_version()

@@ -84,3 +84,17 @@ def one_channel_bundle(directory, channel_yaml: str):
     (directory / "mappings").mkdir(parents=True, exist_ok=True)
     (directory / "c.yaml").write_text(channel_yaml)
     return load_bundle(directory, directory / "mappings")
+
+
+def corrupt_messages_table(path) -> None:
+    """Overwrite the cell pointers of the messages table's root page, as a failing disk might
+    (the schema and its version stay readable, so the store still opens)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()
+    (page,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page + 12)
+        f.write(b"\xff" * 64)

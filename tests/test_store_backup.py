@@ -12,7 +12,7 @@ import pytest
 from engine import operator
 from engine.cli import main
 from engine.store import Append, StoreError, open_store, write_one
-from tests.factories import HIX, T0, TEST_BSN, TEST_NAME, received
+from tests.factories import HIX, T0, TEST_BSN, TEST_NAME, corrupt_messages_table, received
 
 
 @pytest.fixture
@@ -92,24 +92,12 @@ def test_a_backup_is_no_more_readable_than_the_store(store, tmp_path):
     assert stat.S_IMODE((tmp_path / "copy.db").stat().st_mode) == 0o600
 
 
-def _corrupt(path) -> None:
-    """Overwrite the cell pointers of the messages table's root page, as a failing disk might
-    (the schema and its version stay readable, so the store still opens)."""
-    conn = sqlite3.connect(path)
-    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()
-    (page,) = conn.execute("PRAGMA page_size").fetchone()
-    conn.close()
-    with open(path, "r+b") as f:
-        f.seek((root - 1) * page + 12)
-        f.write(b"\xff" * 64)
-
-
 def test_check_integrity_finds_a_damaged_file(store, tmp_path):
     for n in range(200):
         write_one(store, Append(message=received(f"ZD{n}", received_at=T0 + n, targets=(HIX,))))
     store.backup(str(tmp_path / "copy.db"))
     assert store.check_integrity() == [] and store.check_integrity(full=True) == []
-    _corrupt(tmp_path / "copy.db")
+    corrupt_messages_table(tmp_path / "copy.db")
     damaged = open_store(f"sqlite:///{tmp_path}/copy.db", migrate_schema=False)
     try:
         assert damaged.check_integrity() != []
@@ -149,7 +137,7 @@ def test_koppel_store_check_exits_1_on_a_damaged_store(store, tmp_path, capsys):
     assert main(["store", "check", "--full", "--store", f"sqlite:///{tmp_path}/koppel.db"]) == 0
     assert "passes SQLite's integrity_check" in capsys.readouterr().out
     store.backup(str(tmp_path / "copy.db"))
-    _corrupt(tmp_path / "copy.db")
+    corrupt_messages_table(tmp_path / "copy.db")
     assert main(["store", "check", "--store", f"sqlite:///{tmp_path}/copy.db"]) == 1
     out = capsys.readouterr().out
     assert "FAILS SQLite's quick_check" in out

@@ -497,7 +497,9 @@ class AdminAPI(resource.Resource):
 
         limit = params.limit()
         text = params.text("queue")
-        queue = self._resolve_queue(text) if text is not None else None
+        queue = None
+        if text is not None:  # a mistyped queue key is 404, as a mistyped name is, not an empty list
+            queue, _ = yield self._known_queue(text)
         entries = yield self._read(self.engine.store.list_dead_letters, queue, limit)
         return 200, {"dead_letters": [_entry_json(e) for e in entries]}
 
