@@ -232,6 +232,22 @@ def receive_settings(
     )
 
 
+def _config_changes(old: EngineConfig, new: EngineConfig) -> dict[str, list[str]]:
+    """Names of the channels and destinations a reload adds, removes and changes (for its log line)."""
+    def diff(kind: str, before: dict, after: dict) -> dict[str, list[str]]:
+        return {
+            f"{kind}_added": sorted(after.keys() - before.keys()),
+            f"{kind}_removed": sorted(before.keys() - after.keys()),
+            f"{kind}_changed": sorted(n for n in before.keys() & after.keys() if before[n] != after[n]),
+        }
+
+    def channels(config: EngineConfig) -> dict:
+        return {c.name: replace(c, marks=(), file=None) for c in config.channels}  # (not where it is written)
+
+    return {**diff("channels", channels(old), channels(new)),
+            **diff("destinations", {d.name: d for d in old.destinations}, {d.name: d for d in new.destinations})}
+
+
 def _filtered_detail(header) -> str:
     return f"no route takes {header.type_and_trigger or 'this message'}"
 
@@ -329,6 +345,8 @@ class Engine(service.MultiService):
         self._orphans: set[str] = set()  # queues with pending entries that no destination uses
         self._polled_at = float("-inf")
         self._handing: set[int] = set()  # on-map hand-offs in the committer (see receive_settings)
+        self._unbinding: set[defer.Deferred] = set()  # retired listeners' ports not closed yet
+        self._retiring: dict[str, defer.Deferred] = {}  # queue -> fires once its dropped sender stopped
         self._watcher = StoreWatcher(store, clock=reactor, on_change=self._wake_all, log=self.log) \
             if role == DELIVER else None
         self.processor = None
@@ -418,10 +436,11 @@ class Engine(service.MultiService):
             by_queue.setdefault(destination.queue_key, {})[destination.name] = destination
         for queue in list(self.senders):
             if queue not in by_queue:
-                stopped = defer.maybeDeferred(self.senders.pop(queue).stop)
                 if delivers(self.role):  # its series go; entries still waiting make it an orphan
+                    stopped = self._retire_sender(queue)
                     stopped.addBoth(self._forget_queue, queue)
                 else:  # the receiver's copy of its oldest age (see _refresh_depths) goes too
+                    stopped = defer.maybeDeferred(self.senders.pop(queue).stop)
                     self.metrics.queue_oldest_age_seconds.remove(queue)
                 stopping.append(stopped)
         for queue, destinations in by_queue.items():
@@ -437,7 +456,7 @@ class Engine(service.MultiService):
                 metrics=self.metrics, log=get_logger(queue=queue),
             )
             if not starting:
-                sender.start()
+                self._start_sender(queue, sender)
         destinations_by_name = {d.name: d for d in config.destinations}
         if not receives(self.role):
             self.config = config
@@ -454,7 +473,7 @@ class Engine(service.MultiService):
                 self.processor.destinations = destinations_by_name
         running = {listener.factory.settings.channel: listener for listener in self.listeners}
         wanted = {channel.name: channel for channel in config.channels}
-        unbound, new = [], []
+        new = []
         for name, listener in running.items():
             channel = wanted.get(name)
             if channel is None or channel.source.listen != listener.endpoint:
@@ -462,7 +481,9 @@ class Engine(service.MultiService):
                 listener.retired = True
                 # (one a reload just made may still wait to bind: it has no parent yet)
                 stopped = defer.maybeDeferred(listener.disownServiceParent) if listener.parent else defer.succeed(None)
-                unbound.append(listener.unbound)
+                if not listener.unbound.called:
+                    self._unbinding.add(listener.unbound)
+                    listener.unbound.addBoth(lambda result, d=listener.unbound: (self._unbinding.discard(d), result)[1])
                 if channel is None:  # removed on purpose: no listener_up 0 left to page on
                     stopped.addBoth(self._forget_channel, name)
                 stopping.append(stopped)
@@ -472,7 +493,7 @@ class Engine(service.MultiService):
                                         metrics=self.metrics, log=self.log)
             listener = running.get(channel.name)
             if listener is not None and listener in self.listeners:
-                listener.factory.settings = settings  # open connections keep going, with the new rules
+                listener.factory.update(settings)  # open connections keep going, with the new rules
                 continue
             factory = MLLPListenerFactory(settings, committer=self.committer, metrics=self.metrics,
                                           clock=reactor, control_ids=self.control_ids)
@@ -488,12 +509,53 @@ class Engine(service.MultiService):
                 if listener in self.listeners:  # not replaced meanwhile by a later reload
                     listener.setServiceParent(self)
 
+        # A port a listener retired by an earlier reload is still closing counts too: a channel
+        # removed (or moved) by one reload and given its port back by the next must wait for it.
+        unbound = [d for d in self._unbinding if not d.called]
         if unbound:
             defer.DeferredList(unbound).addCallback(bind)
         else:
             bind()
         self.config = config
         return stopping
+
+    def _retire_sender(self, queue: str) -> defer.Deferred:
+        """Stop a queue's sender that a reload dropped. Until it has stopped (its message in
+        flight answered) and its delivered/dead-letter marks are committed, no new sender may
+        read that queue: a reload that takes the queue back (an endpoint moved and put back)
+        would else send the entry in flight again, beside the first copy, and the ones after it."""
+        sender = self.senders.pop(queue)
+        stopped = defer.maybeDeferred(sender.stop)
+        earlier = self._retiring.get(queue)  # (an older sender of this queue may still be stopping)
+        both = defer.DeferredList([stopped] + ([earlier] if earlier is not None else []), consumeErrors=True)
+        gone: defer.Deferred = defer.Deferred()
+        self._retiring[queue] = gone
+
+        def settled(_):
+            try:
+                self.committer.flush()  # its last marks, before anyone reads the queue again
+            except Exception as error:  # noqa: BLE001 - the next commit takes them
+                self.log.warning("queue.flush_failed", queue=queue, error=safe_error(error))
+            if self._retiring.get(queue) is gone:
+                del self._retiring[queue]
+            gone.callback(None)
+
+        both.addCallback(settled)
+        return stopped
+
+    def _start_sender(self, queue: str, sender) -> None:
+        """Start a sender a reload added, once an earlier sender of its queue has stopped."""
+        retiring = self._retiring.get(queue)
+        if retiring is None:
+            sender.start()
+            return
+
+        def start(result):
+            if self.running and self.senders.get(queue) is sender:  # not dropped again meanwhile
+                sender.start()
+            return result
+
+        retiring.addCallback(start)
 
     def _check_retention(self, config: EngineConfig) -> None:
         longest_window = max((c.duplicate_window for c in config.channels), default=0.0)
@@ -506,17 +568,25 @@ class Engine(service.MultiService):
     @defer.inlineCallbacks
     def reload(self, bundle):
         """Apply a config that already loaded and checked; unchanged listeners keep their connections.
-        A duplicate window longer than the retention is refused (ValueError), the running config kept."""
+        A duplicate window longer than the retention is refused (ValueError), the running config kept.
+        So is a reload while the engine stops (or before it started): the stop has already
+        collected the listeners and senders it stops, and one a reload started then would run on
+        under a closing committer and store."""
+        if not self.running:
+            raise RuntimeError("the engine is stopping (or not started yet); the config was not reloaded")
         self._check_retention(bundle.config)
+        changes = _config_changes(self.config, bundle.config)
         stopping = self._apply(bundle.config, bundle.mappings, bundle.book, starting=False)
         yield defer.DeferredList(stopping)
         if self._orphan_check is not None and self._orphan_check.running:
             self._check_orphans()  # a changed host:port shows at once, not half a minute later
+        # (new listeners bind once the ports they wait for are closed: after that, not before)
+        yield defer.DeferredList([d for d in self._unbinding if not d.called])
         # A new listener that cannot bind is logged (listener.start_failed) and leaves the
         # engine not ready; everything else of the new config stays applied.
         yield defer.DeferredList([listener.started for listener in self.listeners], consumeErrors=True)
         self.ready = all(listener.port is not None for listener in self.listeners)
-        self.log.info("config.reloaded", channels=len(self.listeners), queues=len(self.senders))
+        self.log.info("config.reloaded", channels=len(self.listeners), queues=len(self.senders), **changes)
 
     def _beat(self) -> None:
         """Prove the store still commits, even when no messages arrive (for /readyz)."""

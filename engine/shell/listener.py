@@ -38,7 +38,7 @@ from engine.core.intake import (
 )
 from engine.log import Repeats, get_logger, safe_error
 from engine.shell.wire import keep_alive, send_now
-from engine.store import Append, QueueTarget, ReceivedMessage
+from engine.store import UNANSWERED, Append, QueueTarget, ReceivedMessage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -265,7 +265,9 @@ class MLLPReceiver(protocol.Protocol):
             )
         except Exception as error:  # noqa: BLE001 - mapping trouble never costs the sender its ACK
             self.log.error("message.handoff_failed", message_id=result.message_id, error=safe_error(error))
-        if outcome is not None and factory.settings.ack_mode == "on-map":
+        # answered as it was stored (a reload may have changed the ack mode since): an on-map
+        # message is stored 'unanswered', and its answer is the mapping's outcome
+        if outcome is not None and message.processing == UNANSWERED:
             outcome.addCallback(self._mapped, answer, assessment, message, result.message_id)
             outcome.addErrback(self._not_mapped, answer, assessment, message, result.message_id)
             return
@@ -465,6 +467,19 @@ class MLLPListenerFactory(protocol.Factory):
         self._children: dict = {}
         self._type_labels: set[str] = set()
         self._refusals = Repeats()
+
+    def update(self, settings: ReceiveSettings) -> None:
+        """A reload's new rules, for the connections already open as well: the framer's size
+        limit and framing mode, and the allow list (a peer no longer allowed is closed once the
+        ACKs of what it sent before are written). Keepalive and max_connections apply to the
+        connections opened from now on."""
+        self.settings = settings
+        for receiver in list(self.receivers):
+            receiver.reader.max_frame_bytes = settings.max_message_bytes
+            receiver.reader.lenient = settings.lenient_framing
+            host = receiver.peer.rsplit(":", 1)[0]
+            if not settings.allows(host):
+                receiver._close("not-allowed")
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
