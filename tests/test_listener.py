@@ -934,3 +934,20 @@ def test_a_peer_that_does_not_read_its_acks_pauses_reading_without_timing_out_it
     assert transport.producer is None and transport.disconnecting
     receiver.resumeProducing()  # a late resume must not start reading a closing connection
     assert transport.producerState == "paused"
+
+
+def test_a_retired_listeners_draining_connections_leave_the_open_connections_gauge_to_the_new_one():
+    """A reload moved the channel to another port: the old listener's connections drain while
+    the new one takes connections, and each close on the old one set the channel's gauge to
+    the old listener's count."""
+    old = Harness()
+    receivers = [old.connect()[0] for _ in range(3)]
+    new = MLLPListenerFactory(old.settings, committer=old.committer, metrics=old.metrics, clock=old.clock,
+                              control_ids=ControlIds("KNEW-"), now=lambda: NOW)
+    old.factory.retired = True
+    address = IPv4Address("TCP", "127.0.0.1", 50001)
+    new.buildProtocol(address).makeConnection(StringTransport(peerAddress=address))
+    assert old.sample("koppel_connections_open") == 1
+    receivers[0].transport.loseConnection()
+    receivers[0].connectionLost(None)
+    assert old.sample("koppel_connections_open") == 1  # the new listener's one, not the old one's 2

@@ -479,6 +479,7 @@ class Engine(service.MultiService):
             if channel is None or channel.source.listen != listener.endpoint:
                 self.listeners.remove(listener)
                 listener.retired = True
+                listener.factory.retired = True  # its draining connections leave the gauge to the new one
                 # (one a reload just made may still wait to bind: it has no parent yet)
                 stopped = defer.maybeDeferred(listener.disownServiceParent) if listener.parent else defer.succeed(None)
                 if not listener.unbound.called:

@@ -462,6 +462,9 @@ class MLLPListenerFactory(protocol.Factory):
         self.now = now
         self.log = log or get_logger(channel=settings.channel)
         self.receivers: set[MLLPReceiver] = set()
+        # A reload moved the channel to a new listener: this one's connections drain, and its
+        # count no longer speaks for the channel's koppel_connections_open.
+        self.retired = False
         self._stamp_second = -1.0
         self._stamp = ""
         self._children: dict = {}
@@ -507,7 +510,8 @@ class MLLPListenerFactory(protocol.Factory):
 
     def closed(self, receiver: MLLPReceiver) -> None:
         self.receivers.discard(receiver)
-        self.metrics.connections_open.labels(self.settings.channel).set(len(self.receivers))
+        if not self.retired:
+            self.metrics.connections_open.labels(self.settings.channel).set(len(self.receivers))
         receiver.log.info("connection.closed")
 
     def timestamp(self) -> str:
