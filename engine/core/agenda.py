@@ -732,14 +732,18 @@ def _apply(
     # the state kept, as for a letter.
     takes_over = action == "create" and KIND_PRECEDENCE.index(event.kind) < KIND_PRECEDENCE.index(kind)
     closed = not entry.is_open
+    if closed and action == "cancel" and state == "cancelled" and _other_patient(entry, event):
+        # A cancel about another patient (colliding ids) is refused as it is while the entry is
+        # open, not taken as a repeat of this entry's cancel: the outcome must not depend on
+        # whether it came before or after the entry's own cancel.
+        return Reject(reason=f"cannot {action}: the message's patient (BSN) is not the entry's",
+                      code="patient-mismatch")
     if closed and action != "attach" and not takes_over:
         if action == "cancel" and state == "cancelled":
             # It changes no value, but becomes the source of those it repeats, as it would have
             # had it cancelled first (the order's CA then the request's S04, or the other way).
             same = {name: value for name, value in event.fields.items()
                     if name in entry.data and plain(entry.data[name]) == plain(value)}
-            if _other_patient(entry, event):
-                same = {}  # (colliding ids): it changes nothing here
             data, _ = _merge(entry.data, same, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
             return _noop(entry, data)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")

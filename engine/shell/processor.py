@@ -386,12 +386,19 @@ class Processor:
             ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
                                      existing.state, (), at, history=False))
         view.put(entry)
+        # The events held for this entry arrived before this message: what they do (a booking,
+        # a cancellation) already happened when it came, so its outbound messages' `when` sees
+        # the state after them (the HIS gets no request for an appointment the scheduler had
+        # already booked or cancelled), while the message itself is built from this event.
+        released = self._release(entry, view, work.channel, at)
+        final = view.find(ag.entry_keys(entry)) if released else None
+        seen = entry if final is None or final.state == entry.state else dataclasses.replace(entry, state=final.state)
         if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
-            ops.extend(self._outbound_ops(mapping, event, entry, work, at))
+            ops.extend(self._outbound_ops(mapping, event, seen, work, at))
         ops.extend(self._forward_ops(work, at))
         detail = f"agenda {entry.agenda_id}: {entry.state}"
         ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
-        ops.extend(self._release(entry, view, work.channel, at))
+        ops.extend(released)
         self._outcome(work, "ok")
         return Outcome(status="mapped", detail=detail), ops
 

@@ -1,0 +1,184 @@
+"""One referral's messages in every arrival order, repeats and restarts: the entry must end
+the same (state, data, attachments, what the hospital's systems were sent), or the message
+that cannot apply must be an error with a reason.
+
+Synthetic data only: the test patient's BSN 900073962 (the ZorgDomein sample's, passes the
+11-proof), another patient 999999990 (passes the 11-proof too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from engine.bundle import load_bundle
+from engine.core.ack import ControlIds
+from engine.core.header import read_header
+from engine.metrics import Metrics
+from engine.shell.committer import GroupCommitter
+from engine.shell.processor import Processor
+from engine.store import Append, open_store
+from tests.conftest import load_sample
+from tests.factories import received
+
+REPO = Path(__file__).resolve().parent.parent
+ZD = "ZD200046119"  # the ZD-number of the ZorgDomein ORU samples
+BSN = "900073962"
+OTHER_BSN = "999999990"
+MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu", "REF": "ref"}
+
+
+def srm(trigger: str = "S01", *, control_id: str = "g20ce6a9f8ca4f551275", bsn: str = BSN) -> bytes:
+    raw = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7").replace(b"ZD200046139", ZD.encode())
+    raw = raw.replace(b"PID|1||^^^NLMINBIZA", f"PID|1||{bsn}^^^NLMINBIZA".encode())
+    raw = raw.replace(b"SRM^S01^SRM_S01", f"SRM^{trigger}^SRM_S01".encode())
+    return raw.replace(b"g20ce6a9f8ca4f551275", f"{control_id}{trigger}".encode())
+
+
+def oru() -> bytes:
+    raw = load_sample("zorgdomein/zd_oru_r01_request_form_pdf.hl7")
+    return raw.replace(b"PID|1||^^^NLMINBIZA", f"PID|1||{BSN}^^^NLMINBIZA".encode())
+
+
+def siu(trigger: str = "S12", *, start: str = "20261210093000+0100", bsn: str = BSN) -> bytes:
+    segments = [
+        f"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^{trigger}^SIU_{trigger}"
+        f"|SIU{trigger}{start[:12]}|P|2.5",
+        f"SCH|{ZD}|F778|||||^Controle||30|MIN|^^30^{start}^20261210100000+0100||||||||||||||Booked",
+        f"PID|1||{bsn}^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^T^^^^^L||19800101|F",
+        "AIS|1||CARPOLI^Polikliniek cardiologie",
+    ]
+    return ("\r".join(segments) + "\r").encode("latin-1")
+
+
+class Harness:
+    def __init__(self, path: Path):
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.bundle = load_bundle(REPO / "channels", REPO / "mappings")
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1_795_000_000)
+        self.store = open_store(f"sqlite:///{path}/k.db")
+        self.committer = GroupCommitter(self.store, clock=self.reactor)
+        self.metrics = Metrics()
+        self.processor = Processor(
+            mappings=self.bundle.mappings, book=self.bundle.book, store=self.store, committer=self.committer,
+            clock=self.reactor, metrics=self.metrics,
+            destinations={d.name: d for d in self.bundle.config.destinations},
+            control_ids=ControlIds("KT-"),
+        )
+
+    def receive(self, raw: bytes) -> int:
+        header = read_header(raw, default_charset="8859/1")
+        message = received(header.control_id, raw=raw, received_at=self.reactor.seconds(), sender=header.sender,
+                           message_type=header.type_and_trigger, structure=None, version=header.version,
+                           charset=header.hl7_charset, duplicate_window=0, targets=())
+        (result,) = self.store.write([Append(message=message)])
+        from engine.shell.processor import Work
+
+        self.processor.submit(Work(message_id=result.message_id, channel="zorgdomein-in",
+                                   mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
+        for _ in range(20):
+            self.reactor.advance(0)
+        return result.message_id
+
+    def outcome(self, message_id: int) -> tuple[str, str]:
+        (row,) = [m for m in self.store.list_messages(limit=1000) if m.id == message_id]
+        return row.processing, row.processing_detail
+
+    def entry(self):
+        (entry,) = self.store.list_agenda_entries(limit=10)
+        return entry
+
+    def sent(self, destination_type: str) -> list[int]:
+        """Origins of the outbound messages of this type (what the hospital's systems get)."""
+        return [m.origin_id for m in self.store.list_messages(limit=1000)
+                if m.origin_id is not None and m.message_type == destination_type]
+
+
+@pytest.fixture
+def world(tmp_path):
+    harnesses = []
+
+    def make(name: str) -> Harness:
+        harness = Harness(tmp_path / name)
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        harness.store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The HIS gets the request's SIU^S12 only for an entry still `requested`: not when a booking or
+# cancellation that came before the request (held for it) is applied in the same step.
+
+@pytest.mark.parametrize("before", [["S12"], ["S12", "S15"]], ids=["booked", "booked-and-cancelled"])
+def test_the_his_gets_no_request_for_a_referral_the_scheduler_booked_before_the_request_came(world, before):
+    """README: "the HIS gets the request's SIU^S12 only while the entry is `requested`, never
+    for one the scheduler already booked or that is closed". A booking (and its cancel) held
+    until the SRM came were applied after the SRM's SIU^S12 was built, so the HIS was asked
+    to plan an appointment it had already booked (or cancelled)."""
+    h = world("held")
+    for trigger in before:
+        assert h.outcome(h.receive(siu(trigger)))[0] == "held"
+    request = h.receive(srm())
+    entry = h.entry()
+    assert entry.state == ("booked" if before == ["S12"] else "cancelled")
+    assert h.sent("SIU^S12") == []  # the request went out for an entry no longer `requested`
+    assert h.outcome(request)[0] == "mapped"
+
+    # whereas a letter held before the request leaves it requested: the HIS does get it
+    h = world("letter")
+    h.receive(oru())
+    request = h.receive(srm())
+    assert h.entry().state == "requested" and h.sent("SIU^S12") == [request]
+    assert len(h.sent("MDM^T02")) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A message about another patient is refused whether it comes before or after the cancel.
+
+@pytest.mark.parametrize("order", [("other", "own"), ("own", "other")], ids=["stranger-first", "stranger-last"])
+def test_a_cancel_about_another_patient_is_refused_whether_or_not_the_entry_is_already_cancelled(world, order):
+    """An S04 naming another BSN for an open entry is refused (patient-mismatch); once the
+    entry was cancelled the same message was recorded 'mapped' to that entry, as if it were
+    about this patient."""
+    h = world("-".join(order))
+    h.receive(srm())
+    ids = {}
+    for who in order:
+        ids[who] = h.receive(srm("S04", control_id=who, bsn=OTHER_BSN if who == "other" else BSN))
+    assert h.entry().state == "cancelled"
+    assert json.loads(h.entry().data)["patient.bsn"] == BSN
+    assert h.outcome(ids["own"])[0] == "mapped"
+    assert h.outcome(ids["other"]) == ("error", "cannot cancel: the message's patient (BSN) is not the entry's")
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["SRM", "ORU", "S12", "S15"])), ids="-".join)
+def test_every_order_of_request_letter_booking_and_cancel_asks_the_his_only_while_requested(world, order):
+    """Whatever the order, the entry ends the cancelled request with its letter; the HIS is
+    asked to plan it only if the request came before the scheduler's booking (in the
+    natural order), never after the scheduler booked it."""
+    make = {"SRM": srm, "ORU": oru, "S12": lambda: siu("S12"), "S15": lambda: siu("S15")}
+    h = world("-".join(order))
+    ids = {name: h.receive(make[name]()) for name in order}
+    at = order.index
+    # the cancel waits for the entry only behind an earlier held message (the letter or the
+    # booking); first of all, with nothing waiting, it is refused with a reason
+    cancel_held = at("S15") < at("SRM") and min(at("ORU"), at("S12")) < at("S15")
+    cancel_applies = at("S15") > at("SRM") or cancel_held
+    if not cancel_applies:
+        assert h.outcome(ids["S15"]) == ("error", "cannot cancel: no entry for this ZD-number")
+    entry = h.entry()
+    assert (entry.kind, len(entry.attachments)) == ("appointment-request", 1)
+    assert entry.state == ("cancelled" if cancel_applies else "booked")
+    # asked only while requested: the booking and the held cancel came after the request
+    asked = at("SRM") < at("S12") and not cancel_held
+    assert h.sent("SIU^S12") == ([ids["SRM"]] if asked else [])
+    assert not h.store.has_held_events()
