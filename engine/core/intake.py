@@ -110,8 +110,8 @@ class Assessment:
 def assess(payload: bytes, *, rules: AcceptRules, default_charset: str) -> Assessment:
     header = read_header(payload, default_charset=default_charset)
     rejection = header.rejection or check_accept(header, rules)
-    if rejection is not None and rejection.ack_code == "AR" and rules.rejected_code != "AR":
-        rejection = replace(rejection, ack_code=rules.rejected_code)
+    if rejection is not None:
+        rejection = as_refused(rejection, rules.rejected_code)
     return Assessment(
         header=header, rejection=rejection, payload_hash=hashlib.sha256(payload).digest()
     )
@@ -120,5 +120,12 @@ def assess(payload: bytes, *, rules: AcceptRules, default_charset: str) -> Asses
 def assess_oversize(head: bytes, *, default_charset: str, rejected_code: str = "AR") -> Assessment:
     """An over-limit frame: answer AR "too large", mirroring what its head lets us read."""
     header = read_header(head, default_charset=default_charset)
-    rejection = TOO_LARGE if rejected_code == "AR" else replace(TOO_LARGE, ack_code=rejected_code)
-    return Assessment(header=header, rejection=rejection, payload_hash=b"")
+    return Assessment(header=header, rejection=as_refused(TOO_LARGE, rejected_code), payload_hash=b"")
+
+
+def as_refused(rejection: Rejection, code: str) -> Rejection:
+    """``rejection`` answered with the channel's code for a refusal (``ack.rejected``) where
+    HL7 says AR; every other answer as it is."""
+    if rejection.ack_code != "AR" or code == "AR":
+        return rejection
+    return replace(rejection, ack_code=code)

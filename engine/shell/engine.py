@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from engine.config import ChannelConfig, EngineConfig
 from engine.core.errors import ErrorCode, Rejection
 from engine.core.header import read_header
-from engine.core.intake import STORE_FAILED, AcceptRules, Assessment
+from engine.core.intake import STORE_FAILED, AcceptRules, Assessment, as_refused
 from engine.log import get_logger, safe_error
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
@@ -99,7 +99,7 @@ def receive_settings(
             if sender is not None:
                 sender.enqueued()
 
-    filtered = FILTERED if channel.ack.rejected == "AR" else replace(FILTERED, ack_code=channel.ack.rejected)
+    filtered = as_refused(FILTERED, channel.ack.rejected)
     map_routes = [route for route in channel.routes if route.map]
     filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
     on_map = channel.ack.mode == "on-map"
