@@ -16,7 +16,7 @@ import socket
 from collections import deque
 
 from twisted.internet import defer, protocol
-from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed, TimeoutError
 
 from engine.core import mllp
 from engine.shell.wire import keep_alive, send_now, unsent
@@ -197,6 +197,8 @@ def describe_failure(error: BaseException) -> str:
         return f"TLS failed ({error})"
     if isinstance(error, TimeoutError):  # Twisted's: ours for the ACK, the endpoint's for a connect
         return ACK_TIMEOUT if getattr(error, "osError", None) == ACK_TIMEOUT else "connect timed out"
+    if isinstance(error, (defer.TimeoutError, ConnectingCancelledError)):
+        return "connect timed out"  # a connect cut by addTimeout (a TCP one fails as cancelled)
     name = type(error).__name__
     known = _KNOWN_ERRORS.get(name)
     if known is not None:

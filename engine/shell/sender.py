@@ -30,8 +30,6 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.error import TimeoutError as EndpointTimeoutError
 
 from engine.config import DestinationConfig
 from engine.core.delivery import judge
@@ -97,10 +95,7 @@ class Lane:
             d.addTimeout(sender.settings.connect_timeout, sender.reactor)
             client = yield d
         except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
-            # Not an ACK timeout. A TCP connect cancelled by addTimeout fails with ConnectingCancelledError.
-            timed_out = isinstance(error, (defer.TimeoutError, EndpointTimeoutError,
-                                           ConnectingCancelledError))
-            self.connect_error = "connect timed out" if timed_out else describe_failure(error)
+            self.connect_error = describe_failure(error)
             self.connect_failures += 1
             self._set_up(False)
             return None
