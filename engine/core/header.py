@@ -63,7 +63,6 @@ class Header:
     codec: str  # Python codec for decoding a copy ("latin-1" if the charset is unknown)
     rejection: Rejection | None = None
     bom: bool = False
-    batch: bool = False  # read from FHS/BHS (fields then hold MSH-3..6 and MSH-10 only)
 
     def field(self, number: int) -> bytes:
         """Raw MSH-n (n >= 2); b"" when absent."""
@@ -229,7 +228,6 @@ def _batch(raw: bytes, start: int, bom: bool) -> Header:
         bom,
         Delimiters(field=sep, encoding=encoding),
         (b"MSH", encoding, *fields[2:6], b"", b"", b"", fields[10]),
-        batch=True,
     )
 
 
@@ -270,8 +268,6 @@ def _unreadable(
     bom: bool,
     delimiters: Delimiters = DEFAULT_DELIMITERS,
     fields: tuple[bytes, ...] = (b"MSH",),
-    *,
-    batch: bool = False,
 ) -> Header:
     """A header we cannot trust beyond MSH-1: fields are kept only to mirror them."""
     return Header(
@@ -286,5 +282,4 @@ def _unreadable(
             location=ErrorLocation(field=field) if field else ErrorLocation(),
         ),
         bom=bom,
-        batch=batch,
     )
