@@ -735,17 +735,9 @@ def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = Non
     process for longer than its busy timeout, a full disk) or the command is interrupted, the
     error says what the earlier steps did, so the operator is not told only "failed" about
     entries that were in fact re-queued (and that the engine may be sending already)."""
-    from engine.store import StoreError
-
     done = [] if done is None else done
     while True:
-        try:
-            step = _write(store, make_op())
-        except (StoreError, KeyboardInterrupt) as error:
-            if not done:
-                raise
-            raise _stopped_half_way(error, done, what) from None
-        done.extend(step)
+        step = _committed_step(store, make_op(), done, what)
         if len(step) < STEP:
             return done
 
@@ -756,17 +748,25 @@ def _by_chunks(store, ids: Sequence[int], make_op: Callable[[tuple[int, ...]], A
     piped in from a listing may be tens of thousands, and one transaction for all of them held
     the store's write lock for seconds (past the engine's 5 s, its commits fail and senders get
     AE). Results concatenated; a failure after some steps says what they did (see _in_steps)."""
-    from engine.store import StoreError
-
     done: list[int] = []
     for start in range(0, len(ids), STEP):
-        try:
-            done.extend(_write(store, make_op(tuple(ids[start:start + STEP]))))
-        except (StoreError, KeyboardInterrupt) as error:
-            if not done:
-                raise
-            raise _stopped_half_way(error, done, what, new_ids=new_ids) from None
+        _committed_step(store, make_op(tuple(ids[start:start + STEP])), done, what, new_ids=new_ids)
     return done
+
+
+def _committed_step(store, op, done: list[int], what: str, *, new_ids: bool = True) -> list[int]:
+    """One step of a command that writes in steps: its results (also added to ``done``), or,
+    when it fails after earlier steps committed, a failure that says what those did."""
+    from engine.store import StoreError
+
+    try:
+        step = _write(store, op)
+    except (StoreError, KeyboardInterrupt) as error:
+        if not done:
+            raise
+        raise _stopped_half_way(error, done, what, new_ids=new_ids) from None
+    done.extend(step)
+    return step
 
 
 def _stopped_half_way(error: BaseException, done: Sequence[int], what: str, *, new_ids: bool = True) -> _Fail:
