@@ -417,7 +417,7 @@ class Processor:
             state = entry.state
             for item, (message_id, decision) in zip(held, released.results):
                 if isinstance(decision, ag.Update):
-                    if decision.ranks:
+                    if decision.noop and decision.ranks:  # nothing changed but which kind set some fields
                         ops.append(self._save_op(decision.entry, int(entry.id), int(message_id), "release", state,
                                                  (), at, history=False))
                     if not decision.noop:
