@@ -15,7 +15,7 @@ from engine.cli import main
 from engine.core import agenda as ag
 from engine.store import StoreError
 from tests.factories import store_with_messages
-from tests.test_sender import NAME, Harness
+from tests.test_sender import NAME, Harness, make  # noqa: F401 - make: the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,52 +33,44 @@ def _store_full(h: Harness):
     return original
 
 
-def test_a_stopped_sender_gives_its_refused_marks_a_last_try(tmp_path):
+def test_a_stopped_sender_gives_its_refused_marks_a_last_try(make):
     """A reload removes the queue (the sender stops, the engine runs on) right after the disk got
     room again: the marks waiting for their retry were given up without being tried, so messages
     the destination had acknowledged stayed 'pending' and went out again later. Before the marks
     were retried together, each one's pending retry still reached the store."""
-    h = Harness(tmp_path)
-    try:
-        h.enqueue("C1", "C2")
-        h.start()
-        original = _store_full(h)
-        h.destination.answer("AA")
-        h.run(0.1)
-        h.destination.answer("AA")
-        h.run(0.1)  # both marks refused, waiting for their retry
-        h.store.write = original  # room again
-        h.sender.stop()
-        h.run(2.0)
-        assert h.states() == ["delivered", "delivered"]
-        assert h.destination.received() == ["C1", "C2"]
-    finally:
-        h.sender.stop()
-        h.store.close()
+    h = make()
+    h.enqueue("C1", "C2")
+    h.start()
+    original = _store_full(h)
+    h.destination.answer("AA")
+    h.run(0.1)
+    h.destination.answer("AA")
+    h.run(0.1)  # both marks refused, waiting for their retry
+    h.store.write = original  # room again
+    h.sender.stop()
+    h.run(2.0)
+    assert h.states() == ["delivered", "delivered"]
+    assert h.destination.received() == ["C1", "C2"]
 
 
-def test_a_switch_to_fifo_does_not_resend_an_entry_whose_delivered_mark_waits(tmp_path):
+def test_a_switch_to_fifo_does_not_resend_an_entry_whose_delivered_mark_waits(make):
     """Unordered, C1 is acknowledged while the disk is full: its mark waits. A reload switches the
     queue to fifo, which reads the queue from its head again and found C1 still 'pending' in the
     store: it sent C1 a second time (unordered skips entries whose bookkeeping is unsettled)."""
-    h = Harness(tmp_path, order="none")
-    try:
-        h.enqueue("C1", "C2")
-        h.start()
-        original = _store_full(h)
-        h.destination.answer("AA")  # C1 delivered, its mark refused
-        h.run(0.1)
-        h.sender.update({NAME: replace(h.config, order="fifo")})  # C2 in flight: after its answer
-        h.destination.answer("AA")
-        h.run(0.5)
-        assert h.destination.received() == ["C1", "C2"]
-        h.store.write = original
-        h.run(2.0)
-        assert h.states() == ["delivered", "delivered"]
-        assert h.destination.received() == ["C1", "C2"]
-    finally:
-        h.sender.stop()
-        h.store.close()
+    h = make(order="none")
+    h.enqueue("C1", "C2")
+    h.start()
+    original = _store_full(h)
+    h.destination.answer("AA")  # C1 delivered, its mark refused
+    h.run(0.1)
+    h.sender.update({NAME: replace(h.config, order="fifo")})  # C2 in flight: after its answer
+    h.destination.answer("AA")
+    h.run(0.5)
+    assert h.destination.received() == ["C1", "C2"]
+    h.store.write = original
+    h.run(2.0)
+    assert h.states() == ["delivered", "delivered"]
+    assert h.destination.received() == ["C1", "C2"]
 
 
 # --------------------------------------------------------------------------- koppel store backup
