@@ -11,6 +11,8 @@ DEFAULT_STORE = "sqlite:var/koppel.db"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from engine.store import PROCESSING_OUTCOMES
+
     parser = argparse.ArgumentParser(prog="koppel", description="Koppel HL7 v2 interface engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--channel")
     messages.add_argument("--control-id")
     messages.add_argument("--status", choices=["accepted", "rejected"])
+    messages.add_argument("--processing", choices=PROCESSING_OUTCOMES,
+                          help="what mapping did with it (error: to fix, then `koppel reprocess`)")
     from engine import operator
 
     messages.add_argument("--limit", type=operator.limit_arg, default=50, help="at most this many (default 50)")
@@ -398,7 +402,7 @@ def _messages(args) -> int:
     try:
         try:
             rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
-                                       limit=args.limit)
+                                       processing=args.processing, limit=args.limit)
         except StoreError as error:  # a damaged or locked store: one line, as the other commands say it
             sys.stderr.write(f"error: {error}\n")
             return 1

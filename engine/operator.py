@@ -831,7 +831,7 @@ def dead_letters_drop(args, store, dests) -> int:
 
 @_command
 def audit(args, store, dests) -> int:
-    """Operator actions (resend, replay, drop, move, pause, resume, retry-now), newest first."""
+    """Operator actions (resend, replay, drop, move, pause, resume, retry-now, reprocess), newest first."""
     now = _now()
     records = store.list_audit(args.limit)
     if not records:
@@ -887,6 +887,72 @@ def resend(args, store, dests) -> int:
           f"{message.control_id or '-'}) for {name} on queue {resolved.queue} as entry "
           f"{_id_list(new)}")
     return OK
+
+
+# --------------------------------------------------------------------------- reprocess
+
+
+def _why_not_reprocessable(message, outcomes: Sequence[str]) -> str | None:
+    if message.status != "accepted":
+        return (f"message {message.id} was answered {message.ack_code or 'with a NAK'}: "
+                "its sender resends it, corrected")
+    if message.origin_id is not None:
+        return f"message {message.id} was built by mapping message {message.origin_id}: reprocess that one"
+    if message.processing not in outcomes:
+        was = message.processing or "not mapped (no mapping route took it when it arrived)"
+        return f"message {message.id} is {was}, not {' or '.join(outcomes)}"
+    return None
+
+
+@_command
+def reprocess(args, store, dests) -> int:
+    """Hand messages whose mapping failed (fixed and reloaded since) to mapping again."""
+    from engine.store import Reprocess
+
+    reason = _optional_reason(args)
+    outcomes = tuple(args.outcome or ("error",))
+    if bool(args.ids) == (args.channel is not None):
+        raise _Fail(USAGE, "give message ids or --channel NAME (not both)")
+    configured = dests.error is None
+    if args.channel is not None:
+        if configured and dests.channel(args.channel) is None:
+            raise _Fail(NOTHING, f"no channel {args.channel!r} in {args.channels}: its messages would "
+                                 "only be marked error again (nothing changed)")
+        done: list[int] = []
+        done = _in_steps(store, lambda: Reprocess(channel=args.channel, outcomes=outcomes, at=_now(), limit=STEP,
+                                                  after_id=done[-1] if done else 0, reason=reason),
+                         done=done, what="were handed to mapping again")
+        if not done:
+            print(f"channel {args.channel}: no accepted message is {' or '.join(outcomes)}, nothing changed")
+            return NOTHING
+    else:
+        problems, ids = [], []
+        wanted = list(dict.fromkeys(args.ids))
+        found = {m.id: m for start in range(0, len(wanted), STEP)
+                 for m in store.list_messages(message_ids=wanted[start:start + STEP], limit=STEP)}
+        for message_id in wanted:
+            message = found.get(message_id)
+            why = (f"no message {message_id} (never stored, or pruned)" if message is None
+                   else _why_not_reprocessable(message, outcomes))
+            if why is None and configured and dests.channel(message.channel) is None:
+                why = f"message {message_id}'s channel {message.channel} is not in {args.channels}"
+            if why is not None:
+                problems.append(why)
+            else:
+                ids.append(message_id)
+        if problems:
+            raise _Fail(NOTHING, "; ".join(problems) + " (nothing changed)")
+        done = _by_chunks(store, sorted(ids), lambda chunk: Reprocess(message_ids=chunk, outcomes=outcomes,
+                                                                      at=_now(), reason=reason),
+                          what="were handed to mapping again", new_ids=False)
+        if len(done) < len(ids):
+            print(f"{len(ids) - len(done)} of the messages changed meanwhile and were not handed on: "
+                  f"{_id_list(sorted(set(ids) - set(done)))}")
+    print(f"{_plural(len(done), 'message')} handed to mapping again ({_id_list(done)}): a running engine maps "
+          "them within a minute (its admin API at once), a stopped one when it starts; "
+          "see `koppel messages` and the audit log")
+    _log_action("operator.reprocess", messages=len(done), channel=args.channel, reason_given=reason is not None)
+    return OK if args.channel is not None or len(done) == len(ids) else NOTHING
 
 
 # How far after a message `resend` looks for the messages its mapping built (they are stored
@@ -1301,6 +1367,16 @@ def register(subparsers) -> None:
                    help="queue the message as it was received even if DEST gets this type only as "
                         "mapped (by default refused: resend a message built from it instead)")
     p.set_defaults(func=resend)
+
+    p = common(subparsers.add_parser("reprocess", help="hand messages whose mapping failed to mapping again "
+                                                       "(after fixing and reloading the mapping)"))
+    p.add_argument("ids", metavar="MESSAGE-ID", type=id_arg, nargs="*", help="stored message ids")
+    p.add_argument("--channel", default=None, help="every such message of this channel, oldest first")
+    p.add_argument("--outcome", action="append", choices=["error", "filtered"], default=None,
+                   help="which mapping outcome to take again (default error; repeat for both; filtered: "
+                        "those no route mapped, for a route added since)")
+    p.add_argument("--reason", default=None, help="why (kept in the audit log)")
+    p.set_defaults(func=reprocess)
 
     storep = subparsers.add_parser("store", help="back up or check the store (safe while the engine runs)")
     ssub = storep.add_subparsers(dest="action", required=True)

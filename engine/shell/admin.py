@@ -32,6 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web import resource, server
 
 from engine.log import get_logger, safe_error
+from engine.store import PROCESSING_OUTCOMES
 
 TOKEN_ENV = "KOPPEL_ADMIN_TOKEN"
 MAX_BODY = 64 * 1024  # request bodies (a drop reason) are small
@@ -229,8 +230,9 @@ _ROUTES: list[tuple[str, tuple[str | None, ...], str, frozenset[str]]] = [
     ("POST", ("dead-letters", None, "replay"), "replay", frozenset()),
     ("POST", ("dead-letters", None, "drop"), "drop", frozenset()),
     ("GET", ("messages",), "messages",
-     frozenset({"channel", "type", "control_id", "zd", "status", "since", "until", "limit"})),
+     frozenset({"channel", "type", "control_id", "zd", "status", "processing", "since", "until", "limit"})),
     ("GET", ("messages", None), "message", frozenset({"include"})),
+    ("POST", ("messages", None, "reprocess"), "reprocess", frozenset()),
     ("GET", ("agenda",), "agenda", frozenset({"agenda", "state", "since", "until", "limit"})),
     ("GET", ("agenda", None), "agenda_entry", frozenset({"include"})),
 ]
@@ -556,7 +558,7 @@ class AdminAPI(resource.Resource):
         return 200, {"entry": entry.id, "queue": entry.queue, "dropped": True, "reason": reason}
 
     @staticmethod
-    def _reason(request) -> str:
+    def _reason(request, *, required: bool = True) -> str | None:
         content = getattr(request, "content", None)
         raw = content.read(MAX_BODY + 1) if content is not None else b""
         if len(raw) > MAX_BODY:
@@ -566,6 +568,8 @@ class AdminAPI(resource.Resource):
         except (UnicodeDecodeError, ValueError):
             raise _bad('the body must be JSON: {"reason": "why"}') from None
         reason = body.get("reason") if isinstance(body, dict) else None
+        if reason is None and not required:
+            return None
         if not isinstance(reason, str) or not any(char.isalnum() for char in reason):
             raise _bad('give a reason in the JSON body: {"reason": "why"} (it is kept in the audit log)')
         return " ".join(reason.split())[:500]
@@ -600,9 +604,13 @@ class AdminAPI(resource.Resource):
         status = params.text("status")
         if status not in (None, "accepted", "rejected"):
             raise _bad("status must be accepted or rejected")
+        processing = params.text("processing")
+        if processing not in (None, *PROCESSING_OUTCOMES):
+            raise _bad(f"processing must be one of {', '.join(PROCESSING_OUTCOMES)}")
         query = dict(
             channel=params.text("channel"), message_type=params.text("type"), control_id=control_id or zd,
-            since=params.time("since"), until=params.time("until"), status=status, limit=params.limit(),
+            since=params.time("since"), until=params.time("until"), status=status, processing=processing,
+            limit=params.limit(),
         )
         if control_id is not None and zd is not None and control_id != zd:
             rows = []  # filters combine with AND: one MSH-10 cannot be two values
@@ -652,6 +660,35 @@ class AdminAPI(resource.Resource):
             out["body"] = base64.b64encode(m.raw).decode("ascii")
             out["body_encoding"] = "base64"
         return 200, out
+
+    @defer.inlineCallbacks
+    def _reprocess(self, request, params, text):
+        """As `koppel reprocess ID` (either outcome: the operator names the one message), and
+        mapped at once when this process maps, not at the next resume."""
+        from engine.operator import _why_not_reprocessable
+        from engine.store import REPROCESSABLE, Reprocess
+
+        reason = self._reason(request, required=False)
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise _not_found(f"no message {text!r}")
+        rows = yield self._read(self.engine.store.list_messages, message_ids=[int(text)], limit=1)
+        if not rows:
+            raise _not_found(f"no message {text} (never stored, or pruned)")
+        message = rows[0]
+        why = _why_not_reprocessable(message, REPROCESSABLE)
+        if why is None and message.channel not in {c.name for c in self.engine.config.channels}:
+            why = f"message {message.id}'s channel {message.channel} is not configured: it would be an error again"
+        if why is not None:
+            raise ApiError(409, "not_reprocessable", why)
+        done = yield self.engine.committer.submit(
+            Reprocess(message_ids=(message.id,), outcomes=REPROCESSABLE, at=self._now(), reason=reason))
+        if not done:
+            raise ApiError(409, "not_reprocessable", f"message {message.id} changed meanwhile; look again")
+        now = self.engine.map_again(message.id)
+        self.log.info("admin.message_reprocessed", message_id=message.id, was=message.processing,
+                      channel=message.channel, **self._caller(request))
+        return 200, {"message": message.id, "was": message.processing, "processing": "pending",
+                     "mapping": "started" if now else "by the receiving process, within a minute"}
 
     # -- agendas -------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -610,7 +610,7 @@ class Engine(service.MultiService):
         processor is not already working on."""
         if not receives(self.role):
             return
-        factories = {listener.factory.settings.channel: listener.factory for listener in self.listeners}
+        factories = self._factories()
         after, resumed = 0, 0
         while True:
             page = self.store.pending_processing(after_id=after, limit=500, received_before=received_before)
@@ -618,24 +618,41 @@ class Engine(service.MultiService):
                 break
             for message in page:
                 after = message.id
-                if message.id in self._handing or (self.processor is not None and self.processor.handling(message.id)):
-                    continue
-                factory = factories.get(message.channel)
-                if factory is None:  # the channel is gone from the config
-                    self.committer.submit(SetProcessing(message_id=message.id, outcome="error",
-                                                        detail="not mapped: its channel is no longer configured"))
-                    continue
-                header = read_header(message.raw, default_charset=factory.settings.default_charset)
-                assessment = Assessment(header=header, rejection=None, payload_hash=message.payload_hash)
-                d = factory.settings.resume(message.id, assessment, message.raw, message.received_at,
-                                            functools.partial(factory.acknowledge, assessment),
-                                            message.processing == PENDING)
-                if d is not None:
-                    d.addErrback(lambda failure, mid=message.id: self.log.error(
-                        "mapping.resume_failed", message_id=mid, error=safe_error(failure.value)))
-                resumed += 1
+                resumed += self._resume_one(message, factories)
         if resumed:
             self.log.warning("mapping.resumed", messages=resumed)
+
+    def _factories(self) -> dict:
+        return {listener.factory.settings.channel: listener.factory for listener in self.listeners}
+
+    def map_again(self, message_id: int) -> bool:
+        """Hand one message an operator set PENDING again (Reprocess) to mapping now, not at the
+        next resume; False when this process does not map (--role deliver) or it is not pending."""
+        if not receives(self.role):
+            return False
+        message = self.store.get_message(message_id)
+        if message is None or message.processing != PENDING:
+            return False
+        return bool(self._resume_one(message, self._factories()))
+
+    def _resume_one(self, message, factories: dict) -> int:
+        """Resume one stored PENDING/UNANSWERED message; 1 if handed on, 0 if already on its way."""
+        if message.id in self._handing or (self.processor is not None and self.processor.handling(message.id)):
+            return 0
+        factory = factories.get(message.channel)
+        if factory is None:  # the channel is gone from the config
+            self.committer.submit(SetProcessing(message_id=message.id, outcome="error",
+                                                detail="not mapped: its channel is no longer configured"))
+            return 0
+        header = read_header(message.raw, default_charset=factory.settings.default_charset)
+        assessment = Assessment(header=header, rejection=None, payload_hash=message.payload_hash)
+        d = factory.settings.resume(message.id, assessment, message.raw, message.received_at,
+                                    functools.partial(factory.acknowledge, assessment),
+                                    message.processing == PENDING)
+        if d is not None:
+            d.addErrback(lambda failure, mid=message.id: self.log.error(
+                "mapping.resume_failed", message_id=mid, error=safe_error(failure.value)))
+        return 1
 
     def _resume_late(self) -> None:
         try:

@@ -549,6 +549,37 @@ class SetProcessing:
     ack: bytes | None = None
 
 
+# What an operator may hand to mapping again: a mapping that failed (fixed since, and
+# reloaded), or a message no route mapped (a route added since). Not 'mapped' (its entry
+# and outbound messages exist: a second run would send them twice) nor 'held' (it waits).
+REPROCESSABLE = ("error", "filtered")
+# Every value of a message's processing column (None: nothing to map, sent on as received).
+PROCESSING_OUTCOMES = (PENDING, UNANSWERED, "mapped", "held", "error", "filtered", "forwarded")
+
+
+@_value
+class Reprocess:
+    """Hand accepted messages whose mapping ended in one of ``outcomes`` to mapping again, by
+    id or the oldest of one channel: each becomes PENDING, which the engine's resume maps
+    (while it runs, within its resume interval; else at its next start), with one audit
+    record ('reprocess') saying what it was. Messages Koppel built, and ones answered with a
+    NAK (their sender resends), are never taken. Result: tuple of the ids set pending, in
+    id order; with ``channel`` at most ``limit`` with ids above ``after_id``."""
+
+    at: float
+    message_ids: tuple[int, ...] = ()
+    channel: str | None = None
+    outcomes: tuple[str, ...] = ("error",)
+    after_id: int = 0
+    limit: int = 500
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.message_ids) == (self.channel is not None):
+            raise ValueError("give either message_ids or channel")
+        if not self.outcomes or any(o not in REPROCESSABLE for o in self.outcomes):
+            raise ValueError(f"outcomes must be among {', '.join(REPROCESSABLE)}")
+
 
 WriteOp = Union[
     Append,
@@ -570,6 +601,7 @@ WriteOp = Union[
     HoldEvent,
     ReleaseHeld,
     SetProcessing,
+    Reprocess,
 ]
 WriteResult = Union[AppendResult, bool, int, tuple[int, ...], PruneResult, None]
 
@@ -604,6 +636,7 @@ class MessageStore(Protocol):
         status: MessageStatus | None = None,
         limit: int = 100,
         message_ids: Sequence[int] | None = None,
+        processing: str | None = None,
     ) -> list[MessageSummary]: ...
 
     def queue_head(

@@ -58,6 +58,7 @@ from engine.store import (
     SetPaused,
     MoveQueue,
     RecordAudit,
+    Reprocess,
     SetProcessing,
     StoreBusy,
     StoredMessage,
@@ -71,6 +72,8 @@ __all__ = ["SQLiteConfig", "SQLiteStore", "parse_sqlite_url"]
 
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+# What `koppel messages` shows for a message an operator handed to mapping again, until it is.
+REPROCESS_DETAIL = "to be mapped again (koppel reprocess)"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -646,6 +649,35 @@ class _Transaction:
             (op.outcome, op.detail, op.ack_code, op.ack, op.detail, op.message_id),
         )
 
+    def _reprocess(self, op: Reprocess) -> tuple[int, ...]:
+        outcomes = _placeholders(len(op.outcomes))
+        taken = ("status = 'accepted' AND origin_id IS NULL "
+                 f"AND processing IN ({outcomes})")
+        if op.channel is not None:
+            rows = self._conn.execute(
+                f"SELECT id, processing, processing_detail FROM messages WHERE channel = ? AND id > ? AND {taken} "
+                "ORDER BY id LIMIT ?",
+                (op.channel, op.after_id, *op.outcomes, op.limit),
+            ).fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(sorted(set(op.message_ids))):
+                rows += self._conn.execute(
+                    f"SELECT id, processing, processing_detail FROM messages "
+                    f"WHERE id IN ({_placeholders(len(chunk))}) AND {taken}",
+                    (*chunk, *op.outcomes),
+                ).fetchall()
+        rows.sort()
+        for chunk in _chunks([row[0] for row in rows]):
+            self._conn.execute(
+                f"UPDATE messages SET processing = ?, processing_detail = ? WHERE id IN ({_placeholders(len(chunk))})",
+                (PENDING, REPROCESS_DETAIL, *chunk),
+            )
+        for message_id, outcome, detail in rows:
+            why = f"was {outcome}" + (f" ({detail})" if detail else "") + (f": {op.reason}" if op.reason else "")
+            self._audit(op.at, "reprocess", None, None, message_id, why)
+        return tuple(row[0] for row in rows)
+
     def _heartbeat(self, op: Heartbeat) -> None:
         self._conn.execute(
             "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = ?", (op.at, op.at)
@@ -663,6 +695,7 @@ class _Transaction:
         HoldEvent: _hold_event,
         ReleaseHeld: _release_held,
         SetProcessing: _set_processing,
+        Reprocess: _reprocess,
         MarkDelivered: _mark_delivered,
         RecordFailure: _record_failure,
         DeadLetter: _dead_letter,
@@ -959,6 +992,7 @@ class SQLiteStore:
         status: MessageStatus | None = None,
         limit: int = 100,
         message_ids: Sequence[int] | None = None,
+        processing: str | None = None,
     ) -> list[MessageSummary]:
         """Newest first, without bodies. `since` inclusive, `until` exclusive; `message_ids`
         (at most a few hundred: an entry's history) narrows to those."""
@@ -975,6 +1009,7 @@ class SQLiteStore:
             ("received_at >= ?", since),
             ("received_at < ?", until),
             ("status = ?", status),
+            ("processing = ?", processing),
         ):
             if value is not None:
                 where.append(clause)
