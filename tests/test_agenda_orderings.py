@@ -182,3 +182,21 @@ def test_every_order_of_request_letter_booking_and_cancel_asks_the_his_only_whil
     asked = at("SRM") < at("S12") and not cancel_held
     assert h.sent("SIU^S12") == ([ids["SRM"]] if asked else [])
     assert not h.store.has_held_events()
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["SRM", "ORU", "S12", "S13"])), ids="-".join)
+def test_every_order_of_request_letter_booking_and_reschedule_ends_rescheduled(world, order):
+    """The scheduler's S13 waits for the S12 it changes, wherever it comes: the entry ends
+    rescheduled to the S13's slot with its letter, every message mapped, nothing left held.
+    It was refused before its S12 ("entry is requested", or "no entry" before the request),
+    and the entry ended booked at the S12's slot."""
+    make = {"SRM": srm, "ORU": oru, "S12": lambda: siu("S12"), "S13": lambda: siu("S13", start="20261217140000+0100")}
+    h = world("-".join(order))
+    ids = {name: h.receive(make[name]()) for name in order}
+    entry = h.entry()
+    assert (entry.kind, entry.state, len(entry.attachments)) == ("appointment-request", "rescheduled", 1)
+    assert json.loads(entry.data)["booked_start"] == "2026-12-17T14:00:00+01:00"
+    assert {name: h.outcome(i)[0] for name, i in ids.items()} == dict.fromkeys(order, "mapped")
+    assert not h.store.has_held_events()
+    # the HIS is asked to plan the request only if it came before the scheduler's booking
+    assert h.sent("SIU^S12") == ([ids["SRM"]] if order.index("SRM") < order.index("S12") else [])

@@ -230,6 +230,26 @@ def test_messages_planned_in_one_batch_see_each_other_before_anything_is_committ
     assert h.store.held_events([f"zd:{ZD}"]) == []
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "one-batch"])
+@pytest.mark.parametrize("change, state", [("S13", "rescheduled"), ("S14", "modified")])
+def test_a_schedulers_change_before_its_booking_waits_for_it(h, batched, change, state):
+    """SRM, then the scheduler's S13 (or S14), then its S12: the change waits for the booking
+    (it was refused "entry is requested", or the S14 changed the request and the older S12
+    wrote its slot over it), in separate commits or planned in one batch."""
+    moved = siu(change).replace(b"20261210093000+0100", b"20261217140000+0100")
+    works = [h.append(raw) for raw in (srm(), moved, siu("S12"))]
+    for work in works:
+        h.processor.submit(work)
+        if not batched:
+            h.settle()
+    h.settle()
+    (entry,) = h.entries()
+    assert entry.state == state
+    assert json.loads(entry.data)["booked_start"] == "2026-12-17T14:00:00+01:00"
+    assert [h.outcome(w.message_id)[0] for w in works] == ["mapped"] * 3
+    assert not h.store.has_held_events()
+
+
 def test_entry_data_is_stored_as_the_same_json_the_plain_conversion_gives():
     import datetime as dt
 
@@ -509,7 +529,8 @@ def test_a_greater_kind_that_only_repeats_values_is_kept_quietly(h):
     message_id = h.receive(ref)
     assert h.outcome(message_id)[0] == "mapped"
     (after,) = h.entries()
-    assert json.loads(after.data)["_sources"]["patient.bsn"] == 1  # the referral's rank, was the order's 3
+    # the referral's rank (an update: half a step above the referral's create), was the order's 3
+    assert json.loads(after.data)["_sources"]["patient.bsn"] == 0.5
     assert {k: v for k, v in json.loads(after.data).items() if k != "_sources"} == {
         k: v for k, v in json.loads(before.data).items() if k != "_sources"}
     assert (after.updated_at, after.state) == (before.updated_at, before.state)

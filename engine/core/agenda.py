@@ -7,7 +7,8 @@ module decides what that event does to the hospital's agendas:
   fallback agenda, flagged so the caller can count it);
 - ``decide(event, existing, ...)`` returns ``Create``, ``Update``, ``Hold`` or ``Reject``;
 - ``release(held, entry, ...)`` replays held events (e.g. a letter that came before its
-  request) in arrival order once their entry exists.
+  request) in arrival order once their entry exists, each when it no longer ``waits`` (a
+  scheduler's S13 held before its S12 applies after the S12).
 
 The store does the I/O: it finds ``existing`` by ``correlation_keys(event)`` (an entry
 answers to ``entry_keys(entry)``), gives a created entry its id (``entry.with_id(...)``;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,6 +62,7 @@ __all__ = [
     "release",
     "states_of",
     "transition",
+    "waits",
 ]
 
 KINDS = ("appointment-request", "referral", "diagnostic-order", "appointment")
@@ -282,8 +285,9 @@ class Update:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hold:
-    """The event's entry does not exist yet: keep the event under ``keys`` and replay it with
-    ``release`` when an entry answering to one of them is created."""
+    """The event's entry does not exist yet, or is not yet in the state the event changes (a
+    scheduler's S13 before its S12: see ``waits``): keep the event under ``keys`` and replay it
+    with ``release`` when an entry answering to one of them is created or changed."""
 
     key: str  # the main key ("zd:...", else "placer:...", else "filler:...")
     keys: tuple[str, ...]
@@ -313,17 +317,22 @@ _KEY_NAMES = {"zd": "ZD-number", "placer": "placer id", "filler": "filler id"}
 
 def _zd_of(zd_number: str | None, placer_id: str | None) -> str | None:
     """The ZD-number of an event or entry: its own, or a placer id that is one (SCH-1 of a
-    booking made for a ZorgDomein referral carries the ZD-number)."""
-    if zd_number:
-        return zd_number.strip().upper()
-    if placer_id and _ZD_RE.fullmatch(placer_id.strip().upper()):
-        return placer_id.strip().upper()
+    booking made for a ZorgDomein referral carries the ZD-number).
+
+    ZorgDomein numbers are upper case (``ZD``/``ZP`` and digits): as the mapping's
+    ``zd_number`` conversion refuses ``zd123...`` in ARQ-1, ORC-4 or MSH-10, a lower-case
+    ZD-shaped placer id is not taken for one either (it stays a plain placer id), so the
+    same text never correlates through one message type and fails in another."""
+    if zd_number and zd_number.strip():
+        return zd_number.strip()
+    if placer_id and _ZD_RE.fullmatch(placer_id.strip()):
+        return placer_id.strip()
     return None
 
 
 def _own_placer(placer_id: str | None, zd: str | None) -> str | None:
     """The placer id worth keeping: not when it is just the ZD-number again (SRM ARQ-1)."""
-    if not placer_id or not placer_id.strip() or placer_id.strip().upper() == zd:
+    if not placer_id or not placer_id.strip() or placer_id.strip() == zd:
         return None
     return placer_id.strip()
 
@@ -333,7 +342,7 @@ def _keys(zd_number: str | None, placer_id: str | None, filler_id: str | None) -
     zd = _zd_of(zd_number, placer_id)
     if zd:
         keys.append(f"zd:{zd}")
-    if placer_id and placer_id.strip() and placer_id.strip().upper() != zd:
+    if placer_id and placer_id.strip() and placer_id.strip() != zd:
         keys.append(f"placer:{placer_id.strip()}")
     if filler_id and filler_id.strip():
         keys.append(f"filler:{filler_id.strip()}")
@@ -593,28 +602,39 @@ SOURCES = "_sources"
 # The rank of a mapping default (sex U when PID-8 is empty): below every kind of message, so
 # any message that sends the field replaces it, and a default never replaces a sent value.
 DEFAULT_RANK = len(KIND_PRECEDENCE)
+# Within one kind, a create ranks below the kind's other messages: it says what was first
+# sent, so an update of the same kind (ORM XO after NW, REF^I13 after I12, the scheduler's
+# S13/S14 after its S12) keeps its values whichever of the two arrives first (a late ORM NW
+# left order_control NW over the XO). A value set by one of these is recorded half a step
+# above its kind (rank - 0.5): a create of the kind does not reach it, any other message of
+# the kind does (among those, the latest). A create, cancel or complete records the kind's own
+# rank (a cancel or complete closes the entry; after it a create of that kind is refused).
+_RESTATING = frozenset({"update", "book", "reschedule", "attach"})
 
 
 def _merge(
     data: Mapping[str, object], fields: Mapping[str, object], *, overwrite: bool = True, rank: int | None = None,
-    defaulted: frozenset[str] = frozenset(),
+    defaulted: frozenset[str] = frozenset(), action: str = "update",
 ) -> tuple[dict[str, object], list[str]]:
-    """Event fields over entry data; empty values never erase what another message said. A
-    field set by a message of a greater kind (lower rank) than this one's is kept; one whose
-    source is not recorded (older entries) follows ``overwrite``. A ``defaulted`` field only
-    fills a field the entry lacks."""
+    """Event fields over entry data; empty values never erase what another message said.
+    ``rank`` is the event's kind's (KIND_PRECEDENCE index). A field set by a message of a
+    greater kind (lower rank) than this one's is kept, and so is one that an update of this
+    kind set when this is a create (see _RESTATING); one whose source is not recorded (older
+    entries) follows ``overwrite``. A ``defaulted`` field only fills a field the entry lacks."""
     merged = dict(data)
     sources = dict(merged.get(SOURCES) or {})
     changed: list[str] = []
+    reach = None if rank is None else rank if action == "create" else rank - 0.5  # what it may replace
+    record = None if rank is None else rank - 0.5 if action in _RESTATING else rank  # what it leaves
     for name, value in fields.items():
         if name == "attachments" or name == SOURCES or _is_empty(value):
             continue
-        field_rank = DEFAULT_RANK if name in defaulted else rank
+        field_rank = DEFAULT_RANK if name in defaulted else record
         if name in merged:
             if name in defaulted:
                 continue
             source = sources.get(name)
-            allowed = overwrite if source is None or rank is None else rank <= source
+            allowed = overwrite if source is None or reach is None else reach <= source
             if not allowed:
                 continue
         if isinstance(value, list):
@@ -646,15 +666,19 @@ def decide(
     on event content. ``waiting``: messages for these keys are already held for their entry.
 
     - no entry: create -> Create (agenda from ``book.select``); attach -> Hold (a letter may
-      come before its request); book with a ZD-number -> Hold (the scheduler may answer a
-      referral before its messages got here); a change (cancel, reschedule, update, complete)
-      while others wait for the same entry -> Hold behind them (the scheduler's S12 then S15
-      before the SRM: booked, then cancelled); anything else -> Reject naming the key kind.
-    - an entry: the state table decides the move; fields merge into data (changed names in
+      come before its request); book, and the scheduler's reschedule or update (S13, S14), with
+      a ZD-number -> Hold (the scheduler may answer a referral before its messages got here);
+      a change (cancel, reschedule, update, complete) while others wait for the same entry ->
+      Hold behind them (the scheduler's S12 then S15 before the SRM: booked, then cancelled);
+      anything else -> Reject naming the key kind.
+    - an entry: the state table decides the move; fields merge into data by rank (see
+      _RESTATING: a create does not replace what an update of its kind set; changed names in
       history); attachments are added once by sha256. A create merges (ZorgDomein re-sends and
-      supplements). A closed entry takes only letters, and the create of a greater kind (the
-      SRM of a cancelled order: it becomes the request it would have been, still cancelled);
-      other actions -> Reject "entry is <state>" (a repeated cancel is a no-op). A repeat of the action that led to the state
+      supplements). The scheduler's S13/S14 for an entry not yet booked -> Hold (``waits``).
+      A closed entry takes only letters, and the create of a greater kind (the SRM of a
+      cancelled order: it becomes the request it would have been, still cancelled); a cancel of
+      a cancelled entry adds what it says that the entry lacks (see _cancel_again); other
+      actions -> Reject "entry is <state>". A repeat of the action that led to the state
       (re-delivery) that changes nothing is a no-op Update.
     """
     keys = correlation_keys(event)
@@ -671,7 +695,8 @@ def _decide_new(
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
     if event.action == "create":
         agenda, fallback = book.select(event)
-        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
+        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted,
+                               action="create")
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
@@ -699,6 +724,8 @@ def _decide_new(
         return Hold(key=key, keys=keys, reason=f"waiting for the entry with this {_key_kind(key)}")
     if event.action == "book" and key.startswith("zd:"):
         return Hold(key=key, keys=keys, reason=f"booking waits for the entry with this {_key_kind(key)}")
+    if _changes_a_booking(event) and key.startswith("zd:"):
+        return Hold(key=key, keys=keys, reason=f"change of a booking waits for the entry with this {_key_kind(key)}")
     if waiting:
         return Hold(key=key, keys=keys, reason=f"waits behind earlier messages for the entry with this {_key_kind(key)}")
     return Reject(reason=f"cannot {event.action}: no entry for this {_key_kind(key)}", code="unknown-entry")
@@ -740,16 +767,14 @@ def _apply(
                       code="patient-mismatch")
     if closed and action != "attach" and not takes_over:
         if action == "cancel" and state == "cancelled":
-            # It changes no value, but becomes the source of those it repeats, as it would have
-            # had it cancelled first (the order's CA then the request's S04, or the other way).
-            same = {name: value for name, value in event.fields.items()
-                    if name in entry.data and plain(entry.data[name]) == plain(value)}
-            data, _ = _merge(entry.data, same, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted)
-            return _noop(entry, data)
+            return _cancel_again(event, entry, now=now, message_id=message_id)
         return Reject(reason=f"cannot {action}: entry is {state}", code="closed-entry")
     if _other_patient(entry, event):
         return Reject(reason=f"cannot {action}: the message's patient (BSN) is not the entry's",
                       code="patient-mismatch")
+    if waits(event, entry):
+        keys = correlation_keys(event) or entry_keys(entry)
+        return Hold(key=keys[0], keys=keys, reason="the scheduler's change waits for the booking it changes")
 
     # A create of a lesser kind (an ORM for a referral that has its SRM) only adds missing
     # fields; one of a greater kind takes over kind, agenda and the fields it has.
@@ -778,7 +803,7 @@ def _apply(
         to_state = state
 
     data, changed = _merge(entry.data, event.fields, overwrite=overwrite, rank=KIND_PRECEDENCE.index(event.kind),
-                           defaulted=event.defaulted)
+                           defaulted=event.defaulted, action=action)
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:
@@ -820,6 +845,50 @@ def _apply(
     return Update(entry=updated, attachments=new_attachments, changed=tuple(changed))
 
 
+def _cancel_again(event: AgendaEvent, entry: AgendaEntry, *, now: datetime, message_id: str) -> Update:
+    """A cancel of an entry already cancelled (the request's S04 after the order's CA, or the
+    other way) ends the entry as if it had cancelled first, as far as that does not depend on
+    replacing another kind's value: it fills the fields the entry lacks (the second cancel kept
+    only the values it repeated, so what it alone said was lost in one order), replaces values
+    its own kind set (the order's CA still sets order_control after the request's S04), and
+    becomes the source of the values it repeats. It never erases a value, and one another kind
+    set that it sends differently is kept (left: had it cancelled first, a greater kind would
+    have replaced it). Adding or replacing values is a change (history, outbound messages);
+    otherwise it is a no-op."""
+    rank = KIND_PRECEDENCE.index(event.kind)
+    sources = entry.data.get(SOURCES) or {}
+
+    def own_kind(name: str) -> bool:
+        source = sources.get(name)
+        return isinstance(source, (int, float)) and math.ceil(source) == rank and name not in event.defaulted
+
+    fields = {name: value for name, value in event.fields.items()
+              if name not in entry.data or plain(entry.data[name]) == plain(value) or own_kind(name)}
+    data, changed = _merge(entry.data, fields, rank=rank, defaulted=event.defaulted, action="cancel")
+    if not changed:
+        return _noop(entry, data)
+    item = HistoryItem(at=now, message_id=message_id, action="cancel", from_state=entry.state,
+                       to_state=entry.state, changed=tuple(changed), kind=event.kind)
+    updated = replace(entry, data=data, history=entry.history + (item,))
+    return Update(entry=updated, changed=tuple(changed))
+
+
+def _changes_a_booking(event: AgendaEvent) -> bool:
+    """The scheduler's change of its booking: SIU^S13 (reschedule) or S14 (update)."""
+    return event.kind == "appointment" and event.action in ("reschedule", "update")
+
+
+def waits(event: AgendaEvent, entry: AgendaEntry) -> bool:
+    """Whether ``event`` must wait before it can apply to ``entry``: the scheduler's change of a
+    booking (SIU^S13, S14) while the entry can still be booked (``requested``, ``ordered``)
+    waits for the booking (S12) it changes, as a letter waits for its request; applied at once
+    it was refused ("entry is requested") or changed the request before the older S12 wrote
+    over it. A closed entry does not wait (the change is refused: "entry is cancelled"), nor
+    does one about another patient (refused at once)."""
+    return (_changes_a_booking(event) and "book" in TRANSITIONS[FAMILY[entry.kind]].get(entry.state, {})
+            and not _other_patient(entry, event))
+
+
 def _other_patient(entry: AgendaEntry, event: AgendaEvent) -> bool:
     """Whether both name a BSN and they differ. Ids from different senders can collide (a REF's
     RF1-11 and a scheduler's SCH-2): a message about another patient must never change an entry."""
@@ -842,7 +911,8 @@ class Release:
 
     entry: AgendaEntry
     attachments: tuple[Attachment, ...]  # new documents to store, all held events together
-    results: tuple[tuple[str, Decision], ...]  # (message_id, Update | Reject), arrival order
+    results: tuple[tuple[str, Decision], ...]  # (message_id, Update | Reject), in the order applied
+    waiting: tuple[str, ...] = ()  # message ids that still wait (``waits``): keep them held
 
 
 def release(
@@ -853,14 +923,21 @@ def release(
     book: AgendaBook,
 ) -> Release:
     """Apply held ``(message_id, event)`` pairs, in the order given (arrival order), to
-    ``entry`` (just created or found). Each gets its own history item; one that cannot apply
-    is Rejected without stopping the others."""
+    ``entry`` (just created or found): each time the earliest that does not ``wait`` (an S13
+    held before its S12 applies after it). Each gets its own history item; one that cannot
+    apply is Rejected without stopping the others; those that still wait are in ``waiting``."""
     results: list[tuple[str, Decision]] = []
     attachments: list[Attachment] = []
-    for message_id, event in held:
+    pending = list(held)
+    while True:
+        ready = next((index for index, (_, event) in enumerate(pending) if not waits(event, entry)), None)
+        if ready is None:
+            break
+        message_id, event = pending.pop(ready)
         decision = _apply(event, entry, now=now, message_id=message_id, book=book)
         if isinstance(decision, Update):
             entry = decision.entry
             attachments.extend(decision.attachments)
         results.append((message_id, decision))
-    return Release(entry=entry, attachments=tuple(attachments), results=tuple(results))
+    return Release(entry=entry, attachments=tuple(attachments), results=tuple(results),
+                   waiting=tuple(message_id for message_id, _ in pending))

@@ -464,11 +464,12 @@ class Processor:
 
     @staticmethod
     def _next_ready(waiting: list["_Held"], entry: ag.AgendaEntry) -> list["_Held"]:
-        """The earliest waiting event the entry (as it is now) answers to, taken off the list;
-        [] when none can apply."""
+        """The earliest waiting event the entry (as it is now) answers to and that no longer
+        waits for a change of it (``ag.waits``: a scheduler's S13 held before its S12 stays
+        until the S12 has booked the entry), taken off the list; [] when none can apply."""
         answers_to = set(ag.entry_keys(entry))
         for index, item in enumerate(waiting):
-            if answers_to.intersection(item.keys):
+            if answers_to.intersection(item.keys) and not ag.waits(item.event, entry):
                 return [waiting.pop(index)]
         return []
 
