@@ -65,7 +65,7 @@ from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
 from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
-from engine.core.hl7message import Message, escape
+from engine.core.hl7message import Message, escape, segment_groups
 from engine.core.paths import FieldPath, PathError, components, first, parse_path
 
 __all__ = [
@@ -163,7 +163,10 @@ class _Group:
     where: tuple[tuple[FieldPath, frozenset[str]], ...] = ()
 
     def matching(self, message: _Target) -> list[Any]:
-        groups = message.groups(self.anchor, self.members) if isinstance(message, Message) else []
+        if isinstance(message, Message):
+            groups = message.groups(self.anchor, self.members)
+        else:  # inside a for_each item: the groups within that item's segments
+            groups = segment_groups(message, self.anchor, self.members) if isinstance(message, list) else []
         if not self.where:
             return groups
         return [g for g in groups if all((first(g, p) or "") in allowed for p, allowed in self.where)]
@@ -1378,7 +1381,8 @@ class _MappingReader(_Walker):
             if not options and len(self.problems) == start:
                 self.report(s_node, s_path, "needs at least one value spec")
             values["options"] = tuple(options)
-            values["path_text"] = " | ".join(o.path_text or "value" for o in options)
+            # "MSH-10, OBR-2.1": an on-map NAK names the first path's segment and field in ERR
+            values["path_text"] = ", ".join(o.path_text or "value" for o in options)
         if "group" in m and source == "value":
             self.report(m["group"], _join(path, "group"), "a constant is not read from a group")
         if len(self.problems) > start:

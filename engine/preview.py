@@ -19,11 +19,18 @@ from engine.core.ack import ControlIds
 from engine.core.files import split_messages
 from engine.core.header import read_header
 from engine.core.hl7message import Message
-from engine.core.convert import hospital_zone
+from engine.core.convert import DayTime, hospital_zone
 from engine.core.intake import AcceptRules, check_accept
-from engine.core.agenda import plain as _plain
+from engine.core.agenda import plain as _agenda_plain
 from engine.operator import is_patient_field
 from engine.shell.processor import entry_from_record
+
+
+def _plain(fields: dict) -> dict:
+    """Fields as the agenda stores and shows them: a dtm sent without a time of day at the
+    precision sent (``2016-04``), see ``engine.shell.processor.to_json``."""
+    return {name: value.stored() if value.__class__ is DayTime and value.hl7 else _agenda_plain(value)
+            for name, value in fields.items()}
 
 
 def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.datetime | None = None,

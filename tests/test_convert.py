@@ -215,6 +215,14 @@ def test_bad_phone_numbers_are_refused_without_the_value(text):
     assert text not in str(info.value)
 
 
+def test_a_number_with_the_00_international_prefix_loses_its_trunk_zero_too():
+    """`0031 (0)20 ...` is `+31 (0)20 ...` written with the 00 prefix: the 0 in brackets is
+    not dialled after a country code. Before: `00310205557890`, a number that does not exist."""
+    assert convert.phone("0031 (0)20 555 7890") == "0031205557890"
+    assert convert.phone("0032 (0)3 555 78 90") == "003235557890"
+    assert convert.phone("(020) 555 7890") == "0205557890"  # no country code: the 0 is dialled
+
+
 def test_zd_numbers():
     assert convert.zd_number("ZD200046139") == "ZD200046139"
     assert convert.zd_number("ZP100120391") == "ZP100120391"
@@ -261,6 +269,18 @@ def test_written_initials_stay_initials():
     name = name_from("^&&van Leeuwen^Z.Z.".split("^", 1)[1])
     assert name.surname == "van Leeuwen"
     assert (name.initials, name.given) == ("Z.Z.", "")
+
+
+def test_the_dutch_ij_is_one_initial():
+    """IJsbrand's initial is IJ. (the Dutch IJ is one letter, capitalised as one): before, his
+    written initials `IJ.J.` and his given names both gave `I.J.`."""
+    name = convert.dutch_name(["de Vries", "IJsbrand", "Jan"], [])
+    assert (name.initials, name.given) == ("IJ.J.", "IJsbrand Jan")
+    assert convert.dutch_name(["de Vries", "IJ.J."], []).initials == "IJ.J."
+    assert convert.dutch_name(["de Vries", "IJ. J."], []).initials == "IJ.J."
+    assert convert.dutch_name(["de Vries", "I.J."], []).initials == "I.J."  # two initials, as written
+    assert convert.dutch_name(["de Vries", "Ids"], []).initials == "I."
+    assert convert.dutch_name(["de Vries", "Ijaz"], []).initials == "I."  # not a Dutch IJ
 
 
 def test_a_name_without_subcomponents_is_the_surname():

@@ -79,3 +79,28 @@ def test_agenda_show_prints_the_patients_fields_only_with_data(store_url, capsys
     with open_store(store_url) as store:
         (record,) = store.list_audit()  # who read a patient's fields, whatever the log level
     assert record.action == "read-agenda-data" and "koppel CLI, user " in record.reason
+
+
+def test_agenda_show_gives_a_window_sent_without_a_time_of_day_at_the_precision_sent(tmp_path, capsys):
+    """Before: `requested_start: 2016-04-01T00:00:00+02:00`, a time nobody sent."""
+    from engine.core.convert import dtm
+    from engine.shell.processor import to_json
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    with open_store(url) as store:
+        store.write([SaveAgendaEntry(
+            entry_id=None, agenda_id="cardio-poli", kind="appointment-request", state="requested",
+            zd_number="ZD900000033", placer_id=None, filler_id=None,
+            data=to_json({"requested_start": dtm("201604"), "requested_end": dtm("20160528"),
+                          "booked_start": dtm("20261025023000+0100")}),
+            attachments=(), keys=("zd:ZD900000033",), at=1795430000.0, message_id=7, action="create",
+            from_state=None)])
+    assert main(["agenda", "show", "ZD900000033", "--store", url]) == 0
+    text = capsys.readouterr().out
+    assert "requested_start: 2016-04\n" in text and "requested_end: 2016-05-28\n" in text
+    assert "booked_start: 2026-10-25T02:30:00+01:00" in text
+    assert "_day_times" not in text
+    assert main(["agenda", "show", "ZD900000033", "--store", url, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["data"]
+    assert (data["requested_start"], data["requested_end"]) == ("2016-04", "2016-05-28")
+    assert "_day_times" not in data

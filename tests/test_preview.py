@@ -82,3 +82,18 @@ def test_with_a_store_the_stored_entrys_patient_fields_need_data_and_are_audited
     with open_store(url) as s:
         (record,) = s.list_audit()
     assert record.action == "read-agenda-data" and "koppel map" in record.reason
+
+
+def test_a_window_sent_without_a_time_of_day_previews_at_the_precision_sent(capsys, tmp_path):
+    """Before: the preview's event and entry said `2016-04-01T00:00:00+02:00`, a time nobody sent."""
+    raw = (SAMPLES / "zd_srm_s01_appointment_request.hl7").read_bytes().replace(
+        b"|20160329^20160428|", b"|201604^20160528|")
+    message = tmp_path / "srm.hl7"
+    message.write_bytes(raw)
+    code, out = run(capsys, "--channel", "zorgdomein-in", str(message))
+    result = json.loads(out.out)
+    assert code == 0
+    for shown in (result["event"]["fields"], result["entry"]["data"]):
+        assert (shown["requested_start"], shown["requested_end"]) == ("2016-04", "2016-05-28")
+    assert "SCH|ZD200046139" in result["outbound"][0]["message"]
+    assert "|^^^201604^20160528^R|" in result["outbound"][0]["message"]

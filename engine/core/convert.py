@@ -23,10 +23,13 @@ __all__ = [
     "agb",
     "bsn",
     "code",
+    "STORED_DAY_TIMES",
     "date",
+    "day_time_from_stored",
     "dtm",
     "dutch_name",
     "phone",
+    "revive_day_times",
     "zd_number",
 ]
 
@@ -79,8 +82,9 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     change equal. With fixed offsets comparison and arithmetic are exact.
 
     Sent without a time of day (``20160428``, ``201604``), it is a ``DayTime``: that first
-    instant for comparing and storing, and the text as sent for writing it back, so a window
-    end ``20160428`` never goes out as ``20160428000000+0200``, midnight *before* that day.
+    instant for comparing, stored at the precision sent (``DayTime.stored``), and the text as
+    sent for writing it back, so a window end ``20160428`` never goes out as
+    ``20160428000000+0200``, midnight *before* that day.
     """
     text = text.strip()
     if not text:
@@ -123,14 +127,45 @@ def with_fixed_offset(value: _dt.datetime) -> _dt.datetime:
 
 
 class DayTime(_dt.datetime):
-    """A DTM sent without a time of day: the instant its period starts (it compares, sorts
-    and is stored as that), and ``hl7``, the text as sent, which is what goes out again.
+    """A DTM sent without a time of day: the instant its period starts (it compares and sorts
+    as that), and ``hl7``, the text as sent, which is what goes out again; the agenda stores
+    and shows it at the precision sent (``stored``).
     A value computed from one (``+ timedelta``, ``replace``) has ``hl7`` None: a full time."""
 
     hl7: str | None = None
 
     def __reduce_ex__(self, protocol):  # type: ignore[override]  # copies keep the text sent
         return _day_time, (_dt.datetime(*self.timetuple()[:6], self.microsecond, self.tzinfo), self.hl7)
+
+    def stored(self) -> str | None:
+        """How the agenda stores and shows it: the date at the precision sent (``2016``,
+        ``2016-04``, ``2016-04-28``), with the offset if one was sent (``2016-04-28+00:00``);
+        None for a full time (``hl7`` None). ``day_time_from_stored`` reads it back."""
+        m = _DTM.fullmatch(self.hl7) if self.hl7 else None
+        if m is None:
+            return None
+        year, month, day, sign, oh, om = m.group(1, 2, 3, 8, 9, 10)
+        text = year + (f"-{month}" if month else "") + (f"-{day}" if day else "")
+        return text + (f"{sign}{oh}:{om}" if sign else "")
+
+
+# The key under which stored agenda data (and a held event) names its fields that hold a
+# DayTime in its stored form, so they load back as DayTimes (engine.shell.processor).
+STORED_DAY_TIMES = "_day_times"
+
+_STORED_DAY = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?(?:([+-])(\d{2}):(\d{2}))?", re.ASCII)
+
+
+def day_time_from_stored(text: str, *, tz: str = "Europe/Amsterdam") -> DayTime:
+    """``DayTime.stored()`` read back: the same instant, and the same text to send."""
+    m = _STORED_DAY.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ConversionError("not a stored date without a time of day (YYYY[-MM[-DD]][+HH:MM])")
+    year, month, day, sign, oh, om = m.groups()
+    value = dtm(year + (month or "") + (day or "") + (f"{sign}{oh}{om}" if sign else ""), tz=tz)
+    if not isinstance(value, DayTime):  # cannot happen: a DTM without an hour is a DayTime
+        raise ConversionError("not a stored date without a time of day")
+    return value
 
 
 def _day_time(moment: _dt.datetime, hl7: str | None, tzinfo: _dt.tzinfo | None = None) -> DayTime:
@@ -139,6 +174,21 @@ def _day_time(moment: _dt.datetime, hl7: str | None, tzinfo: _dt.tzinfo | None =
                   moment.microsecond, moment.tzinfo if tzinfo is None else tzinfo)
     day.hl7 = hl7
     return day
+
+
+def revive_day_times(data: dict, names) -> dict:
+    """``data`` (stored JSON) with the fields ``names`` lists read back as DayTimes; a field
+    whose text is not a stored DayTime is left as it is."""
+    if not names or not isinstance(names, list):
+        return data
+    for name in names:
+        text = data.get(name) if isinstance(name, str) else None
+        if isinstance(text, str):
+            try:
+                data[name] = day_time_from_stored(text)
+            except ConversionError:
+                pass
+    return data
 
 
 @functools.lru_cache(maxsize=64)
@@ -216,13 +266,14 @@ _PHONE_NOISE = str.maketrans("", "", " -()./\t")
 def phone(text: str) -> str | None:
     """Telephone number with the punctuation taken out: ``020-555 7890`` -> ``0205557890``.
 
-    A leading ``+`` stays (``+31 20 ...`` -> ``+3120...``); anything other than digits,
+    A leading ``+`` stays (``+31 20 ...`` -> ``+3120...``); a trunk ``(0)`` after a country
+    code (``+31 (0)20``, ``0031 (0)20``) is dropped; anything other than digits,
     spaces and ``-().`/`` is an error. "" -> None.
     """
     text = text.strip()
     if not text:
         return None
-    if text.startswith("+"):  # "+31 (0)20 ...": the trunk 0 is not dialled after a country code
+    if text.startswith(("+", "00")):  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
         text = text.replace("(0)", "", 1)
     value = text.translate(_PHONE_NOISE)
     digits = value[1:] if value.startswith("+") else value
@@ -276,7 +327,8 @@ def _initials(part: str) -> tuple[str, str]:
         bare = word.rstrip(".")
         if not bare:
             continue
-        letters.append(bare[0].upper() + ".")
+        # the Dutch IJ is one letter (IJsbrand, IJ.): its initial is IJ., not I.
+        letters.append("IJ." if bare[:2] == "IJ" else bare[0].upper() + ".")
         if len(bare) > 1 and not word.endswith("."):
             names.append(bare)
     return "".join(letters), " ".join(names)

@@ -18,7 +18,7 @@ from typing import Any
 from engine.core.escaping import escape_text
 from engine.core.header import DEFAULT_DELIMITERS, UTF8_BOM, Delimiters, _valid_encoding
 
-__all__ = ["Delimiters", "Message", "Segment", "escape", "unescape"]
+__all__ = ["Delimiters", "Message", "Segment", "escape", "segment_groups", "unescape"]
 
 
 class _Separators:
@@ -160,26 +160,32 @@ class Message:
         segments, by_name = self._index()
         if anchor not in by_name:
             return []
-        wanted = frozenset(members)
-        groups: list[list[Segment]] = []
-        current: list[Segment] | None = None
-        for segment in segments:
-            name = segment.name
-            if name == anchor:
-                current = [segment]
-                groups.append(current)
-            elif current is not None:
-                if name in wanted:
-                    current.append(segment)
-                else:
-                    current = None
-        return groups
+        return segment_groups(segments, anchor, members)
 
     def __len__(self) -> int:
         return len(self._lines)
 
     def __repr__(self) -> str:
         return f"<Message {len(self._lines)} segments>"
+
+
+def segment_groups(segments: "list[Segment]", anchor: str, members: tuple[str, ...]) -> list[list[Segment]]:
+    """``Message.groups`` over a list of segments (a whole message's, or one group's: a group
+    inside a group, such as the OBX of one ORC's order)."""
+    wanted = frozenset(members)
+    groups: list[list[Segment]] = []
+    current: list[Segment] | None = None
+    for segment in segments:
+        name = segment.name
+        if name == anchor:
+            current = [segment]
+            groups.append(current)
+        elif current is not None:
+            if name in wanted:
+                current.append(segment)
+            else:
+                current = None
+    return groups
 
 
 def _delimiters(first: str) -> Delimiters:

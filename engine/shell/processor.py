@@ -23,7 +23,7 @@ from typing import Any, Callable
 from twisted.internet import defer, task
 
 from engine.core import agenda as ag
-from engine.core.convert import PartialDate, hospital_zone
+from engine.core.convert import STORED_DAY_TIMES, DayTime, PartialDate, hospital_zone, revive_day_times
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
 from engine.core.header import read_header
 from engine.core.hl7message import Message
@@ -111,33 +111,54 @@ def _json_default(value: Any) -> Any:
 
 
 def to_json(value: Any) -> str:
-    """Entry data and held events as stored (same JSON as ``ag.plain`` then ``json.dumps``)."""
-    return json.dumps(value if isinstance(value, dict) else dict(value.items()), default=_json_default)
+    """Entry data and held events as stored (same JSON as ``ag.plain`` then ``json.dumps``),
+    but a dtm sent without a time of day (``convert.DayTime``) at the precision sent
+    (``2016-04``, not ``2016-04-01T00:00:00+02:00``), its name listed under ``_day_times`` so
+    ``entry_from_record`` reads it back as a DayTime (the instant it compares as)."""
+    data = value if isinstance(value, dict) else dict(value.items())
+    days = [name for name, item in data.items() if item.__class__ is DayTime and item.hl7]
+    if days:
+        data = dict(data)
+        for name in days:
+            data[name] = data[name].stored()
+        data[STORED_DAY_TIMES] = sorted(days)
+    return json.dumps(data, default=_json_default)
 
 
 def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
     """A held event, with the mapping that made it (its outbound messages are built on release)."""
+    fields = ag.plain(event.fields)
+    days = sorted(name for name, item in event.fields.items() if item.__class__ is DayTime and item.hl7)
+    for name in days:  # at the precision sent, read back as DayTimes (see to_json)
+        fields[name] = event.fields[name].stored()
     return json.dumps(
         {"kind": event.kind, "action": event.action, "zd_number": event.zd_number, "placer_id": event.placer_id,
-         "filler_id": event.filler_id, "fields": ag.plain(event.fields), "mapping": mapping,
-         "defaulted": sorted(event.defaulted)},
+         "filler_id": event.filler_id, "fields": fields, "mapping": mapping,
+         "defaulted": sorted(event.defaulted), **({STORED_DAY_TIMES: days} if days else {})},
         sort_keys=True,
     )
 
 
 def event_from_json(text: str) -> tuple[ag.AgendaEvent, str | None]:
     data = json.loads(text)
+    fields = revive_day_times(data["fields"], data.get(STORED_DAY_TIMES))
     event = ag.AgendaEvent(kind=data["kind"], action=data["action"], zd_number=data.get("zd_number"),
-                           placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=data["fields"],
+                           placer_id=data.get("placer_id"), filler_id=data.get("filler_id"), fields=fields,
                            defaulted=frozenset(data.get("defaulted") or ()))
     return event, data.get("mapping")
 
 
 def entry_from_record(record) -> ag.AgendaEntry:
+    """An entry as stored; its dtms sent without a time of day (``_day_times``, see to_json)
+    as DayTimes again. Rows stored before that keep their text (``2016-04-01T00:00:00+02:00``),
+    which compares equal to the same DayTime (``ag.plain``), so a re-delivery is still a no-op."""
+    data = json.loads(record.data) if record.data else {}
+    if STORED_DAY_TIMES in data:
+        data = revive_day_times(data, data.pop(STORED_DAY_TIMES))
     return ag.AgendaEntry(
         id=str(record.id), agenda_id=record.agenda_id, kind=record.kind, state=record.state,
         zd_number=record.zd_number, placer_id=record.placer_id, filler_id=record.filler_id,
-        data=json.loads(record.data) if record.data else {}, attachments=record.attachments,
+        data=data, attachments=record.attachments,
     )
 
 
