@@ -668,7 +668,8 @@ class _SegmentPlan:
                 else:
                     bound.append((n, number, None))
             else:
-                bound.append((n, -1, reps))
+                bound.append((n, -1, tuple((repetition, _qualified(repetition, offset, slots.static))
+                                           for repetition in reps)))
         self.dynamic = bound
         self.plain = tuple(plain)
 
@@ -682,7 +683,9 @@ class _SegmentPlan:
                 parts[n] = values[single].rstrip(sub).rstrip(comp).rstrip(rep)
                 continue
             out_reps = []
-            for repetition in reps:
+            for repetition, placeholders in reps:
+                if placeholders and not any(values[i] for i in placeholders):
+                    continue  # its literals only qualify values that are not there (see _qualified)
                 out_comps = []
                 for component in repetition:
                     if len(component) == 1:
@@ -692,6 +695,17 @@ class _SegmentPlan:
                 out_reps.append(comp.join(out_comps).rstrip(comp))
             parts[n] = rep.join(out_reps).rstrip(rep)
         return parts
+
+
+def _qualified(repetition: tuple[tuple[int, ...], ...], offset: int, static: list[str]) -> tuple[int, ...]:
+    """The value indexes of a repetition's placeholders when its first component holds no
+    literal text: empty all, the repetition is left out, as its literals only qualify a value
+    that is not there (``["{patient.mobile}", ORN, CP]`` without a mobile number is no
+    ``~^ORN^CP``). () keeps it always: all literal, or a literal first component
+    (``[Pending, "{text}", HL70278]`` still says Pending)."""
+    if not repetition or any(i >= offset and static[i - offset] for i in repetition[0]):
+        return ()
+    return tuple(i for component in repetition for i in component if i < offset)
 
 
 def _no_lookup(name: str) -> str:

@@ -126,3 +126,45 @@ def test_datetimes_format_as_hl7_dtm_with_a_four_digit_year_and_a_whole_minute_o
 
     assert _format(value) == _strftime(value)
     assert _format(value.date()) == _strftime(value.date())
+
+
+QUALIFIED = r'''
+message: SIU^S12^SIU_S12
+version: "2.5"
+charset: 8859/1
+segments:
+  - MSH: {3: KOPPEL}
+  - PID:
+      3: [["{bsn}", "", "", NLMINBIZA, NNNLD], ["{zd}", "", "", ZorgDomein, VN]]
+      11: [[["", "{street}", "{number}"], "", "{city}", "", "", NL, M]]
+      13: [["{phone}", PRN, PH], ["{mobile}", ORN, CP]]
+  - SCH: {1: ["{zd}", ZorgDomein], 25: [Pending, "{status}", HL70278], 26: ["lit^", "{status}"]}
+'''
+
+
+@pytest.mark.parametrize("fields, pid, sch", [
+    ({"bsn": "123456782", "zd": "ZD1", "phone": "010-5550001", "mobile": "06-55500002", "city": "Koppelstad"},
+     b"PID|||123456782^^^NLMINBIZA^NNNLD~ZD1^^^ZorgDomein^VN||||||||^^Koppelstad^^^NL^M||010-5550001^PRN^PH~06-55500002^ORN^CP",
+     b"SCH|ZD1^ZorgDomein" + b"|" * 24 + b"Pending^^HL70278|lit"),
+    # no mobile: no "~^ORN^CP"; no BSN: no "^^^NLMINBIZA^NNNLD~" before the ZD-number; no ZD: SCH-1
+    # empty; a repetition left out leaves no empty one behind
+    ({"phone": "010-5550001", "zd": "ZD1", "city": "Koppelstad"},
+     b"PID|||ZD1^^^ZorgDomein^VN||||||||^^Koppelstad^^^NL^M||010-5550001^PRN^PH",
+     b"SCH|ZD1^ZorgDomein" + b"|" * 24 + b"Pending^^HL70278|lit"),
+    ({"mobile": "06-55500002", "status": "wacht"},
+     b"PID|||||||||||||06-55500002^ORN^CP",
+     b"SCH|" + b"|" * 24 + b"Pending^wacht^HL70278|lit^^wacht"),
+])
+def test_a_repetition_whose_placeholders_are_all_empty_is_left_out_with_its_qualifiers(tmp_path, fields, pid, sch):
+    """Literals that only qualify a value (an identifier's namespace, a phone number's use and
+    type) go with it; a literal first component (a status code) stays whatever else is empty."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.yaml").write_text(QUALIFIED, encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
+                                     encoding="utf-8")
+    mapping = load_mappings(tmp_path).mapping("m")
+    event = AgendaEvent(kind="appointment-request", action="create", zd_number=None, fields=fields)
+    [(_, data)] = build_outbound(mapping, event, Entry(), control_id="K1", timestamp=NOW)
+    segments = data.split(b"\r")
+    assert segments[1] == pid
+    assert segments[2] == sch
