@@ -283,6 +283,15 @@ def test_the_dutch_ij_is_one_initial():
     assert convert.dutch_name(["de Vries", "Ijaz"], []).initials == "I."  # not a Dutch IJ
 
 
+def test_a_hyphenated_given_name_has_an_initial_per_part():
+    """Jan-Willem is J.W. (as the BRP writes a hyphenated first name's initials), not J."""
+    name = convert.dutch_name(["de Vries", "Jan-Willem", "IJsbrand"], [])
+    assert (name.initials, name.given) == ("J.W.IJ.", "Jan-Willem IJsbrand")
+    assert convert.dutch_name(["de Vries", "Anne-Marie"], []).initials == "A.M."
+    assert convert.dutch_name(["de Vries", "J.-W."], []).initials == "J.W."  # written so
+    assert convert.dutch_name(["de Vries", "Jan-"], []).initials == "J."
+
+
 def test_a_name_without_subcomponents_is_the_surname():
     assert convert.dutch_name(["Everyman", "Adam", "A"], []) == DutchName(
         surname="Everyman", initials="A.A.", given="Adam"

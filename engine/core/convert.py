@@ -327,8 +327,11 @@ def _initials(part: str) -> tuple[str, str]:
         bare = word.rstrip(".")
         if not bare:
             continue
-        # the Dutch IJ is one letter (IJsbrand, IJ.): its initial is IJ., not I.
-        letters.append("IJ." if bare[:2] == "IJ" else bare[0].upper() + ".")
+        # the Dutch IJ is one letter (IJsbrand, IJ.): its initial is IJ., not I.; a hyphenated
+        # given name has an initial per part (Jan-Willem: J.W.)
+        for piece in bare.split("-"):
+            if piece:
+                letters.append("IJ." if piece[:2] == "IJ" else piece[0].upper() + ".")
         if len(bare) > 1 and not word.endswith("."):
             names.append(bare)
     return "".join(letters), " ".join(names)
