@@ -336,3 +336,43 @@ def test_codes_fall_back_to_the_alternate_triplet():
 def test_empty_codes_are_none():
     assert convert.code([]) is None
     assert convert.code(["", "", ""]) is None
+
+
+@pytest.mark.parametrize("text, same_as", [
+    ("20160428&D", "20160428"), ("20160428^D", "20160428"), ("201604&L", "201604"),
+    ("20160428103000+0200&S", "20160428103000+0200"), ("20160428&", "20160428"),
+])
+def test_a_ts_with_its_degree_of_precision_reads_as_its_time(text, same_as):
+    """HL7 2.3/2.4 TS.2 (table 0529), read with the time when a path selects the whole TS (a
+    DR's start, ARQ-11.1): before, a valid message was a mapping error."""
+    value = convert.dtm(text)
+    assert value == convert.dtm(same_as)
+    assert getattr(value, "hl7", same_as) == same_as  # a date alone goes out as sent, without TS.2
+    assert convert.date(text.replace("103000+0200", "")) == convert.date(same_as.replace("103000+0200", ""))
+
+
+@pytest.mark.parametrize("text", ["20160428&DD", "20160428&X", "2016-04-28", "20160428&D&D", "&D"])
+def test_anything_else_after_a_time_is_still_refused(text):
+    with pytest.raises(convert.ConversionError):
+        convert.dtm(text)
+
+
+def test_the_bundled_referral_mapping_reads_a_requested_window_sent_with_its_precision():
+    from pathlib import Path
+
+    from engine.bundle import load_bundle
+    from engine.core.header import read_header
+    from engine.core.hl7message import Message
+    from tests.conftest import load_sample
+
+    root = Path(__file__).resolve().parent.parent
+    mapping = load_bundle(root / "channels", root / "mappings").mappings.mapping("zorgdomein-srm")
+    raw = load_sample("zorgdomein/zd_srm_s01_appointment_request.hl7")
+    precise = raw.replace(b"|20160329^20160428|", b"|20160329&D^20160428&D|")
+    assert precise != raw
+    results = [mapping.apply(Message.parse(r, codec=read_header(r, default_charset="8859/1").codec))
+               for r in (raw, precise)]
+    assert [r.errors for r in results] == [(), ()]
+    window = [(r.event.fields["requested_start"], r.event.fields["requested_end"]) for r in results]
+    assert window[0] == window[1]
+    assert window[1][1].hl7 == "20160428"

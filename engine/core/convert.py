@@ -50,6 +50,15 @@ _DTM = re.compile(
     r"(?:([+-])(\d{2})(\d{2}))?",
     re.ASCII,
 )
+# An HL7 2.3/2.4 TS may carry its degree of precision (table 0529: Y L D H M S) as a second
+# component, which a path selecting the whole TS reads with the time: "20160428&D" (a DR's
+# start, ARQ-11.1), "19800101^D". The time is what counts; the precision is what it shows.
+_WITH_PRECISION = re.compile(r"([0-9][0-9.+-]*)[^0-9A-Za-z.+\s-][YLDHMS]?", re.ASCII)
+
+
+def _without_precision(text: str) -> str:
+    m = _WITH_PRECISION.fullmatch(text)
+    return text if m is None else m.group(1)
 
 
 HOSPITAL_ZONE = "Europe/Amsterdam"
@@ -90,6 +99,9 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     if not text:
         return None
     m = _DTM.fullmatch(text)
+    if m is None:  # a TS with its degree of precision: the time alone
+        text = _without_precision(text)
+        m = _DTM.fullmatch(text)
     if m is None:
         raise ConversionError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
     year, month, day, hour, minute, second, frac, sign, oh, om = m.groups()
@@ -218,6 +230,9 @@ def date(text: str) -> _dt.date | PartialDate | None:
     if not text:
         return None
     m = _DTM.fullmatch(text)
+    if m is None:  # a TS with its degree of precision: the time alone
+        text = _without_precision(text)
+        m = _DTM.fullmatch(text)
     if m is None:
         raise ConversionError("not an HL7 date (YYYYMMDD)")
     year, month, day = m.group(1, 2, 3)
