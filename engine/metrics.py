@@ -157,6 +157,13 @@ class Metrics:
         self.mapping_pending_oldest_age_seconds = Gauge(
             "koppel_mapping_pending_oldest_age_seconds", "Age of the oldest of those (0: none)", registry=r
         )
+        self.agenda_held = Gauge(
+            "koppel_agenda_held", "Messages held for an agenda entry that has not come (a letter before its "
+            "request, a booking before its referral, a reschedule before its booking)", registry=r
+        )
+        self.agenda_held_oldest_age_seconds = Gauge(
+            "koppel_agenda_held_oldest_age_seconds", "How long the oldest of those has waited (0: none)", registry=r
+        )
         self.agenda_entries = Gauge(
             "koppel_agenda_entries", "Agenda entries by agenda and state", ["agenda", "state"], registry=r
         )

@@ -195,18 +195,23 @@ class Processor:
         self.idle: defer.Deferred | None = None
 
     def refresh_gauges(self) -> None:
-        """koppel_agenda_entries and the hand-off backlog from the store (now and then, not per
-        message): messages acknowledged but not mapped for long mean the store refuses the
-        mapping's commits, or the processor is stuck."""
+        """koppel_agenda_entries, the hand-off backlog and the held events from the store (now
+        and then, not per message): messages acknowledged but not mapped for long mean the store
+        refuses the mapping's commits, or the processor is stuck; a message held for hours waits
+        for a request (or booking) that did not come, and would otherwise wait unseen."""
         try:
             counts = self.store.agenda_counts()
             backlog, oldest = self.store.handoff_backlog()
+            held, held_since = self.store.held_backlog()
         except Exception as error:  # noqa: BLE001 - a gauge must never stop processing
             self.log.warning("agenda.gauge_failed", error=safe_error(error))
             return
         self.metrics.mapping_pending.set(backlog)
         self.metrics.mapping_pending_oldest_age_seconds.set(
             0 if oldest is None else max(0.0, self.clock.seconds() - oldest))
+        self.metrics.agenda_held.set(held)
+        self.metrics.agenda_held_oldest_age_seconds.set(
+            0 if held_since is None else max(0.0, self.clock.seconds() - held_since))
         gauge = self.metrics.agenda_entries
         gauge.clear()
         for (agenda_id, state), count in counts.items():

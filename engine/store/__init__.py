@@ -689,6 +689,10 @@ class MessageStore(Protocol):
         """(how many messages are PENDING or UNANSWERED, the oldest one's received_at): cheap."""
         ...
 
+    def held_backlog(self) -> tuple[int, float | None]:
+        """(how many events wait for their agenda entry, the oldest one's held_at): cheap."""
+        ...
+
     def agenda_counts(self) -> dict[tuple[str, str], int]: ...
 
     def checkpoint(self) -> None:

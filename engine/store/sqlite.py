@@ -1123,6 +1123,10 @@ class SQLiteStore:
             for r in rows
         ]
 
+    def held_backlog(self) -> tuple[int, float | None]:
+        (count, oldest), = self._query("SELECT COUNT(*), MIN(held_at) FROM held_events WHERE released_at IS NULL")
+        return count, oldest
+
     def has_held_events(self) -> bool:
         return bool(self._query("SELECT 1 FROM held_events WHERE released_at IS NULL LIMIT 1"))
 
