@@ -919,9 +919,11 @@ def reprocess(args, store, dests) -> int:
             raise _Fail(NOTHING, f"no channel {args.channel!r} in {args.channels}: its messages would "
                                  "only be marked error again (nothing changed)")
         done: list[int] = []
-        done = _in_steps(store, lambda: Reprocess(channel=args.channel, outcomes=outcomes, at=_now(), limit=STEP,
-                                                  after_id=done[-1] if done else 0, reason=reason),
-                         done=done, what="were handed to mapping again")
+        while True:  # as _in_steps, but the ids are messages set pending, not new queue entries
+            op = Reprocess(channel=args.channel, outcomes=outcomes, at=_now(), limit=STEP,
+                           after_id=done[-1] if done else 0, reason=reason)
+            if len(_committed_step(store, op, done, "were handed to mapping again", new_ids=False)) < STEP:
+                break
         if not done:
             print(f"channel {args.channel}: no accepted message is {' or '.join(outcomes)}, nothing changed")
             return NOTHING

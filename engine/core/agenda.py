@@ -298,7 +298,8 @@ class Hold:
 class Reject:
     """The event cannot be applied; ``reason`` is safe to log and to put in an ACK.
 
-    ``code``: no-key | unknown-entry | closed-entry | illegal-move.
+    ``code``: no-key | unknown-entry | closed-entry | illegal-move | patient-mismatch; the
+    processor's overtaken (a message mapped late, after a later one of its kind).
     """
 
     reason: str

@@ -53,6 +53,10 @@ HEARTBEAT_INTERVAL = 5.0
 # How often a running engine looks for hand-offs that did not commit (a store error), and how
 # old such a message must be: younger ones may still be on their way through the committer.
 RESUME_INTERVAL = 60.0
+# The periodic resume hands on this many messages at a time, the next page once those are mapped:
+# after `koppel reprocess --channel` thousands may wait, and their bodies (letters of MBs) were
+# read and queued in one reactor turn.
+RESUME_PAGE = 100
 ORPHAN_INTERVAL = 30.0  # how often the deliverer looks for queues no destination uses
 
 
@@ -110,10 +114,10 @@ def receive_settings(
             return None
         return next((route for route in map_routes if route.matches(header.message_type, header.trigger)), None)
 
-    def to_processor(message_id, header, raw, route, forward, nak):
+    def to_processor(message_id, header, raw, route, forward, nak, late=False):
         return processor.submit(Work(
             message_id=message_id, channel=channel.name, mapping=route.map, raw=raw,
-            codec=header.codec, forward=forward, nak=nak,
+            codec=header.codec, forward=forward, nak=nak, late=late,
         ))
 
     def handed(d, message_id):
@@ -142,12 +146,12 @@ def receive_settings(
         return d.addCallback(lambda _: Outcome(status="filtered", detail=detail, rejection=filtered,
                                                ack_code=code, ack=ack))
 
-    def hand_on(message_id, header, forward, raw, received_at, nak, answered, route):
-        """The one hand-off, after the insert committed or when resumed: to the mapping, the
-        raw forwards of an unanswered (on-map) message, or its refusal. None when there is
+    def hand_on(message_id, header, forward, raw, received_at, nak, answered, route, late=False):
+        """The one hand-off, after the insert committed or when resumed (``late``): to the mapping,
+        the raw forwards of an unanswered (on-map) message, or its refusal. None when there is
         nothing left to do (an answered message no route maps)."""
         if route is not None:
-            return to_processor(message_id, header, raw, route, forward, None if answered else nak)
+            return to_processor(message_id, header, raw, route, forward, None if answered else nak, late)
         if forward:
             return forward_raw(message_id, forward, received_at)
         if not answered:
@@ -180,7 +184,7 @@ def receive_settings(
         NAK) is stored for the sender's resend. If the config no longer maps it: filtered."""
         header = assessment.header
         forward = () if answered else targets(assessment)
-        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header))
+        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header), late=True)
         if d is None:
             d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
                                                detail=_filtered_detail(header)))
@@ -607,7 +611,7 @@ class Engine(service.MultiService):
         the same insert, so a kill -9 between the ACK and the mapping commit, or a mapping
         commit that failed, cannot leave a referral out of the agendas. At start: all of them,
         before anything new; then every RESUME_INTERVAL, those older than that which the
-        processor is not already working on."""
+        processor is not already working on, a page at a time (_resume_late)."""
         if not receives(self.role):
             return
         factories = self._factories()
@@ -635,8 +639,9 @@ class Engine(service.MultiService):
             return False
         return bool(self._resume_one(message, self._factories()))
 
-    def _resume_one(self, message, factories: dict) -> int:
-        """Resume one stored PENDING/UNANSWERED message; 1 if handed on, 0 if already on its way."""
+    def _resume_one(self, message, factories: dict, handed: list | None = None) -> int:
+        """Resume one stored PENDING/UNANSWERED message; 1 if handed on, 0 if already on its way.
+        ``handed`` collects the Deferred of its outcome."""
         if message.id in self._handing or (self.processor is not None and self.processor.handling(message.id)):
             return 0
         factory = factories.get(message.channel)
@@ -652,13 +657,52 @@ class Engine(service.MultiService):
         if d is not None:
             d.addErrback(lambda failure, mid=message.id: self.log.error(
                 "mapping.resume_failed", message_id=mid, error=safe_error(failure.value)))
+            if handed is not None:
+                handed.append(d)
         return 1
 
-    def _resume_late(self) -> None:
-        try:
-            self._resume_mapping(received_before=self.reactor.seconds() - RESUME_INTERVAL)
-        except Exception as error:  # noqa: BLE001 - tried again on the next interval
-            self.log.warning("mapping.resume_failed", error=safe_error(error))
+    def _resume_late(self) -> defer.Deferred | None:
+        """The periodic resume: RESUME_PAGE messages at a time, each page read once the one
+        before is mapped (the LoopingCall waits for the Deferred), so a reprocess of thousands
+        never holds every body in memory nor keeps the reactor (and the ACKs) waiting. A page
+        not mapped within RESUME_INTERVAL ends the round (a crashed processor never answers;
+        the next round hands its messages on again)."""
+        if not receives(self.role):
+            return None
+        received_before = self.reactor.seconds() - RESUME_INTERVAL
+        factories = self._factories()
+        done = {"after": 0, "resumed": 0}
+
+        def next_page(go_on: bool = True):
+            handed: list = []
+            try:
+                while go_on and self.running and not handed:  # (a page it skips entirely: read on)
+                    page = self.store.pending_processing(after_id=done["after"], limit=RESUME_PAGE,
+                                                         received_before=received_before)
+                    if not page:
+                        break
+                    for message in page:
+                        done["after"] = message.id
+                        done["resumed"] += self._resume_one(message, factories, handed)
+            except Exception as error:  # noqa: BLE001 - tried again on the next interval
+                self.log.warning("mapping.resume_failed", error=safe_error(error))
+                handed = []
+            if not handed:
+                if done["resumed"]:
+                    self.log.warning("mapping.resumed", messages=done["resumed"])
+                return None
+            gate: defer.Deferred = defer.Deferred()
+            timer = self.reactor.callLater(RESUME_INTERVAL, lambda: gate.called or gate.callback(False))
+
+            def mapped(_):
+                if not gate.called:
+                    timer.cancel()
+                    gate.callback(True)
+
+            defer.DeferredList(handed, consumeErrors=True).addBoth(mapped)
+            return gate.addCallback(next_page)
+
+        return next_page()
 
     def _wake_all(self) -> None:
         """Deliver-only: another process committed. New entries: wake the senders. An

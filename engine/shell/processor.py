@@ -53,6 +53,9 @@ class Work:
     # ack: on-map: raw forwards to queue only if mapping succeeds, and how to answer a failure
     forward: tuple[QueueTarget, ...] = ()
     nak: Callable[[Rejection], tuple[str, bytes]] | None = None
+    # handed on by the engine's resume (an operator's reprocess, a hand-off that failed): messages
+    # that arrived after it may have changed its entry already (see Processor._overtaken_by)
+    late: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,6 +388,12 @@ class Processor:
         waiting = existing is None and event.action not in ("create", "attach", "book") and bool(view.held_for(keys))
         decision = ag.decide(event, existing, now=now, message_id=str(work.message_id), book=self.book,
                              waiting=waiting)
+        if work.late and isinstance(decision, ag.Update) and not decision.noop:
+            later = self._overtaken_by(existing, event, work.message_id)
+            if later is not None:
+                decision = ag.Reject(reason=f"message {later} of the same kind changed the entry after this one "
+                                            "arrived: mapped now, its older values would replace the newer ones",
+                                     code="overtaken")
         at = self.clock.seconds()
         if isinstance(decision, ag.Reject):
             self._outcome(work, "rejected")
@@ -545,6 +554,22 @@ class Processor:
             event_action=entry.history[-1].action if entry.history else None, history=history,
         )
 
+    def _overtaken_by(self, entry: ag.AgendaEntry, event: ag.AgendaEvent, message_id: int) -> int | None:
+        """A message that arrived after ``message_id`` (mapped late: a reprocess) and already set
+        the entry's values as this event would: of its kind, a create after a create, or a change
+        (update, reschedule) after a change; among those the latest wins (ag._merge), so the
+        older one, mapped now, would undo it. (A create does not reach a change's values, a
+        change follows its booking or create whenever that came, a cancel or a letter replaces
+        no such value.) Its id, or None."""
+        overtaking = _OVERTAKING.get(event.action)
+        if not overtaking:
+            return None
+        for item in reversed(self._with_history(entry).history):
+            if (item.kind == event.kind and item.action in overtaking
+                    and item.message_id.isdigit() and int(item.message_id) > message_id):
+                return int(item.message_id)
+        return None
+
     def _with_history(self, entry: ag.AgendaEntry) -> ag.AgendaEntry:
         """The entry with every change so far: the committed ones from the store, then this
         batch's (an entry read from the store carries only the latter)."""
@@ -608,6 +633,12 @@ class _Held:
     event: ag.AgendaEvent
     mapping: str | None
     keys: tuple[str, ...]
+
+
+# A late message's action -> the later actions of its kind whose values it would replace (see
+# Processor._overtaken_by).
+_OVERTAKING = {"create": frozenset({"create"}), "update": frozenset({"update", "reschedule"}),
+               "reschedule": frozenset({"update", "reschedule"})}
 
 
 class _BatchView:
