@@ -684,8 +684,12 @@ class _SegmentPlan:
                 continue
             out_reps = []
             for repetition, placeholders in reps:
-                if placeholders and not any(values[i] for i in placeholders):
-                    continue  # its literals only qualify values that are not there (see _qualified)
+                if placeholders:
+                    for i in placeholders:
+                        if values[i]:
+                            break
+                    else:
+                        continue  # its literals only qualify values that are not there (see _qualified)
                 out_comps = []
                 for component in repetition:
                     if len(component) == 1:
