@@ -170,3 +170,45 @@ def test_a_page_the_processor_never_answers_ends_the_round_and_the_next_one_hand
     assert submitted == [message_id]
     turns(engine, 3, RESUME_INTERVAL)
     assert submitted[:2] == [message_id, message_id]  # handed on again: the resume did not stop
+
+
+def test_a_big_reprocess_made_while_the_engine_was_stopped_is_mapped_a_page_at_a_time_after_start(
+        world, capsys, monkeypatch):
+    """`koppel reprocess --channel` while the engine is stopped (the README allows it: "a stopped
+    one at its next start"): the start's resume handed every pending message on at once, so a
+    month of errored letters (MBs each) was read and held in memory together, an out-of-memory
+    kill at every start. The paged resume takes them, from the start on, as it does while running."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from engine.bundle import load_bundle
+    from engine.shell import engine as engine_module
+    from engine.shell.engine import Engine
+    from engine.shell.processor import Processor
+    from tests.test_reprocess import errored
+    from tests.test_resume_mapping import ROOT
+
+    monkeypatch.setattr(engine_module, "RESUME_PAGE", 50)
+    ids = [errored(world) for _ in range(180)]
+    crashed = stored_pending(world.store, srm().replace(b"g20ce6a9f8ca4f551275", b"CRASHLEFT1"))  # an ACK, then kill -9
+    assert koppel(world, "--channel", "zorgdomein-in") == 0  # nothing runs
+    in_flight: list[int] = []
+    order: list[int] = []
+    submit = Processor.submit
+
+    def counting(self, work):
+        d = submit(self, work)
+        in_flight.append(len(self._handling))
+        order.append(work.message_id)
+        return d
+
+    monkeypatch.setattr(Processor, "submit", counting)
+    bundle = load_bundle(world.channels, ROOT / "mappings")
+    reactor = MemoryReactorClock()
+    reactor.advance(1_700_000_100)  # started after the messages arrived
+    engine = world.engine = Engine(reactor, bundle.config, world.store, retention=None,
+                                   mappings=bundle.mappings, book=bundle.book)
+    engine.startService()
+    turns(engine, 200)
+    assert max(in_flight) <= 1 + 50  # it, and one page of the reprocessed
+    assert order[0] == crashed  # a hand-off a kill -9 interrupted: still first, before anything new
+    assert [world.processing(i) for i in [*ids, crashed]] == ["mapped"] * (len(ids) + 1)

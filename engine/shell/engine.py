@@ -8,6 +8,7 @@ write the ACKs of what it already received, commit what is queued, close the sto
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from dataclasses import replace
@@ -387,9 +388,12 @@ class Engine(service.MultiService):
 
         self._resume_mapping()
         if receives(self.role):
-            self._resumer = task.LoopingCall(self._resume_late)
+            rounds = itertools.count()  # the first, now: whatever its age
+            self._resumer = task.LoopingCall(lambda: self._resume_late(at_start=next(rounds) == 0))
             self._resumer.clock = self.reactor
-            self._resumer.start(RESUME_INTERVAL, now=False)
+            # now: what an operator handed to mapping again while the engine was stopped (left
+            # out above: thousands of letters must not all be read at once), a page at a time
+            self._resumer.start(RESUME_INTERVAL, now=True)
         if delivers(self.role):
             self._orphan_check = task.LoopingCall(self._check_orphans)
             self._orphan_check.clock = self.reactor
@@ -610,14 +614,17 @@ class Engine(service.MultiService):
         but never handed on, in arrival order: the listener stores them PENDING/UNANSWERED in
         the same insert, so a kill -9 between the ACK and the mapping commit, or a mapping
         commit that failed, cannot leave a referral out of the agendas. At start: all of them,
-        before anything new; then every RESUME_INTERVAL, those older than that which the
-        processor is not already working on, a page at a time (_resume_late)."""
+        before anything new, but those an operator handed to mapping again (`koppel reprocess`:
+        any number, late anyway), which the paged resume takes from the start on; then every
+        RESUME_INTERVAL, those older than that which the processor is not already working on, a
+        page at a time (_resume_late)."""
         if not receives(self.role):
             return
         factories = self._factories()
         after, resumed = 0, 0
         while True:
-            page = self.store.pending_processing(after_id=after, limit=500, received_before=received_before)
+            page = self.store.pending_processing(after_id=after, limit=500, received_before=received_before,
+                                                 reprocessed=False)
             if not page:
                 break
             for message in page:
@@ -661,15 +668,16 @@ class Engine(service.MultiService):
                 handed.append(d)
         return 1
 
-    def _resume_late(self) -> defer.Deferred | None:
+    def _resume_late(self, *, at_start: bool = False) -> defer.Deferred | None:
         """The periodic resume: RESUME_PAGE messages at a time, each page read once the one
         before is mapped (the LoopingCall waits for the Deferred), so a reprocess of thousands
         never holds every body in memory nor keeps the reactor (and the ACKs) waiting. A page
         not mapped within RESUME_INTERVAL ends the round (a crashed processor never answers;
-        the next round hands its messages on again)."""
+        the next round hands its messages on again). ``at_start``: right after the start's
+        resume, every pending message it left (reprocessed ones), however young."""
         if not receives(self.role):
             return None
-        received_before = self.reactor.seconds() - RESUME_INTERVAL
+        received_before = None if at_start else self.reactor.seconds() - RESUME_INTERVAL
         factories = self._factories()
         done = {"after": 0, "resumed": 0}
 

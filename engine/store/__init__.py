@@ -620,9 +620,11 @@ class MessageStore(Protocol):
     def get_message(self, message_id: int) -> StoredMessage | None: ...
 
     def pending_processing(
-        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None
+        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None,
+        reprocessed: bool = True,
     ) -> list[StoredMessage]:
-        """Messages whose hand-off has not committed (processing PENDING or UNANSWERED), by id."""
+        """Messages whose hand-off has not committed (processing PENDING or UNANSWERED), by id;
+        ``reprocessed=False`` leaves out those an operator handed to mapping again (Reprocess)."""
         ...
 
     def list_messages(

@@ -974,12 +974,15 @@ class SQLiteStore:
         return _stored(rows[0]) if rows else None
 
     def pending_processing(
-        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None
+        self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None,
+        reprocessed: bool = True,
     ) -> list[StoredMessage]:
+        skip = () if reprocessed else (REPROCESS_DETAIL,)
         return [_stored(r) for r in self._query(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE processing IN (?, ?) AND id > ? "
-            "AND received_at < ? ORDER BY id LIMIT ?",
-            (PENDING, UNANSWERED, after_id, float("inf") if received_before is None else received_before, limit))]
+            f"AND received_at < ? {'AND processing_detail IS NOT ? ' if skip else ''}ORDER BY id LIMIT ?",
+            (PENDING, UNANSWERED, after_id, float("inf") if received_before is None else received_before, *skip,
+             limit))]
 
     def list_messages(
         self,
