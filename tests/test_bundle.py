@@ -51,7 +51,7 @@ def test_a_mapping_that_does_not_load_is_reported_once_not_again_for_every_route
 def test_an_outbound_destination_no_channel_defines_is_reported_in_the_mapping_file(dirs):
     channels, mappings = dirs
     srm = mappings / "zorgdomein-srm.yaml"
-    srm.write_text(srm.read_text().replace("to: his-scheduling", "to: his-schedule"))
+    srm.write_text(srm.read_text().replace("to: his-scheduling", "to: his-schedule", 1))
     (problem,) = problems(channels, mappings)
     assert "zorgdomein-srm.yaml" in problem and "unknown destination 'his-schedule'" in problem
 

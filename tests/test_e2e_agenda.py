@@ -248,7 +248,12 @@ def test_referrals_land_in_their_agendas_and_their_messages_reach_the_hospital_s
     assert (shown["history"][-1]["action"], shown["history"][-1]["from"]) == ("cancel", "booked")
     assert [e["zd_number"] for e in h.agenda("list", "--state", "cancelled")] == [ZD_A]
     assert h.agenda("show", ZD_B)["state"] == "ordered"
-    assert len(h.sinks["his-scheduling"].records) == 1  # a cancellation builds no new SIU^S12
+    # the HIS, which got the request and booked it, is told: SIU^S15 naming its own booking
+    _, cancelled = h.received("his-scheduling", 2)
+    assert msh9(cancelled) == "SIU^S15^SIU_S12"
+    sch = segment(cancelled, "SCH").split("|")
+    assert (sch[1].split("^")[0], sch[2], sch[25].split("^")[0]) == (ZD_A, FILLER_A, "Cancelled")
+    assert read_header(cancelled, default_charset="8859/1").field(5) == b"HIS"  # the destination's rewrite
 
 
 def test_a_letter_that_came_before_its_request_still_reaches_the_document_archive(harness):

@@ -81,7 +81,7 @@ def test_the_bundled_mappings_load_and_cover_every_inbound_type(bundled):
                          "REF^I14", "SIU^S12", "SIU^S13", "SIU^S14", "SIU^S15"]:
         assert bundled.for_type(message_type) is not None, message_type
     assert bundled.for_type("ADT^A01") is None
-    assert set(bundled.templates) == {"his_siu_s12.yaml", "ris_orm_o01.yaml", "archive_mdm_t02.yaml"}
+    assert set(bundled.templates) == {"his_siu_s12.yaml", "his_siu_s15.yaml", "ris_orm_o01.yaml", "archive_mdm_t02.yaml"}
     assert bundled.tables["sex"]["V"] == "F"
 
 
@@ -420,7 +420,7 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
     header = read_header(data, default_charset="ASCII")
     assert header.rejection is None
     assert (header.type_and_trigger, header.structure, header.control_id, header.version) == (
-        "SIU^S12", "SIU_S12", "K0000001", "2.5",
+        "SIU^S12", "SIU_S12", "K0000001-1", "2.5",  # -1: the mapping's first outbound (-2: the SIU^S15)
     )
     assert header.hl7_charset == "8859/1" and header.field(7) == b"20260102030405+0100"
     assert "Patiënt".encode("latin-1") in data  # encoded in the template charset
@@ -433,9 +433,39 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
     assert first(back, parse_path("AIL-3.4.1")) == "01059998"
 
 
-def test_srm_cancel_sends_nothing_to_the_his(bundled):
+def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bundled):
+    """ZorgDomein's SRM^S04: the HIS, which got the request as SIU^S12, must learn it is off
+    (before, nothing was sent and a planner could book a cancelled referral); with the HIS's
+    own id (SCH-2) when it had booked it."""
+    from hl7apy.consts import VALIDATION_LEVEL
+
+    from engine.core.paths import first, parse_path
+
     raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
     mapping, e = mapped(bundled, raw)
+    for booked_as in ("F778", None):
+        entry = SimpleNamespace(id=1, state="cancelled", filler_id=booked_as)
+        ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
+        assert to == "his-scheduling"
+        for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
+            hl7apy_parse(data, level).validate()
+        header = read_header(data, default_charset="ASCII")
+        assert (header.type_and_trigger, header.structure, header.version) == ("SIU^S15", "SIU_S12", "2.5")
+        _, back = parse(data)
+        assert first(back, parse_path("SCH-1.1")) == "ZD200046139"  # as in the SIU^S12 it cancels
+        assert first(back, parse_path("SCH-2.1")) == (booked_as or None)
+        assert first(back, parse_path("SCH-25.1")) == "Cancelled"
+        assert first(back, parse_path("PID-3[4=ZorgDomein].1")) == "ZD200046139"
+
+
+def test_srm_create_sends_no_cancellation_and_a_cancel_of_an_open_entry_none_either(bundled):
+    raw = sample(ZD / "zd_srm_s01_appointment_request.hl7")
+    mapping, e = mapped(bundled, raw)
+    sent = build_outbound(mapping, e, SimpleNamespace(id=1, state="cancelled", filler_id=None),
+                          control_id="K1", timestamp=NOW)
+    assert sent == []  # the request of an entry already cancelled: neither an S12 nor an S15
+    cancel = raw.replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
+    mapping, e = mapped(bundled, cancel)
     assert build_outbound(mapping, e, NEW_ENTRY, control_id="K1", timestamp=NOW) == []
 
 
