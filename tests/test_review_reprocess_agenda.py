@@ -12,24 +12,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from engine import operator
 from engine.shell.engine import RESUME_INTERVAL
 from engine.store import SetProcessing, write_one
 from tests.test_agenda_orderings import siu, srm
-from tests.test_reprocess import NOW, koppel
-from tests.test_resume_mapping import World, stored_pending
+from tests.test_reprocess import koppel, world  # noqa: F401 - world: the fixture
+from tests.test_resume_mapping import stored_pending
 
 S13_SLOT, S14_SLOT = "20261217140000+0100", "20261224080000+0100"
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    monkeypatch.setattr(operator, "_now", lambda: NOW)
-    w = World(tmp_path)
-    yield w
-    w.close()
 
 
 def turns(engine, n: int = 20, step: float = 0.0) -> None:
