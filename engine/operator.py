@@ -831,7 +831,8 @@ def dead_letters_drop(args, store, dests) -> int:
 
 @_command
 def audit(args, store, dests) -> int:
-    """Operator actions (resend, replay, drop, move, pause, resume, retry-now, reprocess), newest first."""
+    """Operator actions (resend, replay, drop, move, pause, resume, retry-now, reprocess, drop-held), newest
+    first."""
     now = _now()
     records = store.list_audit(args.limit)
     if not records:
@@ -955,6 +956,55 @@ def reprocess(args, store, dests) -> int:
           "see `koppel messages` and the audit log")
     _log_action("operator.reprocess", messages=len(done), channel=args.channel, reason_given=reason is not None)
     return OK if args.channel is not None or len(done) == len(ids) else NOTHING
+
+
+# --------------------------------------------------------------------------- held
+
+
+@_command
+def held_list(args, store, dests) -> int:
+    """Messages held for an agenda entry that has not come, oldest first, with how long they wait."""
+    rows = store.list_messages(processing="held", limit=args.limit, oldest_first=True)
+    now = _now()
+    if args.json:
+        print(json.dumps([{"id": m.id, "channel": m.channel, "type": m.message_type, "control_id": m.control_id,
+                           "received_at": m.received_at, "waiting": human_age(now - m.received_at),
+                           "for": m.processing_detail} for m in rows], indent=2))
+        return OK
+    if not rows:
+        print("no message is held for its agenda entry")
+        return OK
+    _table(("ID", "CHANNEL", "TYPE", "CONTROL-ID", "WAITING", "FOR"),
+           [(m.id, m.channel, m.message_type, m.control_id, human_age(now - m.received_at), m.processing_detail)
+            for m in rows])
+    return OK
+
+
+@_command
+def held_drop(args, store, dests) -> int:
+    """Give up on held messages whose entry will not come; the reason is kept in the audit log."""
+    from engine.store import DropHeld
+
+    reason = " ".join(args.reason.split())
+    if not reason:
+        raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
+    wanted = list(dict.fromkeys(args.ids))
+    found = {m.id: m for start in range(0, len(wanted), STEP)
+             for m in store.list_messages(message_ids=wanted[start:start + STEP], limit=STEP)}
+    problems = [f"no message {i} (never stored, or pruned)" if i not in found
+                else f"message {i} is {found[i].processing or 'not mapped'}, not held"
+                for i in wanted if i not in found or found[i].processing != "held"]
+    if problems:
+        raise _Fail(NOTHING, "; ".join(problems) + " (nothing changed)")
+    dropped = _by_chunks(store, sorted(wanted), lambda chunk: DropHeld(message_ids=chunk, reason=reason, at=_now()),
+                         what="were given up", new_ids=False)
+    print(f"{_plural(len(dropped), 'held message')} given up ({_id_list(dropped)}): recorded error, the reason "
+          "in the audit log; `koppel reprocess` takes them again if what they waited for comes after all")
+    _log_action("operator.held_dropped", messages=len(dropped))
+    if len(dropped) < len(wanted):
+        print(f"{len(wanted) - len(dropped)} were no longer held (mapped meanwhile) and were not given up")
+        return NOTHING
+    return OK
 
 
 # How far after a message `resend` looks for the messages its mapping built (they are stored
@@ -1382,6 +1432,18 @@ def register(subparsers) -> None:
                         "those no route mapped, for a route added since)")
     p.add_argument("--reason", default=None, help="why (kept in the audit log)")
     p.set_defaults(func=reprocess)
+
+    held = subparsers.add_parser("held", help="messages held for an agenda entry that has not come")
+    hsub = held.add_subparsers(dest="action", required=True)
+    p = common(hsub.add_parser("list", help="held messages, oldest first, and what they wait for"), channels=False)
+    p.add_argument("--limit", type=limit_arg, default=100, help="at most this many (default 100)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=held_list)
+    p = common(hsub.add_parser("drop", help="give up on held messages whose entry will not come, with a reason"),
+               channels=False)
+    p.add_argument("ids", metavar="MESSAGE-ID", type=id_arg, nargs="+", help="stored message ids")
+    p.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    p.set_defaults(func=held_drop)
 
     storep = subparsers.add_parser("store", help="back up or check the store (safe while the engine runs)")
     ssub = storep.add_subparsers(dest="action", required=True)

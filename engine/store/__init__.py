@@ -38,6 +38,7 @@ __all__ = [
     "AuditRecord",
     "DeadLetter",
     "DropDeadLetters",
+    "DropHeld",
     "Enqueue",
     "EntryState",
     "MarkDelivered",
@@ -581,6 +582,18 @@ class Reprocess:
             raise ValueError(f"outcomes must be among {', '.join(REPROCESSABLE)}")
 
 
+@_value
+class DropHeld:
+    """Give up on held messages whose entry will not come (a letter whose request was never
+    sent): their held events are released unapplied and each message is recorded 'error', so
+    `koppel reprocess` can take it again should the request come after all; one audit record
+    ('drop-held') each keeps the reason. Result: the ids dropped (those still held), in id order."""
+
+    message_ids: tuple[int, ...]
+    reason: str
+    at: float
+
+
 WriteOp = Union[
     Append,
     MarkDelivered,
@@ -602,6 +615,7 @@ WriteOp = Union[
     ReleaseHeld,
     SetProcessing,
     Reprocess,
+    DropHeld,
 ]
 WriteResult = Union[AppendResult, bool, int, tuple[int, ...], PruneResult, None]
 
@@ -639,6 +653,7 @@ class MessageStore(Protocol):
         limit: int = 100,
         message_ids: Sequence[int] | None = None,
         processing: str | None = None,
+        oldest_first: bool = False,
     ) -> list[MessageSummary]: ...
 
     def queue_head(

@@ -37,6 +37,7 @@ from engine.store import (
     AuditRecord,
     DeadLetter,
     DropDeadLetters,
+    DropHeld,
     Enqueue,
     Heartbeat,
     HeldRecord,
@@ -74,6 +75,8 @@ _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 # What `koppel messages` shows for a message an operator handed to mapping again, until it is.
 REPROCESS_DETAIL = "to be mapped again (koppel reprocess)"
+# ... and for a held message an operator gave up on (the reason is in the audit record).
+DROPPED_HELD_DETAIL = "held, given up by an operator (koppel held drop; the reason is in koppel audit)"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -678,6 +681,22 @@ class _Transaction:
             self._audit(op.at, "reprocess", None, None, message_id, why)
         return tuple(row[0] for row in rows)
 
+    def _drop_held(self, op: DropHeld) -> tuple[int, ...]:
+        ids: list[int] = []
+        for chunk in _chunks(sorted(set(op.message_ids))):
+            marks = _placeholders(len(chunk))
+            taken = [row[0] for row in self._conn.execute(
+                f"UPDATE messages SET processing = 'error', processing_detail = ? "
+                f"WHERE id IN ({marks}) AND processing = 'held' RETURNING id", (DROPPED_HELD_DETAIL, *chunk))]
+            if taken:
+                self._conn.execute(
+                    f"UPDATE held_events SET released_at = ? WHERE released_at IS NULL "
+                    f"AND message_id IN ({_placeholders(len(taken))})", (op.at, *taken))
+            ids += taken
+        for message_id in sorted(ids):
+            self._audit(op.at, "drop-held", None, None, message_id, op.reason)
+        return tuple(sorted(ids))
+
     def _heartbeat(self, op: Heartbeat) -> None:
         self._conn.execute(
             "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = ?", (op.at, op.at)
@@ -696,6 +715,7 @@ class _Transaction:
         ReleaseHeld: _release_held,
         SetProcessing: _set_processing,
         Reprocess: _reprocess,
+        DropHeld: _drop_held,
         MarkDelivered: _mark_delivered,
         RecordFailure: _record_failure,
         DeadLetter: _dead_letter,
@@ -996,9 +1016,11 @@ class SQLiteStore:
         limit: int = 100,
         message_ids: Sequence[int] | None = None,
         processing: str | None = None,
+        oldest_first: bool = False,
     ) -> list[MessageSummary]:
-        """Newest first, without bodies. `since` inclusive, `until` exclusive; `message_ids`
-        (at most a few hundred: an entry's history) narrows to those."""
+        """Newest first (oldest first with `oldest_first`), without bodies. `since` inclusive,
+        `until` exclusive; `message_ids` (at most a few hundred: an entry's history) narrows to
+        those."""
         where: list[str] = []
         params: list[Any] = []
         if message_ids is not None:
@@ -1020,7 +1042,7 @@ class SQLiteStore:
         sql = f"SELECT {_SUMMARY_COLUMNS} FROM messages"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        rows = self._query(sql + f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?", (*params, limit))
         return [
             MessageSummary(
                 id=r[0], channel=r[1], peer=r[2], received_at=r[3], control_id=r[4], sender=r[5],
