@@ -999,7 +999,9 @@ def held_drop(args, store, dests) -> int:
     dropped = _by_chunks(store, sorted(wanted), lambda chunk: DropHeld(message_ids=chunk, reason=reason, at=_now()),
                          what="were given up", new_ids=False)
     print(f"{_plural(len(dropped), 'held message')} given up ({_id_list(dropped)}): recorded error, the reason "
-          "in the audit log; `koppel reprocess` takes them again if what they waited for comes after all")
+          "in the audit log; `koppel reprocess` takes them again if what they waited for comes after all, "
+          "until pruning deletes them (the engine's --retention, 30 days by default, counted from when "
+          "each was received: one held longer than that goes at the next prune)")
     _log_action("operator.held_dropped", messages=len(dropped))
     if len(dropped) < len(wanted):
         print(f"{len(wanted) - len(dropped)} were no longer held (mapped meanwhile) and were not given up")
