@@ -329,6 +329,20 @@ def _optional_reason(args) -> str | None:
     return reason
 
 
+def _required_reason(args) -> str:
+    """--reason on one line; _Fail(2) if blank (drops keep it in the audit log)."""
+    reason = " ".join(args.reason.split())
+    if not reason:
+        raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
+    return reason
+
+
+def _messages_by_id(store, ids: Sequence[int]) -> dict[int, Any]:
+    """The stored messages' summaries (no bodies) for ``ids``, by id, STEP per read."""
+    return {m.id: m for start in range(0, len(ids), STEP)
+            for m in store.list_messages(message_ids=ids[start:start + STEP], limit=STEP)}
+
+
 def _os_user() -> str | None:
     import getpass
 
@@ -726,7 +740,7 @@ PAUSE_SEEN = 2.0  # seconds a running engine's sender needs to see a pause (it p
 
 
 def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = None,
-              what: str = "entries") -> list[int]:
+              what: str = "entries", new_ids: bool = True) -> list[int]:
     """Write ``make_op()`` (an op taking at most STEP entries) until a step takes fewer: short
     transactions, so the engine's commits, and so its ACKs, never wait long behind ours. The
     new ids collect in ``done`` (given: make_op can see the steps so far).
@@ -737,7 +751,7 @@ def _in_steps(store, make_op: Callable[[], Any], *, done: list[int] | None = Non
     entries that were in fact re-queued (and that the engine may be sending already)."""
     done = [] if done is None else done
     while True:
-        step = _committed_step(store, make_op(), done, what)
+        step = _committed_step(store, make_op(), done, what, new_ids=new_ids)
         if len(step) < STEP:
             return done
 
@@ -811,9 +825,7 @@ def dead_letters_drop(args, store, dests) -> int:
     """Give up on dead letters for good; the reason is kept in the audit log."""
     from engine.store import DropDeadLetters
 
-    reason = " ".join(args.reason.split())
-    if not reason:
-        raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
+    reason = _required_reason(args)
     entries = _entry_ids(store, args.ids)
     dropped = _by_chunks(store, sorted(e.id for e in entries),
                          lambda chunk: DropDeadLetters(entry_ids=chunk, reason=reason, at=_now()),
@@ -919,20 +931,17 @@ def reprocess(args, store, dests) -> int:
         if configured and dests.channel(args.channel) is None:
             raise _Fail(NOTHING, f"no channel {args.channel!r} in {args.channels}: its messages would "
                                  "only be marked error again (nothing changed)")
-        done: list[int] = []
-        while True:  # as _in_steps, but the ids are messages set pending, not new queue entries
-            op = Reprocess(channel=args.channel, outcomes=outcomes, at=_now(), limit=STEP,
-                           after_id=done[-1] if done else 0, reason=reason)
-            if len(_committed_step(store, op, done, "were handed to mapping again", new_ids=False)) < STEP:
-                break
+        done: list[int] = []  # messages set pending, not new queue entries: new_ids=False
+        _in_steps(store, lambda: Reprocess(channel=args.channel, outcomes=outcomes, at=_now(), limit=STEP,
+                                           after_id=done[-1] if done else 0, reason=reason),
+                  done=done, what="were handed to mapping again", new_ids=False)
         if not done:
             print(f"channel {args.channel}: no accepted message is {' or '.join(outcomes)}, nothing changed")
             return NOTHING
     else:
         problems, ids = [], []
         wanted = list(dict.fromkeys(args.ids))
-        found = {m.id: m for start in range(0, len(wanted), STEP)
-                 for m in store.list_messages(message_ids=wanted[start:start + STEP], limit=STEP)}
+        found = _messages_by_id(store, wanted)
         for message_id in wanted:
             message = found.get(message_id)
             why = (f"no message {message_id} (never stored, or pruned)" if message is None
@@ -985,12 +994,9 @@ def held_drop(args, store, dests) -> int:
     """Give up on held messages whose entry will not come; the reason is kept in the audit log."""
     from engine.store import DropHeld
 
-    reason = " ".join(args.reason.split())
-    if not reason:
-        raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
+    reason = _required_reason(args)
     wanted = list(dict.fromkeys(args.ids))
-    found = {m.id: m for start in range(0, len(wanted), STEP)
-             for m in store.list_messages(message_ids=wanted[start:start + STEP], limit=STEP)}
+    found = _messages_by_id(store, wanted)
     problems = [f"no message {i} (never stored, or pruned)" if i not in found
                 else f"message {i} is {found[i].processing or 'not mapped'}, not held"
                 for i in wanted if i not in found or found[i].processing != "held"]
