@@ -119,21 +119,22 @@ def to_json(value: Any) -> str:
     (``2016-04``, not ``2016-04-01T00:00:00+02:00``), its name listed under ``_day_times`` so
     ``entry_from_record`` reads it back as a DayTime (the instant it compares as)."""
     data = value if isinstance(value, dict) else dict(value.items())
-    days = [name for name, item in data.items() if item.__class__ is DayTime and item.hl7]
-    if days:
-        data = dict(data)
-        for name in days:
-            data[name] = data[name].stored()
-        data[STORED_DAY_TIMES] = sorted(days)
+    stored = _stored_day_times(data)
+    if stored:
+        data = {**data, **stored, STORED_DAY_TIMES: sorted(stored)}
     return json.dumps(data, default=_json_default)
+
+
+def _stored_day_times(fields) -> dict[str, str]:
+    """The fields holding a dtm sent without a time of day, in their stored form (to_json)."""
+    return {name: item.stored() for name, item in fields.items() if item.__class__ is DayTime and item.hl7}
 
 
 def event_to_json(event: ag.AgendaEvent, mapping: str | None = None) -> str:
     """A held event, with the mapping that made it (its outbound messages are built on release)."""
-    fields = ag.plain(event.fields)
-    days = sorted(name for name, item in event.fields.items() if item.__class__ is DayTime and item.hl7)
-    for name in days:  # at the precision sent, read back as DayTimes (see to_json)
-        fields[name] = event.fields[name].stored()
+    stored = _stored_day_times(event.fields)  # at the precision sent, read back as DayTimes (see to_json)
+    fields = {**ag.plain(event.fields), **stored}
+    days = sorted(stored)
     return json.dumps(
         {"kind": event.kind, "action": event.action, "zd_number": event.zd_number, "placer_id": event.placer_id,
          "filler_id": event.filler_id, "fields": fields, "mapping": mapping,
