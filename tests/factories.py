@@ -98,3 +98,18 @@ def corrupt_messages_table(path) -> None:
     with open(path, "r+b") as f:
         f.seek((root - 1) * page + 12)
         f.write(b"\xff" * 64)
+
+
+def processor_for(harness, *, config=None, prefix: str = "KT-", **extra):
+    """The mapping processor of an in-process harness (anything with ``bundle``, ``store``,
+    ``committer``, ``reactor`` and ``metrics``), delivering to ``config``'s destinations (the
+    harness's bundle's by default), its control ids starting with ``prefix``."""
+    from engine.core.ack import ControlIds
+    from engine.shell.processor import Processor
+
+    config = config or harness.bundle.config
+    return Processor(
+        mappings=harness.bundle.mappings, book=harness.bundle.book, store=harness.store,
+        committer=harness.committer, clock=harness.reactor, metrics=harness.metrics,
+        destinations={d.name: d for d in config.destinations}, control_ids=ControlIds(prefix), **extra,
+    )

@@ -13,23 +13,14 @@ import json
 from pathlib import Path
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
-from engine.bundle import load_bundle
-from engine.core.ack import ControlIds
-from engine.core.header import read_header
-from engine.metrics import Metrics
-from engine.shell.committer import GroupCommitter
-from engine.shell.processor import Processor
-from engine.store import Append, open_store
 from tests.conftest import load_sample
-from tests.factories import received
+from tests.test_processor import Harness as ProcessorHarness
 
 REPO = Path(__file__).resolve().parent.parent
 ZD = "ZD200046119"  # the ZD-number of the ZorgDomein ORU samples
 BSN = "900073962"
 OTHER_BSN = "999999990"
-MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu", "REF": "ref"}
 
 
 def srm(trigger: str = "S01", *, control_id: str = "g20ce6a9f8ca4f551275", bsn: str = BSN) -> bytes:
@@ -55,40 +46,14 @@ def siu(trigger: str = "S12", *, start: str = "20261210093000+0100", bsn: str = 
     return ("\r".join(segments) + "\r").encode("latin-1")
 
 
-class Harness:
+class Harness(ProcessorHarness):
+    """test_processor's harness (bundled mappings, a real store, the processor on a
+    MemoryReactorClock) in a directory of its own, so one test can run several."""
+
     def __init__(self, path: Path):
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.bundle = load_bundle(REPO / "channels", REPO / "mappings")
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(1_795_000_000)
-        self.store = open_store(f"sqlite:///{path}/k.db")
-        self.committer = GroupCommitter(self.store, clock=self.reactor)
-        self.metrics = Metrics()
-        self.processor = Processor(
-            mappings=self.bundle.mappings, book=self.bundle.book, store=self.store, committer=self.committer,
-            clock=self.reactor, metrics=self.metrics,
-            destinations={d.name: d for d in self.bundle.config.destinations},
-            control_ids=ControlIds("KT-"),
-        )
-
-    def receive(self, raw: bytes) -> int:
-        header = read_header(raw, default_charset="8859/1")
-        message = received(header.control_id, raw=raw, received_at=self.reactor.seconds(), sender=header.sender,
-                           message_type=header.type_and_trigger, structure=None, version=header.version,
-                           charset=header.hl7_charset, duplicate_window=0, targets=())
-        (result,) = self.store.write([Append(message=message)])
-        from engine.shell.processor import Work
-
-        self.processor.submit(Work(message_id=result.message_id, channel="zorgdomein-in",
-                                   mapping=MAPPING_OF[header.message_type], raw=raw, codec=header.codec))
-        for _ in range(20):
-            self.reactor.advance(0)
-        return result.message_id
-
-    def outcome(self, message_id: int) -> tuple[str, str]:
-        (row,) = [m for m in self.store.list_messages(limit=1000) if m.id == message_id]
-        return row.processing, row.processing_detail
+        super().__init__(path)
 
     def entry(self):
         (entry,) = self.store.list_agenda_entries(limit=10)

@@ -14,9 +14,9 @@ from engine.metrics import Metrics
 from engine.shell.committer import GroupCommitter
 from engine.shell.engine import receive_settings
 from engine.shell.listener import MLLPListenerFactory
-from engine.shell.processor import Processor
 from engine.store import open_store
 from tests.conftest import load_sample
+from tests.factories import processor_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,11 +55,7 @@ class Harness:
         self.store = open_store(f"sqlite:///{tmp_path}/k.db")
         self.metrics = Metrics()
         self.committer = GroupCommitter(self.store, clock=self.reactor)
-        processor = Processor(
-            mappings=self.bundle.mappings, book=self.bundle.book, store=self.store, committer=self.committer,
-            clock=self.reactor, metrics=self.metrics, destinations={d.name: d for d in config.destinations},
-            control_ids=ControlIds("KO-"),
-        )
+        processor = processor_for(self, config=config, prefix="KO-")
         settings = receive_settings(config.channels[0], config, {}, processor, committer=self.committer,
                                     metrics=self.metrics)
         factory = MLLPListenerFactory(settings, committer=self.committer, metrics=self.metrics,

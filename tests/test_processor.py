@@ -9,14 +9,13 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from engine.bundle import load_bundle
-from engine.core.ack import ControlIds
 from engine.core.header import read_header
 from engine.metrics import Metrics
 from engine.shell.committer import GroupCommitter
-from engine.shell.processor import Processor, Work
+from engine.shell.processor import Work
 from engine.store import Append, open_store
 from tests.conftest import load_sample
-from tests.factories import received
+from tests.factories import processor_for, received
 
 REPO = Path(__file__).resolve().parent.parent
 ZD = "ZD200046119"  # the ZD-number of the ZorgDomein ORU samples
@@ -63,12 +62,7 @@ class Harness:
         self.committer = GroupCommitter(self.store, clock=self.reactor)
         self.metrics = Metrics()
         self.queued = []
-        self.processor = Processor(
-            mappings=self.bundle.mappings, book=self.bundle.book, store=self.store, committer=self.committer,
-            clock=self.reactor, metrics=self.metrics,
-            destinations={d.name: d for d in self.bundle.config.destinations},
-            control_ids=ControlIds("KT-"), on_queued=self.queued.extend,
-        )
+        self.processor = processor_for(self, on_queued=self.queued.extend)
 
     def append(self, raw: bytes) -> Work:
         """Store ``raw`` as the listener would, its header fields read from it; the work to process it."""

@@ -197,9 +197,8 @@ def test_an_on_map_message_whose_commit_a_reload_to_on_store_overtakes_is_still_
     AA at once, and the sender was told AA for a message the store records as refused (AE)."""
     from engine.core import mllp
     from engine.core.response import read_ack
-    from engine.core.ack import ControlIds
     from engine.shell.engine import receive_settings
-    from engine.shell.processor import Processor
+    from tests.factories import processor_for
     from tests.test_on_map import Harness, srm
 
     (tmp_path / "map").mkdir()
@@ -213,11 +212,7 @@ def test_an_on_map_message_whose_commit_a_reload_to_on_store_overtakes_is_still_
         broken = srm().replace(b"ARQ|ZD200046139|", b"ARQ||")  # does not map: AE on-map
         h.transport.clear()
         h.protocol.dataReceived(mllp.encode_frame(broken))  # read and submitted; not committed yet
-        mapper = Processor(
-            mappings=h.bundle.mappings, book=h.bundle.book, store=h.store, committer=h.committer,
-            clock=h.reactor, metrics=h.metrics, destinations={d.name: d for d in config.destinations},
-            control_ids=ControlIds("KO-"),
-        )
+        mapper = processor_for(h, config=config, prefix="KO-")
         settings = receive_settings(config.channels[0], config, {}, mapper, committer=h.committer,
                                     metrics=h.metrics)
         assert processor.ack_mode == "on-map" and settings.ack_mode == "on-store"
