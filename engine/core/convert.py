@@ -56,9 +56,11 @@ _DTM = re.compile(
 _WITH_PRECISION = re.compile(r"([0-9][0-9.+-]*)[^0-9A-Za-z.+\s-][YLDHMS]?", re.ASCII)
 
 
-def _without_precision(text: str) -> str:
-    m = _WITH_PRECISION.fullmatch(text)
-    return text if m is None else m.group(1)
+def _without_precision(text: str) -> tuple[str, re.Match | None]:
+    """For a text _DTM does not match: (the time with a TS's degree of precision left off, its
+    _DTM match), or (text, None)."""
+    p = _WITH_PRECISION.fullmatch(text)
+    return (text, None) if p is None else (p.group(1), _DTM.fullmatch(p.group(1)))
 
 
 HOSPITAL_ZONE = "Europe/Amsterdam"
@@ -100,8 +102,7 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
         return None
     m = _DTM.fullmatch(text)
     if m is None:  # a TS with its degree of precision: the time alone
-        text = _without_precision(text)
-        m = _DTM.fullmatch(text)
+        text, m = _without_precision(text)
     if m is None:
         raise ConversionError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
     year, month, day, hour, minute, second, frac, sign, oh, om = m.groups()
@@ -231,8 +232,7 @@ def date(text: str) -> _dt.date | PartialDate | None:
         return None
     m = _DTM.fullmatch(text)
     if m is None:  # a TS with its degree of precision: the time alone
-        text = _without_precision(text)
-        m = _DTM.fullmatch(text)
+        text, m = _without_precision(text)
     if m is None:
         raise ConversionError("not an HL7 date (YYYYMMDD)")
     year, month, day = m.group(1, 2, 3)
