@@ -18,6 +18,7 @@ with engine.config's ConfigProblem/ConfigError):
   (repetitions). ``{dotted.event.field}`` placeholders (``{patient.name.surname}``,
   ``{attachments.1.data}``, ``{entry.id}``, ``{timestamp}``; ``{item...}``/``{index}`` in a
   for_each block) are escaped with the template's delimiters; literal text is not.
+  ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data.
 - ``outbound: [{to, template, when}]``: ``when: {field: value | [values] | "*"}`` ("*": the
   field has any value).
 
@@ -39,6 +40,7 @@ import io
 import re
 from collections.abc import Callable, Mapping as _Mapping, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ from engine.config import (
 )
 from engine.core import charsets
 from engine.core import convert as _convert
-from engine.core.agenda import ACTIONS, KINDS, AgendaEvent
+from engine.core.agenda import ACTIONS, KINDS, AgendaEntry, AgendaEvent
 from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
@@ -498,10 +500,12 @@ def _compile_accessor(name: str) -> _Accessor:
             return lambda event, entry, item, index, now: item
         return lambda event, entry, item, index, now: _walk(item, steps)
     if head == "entry":
-        steps = _steps(parts[1:])
-        if not steps:
+        if len(parts) == 1:
             return lambda event, entry, item, index, now: entry
-        return lambda event, entry, item, index, now: _walk(entry, steps)
+        if parts[1] in _ENTRY_ATTRIBUTES and not (parts[1] == "data" and len(parts) > 2):
+            steps = _steps(parts[1:])
+            return lambda event, entry, item, index, now: _walk(entry, steps)
+        return _entry_data_accessor(parts[2:] if parts[1] == "data" else parts[1:])
     if name in TOP_LEVEL:
         return lambda event, entry, item, index, now: getattr(event, name)
     if len(parts) == 1:
@@ -516,6 +520,53 @@ def _compile_accessor(name: str) -> _Accessor:
         return None
 
     return dotted
+
+
+_ENTRY_ATTRIBUTES = frozenset(f.name for f in dataclass_fields(AgendaEntry))
+
+
+def _entry_data_accessor(parts: Sequence[str]) -> _Accessor:
+    """``{entry.patient.name.surname}``: a field of the entry's data (what every message of
+    the referral said so far, not only this one), by the longest dotted prefix that is a
+    field, like an event field. Data read back from the store holds dates as ISO text; they
+    come out as HL7 (``_from_stored``)."""
+    candidates = tuple((".".join(parts[:cut]), _steps(parts[cut:])) for cut in range(len(parts), 0, -1))
+
+    def from_data(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
+        data = getattr(entry, "data", None)
+        if not data:
+            return None
+        for key, steps in candidates:
+            if key in data:
+                value = _walk(data[key], steps) if steps else data[key]
+                return _from_stored(value) if value.__class__ is str else value
+        return None
+
+    return from_data
+
+
+_STORED_DATE_RE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+_STORED_DATETIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([+-]\d{2}:\d{2}|Z)?")
+
+
+def _from_stored(text: str) -> Any:
+    """A value of stored entry data as the event had it: ISO dates and times (``ag.plain``'s
+    form) as HL7 DT/DTM (``1980-06-01`` -> ``19800601``, a birth month ``1980-06`` ->
+    ``198006``); any other text as it is."""
+    if len(text) < 7 or text[4] != "-" or not text[:4].isdigit():
+        return text
+    if "T" in text:
+        if _STORED_DATETIME_RE.fullmatch(text):
+            try:
+                return _dt.datetime.fromisoformat(text)
+            except ValueError:
+                return text
+        return text
+    m = _STORED_DATE_RE.fullmatch(text)
+    if m is None:
+        return text
+    year, month, day = m.groups()
+    return year + month + (day or "")
 
 
 def _steps(parts: Sequence[str]) -> tuple[tuple[str, int, bool], ...]:

@@ -30,6 +30,7 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=AMS_WINTER)
 # The entry a create made, as the processor passes it: the SRM's SIU^S12 goes to the HIS only
 # for an entry still `requested` (not for one already booked or closed).
 NEW_ENTRY = SimpleNamespace(id=1, state="requested")
+NO_EVENT = SimpleNamespace(fields={})
 
 
 @pytest.fixture(scope="module")
@@ -433,18 +434,37 @@ def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
     assert first(back, parse_path("AIL-3.4.1")) == "01059998"
 
 
+def thin_cancel(raw_request: bytes) -> bytes:
+    """ZorgDomein's S04 for a request, carrying less than the request did: no referrer (ARQ-15
+    on), no name, birth date or sex (PID-5/7/8)."""
+    segments = raw_request.replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04").split(b"\r")
+    for number, segment in enumerate(segments):
+        if segment.startswith(b"ARQ|"):
+            segments[number] = b"|".join(segment.split(b"|")[:13])
+        elif segment.startswith(b"PID|"):
+            segments[number] = b"|".join(segment.split(b"|")[:4])
+    return b"\r".join(segments)
+
+
 def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bundled):
     """ZorgDomein's SRM^S04: the HIS, which got the request as SIU^S12, must learn it is off
     (before, nothing was sent and a planner could book a cancelled referral); with the HIS's
-    own id (SCH-2) when it had booked it."""
+    own id (SCH-2) when it had booked it. The patient and referrer come from the entry (here
+    as the store gives it back: dates as ISO text), so a cancel that carries less than its
+    request still gives a complete S15 (before, one without PID-5 or SCH-16, which a strict
+    HIS refuses, and sex U)."""
     from hl7apy.consts import VALIDATION_LEVEL
 
+    from engine.core.agenda import plain
     from engine.core.paths import first, parse_path
 
-    raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
-    mapping, e = mapped(bundled, raw)
+    request = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"|20000101|U|", b"|20000101|M|")
+    _, requested = mapped(bundled, request)
+    stored = plain(requested.fields)
+    mapping, e = mapped(bundled, thin_cancel(request))
+    assert "patient.name" not in e.fields and "referrer.agb" not in e.fields  # thin indeed
     for booked_as in ("F778", None):
-        entry = SimpleNamespace(id=1, state="cancelled", filler_id=booked_as)
+        entry = SimpleNamespace(id=1, state="cancelled", filler_id=booked_as, data=stored)
         ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
         assert to == "his-scheduling"
         for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
@@ -456,6 +476,29 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
         assert first(back, parse_path("SCH-2.1")) == (booked_as or None)
         assert first(back, parse_path("SCH-25.1")) == "Cancelled"
         assert first(back, parse_path("PID-3[4=ZorgDomein].1")) == "ZD200046139"
+        assert first(back, parse_path("PID-5.1.1")) == "de Boer"
+        assert (first(back, parse_path("PID-7")), first(back, parse_path("PID-8"))) == ("20000101", "M")
+        assert first(back, parse_path("SCH-16.1")) == "01004567"
+
+
+def test_the_s15_from_entry_data_as_stored_equals_the_s15_from_entry_data_as_mapped(bundled):
+    """Entry data is typed in the batch that mapped it and plain JSON once read back from the
+    store; the HIS must get the same message either way (ISO dates as HL7, a birth month as
+    sent)."""
+    from engine.core.agenda import plain
+
+    request = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"|20000101|", b"|200006|")
+    _, requested = mapped(bundled, request)
+    assert requested.fields["patient.birth_date"].__class__.__name__ == "PartialDate"
+    mapping, e = mapped(bundled, thin_cancel(request))
+    built = [build_outbound(mapping, e, SimpleNamespace(id=1, state="cancelled", filler_id=None, data=data),
+                            control_id="K1", timestamp=NOW)
+             for data in (dict(requested.fields), plain(requested.fields))]
+    assert built[0] == built[1]
+    _, back = parse(built[0][0][1])
+    from engine.core.paths import first, parse_path
+
+    assert first(back, parse_path("PID-7")) == "200006"
 
 
 def test_srm_create_sends_no_cancellation_and_a_cancel_of_an_open_entry_none_either(bundled):
@@ -698,3 +741,24 @@ def test_merge_keys_share_value_specs_and_list_specs_as_in_channel_files(tmp_pat
 def test_a_merge_of_something_other_than_a_mapping_is_reported_where_it_is_written(tmp_path):
     write(tmp_path, "bad.yaml", MINIMAL + "  message.id: {<<: [MSH-10], from: MSH-10}\n")
     assert problems(tmp_path) == ["bad.yaml:6:21: event.message.id.<<: can only merge a mapping, got 'MSH-10'"]
+
+
+@pytest.mark.parametrize(("stored", "sent"), [
+    ("2000-01-01", "20000101"),
+    ("2000-06", "200006"),
+    ("2000", "2000"),
+    ("2016-03-29T09:30:00+02:00", "20160329093000+0200"),
+    ("2016-03-29T09:30+01:00", "20160329093000+0100"),
+    ("de Boer", "de Boer"),
+    ("2000-01-01 and later", "2000-01-01 and later"),  # text, not a stored date
+    ("2016-03-29T25:00:00", "2016-03-29T25:00:00"),  # not a time: as it is
+    ("CARREG001", "CARREG001"),
+])
+def test_entry_placeholders_give_stored_dates_in_hl7_form_and_other_text_as_it_is(stored, sent):
+    from engine.mapping import _format, _resolve
+
+    entry = SimpleNamespace(id=1, state="requested", data={"patient.birth_date": stored})
+    for name in ("entry.patient.birth_date", "entry.data.patient.birth_date"):
+        assert _format(_resolve(name, NO_EVENT, entry, None, None)) == sent
+    assert _resolve("entry.patient.unknown", NO_EVENT, entry, None, None) is None
+    assert _resolve("entry.state", NO_EVENT, entry, None, None) == "requested"  # an entry attribute first
