@@ -282,12 +282,15 @@ def phone(text: str) -> str | None:
     """Telephone number with the punctuation taken out: ``020-555 7890`` -> ``0205557890``.
 
     A leading ``+`` stays (``+31 20 ...`` -> ``+3120...``); a trunk ``(0)`` after a country
-    code (``+31 (0)20``, ``0031 (0)20``) is dropped; anything other than digits,
-    spaces and ``-().`/`` is an error. "" -> None.
+    code (``+31 (0)20``, ``0031 (0)20``) is dropped. Words about the number, apart from it
+    (``06-12345678 (moeder)``, ``tel. 020 ...``), are left out: GP systems put them in the
+    field, and a referral is not refused for them. Anything else other than digits, spaces
+    and ``-().`/`` is an error (``020-555789O``, two numbers). "" -> None.
     """
     text = text.strip()
     if not text:
         return None
+    text = _number_in(text)
     if text.startswith(("+", "00")):  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
         text = text.replace("(0)", "", 1)
     value = text.translate(_PHONE_NOISE)
@@ -297,6 +300,24 @@ def phone(text: str) -> str | None:
     if not 3 <= len(digits) <= 20:
         raise ConversionError("telephone number must have 3 to 20 digits")
     return value
+
+
+_PHONE_RUN = re.compile(r"\+?[0-9(][0-9 \t()\-./]*[0-9]\)?")
+
+
+def _number_in(text: str) -> str:
+    """The one number in ``text`` when the rest is words apart from it (no digits, a space or
+    bracket between); else ``text`` as it is, for phone() to judge."""
+    runs = _PHONE_RUN.findall(text)
+    if len(runs) != 1 or runs[0] == text:
+        return text
+    start = text.index(runs[0])
+    before, after = text[:start], text[start + len(runs[0]):]
+    if any(c.isdigit() for c in before) or any(c.isdigit() for c in after):
+        return text
+    if (before and before[-1] not in " \t(") or (after and after[0] not in " \t()"):
+        return text  # glued to the number: a typo (``555789O``), not a word about it
+    return runs[0].strip()
 
 
 _ZD = re.compile(r"Z[DP][0-9]{6,12}")
