@@ -152,6 +152,15 @@ def test_hex_escapes_are_decoded_with_the_message_codec():
     assert unescape("\\X0D0A\\", D) == "\r\n"
 
 
+def test_consecutive_hex_escapes_are_one_run_of_bytes():
+    """UTF-8 sent one byte per escape (as some senders write it) was two replacement characters."""
+    assert unescape(r"Pati\XC3\\XAB\nt", D, codec="utf-8") == "Patiënt"
+    assert unescape(r"\XE2\\X82\\XAC\ 5", D, codec="utf-8") == "€ 5"
+    assert unescape("\\XC3\\\\F\\\\XAB\\", D, codec="utf-8") == "\ufffd|\ufffd"  # not consecutive: apart
+    assert unescape("\\X41\\\\XZZ\\", D) == "A\\XZZ\\"  # a broken one after it is kept as text
+    assert unescape("\\XEB\\\\XEB\\", D, codec="iso8859-1") == "ëë"
+
+
 def test_unknown_or_broken_escapes_are_kept_as_text():
     assert unescape(r"a\Zfoo\b", D) == r"a\Zfoo\b"
     assert unescape("a\\", D) == "a\\"
@@ -194,3 +203,15 @@ def test_parse_never_raises_on_arbitrary_bytes(raw):
     message = Message.parse(raw, codec="utf-8")
     for segment in message.segments():
         segment.fields()
+
+
+def test_the_truncation_escape_is_the_messages_truncation_character():
+    """2.7 added a fifth encoding character, truncation (`#`), and `\\P\\` for it in text;
+    before, `\\P\\` was kept as an unknown escape."""
+    five = Delimiters(field=b"|", encoding=b"^~\\&#")
+    assert unescape("afgekapt\\P\\", five) == "afgekapt#"
+    assert unescape("afgekapt\\P\\", D) == "afgekapt\\P\\"  # no truncation character declared: kept
+    raw = b"MSH|^~\\&#|ZD||KOPPEL||20261201||ORU^R01^ORU_R01|1|P|2.7\rOBX|1|TX|||lange tekst\\P\\\r"
+    from engine.core.paths import first, parse_path
+
+    assert first(Message.parse(raw, codec="latin-1"), parse_path("OBX-5")) == "lange tekst#"

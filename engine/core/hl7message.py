@@ -221,7 +221,8 @@ def unescape(text: str, d: Delimiters, *, codec: str = "latin-1") -> str:
 
     ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` become the delimiters, ``\\.br\\`` a newline,
     ``\\Xhh..\\`` the hex bytes decoded with ``codec`` (the message's codec), ``\\H\\`` and
-    ``\\N\\`` (highlighting) are dropped. Anything else (unknown or unterminated sequences)
+    ``\\N\\`` (highlighting) are dropped, ``\\P\\`` is the truncation character (2.7, MSH-2's
+    fifth). Anything else (unknown or unterminated sequences)
     is kept as it is, so no text is lost.
     """
     esc = d.escape
@@ -244,6 +245,8 @@ def _table(d: Delimiters) -> dict[str, str]:
         ".br": "\n",
         "H": "",
         "N": "",
+        # 2.7's truncation character (MSH-2's fifth); without one, \P\ is unknown, kept as text
+        **({"P": d.encoding[4:5].decode("latin-1")} if len(d.encoding) > 4 else {}),
     }
 
 
@@ -261,8 +264,19 @@ def _unescape(text: str, e: str, table: dict[str, str], codec: str) -> str:
         out.append(text[pos:start])
         body = text[start + 1 : end]
         value = table.get(body)
-        if value is None:
-            value = _hex(body, codec) if body[:1] == "X" else None
+        if value is None and body[:1] == "X":
+            data = _hex_bytes(body)
+            if data is not None:
+                # Consecutive hex escapes are one run of bytes: UTF-8 sent byte by byte
+                # (\XC3\\XA9\) is one character, not two replacement characters.
+                while text.startswith(e + "X", end + 1):
+                    following = text.find(e, end + 2)
+                    more = _hex_bytes(text[end + 2 : following]) if following > 0 else None
+                    if more is None:
+                        break
+                    data += more
+                    end = following
+                value = data.decode(codec, "replace")
         if value is None:
             # Unknown: keep the opening escape character as text and look again right
             # after it, so "\\x\\F\\" still finds the "\\F\\".
@@ -275,15 +289,15 @@ def _unescape(text: str, e: str, table: dict[str, str], codec: str) -> str:
     return "".join(out)
 
 
-def _hex(body: str, codec: str) -> str | None:
+def _hex_bytes(body: str) -> bytes | None:
+    """The bytes of an ``Xhh..`` escape body; None when it is not one."""
     digits = body[1:]
     if not digits or len(digits) % 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
         return None  # bytes.fromhex would skip spaces: "\X 41\" is malformed, kept as it is
     try:
-        data = bytes.fromhex(digits)
+        return bytes.fromhex(digits)
     except ValueError:
         return None
-    return data.decode(codec, "replace")
 
 
 def escape(text: str, d: Delimiters) -> str:
