@@ -330,20 +330,23 @@ class _List:
         items: list[Any] = []
         failed = False
         for number, group in enumerate(groups, 1):
+            reported = len(errors)
             if isinstance(self.item, _Value):
                 value = self.item.evaluate(group, errors, f"{self.label}[{number}]")
                 failed |= value is _FAILED
                 if value is not None and value is not _FAILED:
                     items.append(value)
-                continue
-            record: dict[str, Any] = {}
-            for name, spec in self.item:
-                value = spec.evaluate(group, errors, f"{self.label}[{number}].{name}")
-                failed |= value is _FAILED
-                if value is not None and value is not _FAILED:
-                    record[name] = value
-            if record:
-                items.append(record)
+            else:
+                record: dict[str, Any] = {}
+                for name, spec in self.item:
+                    value = spec.evaluate(group, errors, f"{self.label}[{number}].{name}")
+                    failed |= value is _FAILED
+                    if value is not None and value is not _FAILED:
+                        record[name] = value
+                if record:
+                    items.append(record)
+            if len(errors) > reported:
+                errors[reported:] = [_in_item(error, group) for error in errors[reported:]]
         if failed:
             return _FAILED
         if not items:
@@ -356,6 +359,31 @@ class _List:
     def _error(self, reason: str) -> MappingError:
         path = f"{self.group.anchor} groups"
         return MappingError(file=self.file, line=self.line, field=self.label, path=path, reason=reason)
+
+
+def _in_item(error: MappingError, group: Any) -> MappingError:
+    """The error with its paths naming the item's own segments in the message (``OBR[2]-4``
+    for the second order's OBR), so an on-map NAK's ERR points at the item that failed, not
+    at the first. A path's occurrence counts within the item, as the item read it."""
+    if not error.path or not isinstance(group, list):
+        return error
+    parts = []
+    for part in error.path.split(", "):
+        name, rest = part[:3], part[3:]
+        within = 1
+        if rest.startswith("["):
+            close = rest.find("]")
+            if close < 0 or not rest[1:close].isdigit():
+                parts.append(part)  # [*] or a filter: no one occurrence to name
+                continue
+            within, rest = int(rest[1:close]), rest[close + 1:]
+        if not rest.startswith("-"):
+            parts.append(part)
+            continue
+        own = [segment.index for segment in group if segment.name == name]
+        parts.append(f"{name}[{own[within - 1]}]{rest}" if within <= len(own) else part)
+    return MappingError(file=error.file, line=error.line, field=error.field, path=", ".join(parts),
+                        reason=error.reason)
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,3 +164,36 @@ event:
     assert first_test["code"] == "ECHOXU"
     assert first_test["reason"].startswith("perimenopauzaal frequent vaginaal BV\naanw voor myomen?")
     assert tijd == {"code": "TIJD"}  # the TIJD order has no OBX: nothing, and no other order's
+
+
+def test_an_error_in_the_second_for_each_item_names_that_items_segment_in_the_nak(tmp_path):
+    """The second order's OBR-7 is not a time: the on-map NAK's ERR named OBR occurrence 1 (the
+    first order, which is fine) because the item's path read `OBR-7`. Before: sequence 1 and
+    path `OBR-7`."""
+    from engine.mapping import load_mappings
+    from engine.shell.processor import _mapping_rejection
+
+    (tmp_path / "orm.yaml").write_text("""
+name: orm
+types: [ORM^O01]
+event:
+  kind: {value: diagnostic-order}
+  action: {value: create}
+  tests:
+    for_each: {anchor: ORC, members: [OBR, NTE, OBX]}
+    item:
+      code: {from: OBR-4.1, required: true}
+      observed: {from: OBR-7, convert: dtm}
+      reason:
+        group: {anchor: OBX, members: [NTE], where: {"OBX-3.1": REDE}}
+        from: OBX-5
+        convert: dtm
+""")
+    raw = ORM_ECHO.replace(b"OBR|2|ZP100120391||TIJD^TIJD^99zdl||||", b"OBR|2|ZP100120391||TIJD^TIJD^99zdl|||gisteren|")
+    mapping = load_mappings(tmp_path).for_type("ORM^O01")
+    result = mapping.apply(Message.parse(raw, codec="latin-1"))
+    by_field = {error.field: error.path for error in result.errors}
+    assert by_field["tests[2].observed"] == "OBR[2]-7"
+    assert by_field["tests[1].reason"] == "OBX[1]-5"  # the first order's REDE: not a time either
+    second = _mapping_rejection([e for e in result.errors if e.field == "tests[2].observed"])
+    assert (second.location.segment, second.location.sequence, second.location.field) == ("OBR", 2, 7)
