@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from engine.metrics import Metrics
 from engine.shell.committer import BUSY_RETRY, GroupCommitter
-from engine.store import Append, AppendResult, StoreBusy, StoreError, open_store
+from engine.store import Append, AppendResult, HeldGone, StoreBusy, StoreError, open_store
 from tests.factories import received
 
 POISON = "poison"
@@ -169,6 +169,31 @@ def test_store_errors_counts_every_failed_transaction(committer, clock, metrics)
     committer.submit("b")
     clock.advance(0)
     assert metrics.registry.get_sample_value("koppel_store_errors_total") == 2
+
+
+class StaleReleaseStore(RecordingStore):
+    """A write holding the stale op fails with HeldGone: `koppel held drop` got there first."""
+
+    def write(self, ops, wait=True):
+        if "stale" in ops:
+            self.writes.append(list(ops))
+            raise HeldGone((7,))
+        return super().write(ops, wait)
+
+
+def test_a_plan_made_stale_by_an_operator_is_not_a_store_failure(clock, metrics):
+    """The processor plans again at once; before, each such race counted a store error, logged
+    store.commit_failed and made the engine unready until the next commit."""
+    store = StaleReleaseStore()
+    committer = GroupCommitter(store, clock=clock, metrics=metrics)
+    committer.start()
+    ds = [committer.submit(op) for op in ("a", "stale", "c")]
+    clock.advance(0)
+    outcomes = results_of(ds)
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1][1], HeldGone)
+    assert committer.healthy
+    assert metrics.registry.get_sample_value("koppel_store_errors_total") == 0
 
 
 def test_commit_time_and_batch_size_are_observed(committer, clock, metrics):

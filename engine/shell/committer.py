@@ -34,7 +34,7 @@ import time
 
 from twisted.internet import defer, task
 
-from engine.store import StoreBusy, StoreError
+from engine.store import HeldGone, StoreBusy, StoreError
 
 BUSY_RETRY = 0.0005  # seconds between attempts while another process writes
 
@@ -147,8 +147,9 @@ class GroupCommitter:
         except StoreBusy:
             raise
         except Exception as error:  # noqa: BLE001 - the store's failure is answered, not raised
-            self.healthy = False
-            self._count_error(error)
+            if not isinstance(error, HeldGone):  # a plan made stale by an operator: not the store failing
+                self.healthy = False
+                self._count_error(error)
             if len(work) == 1:
                 return [(work[0][1], False, error)]
             # one by one, each waiting for the lock: a StoreBusy half-way would retry the

@@ -32,6 +32,7 @@ from engine.log import get_logger, safe_error
 from engine.store import (
     Append,
     Enqueue,
+    HeldGone,
     HoldEvent,
     PutAttachment,
     QueueTarget,
@@ -258,7 +259,9 @@ class Processor:
             try:
                 outcomes = yield self._commit_batch([work for work, _ in batch])
             except Exception as error:  # noqa: BLE001 - retried one by one so one bad message fails alone
-                if len(batch) > 1:
+                if isinstance(error, HeldGone):  # an operator dropped a held event: planned again
+                    self.log.info("mapping.held_gone", size=len(batch), held=list(error.ids))
+                elif len(batch) > 1:
                     self.log.warning("mapping.batch_failed", size=len(batch), error=safe_error(error))
                 outcomes = []
                 for work, _ in batch:
@@ -284,13 +287,20 @@ class Processor:
         """One message whose batch failed. A store that refuses the commit (disk full, I/O
         error) is waited out, the queue held behind it, so a request is never mapped after
         its own cancellation; after STORE_ATTEMPTS the message is taken for the culprit and
-        recorded 'error' if the store accepts that, else the wait goes on."""
-        delay, attempts = STORE_RETRY, 0
+        recorded 'error' if the store accepts that, else the wait goes on. A release of a held
+        event dropped since it was read (HeldGone) is planned again at once from the store, not
+        counted against the store: each such failure means one held event fewer (only this
+        processor holds events), and past HELD_REPLANS in a row it is taken for a store error."""
+        delay, attempts, replans = STORE_RETRY, 0, 0
         while True:
             try:
                 (outcome,) = yield self._commit_batch([work])
                 return outcome
             except StoreError as error:
+                if isinstance(error, HeldGone) and replans < HELD_REPLANS:
+                    replans += 1
+                    self.log.info("mapping.held_gone", message_id=work.message_id, held=list(error.ids))
+                    continue
                 attempts += 1
                 if attempts >= STORE_ATTEMPTS:
                     outcome, op = self._internal_failure(work, error)
@@ -623,6 +633,9 @@ BATCH = 256  # messages planned against one in-memory view and committed togethe
 # the queue held behind it; after STORE_ATTEMPTS the message is recorded 'error' if the store
 # takes that (it was the culprit), else the waiting goes on (the store is down).
 STORE_RETRY, STORE_RETRY_MAX, STORE_ATTEMPTS = 0.5, 30.0, 5
+# A message whose plan released a held event that `koppel held drop` gave up meanwhile is
+# planned again at once, this many times in a row before the store retries above take over.
+HELD_REPLANS = 16
 
 
 @dataclasses.dataclass(slots=True)

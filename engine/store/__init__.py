@@ -30,6 +30,7 @@ __all__ = [
     "PutAttachment",
     "SaveAgendaEntry",
     "AttachmentRecord",
+    "HeldGone",
     "HeldRecord",
     "AgendaHistoryRecord",
     "AgendaRecord",
@@ -87,6 +88,16 @@ class StoreError(Exception):
 
 class StoreBusy(StoreError):
     """`write(ops, wait=False)` found another process writing; nothing was done, try again."""
+
+
+class HeldGone(StoreError):
+    """A `ReleaseHeld` named an event no longer held: another process (`koppel held drop`)
+    released it after the caller read it. Nothing of the write was kept; plan again from the
+    store, so a drop the operator was told of is never overwritten."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = tuple(sorted(ids))
+        super().__init__(f"held events {', '.join(map(str, self.ids))} are no longer held")
 
 
 # --------------------------------------------------------------------------- records
@@ -529,7 +540,8 @@ class HoldEvent:
 
 @_value
 class ReleaseHeld:
-    """Mark held events as applied. Result: how many were still held."""
+    """Mark held events as applied. All of them must still be held, or the whole write fails
+    with HeldGone (the caller planned on a stale read). Result: how many were released."""
 
     ids: tuple[int, ...]
     at: float

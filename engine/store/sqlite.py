@@ -40,6 +40,7 @@ from engine.store import (
     DropHeld,
     Enqueue,
     Heartbeat,
+    HeldGone,
     HeldRecord,
     HoldEvent,
     MarkDelivered,
@@ -629,15 +630,19 @@ class _Transaction:
         return held_id
 
     def _release_held(self, op: ReleaseHeld) -> int:
-        released = 0
-        for chunk in _chunks(op.ids):
-            cur = self._conn.execute(
+        """Checked in the write's own transaction: an event dropped (or pruned after a drop)
+        since the caller read it fails the write, so the caller's plan is not committed."""
+        wanted = set(op.ids)
+        released: set[int] = set()
+        for chunk in _chunks(sorted(wanted)):
+            released.update(row[0] for row in self._conn.execute(
                 f"UPDATE held_events SET released_at = ? WHERE released_at IS NULL "
-                f"AND id IN ({_placeholders(len(chunk))})",
+                f"AND id IN ({_placeholders(len(chunk))}) RETURNING id",
                 (op.at, *chunk),
-            )
-            released += cur.rowcount
-        return released
+            ))
+        if released != wanted:
+            raise HeldGone(wanted - released)
+        return len(released)
 
     def _set_processing(self, op: SetProcessing) -> None:
         if op.ack is None:
