@@ -335,7 +335,8 @@ def test_an_attachment_without_data_names_the_item(bundled):
              for line in lines]
     _, result = apply(bundled, b"\r".join(lines))
     (error,) = result.errors
-    assert (error.field, error.path, error.reason) == ("attachments[2].data", "OBX-5.5", "missing (required)")
+    # the item's own OBX (the second), not the first one's path
+    assert (error.field, error.path, error.reason) == ("attachments[2].data", "OBX[2]-5.5", "missing (required)")
 
 
 # ---------------------------------------------------------------------------------------
