@@ -550,7 +550,7 @@ def _compile_accessor(name: str) -> _Accessor:
     return dotted
 
 
-_ENTRY_ATTRIBUTES = frozenset(f.name for f in dataclass_fields(AgendaEntry))
+_ENTRY_ATTRIBUTES = frozenset(f.name for f in dataclass_fields(AgendaEntry)) | {"is_open", "previous_state"}
 
 
 def _entry_data_accessor(parts: Sequence[str]) -> _Accessor:

@@ -465,7 +465,8 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
     mapping, e = mapped(bundled, thin_cancel(request))
     assert "patient.name" not in e.fields and "referrer.agb" not in e.fields  # thin indeed
     for booked_as in ("F778", None):
-        entry = SimpleNamespace(id=1, state="cancelled", filler_id=booked_as, data=stored)
+        entry = SimpleNamespace(id=1, state="cancelled", previous_state="booked" if booked_as else "requested",
+                                filler_id=booked_as, data=stored)
         ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
         assert to == "his-scheduling"
         for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
@@ -482,6 +483,20 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
         assert first(back, parse_path("SCH-16.1")) == "01004567"
 
 
+@pytest.mark.parametrize(("previous", "sent"), [
+    ("requested", True), ("booked", True), ("rescheduled", True), ("modified", True),
+    ("ordered", False),  # an order the HIS never had a request for, nor booked
+    ("cancelled", False),  # closed already (the order's CA told it, or nobody could): not twice
+    (None, False),  # no history at hand: not guessed
+])
+def test_a_cancel_goes_to_the_his_only_when_it_closed_an_entry_the_his_knows(bundled, previous, sent):
+    raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
+    mapping, e = mapped(bundled, raw)
+    entry = SimpleNamespace(id=1, state="cancelled", previous_state=previous, filler_id=None, data={})
+    built = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
+    assert [to for to, _ in built] == (["his-scheduling"] if sent else [])
+
+
 def test_the_s15_from_entry_data_as_stored_equals_the_s15_from_entry_data_as_mapped(bundled):
     """Entry data is typed in the batch that mapped it and plain JSON once read back from the
     store; the HIS must get the same message either way (ISO dates as HL7, a birth month as
@@ -492,7 +507,8 @@ def test_the_s15_from_entry_data_as_stored_equals_the_s15_from_entry_data_as_map
     _, requested = mapped(bundled, request)
     assert requested.fields["patient.birth_date"].__class__.__name__ == "PartialDate"
     mapping, e = mapped(bundled, thin_cancel(request))
-    built = [build_outbound(mapping, e, SimpleNamespace(id=1, state="cancelled", filler_id=None, data=data),
+    built = [build_outbound(mapping, e, SimpleNamespace(id=1, state="cancelled", previous_state="requested",
+                                                        filler_id=None, data=data),
                             control_id="K1", timestamp=NOW)
              for data in (dict(requested.fields), plain(requested.fields))]
     assert built[0] == built[1]
@@ -539,7 +555,7 @@ def test_orm_builds_one_orc_and_obr_per_test_for_the_ris(bundled):
         assert len(orders) == 2
     header = read_header(data, default_charset="ASCII")
     assert (header.type_and_trigger, header.control_id, header.version, header.hl7_charset) == (
-        "ORM^O01", "K2", "2.4", "8859/1",
+        "ORM^O01", "K2-1", "2.4", "8859/1",
     )
     _, back = parse(data)
     assert [s.field(4).split("^")[0] for s in back.segments("OBR")] == ["ECHOXU", "TIJD"]

@@ -242,6 +242,13 @@ class AgendaEntry:
     def is_open(self) -> bool:
         return self.state not in CLOSED_STATES
 
+    @property
+    def previous_state(self) -> str | None:
+        """The state before the change that made this entry (None: that change created it).
+        An outbound `when` reads it to tell a system of a cancel once, and only when the
+        entry was in a state that system knows of (see mappings/zorgdomein-srm.yaml)."""
+        return self.history[-1].from_state if self.history else None
+
     def with_id(self, entry_id: str) -> AgendaEntry:
         return replace(self, id=entry_id)
 

@@ -432,12 +432,15 @@ class Processor:
             ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
                                      existing.state, (), at, history=False))
         view.put(entry)
-        # The events held for this entry arrived before this message: what they do (a booking,
-        # a cancellation) already happened when it came, so its outbound messages' `when` sees
-        # the state after them (the HIS gets no request for an appointment the scheduler had
-        # already booked or cancelled), while the message itself is built from this event.
-        released = self._release(entry, view, work.channel, at)
-        final = view.find(ag.entry_keys(entry)) if released else None
+        # The events held for this entry arrived before this message. What the hospital's own
+        # scheduler did (a booking, a cancellation) already happened at the HIS, so this
+        # message's outbound `when` sees the state after it (the HIS gets no request for an
+        # appointment it had already booked or cancelled); what other senders did (ZorgDomein's
+        # cancel) the HIS has not heard of, so it gets this message and then theirs (an S12,
+        # then the S15: never a cancel of a request it never had). The message itself is
+        # built from this event.
+        released, by_scheduler = self._release(entry, view, work.channel, at)
+        final = view.find(ag.entry_keys(entry)) if by_scheduler else None
         seen = entry if final is None or final.state == entry.state else dataclasses.replace(entry, state=final.state)
         if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
             ops.extend(self._outbound_ops(mapping, event, seen, work, at))
@@ -448,15 +451,17 @@ class Processor:
         self._outcome(work, "ok")
         return Outcome(status="mapped", detail=detail), ops
 
-    def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str, at: float) -> list:
+    def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str, at: float) -> tuple[list, bool]:
         """Apply events that waited for this entry (a letter before its request), one at a
-        time in arrival order, each with its own mapping's outbound messages."""
+        time in arrival order, each with its own mapping's outbound messages. Also: did the
+        hospital's scheduler change the entry among them (see _plan)."""
         ops: list = []
+        by_scheduler = False
         waiting = self._waiting(view, entry)  # read once: applying one changes no other's event
         while True:
             held = self._next_ready(waiting, entry)
             if not held:
-                return ops
+                return ops, by_scheduler
             released = ag.release([(str(h.message_id), h.event) for h in held], entry, now=self._now(),
                                   book=self.book)
             ops.extend(self._attachment_op(a) for a in released.attachments)
@@ -470,6 +475,7 @@ class Processor:
                         ops.append(self._save_op(decision.entry, int(entry.id), int(message_id), "release", state,
                                                  decision.changed, at))
                         state = decision.entry.state
+                        by_scheduler |= item.event.kind == "appointment"
                         mapping = self._mapping_named(item.mapping)
                         if mapping is not None:
                             work = Work(message_id=int(message_id), channel=channel, mapping=item.mapping,
