@@ -50,7 +50,7 @@ def siu(trigger: str = "S12", filler: str = "F778") -> bytes:
     return ("\r".join(segments) + "\r").encode("latin-1")
 
 
-MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu", "REF": "ref"}
+MAPPING_OF = {"SRM": "zorgdomein-srm", "ORU": "zorgdomein-oru", "ORM": "zorgdomein-orm", "SIU": "siu", "REF": "ref", "OML": "zorgdomein-oml"}
 
 
 class Harness:

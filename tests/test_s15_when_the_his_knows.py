@@ -45,3 +45,28 @@ def test_the_his_is_told_of_a_cancel_exactly_when_it_knows_the_referral(world, o
     # once, by whichever of ZorgDomein's S04 and the order's CA closed it (before: none after a
     # CA, or a second after an S04 that only repeated the CA)
     assert sent.count("SIU^S15") == (1 if his_knows and entry.state == "cancelled" else 0), (order, sent)
+
+
+def oml(control: str = "NW") -> bytes:
+    raw = load_sample("zorgdomein/zd_oml_o21_lab_v251_latin1.hl7").replace(b"ZP100120391", ZD.encode())
+    raw = raw.replace(b"900073962", BSN.encode()).replace(b"|d0a06274854e4824a8a4|", f"|OML{control}|".encode())
+    return raw.replace(b"ORC|NW|", f"ORC|{control}|".encode())
+
+
+@pytest.mark.parametrize("order_message", [orm, oml], ids=["ORM", "OML"])
+def test_an_order_the_his_booked_and_zorgdomein_cancelled_reaches_the_his_as_a_valid_s15(world, order_message):  # noqa: F811
+    """Before, an order's CA went to the RIS (or LIS) only: the HIS kept the booking it made."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    from tests.test_s15_from_entry import field
+
+    h = world(order_message.__name__)
+    for raw in (order_message(), siu("S12"), order_message("CA")):
+        h.receive(raw)
+    assert (h.entry().state, h.entry().filler_id) == ("cancelled", "F778")
+    (s15,) = [h.store.get_message(m.id).raw for m in h.store.list_messages(limit=1000)
+              if m.origin_id is not None and m.message_type == "SIU^S15"]
+    parse_message(s15.decode("latin-1"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
+    assert (field(s15, "SCH-1.1"), field(s15, "SCH-2.1")) == (ZD, "F778")
+    assert field(s15, "PID-3[4=NLMINBIZA].1") == BSN
