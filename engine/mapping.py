@@ -126,6 +126,7 @@ class MappingError:
     field: str  # dotted event field, e.g. "patient.bsn" or "attachments[2].data"
     path: str  # the HL7 path(s) read, e.g. "PID-3[4=NLMINBIZA].1"; "" for constants
     reason: str
+    located: bool = False  # path already names the segment occurrences in the message (_in_item)
 
     def __str__(self) -> str:
         where = f" ({self.path})" if self.path else ""
@@ -250,7 +251,15 @@ class _Value:
             groups = self.group.matching(target)
             if not groups:
                 return None
-            target = groups[0]
+            reported = len(errors)
+            value = self._read(groups[0], errors, label, defaulted)
+            if len(errors) > reported:  # paths read within the group: name its segments
+                errors[reported:] = [_in_item(error, groups[0]) for error in errors[reported:]]
+            return value
+        return self._read(target, errors, label, defaulted)
+
+    def _read(self, target: _Target, errors: list[MappingError], label: str | None,
+              defaulted: list[bool] | None) -> Any:
         if self.options:
             tried: list[MappingError] = []
             for option in self.options:
@@ -365,7 +374,7 @@ def _in_item(error: MappingError, group: Any) -> MappingError:
     """The error with its paths naming the item's own segments in the message (``OBR[2]-4``
     for the second order's OBR), so an on-map NAK's ERR points at the item that failed, not
     at the first. A path's occurrence counts within the item, as the item read it."""
-    if not error.path or not isinstance(group, list):
+    if not error.path or error.located or not isinstance(group, list):
         return error
     parts = []
     for part in error.path.split(", "):
@@ -383,7 +392,7 @@ def _in_item(error: MappingError, group: Any) -> MappingError:
         own = [segment.index for segment in group if segment.name == name]
         parts.append(f"{name}[{own[within - 1]}]{rest}" if within <= len(own) else part)
     return MappingError(file=error.file, line=error.line, field=error.field, path=", ".join(parts),
-                        reason=error.reason)
+                        reason=error.reason, located=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -567,10 +576,28 @@ def _entry_data_accessor(parts: Sequence[str]) -> _Accessor:
         for key, steps in candidates:
             if key in data:
                 value = _walk(data[key], steps) if steps else data[key]
-                return _from_stored(value) if value.__class__ is str else value
+                if value.__class__ is str:
+                    return _from_stored(value)
+                return _revived(value) if value.__class__ is dict else value
         return None
 
     return from_data
+
+
+# Records stored as plain dicts (ag.plain), told apart by their fields: read back as the type
+# the event had, so ``{entry.care_product}`` is the code and ``{entry.patient.name}`` the
+# surname whether the entry came from this batch or from the store.
+_RECORDS = {frozenset(f.name for f in dataclass_fields(cls)): cls for cls in (_convert.Code, _convert.DutchName)}
+
+
+def _revived(value: dict) -> Any:
+    cls = _RECORDS.get(frozenset(value))
+    if cls is None:
+        return value
+    try:
+        return cls(**value)
+    except TypeError:
+        return value
 
 
 _STORED_DATE_RE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")

@@ -210,7 +210,8 @@ def test_phone_numbers_are_normalised(text, expected):
 
 @pytest.mark.parametrize("text", ["020-555789O", "tel 020 of 010 5557890", "++31201234567", "12", "mail@example.nl",
                                   "06-12345678 ext 12", "020-5557890moeder", "moeder06-12345678", "020-555 789O (werk)",
-                                  "(020) 555 7890 na 17 uur"])
+                                  "(020) 555 7890 na 17 uur", "06-12345678 / 020-5557890",
+                                  "06-12345678 /020-5557890"])
 def test_bad_phone_numbers_are_refused_without_the_value(text):
     with pytest.raises(ConversionError) as info:
         convert.phone(text)
@@ -388,6 +389,9 @@ def test_the_bundled_referral_mapping_reads_a_requested_window_sent_with_its_pre
     ("tel. 020-555 7890", "0205557890"),
     ("+31 (0)20 555 7890 (werk)", "+31205557890"),
     ("(020) 555 7890", "0205557890"),
+    ("06-12345678, moeder", "0612345678"),
+    ("mobiel: 06-12345678", "0612345678"),
+    ("020/5557890", "0205557890"),
 ])
 def test_words_about_a_phone_number_are_left_out_not_a_reason_to_refuse_the_referral(text, expected):
     """A GP system's "06-12345678 (moeder)" in PID-13 made the whole referral a mapping error."""

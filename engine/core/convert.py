@@ -284,12 +284,15 @@ def phone(text: str) -> str | None:
     A leading ``+`` stays (``+31 20 ...`` -> ``+3120...``); a trunk ``(0)`` after a country
     code (``+31 (0)20``, ``0031 (0)20``) is dropped. Words about the number, apart from it
     (``06-12345678 (moeder)``, ``tel. 020 ...``), are left out: GP systems put them in the
-    field, and a referral is not refused for them. Anything else other than digits, spaces
-    and ``-().`/`` is an error (``020-555789O``, two numbers). "" -> None.
+    field, and a referral is not refused for them (``06-12345678, moeder`` too). Anything else
+    other than digits, spaces and ``-().`/`` is an error (``020-555789O``; two numbers,
+    ``06-12345678 / 020-5557890``). "" -> None.
     """
     text = text.strip()
     if not text:
         return None
+    if _TWO_NUMBERS.search(text):
+        raise ConversionError("telephone field holds two numbers")
     text = _number_in(text)
     if text.startswith(("+", "00")):  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
         text = text.replace("(0)", "", 1)
@@ -302,6 +305,9 @@ def phone(text: str) -> str | None:
     return value
 
 
+# "06-12345678 / 020-5557890": a slash between spaces separates two numbers (one written
+# 020/5557890 has none); the digits of both run together would make one that does not exist.
+_TWO_NUMBERS = re.compile(r"[0-9)]\s+/|/\s+[0-9(+]")
 _PHONE_RUN = re.compile(r"\+?[0-9(][0-9 \t()\-./]*[0-9]\)?")
 
 
@@ -315,7 +321,7 @@ def _number_in(text: str) -> str:
     before, after = text[:start], text[start + len(runs[0]):]
     if any(c.isdigit() for c in before) or any(c.isdigit() for c in after):
         return text
-    if (before and before[-1] not in " \t(") or (after and after[0] not in " \t()"):
+    if (before and before[-1] not in " \t(:") or (after and after[0] not in " \t(),;:"):
         return text  # glued to the number: a typo (``555789O``), not a word about it
     return runs[0].strip()
 
