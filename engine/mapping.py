@@ -20,7 +20,8 @@ with engine.config's ConfigProblem/ConfigError):
   for_each block) are escaped with the template's delimiters; literal text is not.
   ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data.
 - ``outbound: [{to, template, when}]``: ``when: {field: value | [values] | "*"}`` ("*": the
-  field has any value).
+  field has any value), or a list of such maps (any one that holds). ``entry.last_sent`` is
+  the type of the message this outbound's destination last had for the entry.
 
 ``first:`` takes the first option that gives a value; an option whose value does not
 convert is passed over (those reasons are reported only when the field is required and
@@ -444,6 +445,8 @@ class Outbound:
     to: str
     template: Template
     when: tuple[tuple[str, frozenset[str]], ...] = ()
+    # `when` as a list of condition maps: any one that holds (``when`` above is then empty)
+    when_any: tuple[tuple[tuple[str, frozenset[str]], ...], ...] = ()
     line: int = 0
 
 
@@ -982,9 +985,24 @@ class MappingSet:
         raise KeyError(name)
 
 
-def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any) -> bool:
-    for name, allowed in outbound.when:
-        value = _resolve(name, event, entry, None, None)
+LAST_SENT = "entry.last_sent"
+# `entry.last_sent` of an entry stored before Koppel kept what it sent (no SENT in its data)
+UNKNOWN_SENT = "unknown"
+
+
+def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Mapping[str, str] | None) -> bool:
+    if outbound.when_any:
+        return any(_conditions_hold(c, outbound, event, entry, sent) for c in outbound.when_any)
+    return _conditions_hold(outbound.when, outbound, event, entry, sent)
+
+
+def _conditions_hold(conditions, outbound: Outbound, event: AgendaEvent, entry: Any,
+                     sent: _Mapping[str, str] | None) -> bool:
+    for name, allowed in conditions:
+        if name == LAST_SENT:  # what this outbound's destination last had for the entry
+            value = UNKNOWN_SENT if sent is None else sent.get(outbound.to)
+        else:
+            value = _resolve(name, event, entry, None, None)
         if allowed == ANY_VALUE:
             if value is None or value == "" or value == () or value == []:
                 return False
@@ -994,17 +1012,20 @@ def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any) -> bool:
 
 
 def build_outbound(
-    mapping: Mapping, event: AgendaEvent, entry: Any, *, control_id: str, timestamp: _dt.datetime
+    mapping: Mapping, event: AgendaEvent, entry: Any, *, control_id: str, timestamp: _dt.datetime,
+    sent: _Mapping[str, str] | None = None,
 ) -> list[tuple[str, bytes]]:
     """(destination, bytes) for each outbound entry whose `when` matches.
 
+    ``sent``: the type of the message each destination last had for this entry (the entry's
+    ``agenda.SENT``), which `when` reads as ``entry.last_sent``; None: not known.
     With more than one outbound entry, each message's MSH-10 is ``control_id-N`` (N its
     1-based position in the mapping's outbound list), so ids stay unique and stable.
     """
     many = len(mapping.outbound) > 1
     out = []
     for number, outbound in enumerate(mapping.outbound, 1):
-        if not _when_matches(outbound, event, entry):
+        if not _when_matches(outbound, event, entry, sent):
             continue
         message_id = f"{control_id}-{number}" if many else control_id
         data = build(outbound.template, event, control_id=message_id, timestamp=timestamp, entry=entry)
@@ -1586,20 +1607,34 @@ class _MappingReader(_Walker):
                     self.report(t_node, _join(path, "template"), f"unknown template {t_name!r} (templates: {known})")
                 else:
                     template = self.templates[t_name]  # None: its problems are reported in its file
-        when: list[tuple[str, frozenset[str]]] = []
+        when: tuple[tuple[str, frozenset[str]], ...] = ()
+        when_any: list[tuple[tuple[str, frozenset[str]], ...]] = []
         if "when" in m:
-            wm = self.mapping(m["when"], _join(path, "when"), None)
-            for key, k_node, v_node in (wm.items() if wm else ()):
-                w_path = _join(_join(path, "when"), key)
-                if not _PLACEHOLDER_NAME_RE.fullmatch(key):
-                    self.report(k_node, w_path, "expected a dotted event field name like action")
-                    continue
-                nodes = v_node.value if isinstance(v_node, yaml.SequenceNode) else [v_node]
-                allowed = [self.read(n, w_path, _text) for n in nodes]
-                when.append((key, frozenset(a for a in allowed if a is not None)))
+            w_node = m["when"]
+            if isinstance(w_node, yaml.SequenceNode):  # alternatives: any one that holds
+                if not w_node.value:
+                    self.report(w_node, _join(path, "when"), "expected at least one condition map")
+                for number, item in enumerate(w_node.value):
+                    when_any.append(self.conditions(item, f"{_join(path, 'when')}[{number}]"))
+            else:
+                when = self.conditions(w_node, _join(path, "when"))
         if len(self.problems) > start or to is None or template is None:
             return None
-        return Outbound(to=to, template=template, when=tuple(when), line=node.start_mark.line + 1)
+        return Outbound(to=to, template=template, when=when, when_any=tuple(when_any),
+                        line=node.start_mark.line + 1)
+
+    def conditions(self, node: yaml.Node, path: str) -> tuple[tuple[str, frozenset[str]], ...]:
+        out = []
+        wm = self.mapping(node, path, None)
+        for key, k_node, v_node in (wm.items() if wm else ()):
+            w_path = _join(path, key)
+            if not _PLACEHOLDER_NAME_RE.fullmatch(key):
+                self.report(k_node, w_path, "expected a dotted event field name like action")
+                continue
+            nodes = v_node.value if isinstance(v_node, yaml.SequenceNode) else [v_node]
+            allowed = [self.read(n, w_path, _text) for n in nodes]
+            out.append((key, frozenset(a for a in allowed if a is not None)))
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -466,8 +466,9 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
     assert "patient.name" not in e.fields and "referrer.agb" not in e.fields  # thin indeed
     for booked_as in ("F778", None):
         entry = SimpleNamespace(id=1, state="cancelled", previous_state="booked" if booked_as else "requested",
-                                filler_id=booked_as, data=stored)
-        ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
+                                filler_id=booked_as, zd_number="ZD200046139", data=stored)
+        ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW,
+                                       sent={"his-scheduling": "SIU^S12"})
         assert to == "his-scheduling"
         for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
             hl7apy_parse(data, level).validate()
@@ -483,17 +484,24 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
         assert first(back, parse_path("SCH-16.1")) == "01004567"
 
 
-@pytest.mark.parametrize(("previous", "sent"), [
-    ("requested", True), ("booked", True), ("rescheduled", True), ("modified", True),
-    ("ordered", False),  # an order the HIS never had a request for, nor booked
-    ("cancelled", False),  # closed already (the order's CA told it, or nobody could): not twice
-    (None, False),  # no history at hand: not guessed
+@pytest.mark.parametrize(("last_sent", "filler", "previous", "sent"), [
+    ("SIU^S12", None, "requested", True),  # the HIS had the request
+    ("SIU^S12", None, "cancelled", True),  # ... and another sender's cancel (REF^I14) told it nothing
+    ("SIU^S15", None, "requested", False),  # told already
+    (None, None, "requested", False),  # a REF^I12's referral: the HIS never had it
+    (None, "F778", "booked", True),  # the HIS booked it itself
+    (None, "F778", "cancelled", False),  # ... and the HIS cancelled it itself
+    (None, None, "ordered", False),  # an order the HIS neither had a request for nor booked
+    ("unknown", None, "requested", True),  # stored before Koppel kept what it sent
+    ("unknown", None, "ordered", False),
 ])
-def test_a_cancel_goes_to_the_his_only_when_it_closed_an_entry_the_his_knows(bundled, previous, sent):
+def test_a_cancel_goes_to_the_his_only_when_the_his_knows_and_was_not_told(bundled, last_sent, filler, previous, sent):
     raw = sample(ZD / "zd_srm_s01_appointment_request.hl7").replace(b"SRM^S01^SRM_S01", b"SRM^S04^SRM_S04")
     mapping, e = mapped(bundled, raw)
-    entry = SimpleNamespace(id=1, state="cancelled", previous_state=previous, filler_id=None, data={})
-    built = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW)
+    entry = SimpleNamespace(id=1, state="cancelled", previous_state=previous, filler_id=filler, zd_number="ZD200046139",
+                            data={})
+    built = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW,
+                           sent={} if last_sent is None else {"his-scheduling": last_sent})
     assert [to for to, _ in built] == (["his-scheduling"] if sent else [])
 
 
@@ -508,8 +516,8 @@ def test_the_s15_from_entry_data_as_stored_equals_the_s15_from_entry_data_as_map
     assert requested.fields["patient.birth_date"].__class__.__name__ == "PartialDate"
     mapping, e = mapped(bundled, thin_cancel(request))
     built = [build_outbound(mapping, e, SimpleNamespace(id=1, state="cancelled", previous_state="requested",
-                                                        filler_id=None, data=data),
-                            control_id="K1", timestamp=NOW)
+                                                        filler_id=None, zd_number="ZD200046139", data=data),
+                            control_id="K1", timestamp=NOW, sent={"his-scheduling": "SIU^S12"})
              for data in (dict(requested.fields), plain(requested.fields))]
     assert built[0] == built[1]
     _, back = parse(built[0][0][1])
@@ -779,3 +787,43 @@ def test_entry_placeholders_give_stored_dates_in_hl7_form_and_other_text_as_it_i
         assert _format(_resolve(name, NO_EVENT, entry, None, None)) == sent
     assert _resolve("entry.patient.unknown", NO_EVENT, entry, None, None) is None
     assert _resolve("entry.state", NO_EVENT, entry, None, None) == "requested"  # an entry attribute first
+
+
+def test_when_as_a_list_of_condition_maps_holds_when_any_does_and_each_problem_is_located(tmp_path):
+    write(tmp_path, "templates/t.yaml", """
+    message: SIU^S15^SIU_S12
+    version: "2.5"
+    charset: 8859/1
+    segments:
+      - SCH: {1: "{zd_number}"}
+    """)
+    write(tmp_path, "test.yaml", MINIMAL + """outbound:
+  - to: his
+    when:
+      - {action: cancel}
+      - {action: create, entry.state: requested}
+    template: t.yaml
+""")
+    (outbound,) = load_mappings(tmp_path).mapping("test").outbound
+    event = SimpleNamespace(fields={}, action="create", kind="appointment-request", zd_number="ZD200046139",
+                            placer_id=None, filler_id=None)
+    from engine.mapping import _when_matches
+
+    assert _when_matches(outbound, event, SimpleNamespace(state="requested"), None)
+    assert not _when_matches(outbound, event, SimpleNamespace(state="booked"), None)
+    assert _when_matches(outbound, SimpleNamespace(**{**vars(event), "action": "cancel"}),
+                         SimpleNamespace(state="booked"), None)
+    write(tmp_path, "test.yaml", MINIMAL + """outbound:
+  - to: his
+    when:
+      - {action: cancel}
+      - [not, a, map]
+    template: t.yaml
+  - to: his
+    when: []
+    template: t.yaml
+""")
+    assert problems(tmp_path) == [
+        "test.yaml:10:9: outbound[0].when[1]: expected a mapping, got a list",
+        "test.yaml:13:11: outbound[1].when: expected at least one condition map",
+    ]

@@ -1,8 +1,8 @@
-"""The HIS is told of ZorgDomein's cancellation (SIU^S15) exactly when it knows of the
-referral: it had Koppel's SIU^S12 (sent while the entry was `requested`) or booked the
-referral itself. Every arrival order of the order (ORM NW, its CA), the request (SRM^S01),
-the HIS's booking (SIU^S12 from the scheduler) and the cancel (SRM^S04), through the processor
-with a real store. Synthetic data only (test BSN 900073962, which passes the 11-proof)."""
+"""The HIS is told of a cancellation (SIU^S15) exactly when it knows of the referral and was
+not told yet: it had Koppel's SIU^S12 or booked the referral itself. Every arrival order of
+the order (ORM NW, its CA), the request (SRM^S01), the HIS's booking (SIU^S12 from the
+scheduler), ZorgDomein's cancel (SRM^S04) and another sender's REF^I12/I14 for the same
+referral, through the processor with a real store. Synthetic data only (test BSN 900073962, which passes the 11-proof)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,20 @@ def orm(control: str = "NW") -> bytes:
     return raw.replace(b"ORC|NW|", f"ORC|{control}|".encode())
 
 
+def ref(trigger: str) -> bytes:
+    """The same referral as a REF^I12/I14 from another referral source (the ZD-number in PID-3)."""
+    return "\r".join([
+        f"MSH|^~\\&|VERWIJZER|HUISARTS|KOPPEL|ZIEKENHUIS|20261201090000+0100||REF^{trigger}^REF_I12|REF{trigger}|P|2.4",
+        "RF1|A|R||||||||",
+        f"PID|1||{BSN}^^^NLMINBIZA^NNNLD~{ZD}^^^ZorgDomein^VN||Testpatient&&Testpatient^T^^^^^L||19800101|F",
+    ]).encode("latin-1") + b"\r"
+
+
 MAKE = {"NW": orm, "CA": lambda: orm("CA"), "SRM": srm, "ORU": oru, "BOOK": lambda: siu("S12"),
-        "S04": lambda: srm("S04", control_id="cancel")}
+        "S04": lambda: srm("S04", control_id="cancel"), "I12": lambda: ref("I12"), "I14": lambda: ref("I14")}
 ORDERS = sorted({*itertools.permutations(["NW", "SRM", "BOOK", "S04"]), *itertools.permutations(["NW", "CA", "SRM", "S04"]),
-                 *itertools.permutations(["ORU", "SRM", "S04"])})
+                 *itertools.permutations(["ORU", "SRM", "S04"]), *itertools.permutations(["SRM", "I14", "S04", "BOOK"]),
+                 *itertools.permutations(["I12", "S04", "SRM"])})
 
 
 def to_his(h: Harness) -> list[str]:
@@ -70,3 +80,48 @@ def test_an_order_the_his_booked_and_zorgdomein_cancelled_reaches_the_his_as_a_v
     parse_message(s15.decode("latin-1"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
     assert (field(s15, "SCH-1.1"), field(s15, "SCH-2.1")) == (ZD, "F778")
     assert field(s15, "PID-3[4=NLMINBIZA].1") == BSN
+
+
+def stored_data(h: Harness) -> dict:
+    import json
+
+    return json.loads(h.entry().data)
+
+
+def forget_sent(h: Harness) -> None:
+    """Make the entry as one stored before Koppel kept what it sent (no `_sent`)."""
+    import json
+    import sqlite3
+
+    (entry_id, data), = sqlite3.connect(h.path / "k.db").execute("SELECT id, data FROM agenda_entries")
+    data = json.loads(data)
+    data.pop("_sent")
+    with sqlite3.connect(h.path / "k.db") as conn:
+        conn.execute("UPDATE agenda_entries SET data = ? WHERE id = ?", (json.dumps(data), entry_id))
+
+
+def test_what_each_system_last_had_is_kept_with_the_entry(world):  # noqa: F811
+    h = world("kept")
+    h.receive(orm())
+    assert stored_data(h)["_sent"] == {"ris-orders": "ORM^O01"}
+    h.receive(srm())
+    assert stored_data(h)["_sent"] == {"ris-orders": "ORM^O01", "his-scheduling": "SIU^S12"}
+    h.receive(srm("S04", control_id="cancel"))
+    assert stored_data(h)["_sent"] == {"ris-orders": "ORM^O01", "his-scheduling": "SIU^S15"}
+    h.receive(ref("I12"))
+    assert stored_data(h)["_sent"]["his-scheduling"] == "SIU^S15"  # nothing sent: kept as it was
+
+
+@pytest.mark.parametrize(("first", "s15"), [("SRM", True), ("NW", False)])
+def test_an_entry_stored_before_koppel_kept_what_it_sent_is_cancelled_to_the_his_if_it_was_requested(
+        world, first, s15):  # noqa: F811
+    """After the upgrade a requested entry's S12 went out before `_sent` existed: its cancel still
+    reaches the HIS; an order's (the HIS never had a request) does not."""
+    h = world(f"legacy-{first}")
+    h.receive(MAKE[first]())
+    forget_sent(h)
+    h.receive(srm("S04", control_id="cancel"))
+    assert h.entry().state == "cancelled"
+    assert ("SIU^S15" in to_his(h)) is s15
+    if s15:  # what was sent is kept from now on; for the other systems still not known
+        assert stored_data(h)["_sent"] == {"*": "unknown", "his-scheduling": "SIU^S15"}

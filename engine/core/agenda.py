@@ -607,6 +607,11 @@ def _is_empty(value: object) -> bool:
 # overwrite the request's care product, whether it comes before or after the request; the
 # order's own CA still updates the order's order_control).
 SOURCES = "_sources"
+# Entry data keeps, under this key, the type of the message each destination last had for the
+# entry ({"his-scheduling": "SIU^S12"}), written by the processor as it builds them: an
+# outbound `when` reads it as `entry.last_sent` (tell the HIS of a cancel only if it had the
+# request). Entries stored before it was kept lack the key.
+SENT = "_sent"
 # The rank of a mapping default (sex U when PID-8 is empty): below every kind of message, so
 # any message that sends the field replaces it, and a default never replaces a sent value.
 DEFAULT_RANK = len(KIND_PRECEDENCE)

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from twisted.internet import defer, task
@@ -423,7 +424,7 @@ class Processor:
             if decision.fallback:
                 self._count(self.metrics.agenda_fallback_total.labels(work.channel))
                 self.log.warning("agenda.fallback", message_id=work.message_id, agenda=entry.agenda_id)
-            entry = entry.with_id(str(view.new_id()))
+            entry = dataclasses.replace(entry, id=str(view.new_id()), data={**entry.data, ag.SENT: {}})
             ops.append(self._save_op(entry, int(entry.id), work.message_id, event.action, None, (), at, new=True))
         elif not decision.noop:
             ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
@@ -439,11 +440,14 @@ class Processor:
         # cancel) the HIS has not heard of, so it gets this message and then theirs (an S12,
         # then the S15: never a cancel of a request it never had). The message itself is
         # built from this event.
-        released, by_scheduler = self._release(entry, view, work.channel, at)
+        released, later, by_scheduler = self._release(entry, view, work.channel, at)
         final = view.find(ag.entry_keys(entry)) if by_scheduler else None
         seen = entry if final is None or final.state == entry.state else dataclasses.replace(entry, state=final.state)
+        builds = later
         if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
-            ops.extend(self._outbound_ops(mapping, event, seen, work, at))
+            builds = [(mapping, event, seen, work), *later]
+        if builds:
+            ops.extend(self._outbound_ops(builds, view, entry, (ops, released), at))
         ops.extend(self._forward_ops(work, at))
         detail = f"agenda {entry.agenda_id}: {entry.state}"
         ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
@@ -451,17 +455,20 @@ class Processor:
         self._outcome(work, "ok")
         return Outcome(status="mapped", detail=detail), ops
 
-    def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str, at: float) -> tuple[list, bool]:
+    def _release(self, entry: ag.AgendaEntry, view: "_BatchView", channel: str,
+                 at: float) -> tuple[list, list, bool]:
         """Apply events that waited for this entry (a letter before its request), one at a
-        time in arrival order, each with its own mapping's outbound messages. Also: did the
-        hospital's scheduler change the entry among them (see _plan)."""
+        time in arrival order. Returns their ops; what their mappings' outbound messages are
+        built from, in that order (built after this message's own, see _outbound_ops); and
+        whether the hospital's scheduler changed the entry among them (see _plan)."""
         ops: list = []
+        later: list = []
         by_scheduler = False
         waiting = self._waiting(view, entry)  # read once: applying one changes no other's event
         while True:
             held = self._next_ready(waiting, entry)
             if not held:
-                return ops, by_scheduler
+                return ops, later, by_scheduler
             released = ag.release([(str(h.message_id), h.event) for h in held], entry, now=self._now(),
                                   book=self.book)
             ops.extend(self._attachment_op(a) for a in released.attachments)
@@ -480,8 +487,7 @@ class Processor:
                         if mapping is not None:
                             work = Work(message_id=int(message_id), channel=channel, mapping=item.mapping,
                                         raw=b"", codec="latin-1")
-                            event = self._original_event(item, mapping)
-                            ops.extend(self._outbound_ops(mapping, event, decision.entry, work, at))
+                            later.append((mapping, self._original_event(item, mapping), decision.entry, work))
                     ops.append(SetProcessing(message_id=int(message_id), outcome="mapped",
                                              detail=f"agenda {decision.entry.agenda_id}: released"))
                     self._released_outcome(channel, item, "ok")
@@ -605,26 +611,54 @@ class Processor:
         return PutAttachment(sha256=attachment.sha256, media_type=attachment.media_type,
                              filename=attachment.filename, data=attachment.payload)
 
-    def _outbound_ops(self, mapping, event, entry, work: Work, at: float) -> list:
-        from engine.mapping import build_outbound
+    def _outbound_ops(self, builds, view: "_BatchView", entry: ag.AgendaEntry, saved: tuple[list, list],
+                      at: float) -> list:
+        """The outbound messages of this message and of the events it released, in that order
+        (so the HIS has the request's S12 before a released cancel's S15), each `when` seeing
+        what the destinations had for the entry so far (``entry.last_sent``). What they now
+        have is kept in the entry's data (ag.SENT), in the last save of this plan (``saved``:
+        the plan's ops and its released ops), so a later cancel knows whether to tell them."""
+        from engine.mapping import UNKNOWN_SENT, build_outbound
 
+        final = view.find(ag.entry_keys(entry)) or entry
+        stored = final.data.get(ag.SENT)
+        sent = dict(stored) if isinstance(stored, Mapping) else {"*": UNKNOWN_SENT}  # stored before SENT
+        before = dict(sent)
         ops = []
-        built = build_outbound(mapping, event, entry, control_id=self.control_ids(), timestamp=self._now())
-        for destination_name, data in built:
-            destination = self.destinations.get(destination_name)
-            if destination is None:  # koppel check reports this; never silently dropped
-                raise LookupError("mapping names an unknown destination")
-            header = read_header(data, default_charset="8859/1")  # what the sender matches MSA-2 against
-            ops.append(Append(message=ReceivedMessage(
-                channel=work.channel, peer="koppel", received_at=at, control_id=header.control_id,
-                sender=header.sender, message_type=header.type_and_trigger, structure=header.structure or None,
-                version=header.version, processing_id=header.processing_id or None,
-                charset=header.hl7_charset, raw=data, payload_hash=hashlib.sha256(data).digest(),
-                status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0.0,
-                targets=(QueueTarget(queue=destination.queue_key, destination=destination_name),),
-                origin_id=work.message_id,
-            )))
+        for mapping, event, seen, work in builds:
+            built = build_outbound(mapping, event, seen, control_id=self.control_ids(), timestamp=self._now(),
+                                   sent=_SentView(sent))
+            for destination_name, data in built:
+                destination = self.destinations.get(destination_name)
+                if destination is None:  # koppel check reports this; never silently dropped
+                    raise LookupError("mapping names an unknown destination")
+                header = read_header(data, default_charset="8859/1")  # what the sender matches MSA-2 against
+                sent[destination_name] = header.type_and_trigger
+                ops.append(Append(message=ReceivedMessage(
+                    channel=work.channel, peer="koppel", received_at=at, control_id=header.control_id,
+                    sender=header.sender, message_type=header.type_and_trigger, structure=header.structure or None,
+                    version=header.version, processing_id=header.processing_id or None,
+                    charset=header.hl7_charset, raw=data, payload_hash=hashlib.sha256(data).digest(),
+                    status="accepted", ack_code="AA", ack=b"", error=None, duplicate_window=0.0,
+                    targets=(QueueTarget(queue=destination.queue_key, destination=destination_name),),
+                    origin_id=work.message_id,
+                )))
+        if sent != before:
+            final = dataclasses.replace(final, data={**final.data, ag.SENT: sent})
+            view.put(final)
+            self._resave(final, saved)
         return ops
+
+    def _resave(self, final: ag.AgendaEntry, saved: tuple[list, list]) -> None:
+        """Put ``final``'s data in the last save of it among ``saved`` (the entry as this plan
+        leaves it), rather than a second write of the entry."""
+        for ops in reversed(saved):
+            for index in range(len(ops) - 1, -1, -1):
+                op = ops[index]
+                if isinstance(op, SaveAgendaEntry) and op.entry_id == int(final.id):
+                    ops[index] = dataclasses.replace(op, data=to_json(final.data))
+                    return
+        raise AssertionError("an entry sent outbound messages without being saved")  # every build follows a save
 
     def _queued(self, ops) -> None:
         for op in ops:
@@ -642,6 +676,30 @@ STORE_RETRY, STORE_RETRY_MAX, STORE_ATTEMPTS = 0.5, 30.0, 5
 # A message whose plan released a held event that `koppel held drop` gave up meanwhile is
 # planned again at once, this many times in a row before the store retries above take over.
 HELD_REPLANS = 16
+
+
+class _SentView(Mapping):
+    """What each destination last had for the entry; ``"*"`` (entries stored before this was
+    kept) stands for every destination not named."""
+
+    __slots__ = ("_sent",)
+
+    def __init__(self, sent: dict[str, str]) -> None:
+        self._sent = sent
+
+    def __getitem__(self, name: str) -> str:
+        found = self._sent.get(name)
+        if found is None:
+            found = self._sent.get("*")
+            if found is None:
+                raise KeyError(name)
+        return found
+
+    def __iter__(self):
+        return iter(self._sent)
+
+    def __len__(self) -> int:
+        return len(self._sent)
 
 
 @dataclasses.dataclass(slots=True)
