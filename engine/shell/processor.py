@@ -420,18 +420,21 @@ class Processor:
             return Outcome(status="held", detail=decision.reason), ops + self._forward_ops(work, at)
         entry = decision.entry
         ops: list = [self._attachment_op(a) for a in decision.attachments]
+        save = None  # this message's save of the entry: made once its outbound messages are known
         if isinstance(decision, ag.Create):
             if decision.fallback:
                 self._count(self.metrics.agenda_fallback_total.labels(work.channel))
                 self.log.warning("agenda.fallback", message_id=work.message_id, agenda=entry.agenda_id)
             entry = dataclasses.replace(entry, id=str(view.new_id()), data={**entry.data, ag.SENT: {}})
-            ops.append(self._save_op(entry, int(entry.id), work.message_id, event.action, None, (), at, new=True))
+            save = dict(entry_id=int(entry.id), message_id=work.message_id, action=event.action, from_state=None,
+                        changed=(), at=at, new=True)
         elif not decision.noop:
-            ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
-                                     existing.state, decision.changed, at))
+            save = dict(entry_id=int(existing.id), message_id=work.message_id, action=event.action,
+                        from_state=existing.state, changed=decision.changed, at=at)
         elif decision.ranks:  # nothing changed but which kind set some fields: kept quietly
-            ops.append(self._save_op(entry, int(existing.id), work.message_id, event.action,
-                                     existing.state, (), at, history=False))
+            save = dict(entry_id=int(existing.id), message_id=work.message_id, action=event.action,
+                        from_state=existing.state, changed=(), at=at, history=False)
+        save_at = len(ops)
         view.put(entry)
         # The events held for this entry arrived before this message. What the hospital's own
         # scheduler did (a booking, a cancellation) already happened at the HIS, so this
@@ -446,8 +449,19 @@ class Processor:
         builds = later
         if not (isinstance(decision, ag.Update) and decision.noop):  # a re-delivery: sent already
             builds = [(mapping, event, seen, work), *later]
+        saved = entry
         if builds:
-            ops.extend(self._outbound_ops(builds, view, entry, (ops, released), at))
+            built, sent = self._outbound_ops(builds, view, entry, at)
+            ops.extend(built)
+            if sent is not None:  # kept with the entry, in the plan's last save of it
+                final = view.find(ag.entry_keys(entry)) or entry
+                view.put(dataclasses.replace(final, data={**final.data, ag.SENT: sent}))
+                if any(isinstance(op, SaveAgendaEntry) for op in released):
+                    self._resave(view.find(ag.entry_keys(entry)), released)
+                else:
+                    saved = dataclasses.replace(entry, data={**entry.data, ag.SENT: sent})
+        if save is not None:
+            ops.insert(save_at, self._save_op(saved, **save))
         ops.extend(self._forward_ops(work, at))
         detail = f"agenda {entry.agenda_id}: {entry.state}"
         ops.append(SetProcessing(message_id=work.message_id, outcome="mapped", detail=detail))
@@ -611,17 +625,15 @@ class Processor:
         return PutAttachment(sha256=attachment.sha256, media_type=attachment.media_type,
                              filename=attachment.filename, data=attachment.payload)
 
-    def _outbound_ops(self, builds, view: "_BatchView", entry: ag.AgendaEntry, saved: tuple[list, list],
-                      at: float) -> list:
+    def _outbound_ops(self, builds, view: "_BatchView", entry: ag.AgendaEntry,
+                      at: float) -> tuple[list, dict[str, str] | None]:
         """The outbound messages of this message and of the events it released, in that order
         (so the HIS has the request's S12 before a released cancel's S15), each `when` seeing
-        what the destinations had for the entry so far (``entry.last_sent``). What they now
-        have is kept in the entry's data (ag.SENT), in the last save of this plan (``saved``:
-        the plan's ops and its released ops), so a later cancel knows whether to tell them."""
+        what the destinations had for the entry so far (``entry.last_sent``); and what they
+        have now, to keep in the entry's data (ag.SENT), None when that did not change."""
         from engine.mapping import UNKNOWN_SENT, build_outbound
 
-        final = view.find(ag.entry_keys(entry)) or entry
-        stored = final.data.get(ag.SENT)
+        stored = (view.find(ag.entry_keys(entry)) or entry).data.get(ag.SENT)
         sent = dict(stored) if isinstance(stored, Mapping) else {"*": UNKNOWN_SENT}  # stored before SENT
         before = dict(sent)
         ops = []
@@ -643,22 +655,17 @@ class Processor:
                     targets=(QueueTarget(queue=destination.queue_key, destination=destination_name),),
                     origin_id=work.message_id,
                 )))
-        if sent != before:
-            final = dataclasses.replace(final, data={**final.data, ag.SENT: sent})
-            view.put(final)
-            self._resave(final, saved)
-        return ops
+        return ops, (sent if sent != before else None)
 
-    def _resave(self, final: ag.AgendaEntry, saved: tuple[list, list]) -> None:
-        """Put ``final``'s data in the last save of it among ``saved`` (the entry as this plan
-        leaves it), rather than a second write of the entry."""
-        for ops in reversed(saved):
-            for index in range(len(ops) - 1, -1, -1):
-                op = ops[index]
-                if isinstance(op, SaveAgendaEntry) and op.entry_id == int(final.id):
-                    ops[index] = dataclasses.replace(op, data=to_json(final.data))
-                    return
-        raise AssertionError("an entry sent outbound messages without being saved")  # every build follows a save
+    def _resave(self, final: ag.AgendaEntry, ops: list) -> None:
+        """Put ``final``'s data in the last save of it among ``ops`` (a release's: the entry as
+        this plan leaves it), rather than a second write of the entry."""
+        for index in range(len(ops) - 1, -1, -1):
+            op = ops[index]
+            if isinstance(op, SaveAgendaEntry) and op.entry_id == int(final.id):
+                ops[index] = dataclasses.replace(op, data=to_json(final.data))
+                return
+        raise AssertionError("a release saved no entry")  # checked by the caller
 
     def _queued(self, ops) -> None:
         for op in ops:
