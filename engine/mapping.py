@@ -1000,7 +1000,7 @@ def _conditions_hold(conditions, outbound: Outbound, event: AgendaEvent, entry: 
                      sent: _Mapping[str, str] | None) -> bool:
     for name, allowed in conditions:
         if name == LAST_SENT:  # what this outbound's destination last had for the entry
-            value = UNKNOWN_SENT if sent is None else sent.get(outbound.to)
+            value = UNKNOWN_SENT if sent is None else sent.get(outbound.to) or sent.get("*")
         else:
             value = _resolve(name, event, entry, None, None)
         if allowed == ANY_VALUE:
@@ -1018,7 +1018,8 @@ def build_outbound(
     """(destination, bytes) for each outbound entry whose `when` matches.
 
     ``sent``: the type of the message each destination last had for this entry (the entry's
-    ``agenda.SENT``), which `when` reads as ``entry.last_sent``; None: not known.
+    ``agenda.SENT``; ``"*"`` for any other destination), which `when` reads as
+    ``entry.last_sent``; None: not known.
     With more than one outbound entry, each message's MSH-10 is ``control_id-N`` (N its
     1-based position in the mapping's outbound list), so ids stay unique and stable.
     """

@@ -93,7 +93,11 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
                        "attachments": list(entry.attachments)}
     from engine.mapping import build_outbound
 
-    outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now)
+    from engine.mapping import UNKNOWN_SENT
+
+    stored = entry.data.get(ag.SENT)  # what each system last had (with --store), as the engine reads it
+    sent = dict(stored) if isinstance(stored, dict) else {} if existing is None else {"*": UNKNOWN_SENT}
+    outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent)
     result["outbound"] = [
         {"to": name, "message": data.decode(read_header(data, default_charset="8859/1").codec, "replace")
          .replace("\r", "\n")}

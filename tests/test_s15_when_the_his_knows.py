@@ -143,3 +143,14 @@ def test_what_was_sent_rides_in_the_messages_own_save_of_the_entry_not_a_second_
     saves = [op for ops in writes for op in ops if isinstance(op, SaveAgendaEntry)]
     assert len(saves) == 1
     assert '"_sent": {"his-scheduling": "SIU^S12"}' in saves[0].data
+
+
+@pytest.mark.parametrize(("first", "s15"), [("SRM", True), ("I12", False)])
+def test_koppel_map_with_the_store_previews_the_cancel_as_the_engine_would_send_it(world, first, s15):  # noqa: F811
+    from engine.preview import preview
+
+    h = world(f"preview-{first}")
+    h.receive(MAKE[first]())
+    result = preview(h.bundle, "zorgdomein-in", srm("S04", control_id="cancel"), store=h.store)
+    assert result["entry"]["state"] == "cancelled"
+    assert [o["to"] for o in result["outbound"]] == (["his-scheduling"] if s15 else [])

@@ -639,7 +639,7 @@ class Processor:
         ops = []
         for mapping, event, seen, work in builds:
             built = build_outbound(mapping, event, seen, control_id=self.control_ids(), timestamp=self._now(),
-                                   sent=_SentView(sent))
+                                   sent=sent)
             for destination_name, data in built:
                 destination = self.destinations.get(destination_name)
                 if destination is None:  # koppel check reports this; never silently dropped
@@ -683,30 +683,6 @@ STORE_RETRY, STORE_RETRY_MAX, STORE_ATTEMPTS = 0.5, 30.0, 5
 # A message whose plan released a held event that `koppel held drop` gave up meanwhile is
 # planned again at once, this many times in a row before the store retries above take over.
 HELD_REPLANS = 16
-
-
-class _SentView(Mapping):
-    """What each destination last had for the entry; ``"*"`` (entries stored before this was
-    kept) stands for every destination not named."""
-
-    __slots__ = ("_sent",)
-
-    def __init__(self, sent: dict[str, str]) -> None:
-        self._sent = sent
-
-    def __getitem__(self, name: str) -> str:
-        found = self._sent.get(name)
-        if found is None:
-            found = self._sent.get("*")
-            if found is None:
-                raise KeyError(name)
-        return found
-
-    def __iter__(self):
-        return iter(self._sent)
-
-    def __len__(self) -> int:
-        return len(self._sent)
 
 
 @dataclasses.dataclass(slots=True)
