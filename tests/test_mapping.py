@@ -486,7 +486,7 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
 
 @pytest.mark.parametrize(("last_sent", "filler", "previous", "sent"), [
     ("SIU^S12", None, "requested", True),  # the HIS had the request
-    ("SIU^S12", None, "cancelled", True),  # ... and another sender's cancel (REF^I14) told it nothing
+    ("SIU^S12", None, "cancelled", False),  # closed already: by the HIS itself (its own S15) or a cancel that told it
     ("SIU^S15", None, "requested", False),  # told already
     (None, None, "requested", False),  # a REF^I12's referral: the HIS never had it
     (None, "F778", "booked", True),  # the HIS booked it itself
