@@ -448,6 +448,15 @@ class Outbound:
     # `when` as a list of condition maps: any one that holds (``when`` above is then empty)
     when_any: tuple[tuple[tuple[str, frozenset[str]], ...], ...] = ()
     line: int = 0
+    # the alternatives worked out once (build_outbound checks them per message): per condition
+    # the accessor (None: entry.last_sent), the allowed texts, whether any value will do
+    _checks: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_checks", tuple(
+            tuple((None if name == LAST_SENT else _accessor(name), allowed, allowed == ANY_VALUE)
+                  for name, allowed in conditions)
+            for conditions in (self.when_any or (self.when,))))
 
 
 def _format(value: Any) -> str:
@@ -991,24 +1000,21 @@ UNKNOWN_SENT = "unknown"
 
 
 def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Mapping[str, str] | None) -> bool:
-    if outbound.when_any:
-        return any(_conditions_hold(c, outbound, event, entry, sent) for c in outbound.when_any)
-    return _conditions_hold(outbound.when, outbound, event, entry, sent)
-
-
-def _conditions_hold(conditions, outbound: Outbound, event: AgendaEvent, entry: Any,
-                     sent: _Mapping[str, str] | None) -> bool:
-    for name, allowed in conditions:
-        if name == LAST_SENT:  # what this outbound's destination last had for the entry
-            value = UNKNOWN_SENT if sent is None else sent.get(outbound.to) or sent.get("*")
+    """One of the outbound's condition maps holds (a single `when` map is the one)."""
+    for checks in outbound._checks:
+        for get, allowed, any_value in checks:
+            if get is None:  # entry.last_sent: what this outbound's destination last had for the entry
+                value = UNKNOWN_SENT if sent is None else sent.get(outbound.to) or sent.get("*")
+            else:
+                value = get(event, entry, None, None, None)
+            if any_value:
+                if value is None or value == "" or value == () or value == []:
+                    break
+            elif (value if value.__class__ is str else _format(value)) not in allowed:
+                break
         else:
-            value = _resolve(name, event, entry, None, None)
-        if allowed == ANY_VALUE:
-            if value is None or value == "" or value == () or value == []:
-                return False
-        elif _format(value) not in allowed:
-            return False
-    return True
+            return True
+    return False
 
 
 def build_outbound(

@@ -291,15 +291,19 @@ def phone(text: str) -> str | None:
     text = text.strip()
     if not text:
         return None
-    if _TWO_NUMBERS.search(text):
+    if "/" in text and _TWO_NUMBERS.search(text):
         raise ConversionError("telephone field holds two numbers")
-    text = _number_in(text)
-    if text.startswith(("+", "00")):  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
-        text = text.replace("(0)", "", 1)
     value = text.translate(_PHONE_NOISE)
     digits = value[1:] if value.startswith("+") else value
-    if not (digits.isascii() and digits.isdigit()):
-        raise ConversionError("telephone number may hold only digits, spaces, '-', '(', ')', '.', '/' and a leading '+'")
+    if not (digits.isascii() and digits.isdigit()):  # words in it, or not a number (most are plain)
+        text = _number_in(text)
+        value = text.translate(_PHONE_NOISE)
+        digits = value[1:] if value.startswith("+") else value
+        if not (digits.isascii() and digits.isdigit()):
+            raise ConversionError("telephone number may hold only digits, spaces, '-', '(', ')', '.', '/' and a leading '+'")
+    if text.startswith(("+", "00")) and "(0)" in text:  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
+        value = text.replace("(0)", "", 1).translate(_PHONE_NOISE)
+        digits = value[1:] if value.startswith("+") else value
     if not 3 <= len(digits) <= 20:
         raise ConversionError("telephone number must have 3 to 20 digits")
     return value
