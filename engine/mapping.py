@@ -173,7 +173,14 @@ class _Group:
             groups = segment_groups(message, self.anchor, self.members) if isinstance(message, list) else []
         if not self.where:
             return groups
-        return [g for g in groups if all((first(g, p) or "") in allowed for p, allowed in self.where)]
+        out = []
+        for g in groups:  # a loop, not all() over a generator per group: mapped per message
+            for p, allowed in self.where:
+                if (p._first(g) or "") not in allowed:
+                    break
+            else:
+                out.append(g)
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
