@@ -137,10 +137,9 @@ def test_a_required_first_field_that_is_missing_is_answered_with_the_first_paths
 ORM_ECHO = load_sample("zorgdomein/zd_orm_o01_echo_v24_latin1.hl7")
 
 
-def test_a_group_inside_a_for_each_item_reads_from_that_items_segments(tmp_path):
-    """Per order (ORC group), the OBX whose code is REDE: a `group:` spec inside a `for_each`
-    item found no group at all (groups were looked for only in a whole message), so the value
-    was silently absent. Before: the first test had no `reason`."""
+def order_mapping(tmp_path, item: str):
+    """A mapping of ORM^O01 with one list field, `tests`: per ORC group, the ``item`` specs
+    (YAML at the item's indentation)."""
     from engine.mapping import load_mappings
 
     (tmp_path / "orm.yaml").write_text("""
@@ -152,12 +151,20 @@ event:
   tests:
     for_each: {anchor: ORC, members: [OBR, NTE, OBX]}
     item:
+""" + item)
+    return load_mappings(tmp_path).for_type("ORM^O01")
+
+
+def test_a_group_inside_a_for_each_item_reads_from_that_items_segments(tmp_path):
+    """Per order (ORC group), the OBX whose code is REDE: a `group:` spec inside a `for_each`
+    item found no group at all (groups were looked for only in a whole message), so the value
+    was silently absent. Before: the first test had no `reason`."""
+    mapping = order_mapping(tmp_path, """\
       code: {from: OBR-4.1}
       reason:
         group: {anchor: OBX, members: [NTE], where: {"OBX-3.1": REDE}}
         from: OBX-5
 """)
-    mapping = load_mappings(tmp_path).for_type("ORM^O01")
     result = mapping.apply(Message.parse(ORM_ECHO, codec="latin-1"))
     assert result.errors == ()
     first_test, tijd = result.event.fields["tests"]
@@ -170,18 +177,9 @@ def test_an_error_in_the_second_for_each_item_names_that_items_segment_in_the_na
     """The second order's OBR-7 is not a time: the on-map NAK's ERR named OBR occurrence 1 (the
     first order, which is fine) because the item's path read `OBR-7`. Before: sequence 1 and
     path `OBR-7`."""
-    from engine.mapping import load_mappings
     from engine.shell.processor import _mapping_rejection
 
-    (tmp_path / "orm.yaml").write_text("""
-name: orm
-types: [ORM^O01]
-event:
-  kind: {value: diagnostic-order}
-  action: {value: create}
-  tests:
-    for_each: {anchor: ORC, members: [OBR, NTE, OBX]}
-    item:
+    mapping = order_mapping(tmp_path, """\
       code: {from: OBR-4.1, required: true}
       observed: {from: OBR-7, convert: dtm}
       reason:
@@ -190,7 +188,6 @@ event:
         convert: dtm
 """)
     raw = ORM_ECHO.replace(b"OBR|2|ZP100120391||TIJD^TIJD^99zdl||||", b"OBR|2|ZP100120391||TIJD^TIJD^99zdl|||gisteren|")
-    mapping = load_mappings(tmp_path).for_type("ORM^O01")
     result = mapping.apply(Message.parse(raw, codec="latin-1"))
     by_field = {error.field: error.path for error in result.errors}
     assert by_field["tests[2].observed"] == "OBR[2]-7"

@@ -177,18 +177,10 @@ def test_sent_round_trips_through_the_store_as_stored(world):  # noqa: F811
 def test_a_request_is_still_one_save_and_a_released_letter_no_extra_one(world):  # noqa: F811
     """5712bbe: `_sent` rides in saves the plan makes anyway (one per change), also when
     held events were released (the last released save is patched, not a second write)."""
-    from engine.store import SaveAgendaEntry
+    from tests.test_s15_when_the_his_knows import saves_while
 
     h = world("saves")
     h.receive(oru())
-    submit_many, writes = h.committer.submit_many, []
-
-    def recording(ops, **kw):
-        writes.append(list(ops))
-        return submit_many(ops, **kw)
-
-    h.committer.submit_many = recording
-    h.receive(srm())
-    saves = [op for ops in writes for op in ops if isinstance(op, SaveAgendaEntry)]
+    saves = saves_while(h, srm())
     assert [s.action for s in saves] == ["create", "release"]
     assert json.loads(saves[-1].data)[ag.SENT] == {"his-scheduling": "SIU^S12", "document-archive": "MDM^T02"}

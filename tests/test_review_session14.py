@@ -12,7 +12,7 @@ from engine.core import convert
 from engine.core.agenda import plain
 from engine.core.header import Delimiters
 from engine.core.hl7message import Message, unescape
-from engine.mapping import _format, _resolve, load_mappings
+from engine.mapping import _format, _resolve
 from tests.conftest import load_sample
 from tests.test_agenda_orderings import BSN, ZD, Harness, oru, siu, srm, world  # noqa: F401 - the fixture
 from tests.test_s15_when_the_his_knows import to_his
@@ -124,15 +124,9 @@ def test_an_error_in_a_group_inside_a_for_each_item_names_the_groups_own_segment
     the item's second (ANAM first), the error path is rewritten by mapping._in_item counting
     from the item's first OBX: `OBX[1]-5`, the ANAM answer, which is fine; the NAK's ERR points
     at the wrong segment. Expected: `OBX[2]-5` (the REDE OBX)."""
-    (tmp_path / "orm.yaml").write_text("""
-name: orm
-types: [ORM^O01]
-event:
-  kind: {value: diagnostic-order}
-  action: {value: create}
-  tests:
-    for_each: {anchor: ORC, members: [OBR, NTE, OBX]}
-    item:
+    from tests.test_mapping_live_review import order_mapping
+
+    mapping = order_mapping(tmp_path, """\
       code: {from: OBR-4.1, required: true}
       reason:
         group: {anchor: OBX, members: [NTE], where: {"OBX-3.1": REDE}}
@@ -143,7 +137,6 @@ event:
     rede = next(n for n, s in enumerate(segments) if s.startswith(b"OBX|1|ST|REDE"))
     segments[rede], segments[rede + 1] = (segments[rede + 1].replace(b"OBX|2|", b"OBX|1|"),
                                           segments[rede].replace(b"OBX|1|", b"OBX|2|"))
-    mapping = load_mappings(tmp_path).for_type("ORM^O01")
     result = mapping.apply(Message.parse(b"\r".join(segments), codec="latin-1"))
     assert [(e.field, e.path) for e in result.errors] == [("tests[1].reason", "OBX[2]-5")]
 

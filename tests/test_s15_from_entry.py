@@ -13,17 +13,7 @@ from engine.core.header import read_header
 from engine.core.hl7message import Message
 from engine.core.paths import first, parse_path
 from tests.test_agenda_orderings import Harness, oru, srm, world  # noqa: F401 - the fixture
-
-
-def thin(cancel: bytes) -> bytes:
-    """The S04 without what it need not repeat: ARQ-15 on (referrer), PID-5/7/8."""
-    segments = cancel.split(b"\r")
-    for number, segment in enumerate(segments):
-        if segment.startswith(b"ARQ|"):
-            segments[number] = b"|".join(segment.split(b"|")[:13])
-        elif segment.startswith(b"PID|"):
-            segments[number] = b"|".join(segment.split(b"|")[:4])
-    return b"\r".join(segments)
+from tests.test_mapping import thin_cancel
 
 
 def s15(h: Harness) -> bytes:
@@ -44,7 +34,7 @@ def test_a_thin_cancel_gives_the_his_a_complete_strictly_valid_s15(world, order)
     strict validation refused it (no SCH-16) and the HIS got sex U for a man."""
     h = world("-".join(order))
     request = srm().replace(b"|20000101|U|", b"|20000101|M|")
-    make = {"SRM": lambda: request, "ORU": oru, "S04": lambda: thin(srm("S04"))}
+    make = {"SRM": lambda: request, "ORU": oru, "S04": lambda: thin_cancel(srm(control_id="cancel"))}
     for name in order:
         h.receive(make[name]())
     assert h.entry().state == "cancelled"

@@ -127,11 +127,10 @@ def test_an_entry_stored_before_koppel_kept_what_it_sent_is_cancelled_to_the_his
         assert stored_data(h)["_sent"] == {"*": "unknown", "his-scheduling": "SIU^S15"}
 
 
-def test_what_was_sent_rides_in_the_messages_own_save_of_the_entry_not_a_second_one(world):  # noqa: F811
-    """Keeping `_sent` costs no extra write (or JSON) on the hot path: a request is one save."""
+def saves_while(h: Harness, *raws: bytes) -> list:
+    """The entry saves (SaveAgendaEntry ops) committed while receiving ``raws``."""
     from engine.store import SaveAgendaEntry
 
-    h = world("one-save")
     submit_many, writes = h.committer.submit_many, []
 
     def recording(ops, **kw):
@@ -139,10 +138,18 @@ def test_what_was_sent_rides_in_the_messages_own_save_of_the_entry_not_a_second_
         return submit_many(ops, **kw)
 
     h.committer.submit_many = recording
-    h.receive(srm())
-    saves = [op for ops in writes for op in ops if isinstance(op, SaveAgendaEntry)]
-    assert len(saves) == 1
-    assert '"_sent": {"his-scheduling": "SIU^S12"}' in saves[0].data
+    try:
+        for raw in raws:
+            h.receive(raw)
+    finally:
+        h.committer.submit_many = submit_many
+    return [op for ops in writes for op in ops if isinstance(op, SaveAgendaEntry)]
+
+
+def test_what_was_sent_rides_in_the_messages_own_save_of_the_entry_not_a_second_one(world):  # noqa: F811
+    """Keeping `_sent` costs no extra write (or JSON) on the hot path: a request is one save."""
+    (save,) = saves_while(world("one-save"), srm())
+    assert '"_sent": {"his-scheduling": "SIU^S12"}' in save.data
 
 
 @pytest.mark.parametrize(("first", "s15"), [("SRM", True), ("I12", False)])
