@@ -396,3 +396,21 @@ def test_the_bundled_referral_mapping_reads_a_requested_window_sent_with_its_pre
 def test_words_about_a_phone_number_are_left_out_not_a_reason_to_refuse_the_referral(text, expected):
     """A GP system's "06-12345678 (moeder)" in PID-13 made the whole referral a mapping error."""
     assert convert.phone(text) == expected
+
+
+@given(st.text(alphabet="0123456789 -()./+,:;abcmoederTEL\t", max_size=40))
+def test_a_phone_field_gives_digits_or_a_clean_refusal_never_anything_else(text):
+    """Whatever a GP system puts in PID-13: a number of 3 to 20 digits (a leading + kept), None
+    for nothing, or a ConversionError without the text in it."""
+    try:
+        value = convert.phone(text)
+    except ConversionError as refused:
+        assert len(text.strip()) < 6 or text.strip() not in str(refused)  # (short ones match by chance)
+        return
+    if value is None:
+        assert text.strip() == ""
+    else:
+        digits = value[1:] if value.startswith("+") else value
+        assert digits.isdigit() and 3 <= len(digits) <= 20
+        sent = iter(c for c in text if c.isdigit())
+        assert all(d in sent for d in digits)  # the digits sent, in order (a trunk (0) may be left out)
