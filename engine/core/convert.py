@@ -301,7 +301,7 @@ def phone(text: str) -> str | None:
         digits = value[1:] if value.startswith("+") else value
         if not (digits.isascii() and digits.isdigit()):
             raise ConversionError("telephone number may hold only digits, spaces, '-', '(', ')', '.', '/' and a leading '+'")
-    if text.startswith(("+", "00")) and "(0)" in text:  # "+31 (0)20", "0031 (0)20": no trunk 0 after a country code
+    if value.startswith(("+", "00")) and "(0)" in text:  # "+31 (0)20", "(+31) (0)20": no trunk 0 after a country code
         value = text.replace("(0)", "", 1).translate(_PHONE_NOISE)
         digits = value[1:] if value.startswith("+") else value
     if not 3 <= len(digits) <= 20:
