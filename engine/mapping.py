@@ -64,7 +64,7 @@ from engine.config import (
 )
 from engine.core import charsets
 from engine.core import convert as _convert
-from engine.core.agenda import ACTIONS, KINDS, AgendaEntry, AgendaEvent
+from engine.core.agenda import ACTIONS, KINDS, SENT, AgendaEntry, AgendaEvent
 from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
@@ -1004,6 +1004,16 @@ class MappingSet:
 LAST_SENT = "entry.last_sent"
 # `entry.last_sent` of an entry stored before Koppel kept what it sent (no SENT in its data)
 UNKNOWN_SENT = "unknown"
+
+
+def sent_so_far(data: _Mapping[str, Any], *, new: bool = False) -> dict[str, str]:
+    """What each destination last had for an entry: its data's ``agenda.SENT``, as
+    build_outbound takes it; for an entry stored before Koppel kept that, ``unknown`` for
+    every destination (``"*"``); for a ``new`` one not yet given the key, nothing."""
+    stored = data.get(SENT)
+    if isinstance(stored, _Mapping):
+        return dict(stored)
+    return {} if new else {"*": UNKNOWN_SENT}
 
 
 def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Mapping[str, str] | None) -> bool:

@@ -91,12 +91,9 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
                                            "(hidden: --data shows it)")
                                        for k, v in entry.data.items() if k not in ("attachments", ag.SOURCES)}),
                        "attachments": list(entry.attachments)}
-    from engine.mapping import build_outbound
+    from engine.mapping import build_outbound, sent_so_far
 
-    from engine.mapping import UNKNOWN_SENT
-
-    stored = entry.data.get(ag.SENT)  # what each system last had (with --store), as the engine reads it
-    sent = dict(stored) if isinstance(stored, dict) else {} if existing is None else {"*": UNKNOWN_SENT}
+    sent = sent_so_far(entry.data, new=existing is None)  # what each system last had (with --store)
     outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent)
     result["outbound"] = [
         {"to": name, "message": data.decode(read_header(data, default_charset="8859/1").codec, "replace")

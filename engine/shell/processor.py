@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 from collections import deque
-from collections.abc import Mapping
 from typing import Any, Callable
 
 from twisted.internet import defer, task
@@ -451,13 +450,16 @@ class Processor:
             builds = [(mapping, event, seen, work), *later]
         saved = entry
         if builds:
-            built, sent = self._outbound_ops(builds, view, entry, at)
+            from engine.mapping import sent_so_far
+
+            current = view.find(ag.entry_keys(entry)) or entry  # after the released events
+            built, sent = self._outbound_ops(builds, sent_so_far(current.data), at)
             ops.extend(built)
             if sent is not None:  # kept with the entry, in the plan's last save of it
-                final = view.find(ag.entry_keys(entry)) or entry
-                view.put(dataclasses.replace(final, data={**final.data, ag.SENT: sent}))
+                current = dataclasses.replace(current, data={**current.data, ag.SENT: sent})
+                view.put(current)
                 if any(isinstance(op, SaveAgendaEntry) for op in released):
-                    self._resave(view.find(ag.entry_keys(entry)), released)
+                    self._resave(current, released)
                 else:
                     saved = dataclasses.replace(entry, data={**entry.data, ag.SENT: sent})
         if save is not None:
@@ -625,16 +627,14 @@ class Processor:
         return PutAttachment(sha256=attachment.sha256, media_type=attachment.media_type,
                              filename=attachment.filename, data=attachment.payload)
 
-    def _outbound_ops(self, builds, view: "_BatchView", entry: ag.AgendaEntry,
-                      at: float) -> tuple[list, dict[str, str] | None]:
+    def _outbound_ops(self, builds, sent: dict[str, str], at: float) -> tuple[list, dict[str, str] | None]:
         """The outbound messages of this message and of the events it released, in that order
         (so the HIS has the request's S12 before a released cancel's S15), each `when` seeing
-        what the destinations had for the entry so far (``entry.last_sent``); and what they
-        have now, to keep in the entry's data (ag.SENT), None when that did not change."""
-        from engine.mapping import UNKNOWN_SENT, build_outbound
+        ``sent``, what the destinations had for the entry so far (``entry.last_sent``); and
+        what they have now, to keep in the entry's data (ag.SENT), None when that did not
+        change."""
+        from engine.mapping import build_outbound
 
-        stored = (view.find(ag.entry_keys(entry)) or entry).data.get(ag.SENT)
-        sent = dict(stored) if isinstance(stored, Mapping) else {"*": UNKNOWN_SENT}  # stored before SENT
         before = dict(sent)
         ops = []
         for mapping, event, seen, work in builds:
