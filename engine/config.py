@@ -26,6 +26,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from engine.core import charsets
+from engine.core.hl7message import Message
+from engine.core.paths import PathError
+from engine.core.routing import FieldCondition, conditions_hold
 
 from engine.core.units import parse_duration, parse_size
 
@@ -432,9 +435,19 @@ class RouteConfig:
     to: tuple[str, ...]
     types: frozenset[str] | None = None  # YAML: when: {types: [...]}, same shape as accept.types
     map: str | None = None  # a mapping name from mappings/*.yaml
+    fields: tuple[FieldCondition, ...] = ()  # YAML: when: {fields: {PATH: value(s)}}: all hold
+    unless: tuple[FieldCondition, ...] = ()  # YAML: when: {unless: {PATH: value(s)}}: none holds
 
     def matches(self, msg_type: str, trigger: str) -> bool:
+        """The types alone (what a route may take, before its field conditions)."""
         return _types_match(self.types, msg_type, trigger)
+
+    def takes(self, msg_type: str, trigger: str, message: Callable[[], Message]) -> bool:
+        """The types match and the field conditions hold; ``message`` gives the parsed
+        message, called only when the route has field conditions (see routing.parsed_once)."""
+        if not _types_match(self.types, msg_type, trigger):
+            return False
+        return not (self.fields or self.unless) or conditions_hold(self.fields, self.unless, message())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -714,6 +727,13 @@ def _text(node: yaml.Node, path: str = "") -> str:
     if node.tag == _NULL:
         raise _Invalid("needs a value")
     return node.value
+
+
+def _pattern(node: yaml.Node, path: str = "") -> str:
+    """A route condition's text: as written (``0320`` stays ``0320``); ``""`` is an empty field."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
+        raise _Invalid('needs a value (write "" for an empty field)')
+    return _text(node)
 
 
 def _nullable(read: _Reader[_T]) -> _Reader[_T | None]:
@@ -1182,21 +1202,46 @@ class _ChannelReader(_Walker):
         def to(n: yaml.Node, p: str) -> tuple[str, ...]:
             return self.seq(n, p, target, example="[hix-agenda]", empty="needs at least one destination")
 
-        def when(n: yaml.Node, p: str) -> frozenset[str] | None:
-            w = self.mapping(n, p, ("types",))
+        def when(n: yaml.Node, p: str) -> tuple:
+            w = self.mapping(n, p, ("types", "fields", "unless"))
             if w is None:
-                return None
-            return w.get("types", self.filter(_message_type, "[SRM^S01, ORU]", "never match"), None)
+                return None, (), ()
+            return (w.get("types", self.filter(_message_type, "[SRM^S01, ORU]", "never match"), None),
+                    w.get("fields", self.field_conditions, ()), w.get("unless", self.field_conditions, ()))
 
         mapping_name = m.get("map", _nullable(_name), None)
         targets = m.get("to", to, None if mapping_name else _REQUIRED)
-        types = m.get("when", _nullable(when), None)
+        types, fields, unless = m.get("when", _nullable(when), None) or (None, (), ())
         if mapping_name:
             self.result.route_maps.append(_Located(value=mapping_name, node=m.entries["map"][1], file=self.file,
                                                    path=_join(path, "map")))
         # A route that failed to read is still returned: the channel is dropped anyway
         # because the walker counted its problems.
-        return RouteConfig(to=targets or (), types=types, map=mapping_name)
+        return RouteConfig(to=targets or (), types=types, map=mapping_name, fields=fields, unless=unless)
+
+    def field_conditions(self, node: yaml.Node, path: str) -> tuple[FieldCondition, ...]:
+        """``{PATH: value or [values]}``: each path checked by the mapping language's grammar,
+        a bad one reported at its own column."""
+        m = self.mapping(node, path, None)
+        if m is None:
+            return ()
+        if not m.entries:
+            raise _Invalid("an empty map says nothing; leave the key out instead")
+        out = []
+        for key, key_node, value_node in m.items():
+            key_path = _join(path, key)
+            patterns = self.read(value_node, key_path,
+                                 lambda n, p: self.seq(n, p, _pattern, example='[LAB*, "Laboratorium"]', empty=(
+                                     "an empty list would never match; leave the key out instead"))
+                                 if isinstance(n, yaml.SequenceNode) else (_pattern(n, p),))
+            if patterns is None:
+                continue
+            try:
+                out.append(FieldCondition.of(key, patterns))
+            except PathError as error:
+                self.report(key_node, key_path, f"{error.reason} (column {error.column} of the path)",
+                            col_offset=error.column - 1)
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------

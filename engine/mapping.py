@@ -20,7 +20,8 @@ with engine.config's ConfigProblem/ConfigError):
   for_each block) are escaped with the template's delimiters; literal text is not.
   ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data.
 - ``outbound: [{to, template, when}]``: ``when: {field: value | [values] | "*"}`` ("*": the
-  field has any value), or a list of such maps (any one that holds). ``entry.last_sent`` is
+  field has any value; ``TEXT*``: a value starting with TEXT), or a list of such maps (any one
+  that holds). ``entry.last_sent`` is
   the type of the message this outbound's destination last had for the entry.
 
 ``first:`` takes the first option that gives a value; an option whose value does not
@@ -461,7 +462,8 @@ class Outbound:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_checks", tuple(
-            tuple((None if name == LAST_SENT else _accessor(name), allowed, allowed == ANY_VALUE)
+            tuple((None if name == LAST_SENT else _accessor(name), allowed, allowed == ANY_VALUE,
+                   tuple(sorted(a[:-1] for a in allowed if a.endswith("*") and a != "*")))
                   for name, allowed in conditions)
             for conditions in (self.when_any or (self.when,))))
 
@@ -1019,7 +1021,7 @@ def sent_so_far(data: _Mapping[str, Any], *, new: bool = False) -> dict[str, str
 def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Mapping[str, str] | None) -> bool:
     """One of the outbound's condition maps holds (a single `when` map is the one)."""
     for checks in outbound._checks:
-        for get, allowed, any_value in checks:
+        for get, allowed, any_value, prefixes in checks:
             if get is None:  # entry.last_sent: what this outbound's destination last had for the entry
                 value = UNKNOWN_SENT if sent is None else sent.get(outbound.to) or sent.get("*")
             else:
@@ -1027,8 +1029,10 @@ def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Map
             if any_value:
                 if value is None or value == "" or value == () or value == []:
                     break
-            elif (value if value.__class__ is str else _format(value)) not in allowed:
-                break
+            else:
+                text = value if value.__class__ is str else _format(value)
+                if text not in allowed and not (prefixes and text and text.startswith(prefixes)):
+                    break
         else:
             return True
     return False

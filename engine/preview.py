@@ -18,9 +18,9 @@ from engine.core import agenda as ag
 from engine.core.ack import ControlIds
 from engine.core.files import split_messages
 from engine.core.header import read_header
-from engine.core.hl7message import Message
 from engine.core.convert import DayTime, hospital_zone
 from engine.core.intake import AcceptRules, check_accept
+from engine.core.routing import parsed_once
 from engine.core.agenda import plain as _agenda_plain
 from engine.operator import is_patient_field
 from engine.shell.processor import entry_from_record
@@ -53,7 +53,8 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
         result["answer"] = {"code": rejection.ack_code, "error_code": int(rejection.error_code), "text": rejection.text}
         return result
     result["accepted"] = True
-    routes = [r for r in channel.routes if r.matches(header.message_type, header.trigger)]
+    message = parsed_once(raw, header.codec)
+    routes = [r for r in channel.routes if r.takes(header.message_type, header.trigger, message)]
     result["forward_to"] = sorted({name for r in routes for name in r.to})
     map_route = next((r for r in routes if r.map), None)
     if map_route is None:
@@ -62,7 +63,7 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
         return result
     mapping = bundle.mappings.mapping(map_route.map)
     result["mapping"] = {"name": mapping.name, "file": str(mapping.file)}
-    mapped = mapping.apply(Message.parse(raw, codec=header.codec))
+    mapped = mapping.apply(message())
     if not mapped.ok:
         result["outcome"] = "error"
         result["errors"] = [str(e) for e in mapped.errors]

@@ -40,10 +40,10 @@ routes:
 
 
 class Harness:
-    def __init__(self, tmp_path, mode, *, rejected=None, accept=None):
+    def __init__(self, tmp_path, mode, *, rejected=None, accept=None, channel=CHANNEL):
         channels = tmp_path / "channels"
         channels.mkdir()
-        (channels / "zd.yaml").write_text(CHANNEL.format(
+        (channels / "zd.yaml").write_text(channel.format(
             mode=mode,
             ack_extra=f"\n  rejected: {rejected}" if rejected else "",
             accept=f"accept:\n  types: [{accept}]\n" if accept else "",

@@ -21,6 +21,7 @@ from engine.config import ChannelConfig, EngineConfig
 from engine.core.errors import ErrorCode, Rejection
 from engine.core.header import read_header
 from engine.core.intake import STORE_FAILED, AcceptRules, Assessment, as_refused
+from engine.core.routing import parsed_once
 from engine.log import get_logger, safe_error
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
@@ -83,9 +84,17 @@ def receive_settings(
         for route in channel.routes
     ]
 
-    def targets(assessment) -> tuple[QueueTarget, ...]:
+    looks_inside = any(route.fields or route.unless for route in channel.routes)
+
+    def targets(assessment, raw: bytes) -> tuple[QueueTarget, ...]:
         header = assessment.header
         chosen: list[QueueTarget] = []
+        if looks_inside:
+            message = parsed_once(raw, header.codec)
+            for route, route_targets in targets_by_route:
+                if route.takes(header.message_type, header.trigger, message):
+                    chosen.extend(t for t in route_targets if t not in chosen)
+            return tuple(chosen)
         for route, route_targets in targets_by_route:
             if route.matches(header.message_type, header.trigger):
                 chosen.extend(t for t in route_targets if t not in chosen)
@@ -110,9 +119,13 @@ def receive_settings(
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
 
-    def map_route(header):
+    def map_route(header, raw: bytes):
         if processor is None:
             return None
+        if looks_inside:
+            message = parsed_once(raw, header.codec)
+            return next((route for route in map_routes if route.takes(header.message_type, header.trigger, message)),
+                        None)
         return next((route for route in map_routes if route.matches(header.message_type, header.trigger)), None)
 
     def to_processor(message_id, header, raw, route, forward, nak, late=False):
@@ -167,8 +180,8 @@ def receive_settings(
         # as it was stored (a reload may have changed the ack mode since): an UNANSWERED
         # message's forwards were not queued in the insert and its answer is not sent yet
         answered = message.processing != UNANSWERED
-        forward = () if answered else targets(assessment)
-        route = map_route(header)
+        forward = () if answered else targets(assessment, message.raw)
+        route = map_route(header, message.raw)
         if route is None and not forward and not message.targets:
             if filtered_count is not None:
                 filtered_count.inc()
@@ -184,14 +197,14 @@ def receive_settings(
         raw forwards were not queued and its answer was never sent, so its outcome (and a
         NAK) is stored for the sender's resend. If the config no longer maps it: filtered."""
         header = assessment.header
-        forward = () if answered else targets(assessment)
-        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header), late=True)
+        forward = () if answered else targets(assessment, raw)
+        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header, raw), late=True)
         if d is None:
             d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
                                                detail=_filtered_detail(header)))
         return d
 
-    def receive_marks(assessment, chosen_targets) -> dict:
+    def receive_marks(assessment, chosen_targets, raw: bytes) -> dict:
         if not assessment.accepted:
             return {}
         header = assessment.header
@@ -199,7 +212,7 @@ def receive_settings(
         # if the engine stops before that hand-off commits
         if on_map:
             return {"processing": UNANSWERED}
-        if map_route(header) is not None:
+        if map_route(header, raw) is not None:
             return {"processing": PENDING}
         if chosen_targets:
             return {}

@@ -65,7 +65,7 @@ class ReceiveSettings:
     max_connections: int = 64
     duplicate_window: float = 24 * 3600.0
     store_failure: Rejection = STORE_FAILED
-    targets: Callable[[Assessment], tuple[QueueTarget, ...]] = field(default=lambda a: ())
+    targets: Callable[[Assessment, bytes], tuple[QueueTarget, ...]] = field(default=lambda a, raw: ())
     # Delivery hooks: is any of these queues full (answer AE, store nothing queued),
     # and tell the senders that entries were committed.
     queue_full: Callable[[tuple[QueueTarget, ...]], bool] = field(default=lambda targets: False)
@@ -77,7 +77,7 @@ class ReceiveSettings:
     always_answer: bool = False  # answer even where MSH-15 (NE, ER, SU) says not to
     # Fields known at receive time for the stored row (e.g. processing="filtered"), so an
     # on-store channel records what no route takes in the same insert, not a later update.
-    receive_marks: Callable[..., dict] = field(default=lambda assessment, targets: {})
+    receive_marks: Callable[..., dict] = field(default=lambda assessment, targets, raw: {})
     # At start-up, for a message stored 'pending' whose mapping never committed: map it now.
     resume: Callable[..., object] = field(default=lambda *a: None)
 
@@ -556,7 +556,7 @@ class MLLPListenerFactory(protocol.Factory):
         header = assessment.header
         # on-map: raw forwards are queued only once the message has mapped (see on_stored).
         on_map = self.settings.ack_mode == "on-map"
-        targets = self.settings.targets(assessment) if assessment.accepted and not on_map else ()
+        targets = self.settings.targets(assessment, payload) if assessment.accepted and not on_map else ()
         if targets and self.settings.queue_full(targets):
             assessment = replace(assessment, rejection=QUEUE_FULL)
             targets = ()
@@ -581,7 +581,7 @@ class MLLPListenerFactory(protocol.Factory):
             error=None if accepted else assessment.rejection.text,
             duplicate_window=self.settings.duplicate_window if accepted else 0.0,
             targets=targets,
-            **self.settings.receive_marks(assessment, targets),
+            **self.settings.receive_marks(assessment, targets, payload),
         )
 
     def drain(self, grace: float | None = None) -> defer.Deferred:

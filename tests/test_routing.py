@@ -1,0 +1,313 @@
+"""Routes by field conditions (`when: {fields: ..., unless: ...}`): the pure check, the
+config that declares it, and a channel that uses it to send ZorgDomein's lab ORMs to the LIS."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.bundle import load_bundle
+from engine.config import ConfigError, load_config
+from engine.core.hl7message import Message
+from engine.core.response import read_ack
+from engine.core.routing import FieldCondition, conditions_hold, parsed_once
+from engine.preview import preview
+from tests.conftest import load_sample
+from tests.test_on_map import Harness
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_ORM = "zorgdomein/zd_orm_o01_lab_v24.hl7"
+ECHO_ORM = "zorgdomein/zd_orm_o01_echo_v24_latin1.hl7"
+
+ORDER = (
+    "MSH|^~\\&|ZorgDomein||OrderModule||20261123121000+0100||ORM^O01^ORM_O01|O1|P|2.4\r"
+    "NTE|1||Laboratorium|ZD_CLUSTER_NAME\r"
+    "PID|1||123456782^^^NLMINBIZA^NNNLD~ZD700000001^^^ZorgDomein^VN||Testpatiënt^T\r"
+    "PV2|||LABEDG001^laboratorium^99zda\r"
+    "ORC|NW|ZD700000001||ZD700000001\r"
+    "OBR|1|ZD700000001||CRP^CRP^99zdl\r"
+    "ORC|NW|ZD700000001||ZD700000001\r"
+    "OBR|2|ZD700000001||ALAT^ALAT \\T\\ co^99zdl\r"
+)
+
+
+def message(text: str = ORDER) -> Message:
+    return Message.parse(text.encode("latin-1"), codec="latin-1")
+
+
+@pytest.mark.parametrize(("path", "patterns", "holds"), [
+    ("PV2-3.1", ["LABEDG001"], True),
+    ("PV2-3.1", ["labedg001"], False),  # codes compare exactly
+    ("PV2-3.1", ["LAB*"], True),
+    ("PV2-3.1", ["BEE*", "LAB*"], True),
+    ("PV2-3.1", ["BEE*"], False),
+    ("PV2-3.1", ["*"], True),
+    ("PV2-3.1", [""], False),
+    ("PV1-2", [""], True),  # an absent segment reads as empty
+    ("PV1-2", ["*"], False),
+    ("PV2-3.9", [""], True),  # an absent component too
+    ("OBR-4.1", ["ALAT"], False),  # the first OBR only
+    ("OBR[*]-4.1", ["ALAT"], True),  # any occurrence
+    ("OBR[2]-4.2", ["ALAT & co"], True),  # unescaped before comparing
+    ("PID-3[4=ZorgDomein].1", ["ZD*"], True),
+    ("PID-3[4=NLMINBIZA].1", ["ZD*"], False),
+    ("NTE-3", ["Laboratorium"], True),
+    ("MSH-9.1", ["ORM"], True),
+])
+def test_a_condition_holds_when_any_selected_value_is_one_of_its_patterns(path, patterns, holds):
+    assert FieldCondition.of(path, patterns).holds(message()) is holds
+
+
+def test_fields_must_all_hold_and_unless_must_not():
+    lab = FieldCondition.of("PV2-3.1", ["LAB*"])
+    cluster = FieldCondition.of("NTE-3", ["Laboratorium"])
+    cancel = FieldCondition.of("ORC-1", ["CA"])
+    radiology = FieldCondition.of("NTE-3", ["Radiologie"])
+    assert conditions_hold((lab, cluster), (cancel,), message())
+    assert not conditions_hold((lab, radiology), (), message())
+    assert not conditions_hold((lab,), (cancel,), message(ORDER.replace("ORC|NW", "ORC|CA", 1)))
+    assert conditions_hold((), (), message())
+
+
+def test_a_condition_needs_a_pattern_and_a_valid_path():
+    with pytest.raises(ValueError, match="at least one"):
+        FieldCondition.of("PV2-3", [])
+    with pytest.raises(ValueError, match="column"):
+        FieldCondition.of("PV2-x", ["A"])
+
+
+@given(value=st.text(alphabet="AB*x", max_size=4),
+       patterns=st.lists(st.text(alphabet="AB*", max_size=3), min_size=1, max_size=3))
+def test_holds_is_exact_prefix_any_or_empty_as_documented(value, patterns):
+    raw = f"MSH|^~\\&|S||R||20260101||ORM^O01|1|P|2.4\rPV2|||{value}\r"
+    expected = any(
+        (p == "" and value == "")
+        or (p == "*" and value != "")
+        or (p.endswith("*") and p != "*" and value != "" and value.startswith(p[:-1]))
+        or (not p.endswith("*") and p != "" and value == p)
+        for p in patterns
+    )
+    assert FieldCondition.of("PV2-3", patterns).holds(message(raw)) is expected
+
+
+def test_the_message_is_parsed_once_and_only_when_asked():
+    calls = []
+    get = parsed_once(ORDER.encode("latin-1"), "latin-1")
+    original = Message.parse
+
+    def counting(raw, *, codec):
+        calls.append(1)
+        return original(raw, codec=codec)
+
+    Message.parse = counting  # type: ignore[method-assign]
+    try:
+        assert calls == []
+        assert get() is get()
+    finally:
+        Message.parse = original  # type: ignore[method-assign]
+    assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- config
+
+CHANNEL = """name: t
+source:
+  listen: tcp:0
+destinations:
+  lis: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
+routes:
+  - when:
+{when}
+    to: [lis]
+"""
+
+
+def load(tmp_path, when: str):
+    channels = tmp_path / "channels"
+    channels.mkdir(exist_ok=True)
+    (channels / "t.yaml").write_text(CHANNEL.format(when=when))
+    (tmp_path / "mappings").mkdir(exist_ok=True)
+    return load_config(channels, tmp_path / "mappings")
+
+
+def problems(tmp_path, when: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, when)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_route_conditions_are_read_into_the_route(tmp_path):
+    config = load(tmp_path, '      types: [ORM^O01]\n      fields: {PV2-3.1: [LAB*, "0320"], NTE-3: Laboratorium}\n'
+                            '      unless: {ORC-1: CA, PV1-2: ""}')
+    (route,) = config.channels[0].routes
+    assert [(str(c.path), c.patterns) for c in route.fields] == [
+        ("PV2-3.1", ("LAB*", "0320")), ("NTE-3", ("Laboratorium",))]
+    assert [(str(c.path), c.patterns) for c in route.unless] == [("ORC-1", ("CA",)), ("PV1-2", ("",))]
+
+
+def test_an_unquoted_number_keeps_its_leading_zero(tmp_path):
+    (route,) = load(tmp_path, "      fields: {PRD-3.1: 0320}").channels[0].routes
+    assert route.fields[0].patterns == ("0320",)
+
+
+def test_a_bad_path_is_reported_at_its_own_column(tmp_path):
+    (problem,) = problems(tmp_path, "      fields: {PV2-3.1x: A}")
+    # line 8, the key starts at column 16; the 'x' is the path's 8th character
+    assert problem.endswith("t.yaml:8:23: routes[0].when.fields.PV2-3.1x: unexpected 'x' (column 8 of the path)")
+
+
+@pytest.mark.parametrize(("when", "says"), [
+    ("      fields: {}", "an empty map says nothing"),
+    ("      unless: {}", "an empty map says nothing"),
+    ("      fields: {PV2-3: []}", "an empty list would never match"),
+    ("      fields: {PV2-3: ~}", 'write "" for an empty field'),
+    ("      fields: {PV2-3: {a: b}}", "expected a single value"),
+    ("      fields: [PV2-3]", "expected a mapping"),
+    ("      field: {PV2-3: A}", "did you mean fields?"),
+])
+def test_bad_conditions_say_what_is_wrong(tmp_path, when, says):
+    found = problems(tmp_path, when)
+    assert any(says in p for p in found), found
+
+
+# ----------------------------------------------------------------------------- a channel using them
+
+ROUTED = """
+name: zd
+source:
+  listen: tcp:0
+{accept}ack:
+  mode: {mode}{ack_extra}
+destinations:
+  his-scheduling: {{endpoint: "tcp:host=127.0.0.1:port=6661"}}
+  ris-orders: {{endpoint: "tcp:host=127.0.0.1:port=6662"}}
+  lis-orders: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
+  document-archive: {{endpoint: "tcp:host=127.0.0.1:port=6664"}}
+routes:
+  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "LAB*"}}}}
+    to: [lis-orders]
+  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "BEE*"}}, unless: {{ORC-1: CA}}}}
+    map: zorgdomein-orm
+"""
+
+LIS, RIS = "127.0.0.1:6663", "127.0.0.1:6662"
+
+
+@pytest.fixture(params=["on-store", "on-map"])
+def routed(tmp_path, request):
+    h = Harness(tmp_path, request.param, channel=ROUTED)
+    yield h
+    h.store.close()
+
+
+def test_a_lab_order_is_forwarded_to_the_lis_and_not_mapped(routed):
+    assert read_ack(routed.send(load_sample(LAB_ORM))).code == "AA"
+    routed.reactor.advance(0.05)
+    assert routed.store.queue_depths() == {LIS: 1}
+    assert routed.row("e49ce31d").processing in ("forwarded", None)
+    assert routed.store.list_agenda_entries() == []
+
+
+def test_an_imaging_order_is_mapped_and_not_forwarded(routed):
+    assert read_ack(routed.send(load_sample(ECHO_ORM))).code == "AA"
+    routed.reactor.advance(0.05)
+    assert routed.row("1234567").processing == "mapped"
+    assert routed.store.queue_depths() == {RIS: 1}  # the mapping's ORM^O01, not the raw order
+    (entry,) = routed.store.list_agenda_entries()
+    assert entry.agenda_id == "radiology-echo"
+
+
+def test_an_order_no_condition_takes_is_filtered_and_on_map_answered_ar(routed):
+    cancelled = load_sample(ECHO_ORM).replace(b"ORC|NW|", b"ORC|CA|")
+    reply = read_ack(routed.send(cancelled))
+    routed.reactor.advance(0.05)
+    assert reply.code == ("AR" if routed.protocol.factory.settings.ack_mode == "on-map" else "AA")
+    assert routed.row("1234567").processing == "filtered"
+    assert routed.store.queue_depths() == {}
+    assert routed.metrics.registry.get_sample_value("koppel_filtered_total", {"channel": "zd"}) == 1
+
+
+# ----------------------------------------------------------------------------- the bundled configuration
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(REPO / "channels", REPO / "mappings")
+
+
+def test_bundled_lab_orm_goes_to_the_lis_as_received_and_not_to_the_ris(bundle):
+    result = preview(bundle, "zorgdomein-in", load_sample(LAB_ORM))
+    assert result["forward_to"] == ["lis-orders"]
+    assert result["entry"]["agenda"] == "laboratory"
+    assert [o["to"] for o in result["outbound"]] == []
+
+
+def test_bundled_imaging_orm_goes_to_the_ris_and_not_to_the_lis(bundle):
+    result = preview(bundle, "zorgdomein-in", load_sample(ECHO_ORM))
+    assert result["forward_to"] == []
+    assert result["entry"]["agenda"] == "radiology-echo"
+    assert [o["to"] for o in result["outbound"]] == ["ris-orders"]
+
+
+def test_bundled_lab_orm_with_only_the_lab_cluster_still_reaches_the_lis(bundle):
+    raw = ORDER.replace("LABEDG001^laboratorium", "XYZ001^iets").encode("latin-1")
+    result = preview(bundle, "zorgdomein-in", raw)
+    assert result["forward_to"] == ["lis-orders"]
+
+
+# ----------------------------------------------------------------------------- the RIS's ORM^O01 (outbound `when`)
+
+@pytest.fixture
+def mapped(tmp_path):
+    from tests.test_processor import Harness as ProcessorHarness
+
+    h = ProcessorHarness(tmp_path)
+    yield h
+    h.store.close()
+
+
+def to_ris(h) -> list[tuple[int, bytes]]:
+    return [(m.origin_id, h.store.get_message(m.id).raw) for m in h.store.list_messages(limit=100)
+            if m.origin_id is not None and m.message_type == "ORM^O01"]
+
+
+def test_a_lab_order_and_its_cancel_never_reach_the_ris(mapped):
+    lab = load_sample(LAB_ORM)
+    mapped.receive(lab)
+    mapped.receive(lab.replace(b"ORC|NW|", b"ORC|CA|").replace(b"|e49ce31d|", b"|e49ce31e|"))
+    assert [e.state for e in mapped.entries()] == ["cancelled"]
+    assert to_ris(mapped) == []
+
+
+def test_a_thin_cancel_of_an_imaging_order_the_ris_has_still_reaches_it(mapped):
+    """The cancel carries no care product (no PV2): `entry.last_sent` says the RIS has the order."""
+    echo = load_sample(ECHO_ORM)
+    first = mapped.receive(echo)
+    thin = b"\r".join(seg for seg in echo.replace(b"ORC|NW|", b"ORC|CA|").replace(b"|1234567|", b"|1234568|")
+                      .split(b"\r") if not seg.startswith(b"PV2"))
+    second = mapped.receive(thin)
+    assert [e.state for e in mapped.entries()] == ["cancelled"]
+    sent = to_ris(mapped)
+    assert [origin for origin, _ in sent] == [second, first]  # newest first
+    assert b"ORC|CA|" in sent[0][1]
+
+
+def test_an_order_of_the_radiology_cluster_reaches_the_ris_whatever_its_product(mapped):
+    raw = ORDER.replace("Laboratorium", "Radiologie").replace("LABEDG001", "XYZ001").encode("latin-1")
+    mapped.receive(raw)
+    assert [e.agenda_id for e in mapped.entries()] == ["radiology-echo"]  # by its cluster
+    assert len(to_ris(mapped)) == 1
+
+
+def test_an_outbound_when_with_a_prefix_matches_values_starting_with_it():
+    from engine.core.agenda import AgendaEvent
+    from engine.mapping import Outbound, _when_matches
+
+    outbound = Outbound(to="ris", template=None, when=(("care_product.code", frozenset({"BEE*", "X"})),))  # type: ignore[arg-type]
+
+    def event(code):
+        return AgendaEvent(kind="diagnostic-order", action="create", zd_number="ZD1",
+                           fields={"care_product": {"code": code}})
+
+    assert [_when_matches(outbound, event(c), None, None) for c in ("BEEEDG008", "BEE", "X", "XBEE", "", "BE")] == [
+        True, True, True, False, False, False]
