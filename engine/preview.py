@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -96,12 +97,26 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
 
     sent = sent_so_far(entry.data, new=existing is None)  # what each system last had (with --store)
     outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent)
-    result["outbound"] = [
-        {"to": name, "message": data.decode(read_header(data, default_charset="8859/1").codec, "replace")
-         .replace("\r", "\n")}
-        for name, data in outbound
-    ]
+    result["outbound"] = [{"to": name, "message": _shown(data, patient_data)} for name, data in outbound]
     return result
+
+
+# a run this long of base64's alphabet is an embedded document (an ED's data): elided
+_ENCODED_RUN = re.compile(r"[A-Za-z0-9+/=]{257,}")
+
+
+def _shown(data: bytes, patient_data: bool) -> str:
+    """An outbound message as `koppel map` prints it: segments on lines, an embedded
+    document as ``<N characters of encoded data>`` (not megabytes of base64 on the
+    terminal). Without ``patient_data`` only MSH and the segment names: with ``--store`` the
+    message carries the stored entry's patient fields, which only ``--data`` shows."""
+    text = data.decode(read_header(data, default_charset="8859/1").codec, "replace")
+    segments = [s for s in text.replace("\n", "\r").split("\r") if s]
+    if not patient_data:
+        names = [s[:3] for s in segments[1:]]
+        return "\n".join(segments[:1] + [f"({' '.join(names)}: hidden, --data shows them)"] if names else segments[:1])
+    text = "\n".join(segments)
+    return _ENCODED_RUN.sub(lambda m: f"<{len(m.group())} characters of encoded data>", text)
 
 
 def run(args) -> int:

@@ -97,3 +97,59 @@ def test_a_window_sent_without_a_time_of_day_previews_at_the_precision_sent(caps
         assert (shown["requested_start"], shown["requested_end"]) == ("2016-04", "2016-05-28")
     assert "SCH|ZD200046139" in result["outbound"][0]["message"]
     assert "|^^^201604^20160528^R|" in result["outbound"][0]["message"]
+
+
+def test_without_data_the_outbound_built_from_the_stored_entry_shows_no_patient_field(capsys, tmp_path):
+    """The SIU^S15 of a cancel takes the patient from the stored entry: without --data only its
+    MSH and segment names are printed; with --data all of it."""
+    import json as _json
+
+    from engine.store import SaveAgendaEntry
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    zd = "ZD200046139"
+    stored = {"patient.bsn": "123456782", "patient.name": {"surname": "Opgeslagen", "own_surname": "Opgeslagen"},
+              "_sent": {"his-scheduling": "SIU^S12"}}
+    with open_store(url) as store:
+        store.write([SaveAgendaEntry(
+            entry_id=None, agenda_id="cardiology", kind="appointment-request", state="requested", zd_number=zd,
+            placer_id=zd, filler_id=None, data=_json.dumps(stored), attachments=(), keys=(f"zd:{zd}",), at=0.0,
+            message_id=None, action="create", from_state=None)])
+    cancel = tmp_path / "s04.hl7"
+    sample = (SAMPLES / "zd_srm_s01_appointment_request.hl7").read_bytes().replace(b"SRM^S01", b"SRM^S04")
+    cancel.write_bytes(b"\r".join(s for s in sample.split(b"\r") if not s.startswith(b"PID")))  # thin: no PID
+    code, out = run(capsys, "--channel", "zorgdomein-in", "--store", url, str(cancel))
+    (outbound,) = json.loads(out.out)["outbound"]
+    assert code == 0 and outbound["to"] == "his-scheduling"
+    assert outbound["message"].startswith("MSH|") and "SIU^S15" in outbound["message"]
+    assert "hidden, --data shows them" in outbound["message"] and "SCH PID" in outbound["message"]
+    assert "Opgeslagen" not in out.out and "123456782" not in out.out
+    code, out = run(capsys, "--channel", "zorgdomein-in", "--store", url, "--data", str(cancel))
+    (outbound,) = json.loads(out.out)["outbound"]
+    assert "Opgeslagen" in outbound["message"]
+
+
+def test_an_embedded_document_is_elided_in_the_printed_outbound(capsys, tmp_path):
+    """A letter's base64 (the MDM^T02's OBX-5) is printed as its length, not as megabytes."""
+    import base64
+
+    from engine.bundle import load_bundle
+    from engine.preview import preview
+    from engine.store import SaveAgendaEntry
+
+    zd = "ZD200046119"
+    with open_store(f"sqlite:///{tmp_path}/k.db") as store:
+        store.write([SaveAgendaEntry(
+            entry_id=None, agenda_id="cardiology", kind="referral", state="requested", zd_number=zd, placer_id=None,
+            filler_id=None, data="{}", attachments=(), keys=(f"zd:{zd}",), at=0.0, message_id=None, action="create",
+            from_state=None)])
+        data = base64.b64encode(b"%PDF-1.4\n" + bytes(range(256)) * 400).decode()
+        raw = (f"MSH|^_\\&|ZorgDomein||||20160324163507+0100||ORU^R01|{zd}|P|2.4\r"
+               "PID|1||123456782^^^NLMINBIZA^NNNLD||Testpatient&&Testpatient^J^^^^^L||19800101|M\r"
+               f"ORC|XO|{zd}\rOBR|1|{zd}\rOBX|1|ED|BLOB^Bijlage^ZORGDOMEIN|1|^application^pdf^Base64^{data}||||||F\r"
+               "NTE|1|P|brief.pdf|RE\r").encode("latin-1")
+        bundle = load_bundle(REPO / "channels", REPO / "mappings")
+        result = preview(bundle, "zorgdomein-in", raw, store=store, patient_data=True)
+    (outbound,) = result["outbound"]
+    assert f"<{len(data)} characters of encoded data>" in outbound["message"]
+    assert data[:300] not in outbound["message"] and len(outbound["message"]) < 2000
