@@ -107,6 +107,7 @@ CONVERTS: dict[str, tuple[Callable[..., Any], str]] = {
     "agb": (_convert.agb, "text"),
     "phone": (_convert.phone, "text"),
     "zd_number": (_convert.zd_number, "text"),
+    "base64": (_convert.base64_data, "text"),
     "dutch_name": (_convert.dutch_name, "name"),
     "code": (_convert.code, "components"),
 }

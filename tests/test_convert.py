@@ -414,3 +414,47 @@ def test_a_phone_field_gives_digits_or_a_clean_refusal_never_anything_else(text)
         assert digits.isdigit() and 3 <= len(digits) <= 20
         sent = iter(c for c in text if c.isdigit())
         assert all(d in sent for d in digits)  # the digits sent, in order (a trunk (0) may be left out)
+
+
+# ----------------------------------------------------------------------------- base64 (an ED's data)
+
+def test_base64_data_is_one_padded_line_or_an_error():
+    from engine.core.convert import base64_data
+
+    assert base64_data("") is None and base64_data(" \r\n") is None
+    assert base64_data("JVBE\r\nRi0x\n") == "JVBERi0x"  # line breaks dropped
+    assert base64_data("JVBERi0xLjQ") == "JVBERi0xLjQ="  # padding restored
+    assert base64_data("JVBERi0xLg") == "JVBERi0xLg=="
+    for bad in ("JVBERi0xL", "JVBE%i0x", "JVA=JVBE", "=JVB"):
+        with pytest.raises(ConversionError, match="not valid base64"):
+            base64_data(bad)
+
+
+@given(data=st.binary(max_size=300), breaks=st.lists(st.integers(min_value=0, max_value=400), max_size=5),
+       padded=st.booleans())
+def test_base64_data_of_any_wrapped_unpadded_encoding_decodes_to_the_bytes(data, breaks, padded):
+    import base64
+
+    from engine.core.convert import base64_data
+
+    text = base64.b64encode(data).decode()
+    if not padded:
+        text = text.rstrip("=")
+    for at in sorted(breaks, reverse=True):
+        text = text[:at] + "\r\n" + text[at:]
+    result = base64_data(text)
+    assert (result is None) if not data else base64.b64decode(result, validate=True) == data
+
+
+@pytest.mark.parametrize(("kind", "subtype", "expected"), [
+    ("application", "pdf", "application/pdf"),
+    ("AP", "PDF", "application/pdf"),
+    ("IM", "PNG", "image/png"),
+    ("", "application/msword", "application/msword"),
+    ("XX", "pdf", "pdf"),  # an ED-2 naming no MIME type: the subtype as sent
+    ("application", "", None),
+])
+def test_an_eds_type_and_subtype_are_one_mime_type(kind, subtype, expected):
+    from engine.core.agenda import media_type_of
+
+    assert media_type_of(kind, subtype) == expected

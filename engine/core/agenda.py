@@ -534,15 +534,35 @@ class AgendaBook:
 # Attachments and data
 
 
+# ED-2 "type of data" (HL7 table 0191) -> the MIME top-level type, for ``application/pdf``
+_MEDIA_KINDS = {"ap": "application", "application": "application", "im": "image", "image": "image",
+                "tx": "text", "text": "text", "audio": "audio", "au": "audio", "video": "video",
+                "multipart": "multipart", "message": "message", "model": "model", "font": "font"}
+
+
+def media_type_of(kind: object, subtype: object) -> str | None:
+    """An ED's ED-2 and ED-3 as one MIME type: ``^application^pdf^`` and ``^AP^PDF^`` are
+    ``application/pdf``; a subtype that is a whole MIME type already stays; an ED-2 that
+    names no MIME type leaves the subtype as sent."""
+    if not subtype:
+        return None
+    subtype = str(subtype).strip()
+    if "/" in subtype:
+        return subtype.lower()
+    top = _MEDIA_KINDS.get(str(kind or "").strip().lower())
+    return f"{top}/{subtype.lower()}" if top else subtype
+
+
 def _attachment(item: object) -> Attachment | None:
     """One attachment from an event's "attachments" list: a mapping with "data" (base64
-    text if "encoding" says Base64), "filename", "media_type"; or bytes / text."""
+    text if "encoding" says Base64), "filename", "media_type" (and "media_kind", ED-2); or
+    bytes / text."""
     filename = media_type = None
     if isinstance(item, Mapping):
         data = item.get("data")
         encoding = item.get("encoding")
         filename = item.get("filename") or None
-        media_type = item.get("media_type") or None
+        media_type = media_type_of(item.get("media_kind"), item.get("media_type"))
     else:
         data, encoding = item, None
     if isinstance(data, bytes):
@@ -550,10 +570,11 @@ def _attachment(item: object) -> Attachment | None:
     elif isinstance(data, str) and data:
         payload = data.encode("utf-8", errors="surrogateescape")
         if isinstance(encoding, str) and encoding.strip().lower() == "base64":
-            try:
-                payload = base64.b64decode("".join(data.split()), validate=True)
+            compact = "".join(data.split())
+            try:  # padding restored: the same letter sent with or without it is one attachment
+                payload = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
             except (binascii.Error, ValueError):
-                pass  # not base64 after all: keep the text, still stored once by its hash
+                pass  # not base64 after all (`convert: base64` refuses it): kept as text, stored once
     else:
         return None
     return Attachment(

@@ -8,8 +8,10 @@ expected, and the mapping layer adds the path and file:line.
 
 from __future__ import annotations
 
+import binascii
 import datetime as _dt
 import functools
+from base64 import b64decode as _b64decode
 import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,6 +23,7 @@ __all__ = [
     "with_fixed_offset",
     "DutchName",
     "agb",
+    "base64_data",
     "bsn",
     "code",
     "STORED_DAY_TIMES",
@@ -273,6 +276,21 @@ def agb(text: str) -> str | None:
     if not (len(text) == 8 and text.isascii() and text.isdigit()):
         raise ConversionError("AGB code must be 8 digits")
     return text
+
+
+def base64_data(text: str) -> str | None:
+    """An ED's base64 data (RFC 4648) as one line: line breaks and spaces dropped, missing
+    ``=`` padding restored; "" -> None. Text that does not decode is an error: a letter cut
+    over two OBX, or not base64 at all, is refused rather than stored as its own text."""
+    compact = "".join(text.split())
+    if not compact:
+        return None
+    compact += "=" * (-len(compact) % 4)
+    try:
+        _b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConversionError("not valid base64") from None
+    return compact
 
 
 _PHONE_NOISE = str.maketrans("", "", " -()./\t")
