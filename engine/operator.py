@@ -1214,7 +1214,7 @@ def agenda_show(args, store, dests) -> int:
     if record is None:
         raise _Fail(NOTHING, f"no agenda entry {key}")
     history = store.agenda_history(record.id)
-    attachments = [store.get_attachment(h) for h in record.attachments]
+    attachments = store.attachment_infos(record.attachments)  # not their bytes: letters are MBs
     if args.data:  # patient fields: in the audit trail before they are shown (no record, no data)
         audit_data_read(store, f"agenda entry {record.id}")
     if args.json:
@@ -1227,7 +1227,7 @@ def agenda_show(args, store, dests) -> int:
         ]
         out["attachments"] = [
             {"sha256": a.sha256, "media_type": a.media_type, "filename": a.filename, "size": a.size}
-            for a in attachments if a is not None
+            for a in attachments
         ]
         print(json.dumps(out, indent=2, default=str))
         return OK
@@ -1243,10 +1243,10 @@ def agenda_show(args, store, dests) -> int:
     _table(["WHEN", "MESSAGE", "ACTION", "FROM", "TO", "CHANGED"],
            [(_when(h.at, now), h.message_id, h.action, h.from_state, h.to_state, " ".join(h.changed) or "-")
             for h in history])
-    if attachments:
+    if record.attachments:
         print("attachments:")
         _table(["SHA256", "TYPE", "SIZE", "FILE"],
-               [(a.sha256[:16], a.media_type, a.size, a.filename) for a in attachments if a is not None])
+               [(a.sha256[:16], a.media_type, a.size, a.filename) for a in attachments])
     return OK
 
 

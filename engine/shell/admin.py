@@ -715,12 +715,9 @@ class AdminAPI(resource.Resource):
         if record is None:
             raise _not_found(f"no agenda entry {key!r}")
         history = yield self._read(store.agenda_history, record.id)
-        attachments = []
-        for digest in record.attachments:
-            attachment = yield self._read(store.get_attachment, digest)
-            if attachment is not None:
-                attachments.append({"sha256": attachment.sha256, "media_type": attachment.media_type,
-                                    "filename": attachment.filename, "size": attachment.size})
+        infos = yield self._read(store.attachment_infos, record.attachments)  # not their bytes
+        attachments = [{"sha256": a.sha256, "media_type": a.media_type, "filename": a.filename, "size": a.size}
+                       for a in infos]
         out = _agenda_json(record, with_data=with_data)
         out["history"] = [
             {"at": h.at, "message_id": h.message_id, "action": h.action, "from": h.from_state,

@@ -29,6 +29,7 @@ __all__ = [
     "HoldEvent",
     "PutAttachment",
     "SaveAgendaEntry",
+    "AttachmentInfo",
     "AttachmentRecord",
     "HeldGone",
     "HeldRecord",
@@ -288,6 +289,16 @@ class HeldRecord:
     message_id: int | None
     event: str  # JSON document, the engine's
     held_at: float
+
+
+@_value
+class AttachmentInfo:
+    """What a listing shows of an attachment: its bytes stay in the store (letters are MBs)."""
+
+    sha256: str
+    media_type: str | None
+    filename: str | None
+    size: int
 
 
 @_value
@@ -669,7 +680,8 @@ class MessageStore(Protocol):
     ) -> list[MessageSummary]: ...
 
     def queue_head(
-        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True
+        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True,
+        max_bytes: int | None = None,
     ) -> list[QueueEntry]: ...
 
     def queue_depths(self) -> dict[str, int]: ...
@@ -711,6 +723,11 @@ class MessageStore(Protocol):
     def has_held_events(self) -> bool: ...
 
     def get_attachment(self, sha256: str) -> AttachmentRecord | None: ...
+
+    def attachment_infos(self, sha256s: Sequence[str]) -> list[AttachmentInfo]:
+        """Hash, media type, file name and size of the attachments ``sha256s``, in that order
+        (unknown ones left out), without reading their bytes: listings must not load letters."""
+        ...
 
     def processing_counts(self) -> dict[str, int]: ...
 

@@ -33,6 +33,7 @@ from engine.store import (
     AgendaRecord,
     Append,
     AppendResult,
+    AttachmentInfo,
     AttachmentRecord,
     AuditRecord,
     DeadLetter,
@@ -147,6 +148,17 @@ _ENTRY_COLUMNS = (
 # letters of up to 64 MiB each into memory to show their headers.
 _ENTRY_SELECT = _ENTRY_COLUMNS.format(raw="m.raw")
 _ENTRY_SELECT_NO_BODY = _ENTRY_COLUMNS.format(raw="NULL")
+# A sender's page bounded by bytes as well: the page's head (ids and sizes only), then the
+# bodies of those entries whose predecessors in it come to less than the bound, so a
+# queue of 20 MB letters is read one or a few at a time, not 100 at once.
+_PAGE_BY_BYTES = (
+    "WITH head AS (SELECT e.id AS id, m.size AS size FROM queue_entries e "
+    "JOIN messages m ON m.id = e.message_id "
+    "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? ORDER BY e.id LIMIT ?), "
+    "page AS (SELECT id, SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM head) "
+    + _ENTRY_SELECT
+    + "WHERE e.id IN (SELECT id FROM page WHERE before < ?) ORDER BY e.id"
+)
 _FIND_DUPLICATE = (
     "SELECT id, ack, processing FROM messages "
     "WHERE control_id = ? AND channel = ? AND sender IS ? AND payload_hash = ? "
@@ -1066,16 +1078,21 @@ class SQLiteStore:
         return {name: int(count) for name, count in rows}
 
     def queue_head(
-        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True
+        self, queue: str, limit: int = 100, *, after_id: int | None = None, bodies: bool = True,
+        max_bytes: int | None = None,
     ) -> list[QueueEntry]:
         """Pending entries in FIFO (id) order, one page; pass the last id as `after_id` for the next.
-        ``bodies=False`` leaves ``raw`` None (listings, the age gauge)."""
-        rows = self._query(
-            (_ENTRY_SELECT if bodies else _ENTRY_SELECT_NO_BODY)
-            + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
-            "ORDER BY e.id LIMIT ?",
-            (queue, after_id or 0, limit),
-        )
+        ``bodies=False`` leaves ``raw`` None (listings, the age gauge). ``max_bytes``: the page
+        ends with the entry whose body reaches that many bytes (never fewer than one entry)."""
+        if bodies and max_bytes is not None:
+            rows = self._query(_PAGE_BY_BYTES, (queue, after_id or 0, limit, max_bytes))
+        else:
+            rows = self._query(
+                (_ENTRY_SELECT if bodies else _ENTRY_SELECT_NO_BODY)
+                + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
+                "ORDER BY e.id LIMIT ?",
+                (queue, after_id or 0, limit),
+            )
         return [_entry(r) for r in rows]
 
     # -- agendas
@@ -1184,6 +1201,20 @@ class SQLiteStore:
             return None
         r = rows[0]
         return AttachmentRecord(sha256=r[0], media_type=r[1], filename=r[2], size=r[3], data=r[4])
+
+    def attachment_infos(self, sha256s: Sequence[str]) -> list[AttachmentInfo]:
+        """Without the data column: the stored size answers how big it is."""
+        wanted = tuple(dict.fromkeys(sha256s))
+        found = {}
+        for chunk in _chunks(wanted):
+            rows = self._query(
+                "SELECT sha256, media_type, filename, size FROM attachments "
+                f"WHERE sha256 IN ({_placeholders(len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                found[r[0]] = AttachmentInfo(sha256=r[0], media_type=r[1], filename=r[2], size=r[3])
+        return [found[h] for h in sha256s if h in found]
 
     def agenda_counts(self) -> dict[tuple[str, str], int]:
         """Entries per (agenda, state), for the agenda gauge."""
