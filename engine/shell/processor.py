@@ -255,7 +255,7 @@ class Processor:
     @defer.inlineCallbacks
     def _drain(self):
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+            batch = self._next_batch()
             try:
                 outcomes = yield self._commit_batch([work for work, _ in batch])
             except Exception as error:  # noqa: BLE001 - retried one by one so one bad message fails alone
@@ -274,6 +274,17 @@ class Processor:
         idle, self.idle = self.idle, None
         if idle is not None:
             idle.callback(None)
+
+    def _next_batch(self) -> list:
+        """Up to BATCH submitted works and BATCH_BYTES of their raw messages, at least one: each
+        planned letter also holds its decoded documents and outbound messages until the commit."""
+        batch, size = [], 0
+        while self._queue and len(batch) < BATCH:
+            size += len(self._queue[0][0].raw)
+            if batch and size > BATCH_BYTES:
+                break
+            batch.append(self._queue.popleft())
+        return batch
 
     def _internal_failure(self, work: Work, error: BaseException) -> tuple[Outcome, SetProcessing]:
         """A bug or a store read failing while mapping: the message fails alone, logged by class."""
@@ -676,6 +687,7 @@ class Processor:
 
 
 BATCH = 256  # messages planned against one in-memory view and committed together
+BATCH_BYTES = 64 << 20  # and at most this many bytes of them (one larger message goes alone)
 # A mapping commit the store refuses is tried again after 0.5, 1, 2, ... s (at most 30 s apart),
 # the queue held behind it; after STORE_ATTEMPTS the message is recorded 'error' if the store
 # takes that (it was the culprit), else the waiting goes on (the store is down).
