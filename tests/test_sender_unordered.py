@@ -342,11 +342,11 @@ def test_a_store_error_while_reading_the_queue_is_survived_and_nothing_is_sent_t
     real = h.store.queue_head
     failures = []
 
-    def queue_head(queue, limit=100, *, after_id=None, bodies=True):
+    def queue_head(queue, limit=100, *, after_id=None, bodies=True, max_bytes=None):
         if limit == sender_module.PAGE and len(failures) < 2:
             failures.append(after_id)
             raise StoreError("store read failed: database is locked")
-        return real(queue, limit, after_id=after_id, bodies=bodies)
+        return real(queue, limit, after_id=after_id, bodies=bodies, max_bytes=max_bytes)
 
     monkeypatch.setattr(h.store, "queue_head", queue_head)
     h.enqueue("C3")
@@ -356,3 +356,20 @@ def test_a_store_error_while_reading_the_queue_is_survived_and_nothing_is_sent_t
     lanes.answer_all()
     assert h.states() == ["delivered"] * 3
     assert Counter(h.destination.received()) == {"C1": 2, "C2": 1, "C3": 1}
+
+
+def test_pages_bounded_by_bytes_deliver_everything_once_and_the_set_aside_sweep_finds_its_entry(make, monkeypatch):
+    """Lanes read pages of at most PAGE_BYTES; an entry set aside by an AE and dropped from
+    memory is found again by the sweep over byte-bounded pages."""
+    monkeypatch.setattr(sender_module, "PAGE_BYTES", 2 * len(hl7("C01")))
+    monkeypatch.setattr(sender_module, "PAGE", 3)
+    h, lanes = make(parallel=2)
+    names = [f"C{n:02d}" for n in range(1, 13)]
+    h.enqueue(*names)
+    h.start()
+    lanes.answer("C01", "AE")
+    lanes.answer_all()
+    h.run(2)
+    lanes.answer_all()
+    assert h.states() == ["delivered"] * 12
+    assert Counter(h.destination.received()) == {**{n: 1 for n in names}, "C01": 2}

@@ -40,6 +40,10 @@ from engine.shell.client import MLLPClientFactory, describe_failure
 from engine.store import DeadLetter, MarkDelivered, MarkSending, QueueEntry, RecordFailure
 
 PAGE = 100
+# ...and bodies of about this many bytes per page: a queue of 20 MB letters held behind a
+# down archive is read a letter at a time, not 2 GB at once (a page of 100 referrals of
+# 2.6 KB is 260 KB, so the drain of small messages pages as before).
+PAGE_BYTES = 2 * 1024 * 1024
 # Unordered: at most this many entries waiting out a backoff are kept in memory (the
 # earliest due); the others are read from the store again when the earliest of them is due.
 SET_ASIDE = 1000
@@ -369,9 +373,9 @@ class QueueSender:
         if not self._buffer:
             after = self._last_id
             while True:  # (after a switch: not an entry delivered or dead-lettered whose mark waits)
-                page = self.store.queue_head(self.queue, PAGE, after_id=after)
+                page = self.store.queue_head(self.queue, PAGE, after_id=after, max_bytes=PAGE_BYTES)
                 self._buffer = [e for e in page if self._unsettled.get(e.id, (None, 0))[1] is not None]
-                if self._buffer or len(page) < PAGE:
+                if self._buffer or not _full(page):
                     break
                 after = page[-1].id
             self._buffer.reverse()  # pop() from the end is O(1)
@@ -463,12 +467,12 @@ class QueueSender:
             self._dropped_due, self._dropped_probe = math.inf, None
         if self._sweep is not None:
             after, last = self._sweep
-            page = self.store.queue_head(self.queue, PAGE, after_id=after)
+            page = self.store.queue_head(self.queue, PAGE, after_id=after, max_bytes=PAGE_BYTES)
             mine = [e for e in page if e.id <= last]
-            self._sweep = (mine[-1].id, last) if len(mine) == PAGE else None
+            self._sweep = (mine[-1].id, last) if mine and len(mine) == len(page) and _full(page) else None
             self._page.extend(e for e in mine if not self._known(e))
             return True
-        page = self.store.queue_head(self.queue, PAGE, after_id=self._cursor)
+        page = self.store.queue_head(self.queue, PAGE, after_id=self._cursor, max_bytes=PAGE_BYTES)
         if not page:
             return False
         self._cursor = page[-1].id
@@ -874,3 +878,9 @@ def _with(entry: QueueEntry, **changes) -> QueueEntry:
     from dataclasses import replace
 
     return replace(entry, **changes)
+
+
+def _full(page: list[QueueEntry]) -> bool:
+    """The page may not be the queue's last: it has PAGE entries, or its bodies reached
+    PAGE_BYTES (the store stopped there)."""
+    return len(page) == PAGE or sum(len(e.raw or b"") for e in page) >= PAGE_BYTES
