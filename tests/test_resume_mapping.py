@@ -437,3 +437,44 @@ def test_on_map_raw_forward_in_the_committer_is_not_queued_twice_by_the_periodic
     turns(engine)
     (m,) = [m for m in world.store.list_messages() if m.peer != "koppel"]
     assert entries_of(world.store, m.id) == 1
+
+
+def test_messages_resumed_at_start_wait_for_mapping_without_their_bodies(world, monkeypatch):
+    """After a crash with a backlog of letters, the start's resume reads the store in pages
+    bounded by bytes and queues works without bodies; each is read again when it is mapped."""
+    import engine.shell.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RESUME_PAGE_BYTES", 2 * len(SRM))
+    ids = [stored_pending(world.store, SRM.replace(b"ZD200046139", f"ZD2000461{n:02d}".encode()))
+           for n in range(40, 46)]
+    pages, queued = [], []
+    real_pending = world.store.pending_processing
+
+    def pending_processing(**kwargs):
+        page = real_pending(**kwargs)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(world.store, "pending_processing", pending_processing)
+    from engine.shell.processor import Processor
+
+    real_submit = Processor.submit
+
+    def submit(self, work):
+        queued.append((work.raw, work.size))
+        return real_submit(self, work)
+
+    monkeypatch.setattr(Processor, "submit", submit)
+    world.start()
+    assert [world.processing(i) for i in ids] == ["mapped"] * 6
+    assert len(world.store.list_agenda_entries()) == 6
+    assert queued == [(None, len(SRM))] * 6
+    assert max(pages) == 2
+
+
+def test_a_page_of_pending_messages_ends_with_the_one_reaching_max_bytes(world):
+    ids = [stored_pending(world.store, SRM + b"X" * n) for n in (0, 100, 200, 300)]
+    page = world.store.pending_processing(max_bytes=len(SRM) + 50)
+    assert [m.id for m in page] == ids[:2]  # the first, then the second that passes the bound
+    assert [m.id for m in world.store.pending_processing(max_bytes=1, after_id=ids[1])] == ids[2:3]
+    assert [m.id for m in world.store.pending_processing()] == ids

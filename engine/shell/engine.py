@@ -59,6 +59,7 @@ RESUME_INTERVAL = 60.0
 # after `koppel reprocess --channel` thousands may wait, and their bodies (letters of MBs) were
 # read and queued in one reactor turn.
 RESUME_PAGE = 100
+RESUME_PAGE_BYTES = 16 * 1024 * 1024  # and about this many bytes of bodies per page read
 ORPHAN_INTERVAL = 30.0  # how often the deliverer looks for queues no destination uses
 
 
@@ -129,9 +130,11 @@ def receive_settings(
         return next((route for route in map_routes if route.matches(header.message_type, header.trigger)), None)
 
     def to_processor(message_id, header, raw, route, forward, nak, late=False):
+        # A resumed message waits without its body (the processor reads it when it maps it): after a
+        # crash, thousands of letters queued for mapping at start must not all be in memory at once.
         return processor.submit(Work(
-            message_id=message_id, channel=channel.name, mapping=route.map, raw=raw,
-            codec=header.codec, forward=forward, nak=nak, late=late,
+            message_id=message_id, channel=channel.name, mapping=route.map, raw=None if late else raw,
+            size=len(raw), codec=header.codec, forward=forward, nak=nak, late=late,
         ))
 
     def handed(d, message_id):
@@ -637,7 +640,7 @@ class Engine(service.MultiService):
         after, resumed = 0, 0
         while True:
             page = self.store.pending_processing(after_id=after, limit=500, received_before=received_before,
-                                                 reprocessed=False)
+                                                 reprocessed=False, max_bytes=RESUME_PAGE_BYTES)
             if not page:
                 break
             for message in page:
@@ -699,7 +702,8 @@ class Engine(service.MultiService):
             try:
                 while go_on and self.running and not handed:  # (a page it skips entirely: read on)
                     page = self.store.pending_processing(after_id=done["after"], limit=RESUME_PAGE,
-                                                         received_before=received_before)
+                                                         received_before=received_before,
+                                                         max_bytes=RESUME_PAGE_BYTES)
                     if not page:
                         break
                     for message in page:

@@ -49,8 +49,9 @@ class Work:
     message_id: int
     channel: str
     mapping: str  # mapping name (the route's `map`)
-    raw: bytes
+    raw: bytes | None  # None: read from the store when mapped (a resumed message; see _body)
     codec: str
+    size: int = 0  # of raw, also when it is not held
     # ack: on-map: raw forwards to queue only if mapping succeeds, and how to answer a failure
     forward: tuple[QueueTarget, ...] = ()
     nak: Callable[[Rejection], tuple[str, bytes]] | None = None
@@ -280,7 +281,8 @@ class Processor:
         planned letter also holds its decoded documents and outbound messages until the commit."""
         batch, size = [], 0
         while self._queue and len(batch) < BATCH:
-            size += len(self._queue[0][0].raw)
+            work = self._queue[0][0]
+            size += len(work.raw) if work.raw is not None else work.size
             if batch and size > BATCH_BYTES:
                 break
             batch.append(self._queue.popleft())
@@ -392,7 +394,7 @@ class Processor:
 
     def _plan(self, work: Work, view: "_BatchView") -> tuple[Outcome, list]:
         mapping = self.mappings.mapping(work.mapping)
-        message = Message.parse(work.raw, codec=work.codec)
+        message = Message.parse(self._body(work), codec=work.codec)
         result = mapping.apply(message)
         if not result.ok:
             detail = "; ".join(str(e) for e in result.errors[:3])
@@ -569,6 +571,15 @@ class Processor:
         codec = read_header(stored.raw, default_charset=stored.charset or "8859/1").codec
         result = mapping.apply(Message.parse(stored.raw, codec=codec))
         return result.event if result.ok else item.event
+
+    def _body(self, work: Work) -> bytes:
+        """The message's bytes: at hand, or read from the store for a resumed message."""
+        if work.raw is not None:
+            return work.raw
+        stored = self.store.get_message(work.message_id)
+        if stored is None:  # pruned meanwhile: mapped as nothing, an error for this message alone
+            raise LookupError("the message is no longer in the store")
+        return stored.raw
 
     def _mapping_named(self, name: str | None):
         if not name:

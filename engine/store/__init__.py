@@ -658,10 +658,11 @@ class MessageStore(Protocol):
 
     def pending_processing(
         self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None,
-        reprocessed: bool = True,
+        reprocessed: bool = True, max_bytes: int | None = None,
     ) -> list[StoredMessage]:
         """Messages whose hand-off has not committed (processing PENDING or UNANSWERED), by id;
-        ``reprocessed=False`` leaves out those an operator handed to mapping again (Reprocess)."""
+        ``reprocessed=False`` leaves out those an operator handed to mapping again (Reprocess);
+        ``max_bytes``: the page ends with the message whose body reaches that many bytes."""
         ...
 
     def list_messages(

@@ -1012,14 +1012,22 @@ class SQLiteStore:
 
     def pending_processing(
         self, *, after_id: int = 0, limit: int = 500, received_before: float | None = None,
-        reprocessed: bool = True,
+        reprocessed: bool = True, max_bytes: int | None = None,
     ) -> list[StoredMessage]:
         skip = () if reprocessed else (REPROCESS_DETAIL,)
-        return [_stored(r) for r in self._query(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE processing IN (?, ?) AND id > ? "
-            f"AND received_at < ? {'AND processing_detail IS NOT ? ' if skip else ''}ORDER BY id LIMIT ?",
-            (PENDING, UNANSWERED, after_id, float("inf") if received_before is None else received_before, *skip,
-             limit))]
+        where = (f"processing IN (?, ?) AND id > ? AND received_at < ? "
+                 f"{'AND processing_detail IS NOT ? ' if skip else ''}")
+        args = (PENDING, UNANSWERED, after_id, float("inf") if received_before is None else received_before, *skip)
+        if max_bytes is None:
+            rows = self._query(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where}ORDER BY id LIMIT ?",
+                               (*args, limit))
+        else:  # ids and sizes first, then the bodies of those whose predecessors come to less
+            rows = self._query(
+                f"WITH head AS (SELECT id, size FROM messages WHERE {where}ORDER BY id LIMIT ?), "
+                "page AS (SELECT id, SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM head) "
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN (SELECT id FROM page WHERE before < ?) ORDER BY id",
+                (*args, limit, max_bytes))
+        return [_stored(r) for r in rows]
 
     def list_messages(
         self,
