@@ -95,3 +95,13 @@ def test_processing_outcomes_are_counted_and_listed(store):
     assert rows[ids[1]].processing == "error"
     assert rows[ids[1]].processing_detail.startswith("mappings/x.yaml:3")
     assert rows[ids[2]].processing is None
+
+
+def test_a_released_held_event_keeps_no_copy_of_the_letter_or_the_patient(store):
+    """Held, the event is kept whole (its letter's base64 with it); released, the entry and the
+    attachment have it, so the row keeps nothing of it until the retention removes it."""
+    letter = '{"fields": {"attachments": [{"data": "' + "QUJD" * 1000 + '"}], "patient.bsn": "123456782"}}'
+    (held,) = store.write([HoldEvent(keys=("zd:ZD1",), message_id=1, event=letter, at=1.0)])
+    assert store.held_events(["zd:ZD1"])[0].event == letter
+    store.write([ReleaseHeld(ids=(held,), at=2.0)])
+    assert store._query("SELECT event, released_at FROM held_events WHERE id = ?", (held,)) == [("{}", 2.0)]

@@ -564,9 +564,9 @@ class _Transaction:
             "AND NOT EXISTS (SELECT 1 FROM queue_entries e WHERE e.message_id = m.id) LIMIT ?)",
             (op.before, PENDING, UNANSWERED, op.limit),
         ).rowcount
-        # A released held event is never read again (its entry has the data, the letter is
-        # stored by sha256), yet it holds the patient's fields and the whole letter: it goes
-        # with its keys once released longer ago than the retention.
+        # A released (or dropped) held event is never read again (its entry has the data, the
+        # letter is stored by sha256; its message keeps the rest): its event was emptied when it
+        # was released, and the row goes with its keys once released longer ago than the retention.
         released = [row[0] for row in self._conn.execute(
             "SELECT id FROM held_events WHERE released_at < ? ORDER BY released_at LIMIT ?",
             (op.before, op.limit),
@@ -648,7 +648,7 @@ class _Transaction:
         released: set[int] = set()
         for chunk in _chunks(sorted(wanted)):
             released.update(row[0] for row in self._conn.execute(
-                f"UPDATE held_events SET released_at = ? WHERE released_at IS NULL "
+                f"UPDATE held_events SET released_at = ?, event = '{{}}' WHERE released_at IS NULL "
                 f"AND id IN ({_placeholders(len(chunk))}) RETURNING id",
                 (op.at, *chunk),
             ))
@@ -707,7 +707,7 @@ class _Transaction:
                 f"WHERE id IN ({marks}) AND processing = 'held' RETURNING id", (DROPPED_HELD_DETAIL, *chunk))]
             if taken:
                 self._conn.execute(
-                    f"UPDATE held_events SET released_at = ? WHERE released_at IS NULL "
+                    f"UPDATE held_events SET released_at = ?, event = '{{}}' WHERE released_at IS NULL "
                     f"AND message_id IN ({_placeholders(len(taken))})", (op.at, *taken))
             ids += taken
         for message_id in sorted(ids):
