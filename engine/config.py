@@ -1234,13 +1234,14 @@ class _ChannelReader(_Walker):
                                  lambda n, p: self.seq(n, p, _pattern, example='[LAB*, "Laboratorium"]', empty=(
                                      "an empty list would never match; leave the key out instead"))
                                  if isinstance(n, yaml.SequenceNode) else (_pattern(n, p),))
-            if patterns is None:
+            if not patterns:  # (each bad item is reported already)
                 continue
             try:
                 out.append(FieldCondition.of(key, patterns))
             except PathError as error:
+                quoted = 1 if key_node.style in ("'", '"') else 0  # the column is in the path, after a quote
                 self.report(key_node, key_path, f"{error.reason} (column {error.column} of the path)",
-                            col_offset=error.column - 1)
+                            col_offset=error.column - 1 + quoted)
         return tuple(out)
 
 

@@ -88,7 +88,6 @@ __all__ = [
 TEMPLATES_DIR = "templates"
 TABLES_DIR = "tables"
 NOT_MAPPINGS = frozenset({"agendas.yaml"})  # other YAML files that live in mappings/
-ANY_VALUE = frozenset({"*"})  # outbound `when: {field: "*"}`: the field has any value
 TOP_LEVEL = ("kind", "action", "zd_number", "placer_id", "filler_id")  # AgendaEvent attributes
 
 _SEG_RE = re.compile(r"[A-Z][A-Z0-9]{2}")
@@ -463,7 +462,7 @@ class Outbound:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_checks", tuple(
-            tuple((None if name == LAST_SENT else _accessor(name), allowed, allowed == ANY_VALUE,
+            tuple((None if name == LAST_SENT else _accessor(name), allowed, "*" in allowed,  # (as in routes)
                    tuple(sorted(a[:-1] for a in allowed if a.endswith("*") and a != "*")))
                   for name, allowed in conditions)
             for conditions in (self.when_any or (self.when,))))

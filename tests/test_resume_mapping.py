@@ -126,7 +126,8 @@ def test_the_listener_marks_a_mapped_route_pending_in_the_insert_and_filtered_ot
     from engine.core.intake import AcceptRules, assess
 
     def marks(raw):
-        return settings.receive_marks(assess(raw, rules=AcceptRules(), default_charset="8859/1"), (), raw)
+        assessment = assess(raw, rules=AcceptRules(), default_charset="8859/1")
+        return settings.receive_marks(assessment, (), settings.routing(assessment, raw))
 
     assert marks(SRM) == {"processing": PENDING}
     siu = load_sample("zorgdomein/zd_orm_o01_echo_v24_latin1.hl7")
@@ -180,7 +181,8 @@ def test_the_listener_marks_every_accepted_on_map_message_unanswered(world, on_m
 
     siu = SRM.replace(b"SRM^S01^SRM_S01", b"SIU^S12^SIU_S12")
     for raw in (SRM, siu):  # mapped, and filtered only once answered
-        assert settings.receive_marks(assess(raw, rules=AcceptRules(), default_charset="8859/1"), (), raw) == {
+        assessment = assess(raw, rules=AcceptRules(), default_charset="8859/1")
+        assert settings.receive_marks(assessment, (), settings.routing(assessment, raw)) == {
             "processing": UNANSWERED}
 
 

@@ -311,3 +311,12 @@ def test_an_outbound_when_with_a_prefix_matches_values_starting_with_it():
 
     assert [_when_matches(outbound, event(c), None, None) for c in ("BEEEDG008", "BEE", "X", "XBEE", "", "BE")] == [
         True, True, True, False, False, False]
+
+
+def test_an_outbound_when_with_a_star_among_other_values_takes_any_value_as_routes_do():
+    from engine.core.agenda import AgendaEvent
+    from engine.mapping import Outbound, _when_matches
+
+    outbound = Outbound(to="x", template=None, when=(("action", frozenset({"*", "cancel"})),))  # type: ignore[arg-type]
+    event = AgendaEvent(kind="referral", action="create", zd_number="ZD1", fields={})
+    assert _when_matches(outbound, event, None, None)

@@ -28,6 +28,7 @@ from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
 from engine.shell.listener import (
     MLLPListenerFactory,
     ReceiveSettings,
+    Routing,
     default_control_ids,
 )
 from engine.shell.processor import Outcome, Processor, Work
@@ -82,24 +83,29 @@ def receive_settings(
         (route, tuple(
             QueueTarget(queue=config.destination(name).queue_key, destination=name) for name in route.to
         ))
-        for route in channel.routes
+        for route in channel.routes if route.to
     ]
-
+    map_routes = [route for route in channel.routes if route.map] if processor is not None else []
     looks_inside = any(route.fields or route.unless for route in channel.routes)
 
-    def targets(assessment, raw: bytes) -> tuple[QueueTarget, ...]:
+    def routing(assessment, raw: bytes) -> Routing:
+        """Where a message goes: its raw forwards and the route that maps it, decided once per
+        message (at receive, or at a resume) and kept with it, so a reload between the insert
+        and the hand-off cannot mix two decisions; the message parsed at most once for it."""
         header = assessment.header
+        msg_type, trigger = header.message_type, header.trigger
         chosen: list[QueueTarget] = []
         if looks_inside:
             message = parsed_once(raw, header.codec)
             for route, route_targets in targets_by_route:
-                if route.takes(header.message_type, header.trigger, message):
+                if route.takes(msg_type, trigger, message):
                     chosen.extend(t for t in route_targets if t not in chosen)
-            return tuple(chosen)
+            mapped = next((route for route in map_routes if route.takes(msg_type, trigger, message)), None)
+            return Routing(tuple(chosen), mapped)
         for route, route_targets in targets_by_route:
-            if route.matches(header.message_type, header.trigger):
+            if route.matches(msg_type, trigger):
                 chosen.extend(t for t in route_targets if t not in chosen)
-        return tuple(chosen)
+        return Routing(tuple(chosen), next((route for route in map_routes if route.matches(msg_type, trigger)), None))
 
     senders = senders or {}
 
@@ -115,19 +121,9 @@ def receive_settings(
                 sender.enqueued()
 
     filtered = as_refused(FILTERED, channel.ack.rejected)
-    map_routes = [route for route in channel.routes if route.map]
     filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
-
-    def map_route(header, raw: bytes):
-        if processor is None:
-            return None
-        if looks_inside:
-            message = parsed_once(raw, header.codec)
-            return next((route for route in map_routes if route.takes(header.message_type, header.trigger, message)),
-                        None)
-        return next((route for route in map_routes if route.matches(header.message_type, header.trigger)), None)
 
     def to_processor(message_id, header, raw, route, forward, nak, late=False):
         # A resumed message waits without its body (the processor reads it when it maps it): after a
@@ -175,16 +171,17 @@ def receive_settings(
             return filter_on_map(message_id, header, nak)
         return None
 
-    def on_stored(message_id, assessment, message, nak):
-        """Hand a committed message on: to its mapping, or count it as filtered.
+    def on_stored(message_id, assessment, message, nak, routed: Routing):
+        """Hand a committed message on: to its mapping, or count it as filtered; ``routed``, as
+        decided when it was received.
 
         Returns a Deferred of the Outcome when an on-map channel must wait for it."""
         header = assessment.header
         # as it was stored (a reload may have changed the ack mode since): an UNANSWERED
         # message's forwards were not queued in the insert and its answer is not sent yet
         answered = message.processing != UNANSWERED
-        forward = () if answered else targets(assessment, message.raw)
-        route = map_route(header, message.raw)
+        forward = () if answered else routed.targets
+        route = routed.route
         if route is None and not forward and not message.targets:
             if filtered_count is not None:
                 filtered_count.inc()
@@ -200,14 +197,15 @@ def receive_settings(
         raw forwards were not queued and its answer was never sent, so its outcome (and a
         NAK) is stored for the sender's resend. If the config no longer maps it: filtered."""
         header = assessment.header
-        forward = () if answered else targets(assessment, raw)
-        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, map_route(header, raw), late=True)
+        routed = routing(assessment, raw)
+        forward = () if answered else routed.targets
+        d = hand_on(message_id, header, forward, raw, received_at, nak, answered, routed.route, late=True)
         if d is None:
             d = committer.submit(SetProcessing(message_id=message_id, outcome="filtered",
                                                detail=_filtered_detail(header)))
         return d
 
-    def receive_marks(assessment, chosen_targets, raw: bytes) -> dict:
+    def receive_marks(assessment, chosen_targets, routed: Routing) -> dict:
         if not assessment.accepted:
             return {}
         header = assessment.header
@@ -215,7 +213,7 @@ def receive_settings(
         # if the engine stops before that hand-off commits
         if on_map:
             return {"processing": UNANSWERED}
-        if map_route(header, raw) is not None:
+        if routed.route is not None:
             return {"processing": PENDING}
         if chosen_targets:
             return {}
@@ -242,7 +240,7 @@ def receive_settings(
         max_connections=source.max_connections,
         duplicate_window=channel.duplicate_window,
         store_failure=failure,
-        targets=targets,
+        routing=routing,
         queue_full=queue_full,
         on_queued=on_queued,
         on_stored=on_stored,

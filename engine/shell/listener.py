@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -49,6 +49,16 @@ MAX_TYPE_LABELS = 50
 _TYPE_LABEL = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{2,3}", re.ASCII)
 
 
+class Routing(NamedTuple):
+    """Where one message goes: the destinations of its raw forwards, the route that maps it."""
+
+    targets: tuple[QueueTarget, ...]
+    route: Any  # a RouteConfig with a `map`, or None
+
+
+NO_ROUTING = Routing((), None)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceiveSettings:
     """What the listener needs from a channel's config, already validated."""
@@ -65,7 +75,9 @@ class ReceiveSettings:
     max_connections: int = 64
     duplicate_window: float = 24 * 3600.0
     store_failure: Rejection = STORE_FAILED
-    targets: Callable[[Assessment, bytes], tuple[QueueTarget, ...]] = field(default=lambda a, raw: ())
+    # Where an accepted message goes (its raw forwards, the route that maps it): decided once,
+    # at receive, and handed to on_stored with it.
+    routing: Callable[[Assessment, bytes], "Routing"] = field(default=lambda a, raw: NO_ROUTING)
     # Delivery hooks: is any of these queues full (answer AE, store nothing queued),
     # and tell the senders that entries were committed.
     queue_full: Callable[[tuple[QueueTarget, ...]], bool] = field(default=lambda targets: False)
@@ -77,7 +89,7 @@ class ReceiveSettings:
     always_answer: bool = False  # answer even where MSH-15 (NE, ER, SU) says not to
     # Fields known at receive time for the stored row (e.g. processing="filtered"), so an
     # on-store channel records what no route takes in the same insert, not a later update.
-    receive_marks: Callable[..., dict] = field(default=lambda assessment, targets, raw: {})
+    receive_marks: Callable[..., dict] = field(default=lambda assessment, targets, routed: {})
     # At start-up, for a message stored 'pending' whose mapping never committed: map it now.
     resume: Callable[..., object] = field(default=lambda *a: None)
 
@@ -220,7 +232,8 @@ class MLLPReceiver(protocol.Protocol):
         assessment = None
         try:
             assessment = assess(payload, rules=settings.rules, default_charset=settings.default_charset)
-            message = factory.message_for(assessment, payload, self.peer)
+            routed = settings.routing(assessment, payload) if assessment.accepted else NO_ROUTING
+            message = factory.message_for(assessment, payload, self.peer, routed)
             d = factory.committer.submit(Append(message=message))
         except Exception as error:  # noqa: BLE001 - answered with AE, never raised
             self.log.error("message.intake_failed", error=safe_error(error))
@@ -232,11 +245,12 @@ class MLLPReceiver(protocol.Protocol):
         d.addCallbacks(
             self._stored,
             self._not_stored,
-            callbackArgs=(answer, assessment, message),
+            callbackArgs=(answer, assessment, message, routed),
             errbackArgs=(answer, assessment, message),
         )
 
-    def _stored(self, result, answer: _Answer, assessment: Assessment, message: ReceivedMessage) -> None:
+    def _stored(self, result, answer: _Answer, assessment: Assessment, message: ReceivedMessage,
+                routed: Routing = NO_ROUTING) -> None:
         factory = self.factory
         if result.duplicate_of is not None:
             factory.count(factory.metrics.duplicates).inc()
@@ -261,7 +275,8 @@ class MLLPReceiver(protocol.Protocol):
             return
         try:
             outcome = factory.settings.on_stored(
-                result.message_id, assessment, message, lambda rejection: factory.acknowledge(assessment, rejection)
+                result.message_id, assessment, message, lambda rejection: factory.acknowledge(assessment, rejection),
+                routed,
             )
         except Exception as error:  # noqa: BLE001 - mapping trouble never costs the sender its ACK
             self.log.error("message.handoff_failed", message_id=result.message_id, error=safe_error(error))
@@ -551,12 +566,13 @@ class MLLPListenerFactory(protocol.Factory):
         return assessment.ack(timestamp=self.timestamp(), control_id=self.control_ids(), failure=failure,
                               always=self.settings.always_answer)
 
-    def message_for(self, assessment: Assessment, payload: bytes, peer: str) -> ReceivedMessage:
+    def message_for(self, assessment: Assessment, payload: bytes, peer: str,
+                    routed: Routing = NO_ROUTING) -> ReceivedMessage:
         """The store record, with the ACK we will send once it is committed."""
         header = assessment.header
         # on-map: raw forwards are queued only once the message has mapped (see on_stored).
         on_map = self.settings.ack_mode == "on-map"
-        targets = self.settings.targets(assessment, payload) if assessment.accepted and not on_map else ()
+        targets = routed.targets if assessment.accepted and not on_map else ()
         if targets and self.settings.queue_full(targets):
             assessment = replace(assessment, rejection=QUEUE_FULL)
             targets = ()
@@ -581,7 +597,7 @@ class MLLPListenerFactory(protocol.Factory):
             error=None if accepted else assessment.rejection.text,
             duplicate_window=self.settings.duplicate_window if accepted else 0.0,
             targets=targets,
-            **self.settings.receive_marks(assessment, targets, payload),
+            **self.settings.receive_marks(assessment, targets, routed),
         )
 
     def drain(self, grace: float | None = None) -> defer.Deferred:
