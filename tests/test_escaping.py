@@ -57,3 +57,38 @@ def test_escape_text_reads_back(text: str) -> None:
         for char in (d.field, d.component, d.repetition, d.subcomponent, b"\r", b"\n"):
             assert char.decode() not in escaped
         assert unescape(escaped, d, codec="utf-8") == text
+
+
+# ----------------------------------------------------------------------------- the paired fast path
+
+_PIECES = st.sampled_from(["\\", "X", "0D", "0A", "C3", "A9", "F", "S", "T", "R", "E", ".br", "H", "N", "P",
+                           "Q", "ab", " ", "x", "Z", "41"])
+
+
+@given(pieces=st.lists(_PIECES, max_size=30), codec=st.sampled_from(["latin-1", "utf-8"]))
+def test_the_paired_fast_path_agrees_with_the_scan_or_leaves_it_to_the_scan(pieces, codec):
+    from engine.core.hl7message import _table, _unescape_paired, _unescape_scanning
+
+    text = "".join(pieces)
+    table = _table(DEFAULT_DELIMITERS)
+    fast = _unescape_paired(text, "\\", table, codec)
+    assert fast is None or fast == _unescape_scanning(text, "\\", table, codec)
+
+
+@given(runs=st.lists(st.tuples(st.text(alphabet="ABCxyz+/=", max_size=8),
+                               st.sampled_from(["\\X0D\\\\X0A\\", "\\.br\\", "\\F\\", "\\XC3\\\\XA9\\", "\\T\\"])),
+                     max_size=20))
+def test_well_formed_escapes_take_the_fast_path_and_decode_as_the_scan_does(runs):
+    from engine.core.hl7message import _table, _unescape_paired, _unescape_scanning
+
+    text = "".join(chunk + escape for chunk, escape in runs)
+    table = _table(DEFAULT_DELIMITERS)
+    fast = _unescape_paired(text, "\\", table, "utf-8")
+    assert fast is not None and fast == _unescape_scanning(text, "\\", table, "utf-8")
+
+
+def test_a_wrapped_base64_letter_decodes_its_line_breaks():
+    text = "\\X0D\\\\X0A\\".join(["QUJD", "REVG", "R0hJ"])
+    assert unescape(text, DEFAULT_DELIMITERS, codec="latin-1") == "QUJD\r\nREVG\r\nR0hJ"
+    # an escaped escape character around hex-looking text stays text
+    assert unescape("\\E\\X0D\\E\\", DEFAULT_DELIMITERS, codec="latin-1") == "\\X0D\\"
