@@ -443,11 +443,18 @@ class QueueSender:
 
     def _take(self, now: float) -> QueueEntry | None:
         """The next due entry, now in flight: set-aside ones first, then the store in id order."""
-        if self._aside and self._aside[0][0] <= now:
-            _, _, entry = self._aside.pop(0)
+        while self._aside and self._aside[0][0] <= now:
+            due, _, entry = self._aside.pop(0)
             self._aside_ids.discard(entry.id)
+            try:  # kept without its body (see _set_aside): read it again
+                message = self.store.get_message(entry.message_id)
+            except Exception:
+                self._set_aside(entry, due=due)  # still waiting; the store error goes to the lane
+                raise
+            if message is None:
+                continue  # pruned meanwhile: nothing left to send
             self._inflight.add(entry.id)
-            return entry
+            return _with(entry, raw=message.raw)
         while True:
             while self._page:
                 entry = self._page.popleft()
@@ -509,12 +516,14 @@ class QueueSender:
             last_due, last_id, last = self._aside.pop()
             self._aside_ids.discard(last_id)
             self._note_dropped(last_due, last)
-        bisect.insort(self._aside, (due, entry.id, entry))
+        # Kept without its body: up to SET_ASIDE entries wait out a backoff behind a
+        # destination that refuses them, and those may be 15 MB letters (read again in _take).
+        bisect.insort(self._aside, (due, entry.id, entry if entry.raw is None else _with(entry, raw=None)))
         self._aside_ids.add(entry.id)
 
     def _note_dropped(self, due: float, entry: QueueEntry) -> None:
         if due < self._dropped_due:
-            self._dropped_due, self._dropped_probe = due, entry
+            self._dropped_due, self._dropped_probe = due, (entry if entry.raw is None else _with(entry, raw=None))
 
     def _next_due(self) -> float | None:
         due = min(self._aside[0][0] if self._aside else math.inf, self._dropped_due)

@@ -157,7 +157,7 @@ _PAGE_BY_BYTES = (
     "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? ORDER BY e.id LIMIT ?), "
     "page AS (SELECT id, SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM head) "
     + _ENTRY_SELECT
-    + "WHERE e.id IN (SELECT id FROM page WHERE before < ?) ORDER BY e.id"
+    + "WHERE e.id IN (SELECT id FROM page WHERE before < MAX(?, 1)) ORDER BY e.id"
 )
 _FIND_DUPLICATE = (
     "SELECT id, ack, processing FROM messages "
@@ -1025,7 +1025,7 @@ class SQLiteStore:
             rows = self._query(
                 f"WITH head AS (SELECT id, size FROM messages WHERE {where}ORDER BY id LIMIT ?), "
                 "page AS (SELECT id, SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM head) "
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN (SELECT id FROM page WHERE before < ?) ORDER BY id",
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN (SELECT id FROM page WHERE before < MAX(?, 1)) ORDER BY id",
                 (*args, limit, max_bytes))
         return [_stored(r) for r in rows]
 
