@@ -148,17 +148,7 @@ _ENTRY_COLUMNS = (
 # letters of up to 64 MiB each into memory to show their headers.
 _ENTRY_SELECT = _ENTRY_COLUMNS.format(raw="m.raw")
 _ENTRY_SELECT_NO_BODY = _ENTRY_COLUMNS.format(raw="NULL")
-# A sender's page bounded by bytes as well: the page's head (ids and sizes only), then the
-# bodies of those entries whose predecessors in it come to less than the bound, so a
-# queue of 20 MB letters is read one or a few at a time, not 100 at once.
-_PAGE_BY_BYTES = (
-    "WITH head AS (SELECT e.id AS id, m.size AS size FROM queue_entries e "
-    "JOIN messages m ON m.id = e.message_id "
-    "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? ORDER BY e.id LIMIT ?), "
-    "page AS (SELECT id, SUM(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM head) "
-    + _ENTRY_SELECT
-    + "WHERE e.id IN (SELECT id FROM page WHERE before < MAX(?, 1)) ORDER BY e.id"
-)
+_ENTRY_RAW = 16  # the body's place in those columns
 _FIND_DUPLICATE = (
     "SELECT id, ack, processing FROM messages "
     "WHERE control_id = ? AND channel = ? AND sender IS ? AND payload_hash = ? "
@@ -1092,15 +1082,28 @@ class SQLiteStore:
         """Pending entries in FIFO (id) order, one page; pass the last id as `after_id` for the next.
         ``bodies=False`` leaves ``raw`` None (listings, the age gauge). ``max_bytes``: the page
         ends with the entry whose body reaches that many bytes (never fewer than one entry)."""
-        if bodies and max_bytes is not None:
-            rows = self._query(_PAGE_BY_BYTES, (queue, after_id or 0, limit, max_bytes))
-        else:
-            rows = self._query(
-                (_ENTRY_SELECT if bodies else _ENTRY_SELECT_NO_BODY)
-                + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? "
-                "ORDER BY e.id LIMIT ?",
-                (queue, after_id or 0, limit),
-            )
+        sql = ((_ENTRY_SELECT if bodies else _ENTRY_SELECT_NO_BODY)
+               + "WHERE e.queue = ? AND e.state = 'pending' AND e.id > ? ORDER BY e.id LIMIT ?")
+        params = (queue, after_id or 0, limit)
+        if not bodies or max_bytes is None:
+            return [_entry(r) for r in self._query(sql, params)]
+        # The index gives the rows in id order, one at a time (no sort): stop reading at the
+        # bound, so the bodies after it are never read (a queue of 20 MB letters).
+        rows, total = [], 0
+        try:
+            conn = self._conn()
+            self._wait_for_locks(conn, True)
+            cursor = conn.execute(sql, params)
+            try:
+                for row in cursor:
+                    rows.append(row)
+                    total += len(row[_ENTRY_RAW])
+                    if total >= max_bytes:
+                        break
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
         return [_entry(r) for r in rows]
 
     # -- agendas
