@@ -20,7 +20,10 @@ from tests.factories import processor_for
 
 REPO = Path(__file__).resolve().parent.parent
 
-CHANNEL = """
+def channel_with(routes: str) -> str:
+    """A channel (YAML, a format string for Harness: {accept}, {mode}, {ack_extra}) with the
+    bundled destinations and ``routes`` (YAML lines, braces doubled)."""
+    return """
 name: zd
 source:
   listen: tcp:0
@@ -32,11 +35,14 @@ destinations:
   lis-orders: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
   document-archive: {{endpoint: "tcp:host=127.0.0.1:port=6664"}}
 routes:
-  - when: {{types: [SRM^S01, SRM^S04]}}
+""" + routes
+
+
+CHANNEL = channel_with("""  - when: {{types: [SRM^S01, SRM^S04]}}
     map: zorgdomein-srm
   - when: {{types: [OML^O21]}}
     to: [lis-orders]
-"""
+""")
 
 
 class Harness:

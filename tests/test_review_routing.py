@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from engine.bundle import load_bundle
-from engine.config import ConfigError, load_config
 from engine.core.hl7message import Message
 from engine.core.response import read_ack
 from engine.preview import preview
 from engine.shell.engine import receive_settings
 from tests.conftest import load_sample
 from tests.factories import processor_for
-from tests.test_on_map import Harness
+from tests.test_on_map import Harness, channel_with
+from tests.test_routing import load, problems
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_ORM = "zorgdomein/zd_orm_o01_lab_v24.hl7"
@@ -23,28 +23,6 @@ LIS, RIS = "127.0.0.1:6663", "127.0.0.1:6662"
 
 
 # ----------------------------------------------------------------------------- koppel check
-
-CHANNEL = """name: t
-source:
-  listen: tcp:0
-destinations:
-  lis: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
-routes:
-  - when:
-{when}
-    to: [lis]
-"""
-
-
-def problems(tmp_path, when: str) -> list[str]:
-    channels = tmp_path / "channels"
-    channels.mkdir(exist_ok=True)
-    (channels / "t.yaml").write_text(CHANNEL.format(when=when))
-    (tmp_path / "mappings").mkdir(exist_ok=True)
-    with pytest.raises(ConfigError) as caught:
-        load_config(channels, tmp_path / "mappings")
-    return [str(p) for p in caught.value.problems]
-
 
 @pytest.mark.parametrize("value", ["[~]", "[{a: b}]", "[[A]]"])
 def test_a_value_list_whose_only_item_is_bad_is_reported_not_a_crash(tmp_path, value):
@@ -62,31 +40,15 @@ def test_a_bad_path_in_a_quoted_key_is_reported_at_its_own_column(tmp_path):
 
 def test_values_yaml_would_turn_into_other_types_are_kept_as_written(tmp_path):
     """yes, 2024-01-01, 1.10, 0x1F are compared as the texts written (cheap guard, passes today)."""
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    (channels / "t.yaml").write_text(CHANNEL.format(when="      fields: {PV2-3: [yes, 2024-01-01, 1.10, 0x1F]}"))
-    (tmp_path / "mappings").mkdir()
-    (route,) = load_config(channels, tmp_path / "mappings").channels[0].routes
+    (route,) = load(tmp_path, "      fields: {PV2-3: [yes, 2024-01-01, 1.10, 0x1F]}").channels[0].routes
     assert route.fields[0].patterns == ("yes", "2024-01-01", "1.10", "0x1F")
 
 
 # ----------------------------------------------------------------------------- a receiving channel
 
-MAPPED_BY_CONDITION = """
-name: zd
-source:
-  listen: tcp:0
-{accept}ack:
-  mode: {mode}{ack_extra}
-destinations:
-  his-scheduling: {{endpoint: "tcp:host=127.0.0.1:port=6661"}}
-  ris-orders: {{endpoint: "tcp:host=127.0.0.1:port=6662"}}
-  lis-orders: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
-  document-archive: {{endpoint: "tcp:host=127.0.0.1:port=6664"}}
-routes:
-  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "BEE*"}}}}
+MAPPED_BY_CONDITION = channel_with("""  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "BEE*"}}}}
     map: zorgdomein-orm
-"""
+""")
 
 
 @pytest.fixture(params=["on-store", "on-map"])
@@ -112,23 +74,16 @@ def test_a_message_is_parsed_for_routing_at_most_once(conditioned, monkeypatch):
     assert len(calls) <= 2, f"{len(calls)} parses of one message (1 for routing + 1 for mapping expected)"
 
 
-FORWARD_LAB = """
-name: zd
-source:
-  listen: tcp:0
-ack:
-  mode: on-store
-destinations:
-  his-scheduling: {{endpoint: "tcp:host=127.0.0.1:port=6661"}}
-  ris-orders: {{endpoint: "tcp:host=127.0.0.1:port=6662"}}
-  lis-orders: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
-  document-archive: {{endpoint: "tcp:host=127.0.0.1:port=6664"}}
-routes:
-  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "{forward}"}}}}
+FORWARD_LAB = channel_with("""  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "{forward}"}}}}
     to: [lis-orders]
   - when: {{types: [ORM^O01], fields: {{PV2-3.1: "{mapped}"}}}}
     map: zorgdomein-orm
-"""
+""")
+
+
+def forward_lab(forward: str, mapped: str) -> str:
+    """FORWARD_LAB as an on-store channel, with the two routes' care products."""
+    return FORWARD_LAB.format(accept="", mode="on-store", ack_extra="", forward=forward, mapped=mapped)
 
 
 def test_a_reload_between_receipt_and_commit_never_mixes_two_routing_decisions(tmp_path):
@@ -136,7 +91,7 @@ def test_a_reload_between_receipt_and_commit_never_mixes_two_routing_decisions(t
     commit: the message follows one decision (forwarded, or mapped), never the raw forward of the old config
     and the mapping of the new one."""
     def text(forward, mapped):
-        return FORWARD_LAB.format(forward=forward, mapped=mapped).replace("{", "{{").replace("}", "}}")
+        return forward_lab(forward, mapped).replace("{", "{{").replace("}", "}}")
 
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
@@ -144,7 +99,7 @@ def test_a_reload_between_receipt_and_commit_never_mixes_two_routing_decisions(t
     try:
         new_channels = tmp_path / "new" / "channels"
         new_channels.mkdir()
-        (new_channels / "zd.yaml").write_text(FORWARD_LAB.format(forward="XXX*", mapped="LAB*"))
+        (new_channels / "zd.yaml").write_text(forward_lab("XXX*", "LAB*"))
         new = load_bundle(new_channels, REPO / "mappings").config
         settings = receive_settings(new.channels[0], new, {}, processor_for(h, config=new, prefix="KN-"),
                                     committer=h.committer, metrics=h.metrics)

@@ -14,7 +14,7 @@ from engine.core.response import read_ack
 from engine.core.routing import FieldCondition, conditions_hold, parsed_once
 from engine.preview import preview
 from tests.conftest import load_sample
-from tests.test_on_map import Harness
+from tests.test_on_map import Harness, channel_with
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_ORM = "zorgdomein/zd_orm_o01_lab_v24.hl7"
@@ -173,23 +173,11 @@ def test_bad_conditions_say_what_is_wrong(tmp_path, when, says):
 
 # ----------------------------------------------------------------------------- a channel using them
 
-ROUTED = """
-name: zd
-source:
-  listen: tcp:0
-{accept}ack:
-  mode: {mode}{ack_extra}
-destinations:
-  his-scheduling: {{endpoint: "tcp:host=127.0.0.1:port=6661"}}
-  ris-orders: {{endpoint: "tcp:host=127.0.0.1:port=6662"}}
-  lis-orders: {{endpoint: "tcp:host=127.0.0.1:port=6663"}}
-  document-archive: {{endpoint: "tcp:host=127.0.0.1:port=6664"}}
-routes:
-  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "LAB*"}}}}
+ROUTED = channel_with("""  - when: {{types: [ORM^O01], fields: {{PV2-3.1: "LAB*"}}}}
     to: [lis-orders]
   - when: {{types: [ORM^O01], fields: {{PV2-3.1: "BEE*"}}, unless: {{ORC-1: CA}}}}
     map: zorgdomein-orm
-"""
+""")
 
 LIS, RIS = "127.0.0.1:6663", "127.0.0.1:6662"
 
