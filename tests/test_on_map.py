@@ -197,3 +197,8 @@ def test_on_store_acks_a_message_that_does_not_map_and_keeps_the_error(onstore):
     row = onstore.row("g20ce6a9f8ca4f551275")
     assert (row.status, row.processing) == ("accepted", "error")
     assert "ARQ-1" in row.processing_detail
+
+
+def test_a_mapping_channels_fallback_counter_is_exported_as_zero_from_the_start(onstore):
+    """A dashboard's rate() needs the series before the first fallback, not after it."""
+    assert onstore.metrics.registry.get_sample_value("koppel_agenda_fallback_total", {"channel": "zd"}) == 0

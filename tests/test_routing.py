@@ -308,3 +308,32 @@ def test_an_outbound_when_with_a_star_among_other_values_takes_any_value_as_rout
     outbound = Outbound(to="x", template=None, when=(("action", frozenset({"*", "cancel"})),))  # type: ignore[arg-type]
     event = AgendaEvent(kind="referral", action="create", zd_number="ZD1", fields={})
     assert _when_matches(outbound, event, None, None)
+
+
+def test_a_lab_order_sharing_its_zd_number_with_an_imaging_order_the_ris_has_stays_off_the_ris(mapped):
+    """An echo ORM, then a lab ORM (NW, then CA, both with their care product) of the same
+    referral: the RIS has the echo only; what follows the lab order is not the RIS's."""
+    echo = load_sample(ECHO_ORM)
+    lab = (load_sample(LAB_ORM).replace(b"ZD12345678", b"ZP100120391")
+           .replace(b"|e49ce31d|", b"|L1|"))  # the echo sample's ZD-number (and patient: its PID)
+    lab = b"\r".join(s for s in lab.split(b"\r") if not s.startswith(b"PID")) + b"\r"
+    pid = [s for s in echo.split(b"\r") if s.startswith(b"PID")][0]
+    lab = lab.replace(b"\rPV1", b"\r" + pid + b"\rPV1", 1) if b"\rPV1" in lab else lab
+    ids = [mapped.receive(echo), mapped.receive(lab),
+           mapped.receive(lab.replace(b"ORC|NW|", b"ORC|CA|").replace(b"|L1|", b"|L2|"))]
+    assert [mapped.outcome(i)[0] for i in ids] == ["mapped"] * 3
+    sent = to_ris(mapped)
+    assert len(sent) == 1 and b"ECHOXU" in sent[0][1], [raw.split(b"\r")[5:6] for _, raw in sent]
+
+
+def test_a_bundled_channel_takes_no_type_it_routes_nowhere(bundle):
+    """Every type a bundled channel accepts is taken by one of its routes: a scheduler's SIU
+    sent to the ZorgDomein port is refused (AR), not answered AA and filtered."""
+    for channel in bundle.config.channels:
+        for accepted in sorted(channel.accept.types or ()):
+            msg_type, _, trigger = accepted.partition("^")
+            assert any(r.matches(msg_type, trigger) for r in channel.routes), (channel.name, accepted)
+    siu = (b"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^S12^SIU_S12|S1|P|2.5\r"
+           b"SCH|ZD900000001|F1\r")
+    result = preview(bundle, "zorgdomein-in", siu)
+    assert (result["accepted"], result["answer"]["code"]) == (False, "AR")

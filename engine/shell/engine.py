@@ -122,6 +122,8 @@ def receive_settings(
 
     filtered = as_refused(FILTERED, channel.ack.rejected)
     filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
+    if metrics is not None and map_routes:  # shown as 0 from the start, so a dashboard's rate() has a series
+        metrics.agenda_fallback_total.labels(channel.name)
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
 
