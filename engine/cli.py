@@ -416,8 +416,10 @@ def _messages(args) -> int:
         for row in rows:
             received = dt.datetime.fromtimestamp(row.received_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
             origin = f" (built from {row.origin_id})" if row.origin_id else ""
+            # a message a mapping built was never received nor acknowledged: not "accepted AA"
+            status, ack = ("built", None) if row.origin_id else (row.status, row.ack_code)
             print("\t".join(str(value) if value is not None else "-" for value in (
-                row.id, received, row.channel, row.message_type, row.control_id, row.status, row.ack_code,
+                row.id, received, row.channel, row.message_type, row.control_id, status, ack,
                 row.size, row.processing, (row.processing_detail or row.error or "") + origin)))
     finally:
         store.close()

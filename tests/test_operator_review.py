@@ -442,3 +442,12 @@ def test_queue_move_takes_the_head_whose_last_attempt_failed(world, capsys):
     assert code == 0, err
     assert world.store.queue_head(HIX_Q, 10) == []
     assert [e.message_id for e in world.store.queue_head("127.0.0.1:6662", 10)] == [world.m1, world.m2, world.m3]
+
+
+def test_koppel_messages_lists_a_built_message_as_built_not_as_received_and_acknowledged(mapped, capsys):
+    """The SIU^S12 a mapping built was never received nor answered: STATUS built, ACK -."""
+    assert main(["messages", "--store", mapped.url]) == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[str(mapped.siu)][5:7] == ["built", "-"]
+    assert rows[str(mapped.siu)][9].endswith(f"(built from {mapped.srm})")
+    assert rows[str(mapped.srm)][5:7] == ["accepted", "AA"]
