@@ -131,6 +131,13 @@ def _check(args) -> int:
     if error is not None:
         sys.stderr.write(f"{error}\n")
         return 1
+    from engine.config import unrouted_types
+
+    for channel in config.config.channels:  # (an on-map channel answers those AR itself)
+        for accepted in unrouted_types(channel) if channel.ack.mode != "on-map" else ():
+            sys.stderr.write(f"warning: {channel.file or channel.name}: channel {channel.name} accepts {accepted} but "
+                             "no route takes it: answered AA and stored as filtered; route it, or leave it out of "
+                             "accept.types to refuse it (AR)\n")
     mappings = len(config.mappings.mappings) if config.mappings else 0
     agendas = len(config.book.agendas) if config.book else 0
     print(f"ok: {len(config.config.channels)} channel(s), {len(config.config.destinations)} destination(s), "

@@ -258,6 +258,24 @@ def _types_match(types: frozenset[str] | None, msg_type: str, trigger: str) -> b
     return types is None or msg_type in types or f"{msg_type}^{trigger}" in types
 
 
+def unrouted_types(channel: "ChannelConfig") -> list[str]:
+    """The types a channel lists in ``accept`` that none of its routes takes (whatever their
+    field conditions): such a message is answered AA and stored as filtered, which a sender
+    pointed at the wrong channel never hears of. Empty when the channel lists no types or
+    has no routes at all (a channel that only stores)."""
+    if not channel.accept.types or not channel.routes:
+        return []
+    out = []
+    for accepted in sorted(channel.accept.types):
+        msg_type, _, trigger = accepted.partition("^")
+        if any(route.types is None or _types_match(route.types, msg_type, trigger)
+               or (not trigger and any(t.partition("^")[0] == msg_type for t in route.types))
+               for route in channel.routes):
+            continue
+        out.append(accepted)
+    return out
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)

@@ -329,11 +329,46 @@ def test_a_lab_order_sharing_its_zd_number_with_an_imaging_order_the_ris_has_sta
 def test_a_bundled_channel_takes_no_type_it_routes_nowhere(bundle):
     """Every type a bundled channel accepts is taken by one of its routes: a scheduler's SIU
     sent to the ZorgDomein port is refused (AR), not answered AA and filtered."""
-    for channel in bundle.config.channels:
-        for accepted in sorted(channel.accept.types or ()):
-            msg_type, _, trigger = accepted.partition("^")
-            assert any(r.matches(msg_type, trigger) for r in channel.routes), (channel.name, accepted)
+    from engine.config import unrouted_types
+
+    assert {c.name: unrouted_types(c) for c in bundle.config.channels} == {"zorgdomein-in": [], "scheduler-in": []}
     siu = (b"MSH|^~\\&|HIX|ZIEKENHUIS|KOPPEL|ZIEKENHUIS|20261201090000+0100||SIU^S12^SIU_S12|S1|P|2.5\r"
            b"SCH|ZD900000001|F1\r")
     result = preview(bundle, "zorgdomein-in", siu)
     assert (result["accepted"], result["answer"]["code"]) == (False, "AR")
+
+
+@pytest.mark.parametrize(("accept", "routes", "unrouted"), [
+    ("[SRM^S01, SIU^S12]", "[{when: {types: [SRM^S01]}, to: [lis]}]", ["SIU^S12"]),
+    ("[SRM^S01, SIU^S12]", "[{to: [lis]}]", []),  # a route without types takes everything
+    ("[ORU, ADT^A01]", "[{when: {types: [ORU^R01]}, to: [lis]}]", ["ADT^A01"]),  # ORU: some of it routed
+    ("[ORU^R01]", "[{when: {types: [ORU]}, to: [lis]}]", []),
+    ("[ORU^R01]", "[{when: {types: [ORU^R01], fields: {OBX-2: ED}}, to: [lis]}]", []),  # types alone count
+])
+def test_a_type_accepted_but_routed_nowhere_is_found(tmp_path, accept, routes, unrouted):
+    from engine.config import unrouted_types
+
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (tmp_path / "mappings").mkdir()
+    (channels / "t.yaml").write_text(
+        f"name: t\nsource: {{listen: tcp:0}}\naccept: {{types: {accept}}}\n"
+        f"destinations: {{lis: {{endpoint: 'tcp:host=127.0.0.1:port=6663'}}}}\nroutes: {routes}\n")
+    (channel,) = load_config(channels, tmp_path / "mappings").channels
+    assert unrouted_types(channel) == unrouted
+
+
+def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(tmp_path, capsys):
+    from engine.cli import main
+
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (tmp_path / "mappings").mkdir()
+    (channels / "t.yaml").write_text(
+        "name: t\nsource: {listen: tcp:0}\naccept: {types: [SRM^S01, SIU^S12]}\n"
+        "destinations: {lis: {endpoint: 'tcp:host=127.0.0.1:port=6663'}}\n"
+        "routes: [{when: {types: [SRM^S01]}, to: [lis]}]\n")
+    assert main(["check", "--channels", str(channels), "--mappings", str(tmp_path / "mappings")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: 1 channel(s)")
+    assert "channel t accepts SIU^S12 but no route takes it" in err and "SRM^S01" not in err
