@@ -19,7 +19,8 @@ with engine.config's ConfigProblem/ConfigError):
   ``{attachments.1.data}``, ``{entry.id}``, ``{timestamp}``; ``{item...}``/``{index}`` in a
   for_each block) are escaped with the template's delimiters; literal text is not.
   ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data.
-- ``outbound: [{to, template, when}]``: ``when: {field: value | [values] | "*"}`` ("*": the
+- ``outbound: [{to, template, when}]`` (``template: received``: the message as received, queued
+  itself): ``when: {field: value | [values] | "*"}`` ("*": the
   field has any value; ``TEXT*``: a value starting with TEXT), or a list of such maps (any one
   that holds). ``entry.last_sent`` is
   the type of the message this outbound's destination last had for the entry.
@@ -1038,11 +1039,18 @@ def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Map
     return False
 
 
+# `template: received`: the destination gets the message as it was received (queued itself,
+# as a route's `to` does, but decided by the mapping: its agenda entry, `entry.last_sent`).
+RECEIVED_NAME = "received"
+RECEIVED: Any = type("Received", (), {"__repr__": lambda self: "RECEIVED"})()
+
+
 def build_outbound(
     mapping: Mapping, event: AgendaEvent, entry: Any, *, control_id: str, timestamp: _dt.datetime,
     sent: _Mapping[str, str] | None = None,
-) -> list[tuple[str, bytes]]:
-    """(destination, bytes) for each outbound entry whose `when` matches.
+) -> list[tuple[str, Any]]:
+    """(destination, bytes) for each outbound entry whose `when` matches; (destination,
+    RECEIVED) for a `template: received` one (the caller queues the received message).
 
     ``sent``: the type of the message each destination last had for this entry (the entry's
     ``agenda.SENT``; ``"*"`` for any other destination), which `when` reads as
@@ -1054,6 +1062,9 @@ def build_outbound(
     out = []
     for number, outbound in enumerate(mapping.outbound, 1):
         if not _when_matches(outbound, event, entry, sent):
+            continue
+        if outbound.template is RECEIVED:
+            out.append((outbound.to, RECEIVED))
             continue
         message_id = f"{control_id}-{number}" if many else control_id
         data = build(outbound.template, event, control_id=message_id, timestamp=timestamp, entry=entry)
@@ -1629,7 +1640,9 @@ class _MappingReader(_Walker):
         else:
             t_node = m["template"]
             t_name = self.read(t_node, _join(path, "template"), _text)
-            if t_name is not None:
+            if t_name == RECEIVED_NAME:
+                template = RECEIVED
+            elif t_name is not None:
                 if t_name not in self.templates:
                     known = ", ".join(sorted(self.templates)) or f"none in {TEMPLATES_DIR}/"
                     self.report(t_node, _join(path, "template"), f"unknown template {t_name!r} (templates: {known})")

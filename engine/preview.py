@@ -93,11 +93,12 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
                                            "(hidden: --data shows it)")
                                        for k, v in entry.data.items() if k not in ("attachments", ag.SOURCES)}),
                        "attachments": list(entry.attachments)}
-    from engine.mapping import build_outbound, sent_so_far
+    from engine.mapping import RECEIVED, build_outbound, sent_so_far
 
     sent = sent_so_far(entry.data, new=existing is None)  # what each system last had (with --store)
     outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent)
-    result["outbound"] = [{"to": name, "message": _shown(data, patient_data)} for name, data in outbound]
+    result["outbound"] = [{"to": name, "message": "(the message as received)" if data is RECEIVED
+                           else _shown(data, patient_data)} for name, data in outbound]
     return result
 
 

@@ -223,11 +223,14 @@ def bundle():
     return load_bundle(REPO / "channels", REPO / "mappings")
 
 
+RECEIVED_SHOWN = {"to": "lis-orders", "message": "(the message as received)"}
+
+
 def test_bundled_lab_orm_goes_to_the_lis_as_received_and_not_to_the_ris(bundle):
     result = preview(bundle, "zorgdomein-in", load_sample(LAB_ORM))
-    assert result["forward_to"] == ["lis-orders"]
+    assert result["forward_to"] == []  # the mapping decides (`template: received`), not a route
     assert result["entry"]["agenda"] == "laboratory"
-    assert [o["to"] for o in result["outbound"]] == []
+    assert result["outbound"] == [RECEIVED_SHOWN]
 
 
 def test_bundled_imaging_orm_goes_to_the_ris_and_not_to_the_lis(bundle):
@@ -240,7 +243,7 @@ def test_bundled_imaging_orm_goes_to_the_ris_and_not_to_the_lis(bundle):
 def test_bundled_lab_orm_with_only_the_lab_cluster_still_reaches_the_lis(bundle):
     raw = ORDER.replace("LABEDG001^laboratorium", "XYZ001^iets").encode("latin-1")
     result = preview(bundle, "zorgdomein-in", raw)
-    assert result["forward_to"] == ["lis-orders"]
+    assert result["outbound"] == [RECEIVED_SHOWN]
 
 
 # ----------------------------------------------------------------------------- the RIS's ORM^O01 (outbound `when`)
@@ -372,3 +375,46 @@ def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(
     out, err = capsys.readouterr()
     assert out.startswith("ok: 1 channel(s)")
     assert "channel t accepts SIU^S12 but no route takes it" in err and "SRM^S01" not in err
+
+
+# ----------------------------------------------------------------------------- `template: received`
+
+def lis_entries(h) -> list[int]:
+    """The message ids queued for the LIS (the received messages themselves)."""
+    return sorted(row[0] for row in h.store._query(
+        "SELECT message_id FROM queue_entries WHERE destination = 'lis-orders'"))
+
+
+def test_a_lab_order_and_its_thin_cancel_reach_the_lis_as_received(mapped):
+    """The LIS gets the lab ORM itself (queued, not a copy), and a cancel without care product
+    or cluster because `entry.last_sent` says the LIS has the order; the entry records it."""
+    lab = load_sample(LAB_ORM)
+    nw = mapped.receive(lab)
+    thin = b"\r".join(s for s in lab.replace(b"ORC|NW|", b"ORC|CA|").replace(b"|e49ce31d|", b"|e49ce31e|")
+                      .split(b"\r") if not s.startswith(b"PV2"))
+    ca = mapped.receive(thin)
+    assert [mapped.outcome(i)[0] for i in (nw, ca)] == ["mapped", "mapped"]
+    assert lis_entries(mapped) == [nw, ca]
+    assert to_ris(mapped) == []
+    (entry,) = mapped.entries()
+    import json
+
+    assert json.loads(entry.data)["_sent"] == {"lis-orders": "ORM^O01"}
+    assert [m.origin_id for m in mapped.store.list_messages(limit=10)].count(None) == 2  # no copies built
+
+
+def test_an_imaging_orders_thin_cancel_does_not_reach_the_lis(mapped):
+    echo = load_sample(ECHO_ORM)
+    mapped.receive(echo)
+    thin = b"\r".join(s for s in echo.replace(b"ORC|NW|", b"ORC|CA|").replace(b"|1234567|", b"|1234568|")
+                      .split(b"\r") if not s.startswith(b"PV2"))
+    mapped.receive(thin)
+    assert lis_entries(mapped) == []
+    assert len(to_ris(mapped)) == 2
+
+
+def test_received_is_a_template_name_koppel_check_takes(tmp_path):
+    from engine.mapping import RECEIVED, load_mappings
+
+    orm = load_mappings(REPO / "mappings").mapping("zorgdomein-orm")
+    assert [o.to for o in orm.outbound if o.template is RECEIVED] == ["lis-orders"]

@@ -572,6 +572,14 @@ class Processor:
         result = mapping.apply(Message.parse(stored.raw, codec=codec))
         return result.event if result.ok else item.event
 
+    def _received_type(self, work: Work) -> str:
+        """The received message's type (``entry.last_sent`` of a `template: received` outbound)."""
+        raw = work.raw
+        if not raw:  # resumed, or a released held event's (its Work carries no body)
+            stored = self.store.get_message(work.message_id)
+            raw = stored.raw if stored is not None else b""
+        return read_header(raw, default_charset="8859/1").type_and_trigger
+
     def _body(self, work: Work) -> bytes:
         """The message's bytes: at hand, or read from the store for a resumed message."""
         if work.raw is not None:
@@ -655,7 +663,7 @@ class Processor:
         ``sent``, what the destinations had for the entry so far (``entry.last_sent``); and
         what they have now, to keep in the entry's data (ag.SENT), None when that did not
         change."""
-        from engine.mapping import build_outbound
+        from engine.mapping import RECEIVED, build_outbound
 
         before = dict(sent)
         ops = []
@@ -666,6 +674,11 @@ class Processor:
                 destination = self.destinations.get(destination_name)
                 if destination is None:  # koppel check reports this; never silently dropped
                     raise LookupError("mapping names an unknown destination")
+                if data is RECEIVED:  # the message itself, as received (queued, not copied)
+                    sent[destination_name] = self._received_type(work)
+                    ops.append(Enqueue(message_id=work.message_id, at=at, audit=False, targets=(
+                        QueueTarget(queue=destination.queue_key, destination=destination_name),)))
+                    continue
                 header = read_header(data, default_charset="8859/1")  # what the sender matches MSA-2 against
                 sent[destination_name] = header.type_and_trigger
                 ops.append(Append(message=ReceivedMessage(
