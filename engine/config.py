@@ -268,7 +268,7 @@ def unrouted_types(channel: "ChannelConfig") -> list[str]:
     out = []
     for accepted in sorted(channel.accept.types):
         msg_type, _, trigger = accepted.partition("^")
-        if any(route.types is None or _types_match(route.types, msg_type, trigger)
+        if any(_types_match(route.types, msg_type, trigger)  # (true for a route without types)
                or (not trigger and any(t.partition("^")[0] == msg_type for t in route.types))
                for route in channel.routes):
             continue

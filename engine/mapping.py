@@ -72,6 +72,7 @@ from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape, segment_groups
 from engine.core.paths import FieldPath, PathError, components, first, parse_path
+from engine.core.routing import ValuePatterns
 
 __all__ = [
     "CONVERTS",
@@ -458,13 +459,12 @@ class Outbound:
     when_any: tuple[tuple[tuple[str, frozenset[str]], ...], ...] = ()
     line: int = 0
     # the alternatives worked out once (build_outbound checks them per message): per condition
-    # the accessor (None: entry.last_sent), the allowed texts, whether any value will do
+    # the accessor (None: entry.last_sent) and the texts its value may be
     _checks: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_checks", tuple(
-            tuple((None if name == LAST_SENT else _accessor(name), allowed, "*" in allowed,  # (as in routes)
-                   tuple(sorted(a[:-1] for a in allowed if a.endswith("*") and a != "*")))
+            tuple((None if name == LAST_SENT else _accessor(name), ValuePatterns.of(allowed))
                   for name, allowed in conditions)
             for conditions in (self.when_any or (self.when,))))
 
@@ -1022,18 +1022,16 @@ def sent_so_far(data: _Mapping[str, Any], *, new: bool = False) -> dict[str, str
 def _when_matches(outbound: Outbound, event: AgendaEvent, entry: Any, sent: _Mapping[str, str] | None) -> bool:
     """One of the outbound's condition maps holds (a single `when` map is the one)."""
     for checks in outbound._checks:
-        for get, allowed, any_value, prefixes in checks:
+        for get, patterns in checks:
             if get is None:  # entry.last_sent: what this outbound's destination last had for the entry
                 value = UNKNOWN_SENT if sent is None else sent.get(outbound.to) or sent.get("*")
             else:
                 value = get(event, entry, None, None, None)
-            if any_value:
-                if value is None or value == "" or value == () or value == []:
+            if value.__class__ is str:
+                if not patterns.match(value):
                     break
-            else:
-                text = value if value.__class__ is str else _format(value)
-                if text not in allowed and not (prefixes and text and text.startswith(prefixes)):
-                    break
+            elif not patterns.match(_format(value), empty=value is None or value == () or value == []):
+                break
         else:
             return True
     return False

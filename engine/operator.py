@@ -1031,10 +1031,10 @@ def _refuse_if_only_mapped(store, dests: _Destinations, message, name: str) -> N
         return
     msg_type, _, trigger = message.message_type.partition("^")
     from engine.core.header import read_header
-    from engine.core.routing import parsed_once
+    from engine.core.routing import parsed_once, routes_taking
 
     parsed = parsed_once(message.raw, read_header(message.raw, default_charset=channel.source.charset).codec)
-    routes = [r for r in channel.routes if r.takes(msg_type, trigger.split("^")[0], parsed)]
+    routes = routes_taking(channel.routes, msg_type, trigger.split("^")[0], parsed)
     if any(name in r.to for r in routes):
         return  # a plain route sends it there as received
     maps = sorted({r.map for r in routes if r.map})

@@ -21,7 +21,7 @@ from engine.core.files import split_messages
 from engine.core.header import read_header
 from engine.core.convert import DayTime, hospital_zone
 from engine.core.intake import AcceptRules, check_accept
-from engine.core.routing import parsed_once
+from engine.core.routing import parsed_once, routes_taking
 from engine.core.agenda import plain as _agenda_plain
 from engine.operator import is_patient_field
 from engine.shell.processor import entry_from_record
@@ -55,7 +55,7 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
         return result
     result["accepted"] = True
     message = parsed_once(raw, header.codec)
-    routes = [r for r in channel.routes if r.takes(header.message_type, header.trigger, message)]
+    routes = routes_taking(channel.routes, header.message_type, header.trigger, message)
     result["forward_to"] = sorted({name for r in routes for name in r.to})
     map_route = next((r for r in routes if r.map), None)
     if map_route is None:

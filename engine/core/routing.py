@@ -19,17 +19,42 @@ EMPTY = ""
 
 
 @dataclass(frozen=True, slots=True)
-class FieldCondition:
-    """Holds when any value ``path`` selects (unescaped; an absent field reads as "") is one
-    of ``patterns``: a text compared exactly, ``TEXT*`` for any value starting with TEXT,
-    ``*`` for any non-empty value, ``""`` for an empty or absent field."""
+class ValuePatterns:
+    """The texts a value may be: a text compared exactly, ``TEXT*`` for any value starting
+    with TEXT, ``*`` for any non-empty value, ``""`` for an empty one. Route conditions and
+    mapping outbounds' ``when`` read their values the same way."""
 
-    path: FieldPath
-    patterns: tuple[str, ...]
     exact: frozenset[str]
     prefixes: tuple[str, ...]
     any_value: bool
     empty: bool
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> ValuePatterns:
+        patterns = tuple(patterns)
+        return cls(
+            exact=frozenset(p for p in patterns if not p.endswith("*") and p != EMPTY),
+            prefixes=tuple(sorted(p[:-1] for p in patterns if p.endswith("*") and p != ANY_VALUE)),
+            any_value=ANY_VALUE in patterns,
+            empty=EMPTY in patterns,
+        )
+
+    def match(self, value: str, empty: bool | None = None) -> bool:
+        """``empty``: whether the value counts as empty, when its text alone cannot tell (a
+        list of records reads as ""); by default, when its text is ""."""
+        if not value if empty is None else empty:
+            return self.empty
+        return self.any_value or value in self.exact or bool(self.prefixes and value.startswith(self.prefixes))
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCondition:
+    """Holds when any value ``path`` selects (unescaped; an absent field reads as "") is one
+    of ``patterns`` (see ValuePatterns)."""
+
+    path: FieldPath
+    patterns: tuple[str, ...]
+    values: ValuePatterns
 
     @classmethod
     def of(cls, path: str, patterns: Iterable[str]) -> FieldCondition:
@@ -38,24 +63,11 @@ class FieldCondition:
         patterns = tuple(patterns)
         if not patterns:
             raise ValueError("needs at least one value")
-        wild = tuple(p for p in patterns if p.endswith("*") and p != ANY_VALUE)
-        return cls(
-            path=parsed,
-            patterns=patterns,
-            exact=frozenset(p for p in patterns if not p.endswith("*") and p != EMPTY),
-            prefixes=tuple(sorted(p[:-1] for p in wild)),
-            any_value=ANY_VALUE in patterns,
-            empty=EMPTY in patterns,
-        )
+        return cls(path=parsed, patterns=patterns, values=ValuePatterns.of(patterns))
 
     def holds(self, message: Message) -> bool:
-        for value in select(message, self.path) or (EMPTY,):
-            if not value:
-                if self.empty:
-                    return True
-            elif self.any_value or value in self.exact or (self.prefixes and value.startswith(self.prefixes)):
-                return True
-        return False
+        match = self.values.match
+        return any(match(value) for value in select(message, self.path) or (EMPTY,))
 
     def __str__(self) -> str:
         return f"{self.path.text} in [{', '.join(repr(p) for p in self.patterns)}]"
@@ -78,3 +90,10 @@ def parsed_once(raw: bytes, codec: str):
         return parsed[0]
 
     return message
+
+
+def routes_taking(routes, msg_type: str, trigger: str, message) -> list:
+    """The routes (RouteConfig) that take a message, in config order; ``message`` gives it
+    parsed (``parsed_once``), asked only by a route of its type with field conditions. The
+    one test of the listener, the resume, ``koppel map`` and ``koppel resend``'s check."""
+    return [route for route in routes if route.takes(msg_type, trigger, message)]

@@ -21,7 +21,7 @@ from engine.config import ChannelConfig, EngineConfig
 from engine.core.errors import ErrorCode, Rejection
 from engine.core.header import read_header
 from engine.core.intake import STORE_FAILED, AcceptRules, Assessment, as_refused
-from engine.core.routing import parsed_once
+from engine.core.routing import parsed_once, routes_taking
 from engine.log import get_logger, safe_error
 from engine.metrics import Metrics
 from engine.shell.committer import Checkpointer, GroupCommitter, Pruner
@@ -79,33 +79,22 @@ def receive_settings(
     committer (the processor knows its own), so the engine's periodic resume leaves them be."""
     source = channel.source
     handing = set() if handing is None else handing
-    targets_by_route = [
-        (route, tuple(
-            QueueTarget(queue=config.destination(name).queue_key, destination=name) for name in route.to
-        ))
-        for route in channel.routes if route.to
-    ]
-    map_routes = [route for route in channel.routes if route.map] if processor is not None else []
-    looks_inside = any(route.fields or route.unless for route in channel.routes)
+    targets_of = {  # by route (the channel's routes live as long as this closure)
+        id(route): tuple(QueueTarget(queue=config.destination(name).queue_key, destination=name) for name in route.to)
+        for route in channel.routes
+    }
 
     def routing(assessment, raw: bytes) -> Routing:
         """Where a message goes: its raw forwards and the route that maps it, decided once per
         message (at receive, or at a resume) and kept with it, so a reload between the insert
         and the hand-off cannot mix two decisions; the message parsed at most once for it."""
         header = assessment.header
-        msg_type, trigger = header.message_type, header.trigger
+        taken = routes_taking(channel.routes, header.message_type, header.trigger, parsed_once(raw, header.codec))
         chosen: list[QueueTarget] = []
-        if looks_inside:
-            message = parsed_once(raw, header.codec)
-            for route, route_targets in targets_by_route:
-                if route.takes(msg_type, trigger, message):
-                    chosen.extend(t for t in route_targets if t not in chosen)
-            mapped = next((route for route in map_routes if route.takes(msg_type, trigger, message)), None)
-            return Routing(tuple(chosen), mapped)
-        for route, route_targets in targets_by_route:
-            if route.matches(msg_type, trigger):
-                chosen.extend(t for t in route_targets if t not in chosen)
-        return Routing(tuple(chosen), next((route for route in map_routes if route.matches(msg_type, trigger)), None))
+        for route in taken:
+            chosen.extend(t for t in targets_of[id(route)] if t not in chosen)
+        mapped = next((route for route in taken if route.map), None) if processor is not None else None
+        return Routing(tuple(chosen), mapped)
 
     senders = senders or {}
 
@@ -122,7 +111,7 @@ def receive_settings(
 
     filtered = as_refused(FILTERED, channel.ack.rejected)
     filtered_count = metrics.filtered_total.labels(channel.name) if metrics is not None else None
-    if metrics is not None and map_routes:  # shown as 0 from the start, so a dashboard's rate() has a series
+    if metrics is not None and any(route.map for route in channel.routes):  # shown as 0 from the start, so a dashboard's rate() has a series
         metrics.agenda_fallback_total.labels(channel.name)
     on_map = channel.ack.mode == "on-map"
     log = log or get_logger(channel=channel.name)
