@@ -515,7 +515,7 @@ class Processor:
                         mapping = self._mapping_named(item.mapping)
                         if mapping is not None:
                             work = Work(message_id=int(message_id), channel=channel, mapping=item.mapping,
-                                        raw=b"", codec="latin-1")
+                                        raw=None, codec="latin-1")  # (its body from the store, if needed)
                             later.append((mapping, self._original_event(item, mapping), decision.entry, work))
                     ops.append(SetProcessing(message_id=int(message_id), outcome="mapped",
                                              detail=f"agenda {decision.entry.agenda_id}: released"))
@@ -574,14 +574,11 @@ class Processor:
 
     def _received_type(self, work: Work) -> str:
         """The received message's type (``entry.last_sent`` of a `template: received` outbound)."""
-        raw = work.raw
-        if not raw:  # resumed, or a released held event's (its Work carries no body)
-            stored = self.store.get_message(work.message_id)
-            raw = stored.raw if stored is not None else b""
-        return read_header(raw, default_charset="8859/1").type_and_trigger
+        return read_header(self._body(work), default_charset="8859/1").type_and_trigger
 
     def _body(self, work: Work) -> bytes:
-        """The message's bytes: at hand, or read from the store for a resumed message."""
+        """The message's bytes: at hand, or read from the store (a resumed message, a released
+        held one)."""
         if work.raw is not None:
             return work.raw
         stored = self.store.get_message(work.message_id)
