@@ -17,19 +17,11 @@ from engine.store import (
     SaveAgendaEntry,
     SetProcessing,
     StoreError,
-    open_store,
 )
 from engine.store import Append
 from tests.factories import received
 from tests.test_agenda_orderings import Harness, oru, siu, srm, world  # noqa: F401 - the fixture
-from tests.test_store_agenda import save
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = open_store(f"sqlite:///{tmp_path}/k.db")
-    yield s
-    s.close()
+from tests.test_store_agenda import save, store  # noqa: F401 - the fixture
 
 
 def held_messages(store, n):

@@ -410,16 +410,20 @@ def hl7apy_parse(data: bytes, level):
     return parse_message(data.decode("latin-1"), validation_level=level, find_groups=True)
 
 
-def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
+def strictly_valid(data: bytes):
+    """``data`` parsed and validated by hl7apy, tolerant and strict; its header, read back."""
     from hl7apy.consts import VALIDATION_LEVEL
 
+    for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
+        hl7apy_parse(data, level).validate()
+    return read_header(data, default_charset="ASCII")
+
+
+def test_srm_create_builds_a_strictly_valid_siu_s12_for_the_his(bundled):
     mapping, e = mapped(bundled, sample(ZD / "zd_srm_s01_appointment_request.hl7"))
     ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K0000001", timestamp=NOW)
     assert to == "his-scheduling"
-    for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
-        parsed = hl7apy_parse(data, level)
-        parsed.validate()
-    header = read_header(data, default_charset="ASCII")
+    header = strictly_valid(data)
     assert header.rejection is None
     assert (header.type_and_trigger, header.structure, header.control_id, header.version) == (
         "SIU^S12", "SIU_S12", "K0000001-1", "2.5",  # -1: the mapping's first outbound (-2: the SIU^S15)
@@ -454,8 +458,6 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
     as the store gives it back: dates as ISO text), so a cancel that carries less than its
     request still gives a complete S15 (before, one without PID-5 or SCH-16, which a strict
     HIS refuses, and sex U)."""
-    from hl7apy.consts import VALIDATION_LEVEL
-
     from engine.core.agenda import plain
     from engine.core.paths import first, parse_path
 
@@ -470,9 +472,7 @@ def test_srm_cancel_sends_the_his_a_strictly_valid_siu_s15_naming_its_booking(bu
         ((to, data),) = build_outbound(mapping, e, entry, control_id="K1", timestamp=NOW,
                                        sent={"his-scheduling": "SIU^S12"})
         assert to == "his-scheduling"
-        for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
-            hl7apy_parse(data, level).validate()
-        header = read_header(data, default_charset="ASCII")
+        header = strictly_valid(data)
         assert (header.type_and_trigger, header.structure, header.version) == ("SIU^S15", "SIU_S12", "2.5")
         _, back = parse(data)
         assert first(back, parse_path("SCH-1.1")) == "ZD200046139"  # as in the SIU^S12 it cancels
@@ -573,14 +573,10 @@ def test_orm_builds_one_orc_and_obr_per_test_for_the_ris(bundled):
 
 
 def test_oru_builds_an_mdm_t02_with_every_attachment_for_the_archive(bundled):
-    from hl7apy.consts import VALIDATION_LEVEL
-
     mapping, e = mapped(bundled, sample(ZD / "zd_oru_r01_attachments.hl7"))
     ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K3", timestamp=NOW)
     assert to == "document-archive"
-    for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
-        hl7apy_parse(data, level).validate()
-    header = read_header(data, default_charset="ASCII")
+    header = strictly_valid(data)
     assert (header.type_and_trigger, header.control_id, header.version) == ("MDM^T02", "K3", "2.5")
     _, back = parse(data)
     assert [s.field(2) for s in back.segments("OBX")] == ["ED", "ED"]

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 
 from engine.shell import sender as sender_module
-from engine.store import Append, HoldEvent, QueueTarget, ReleaseHeld
+from engine.store import Append, HoldEvent, ReleaseHeld
 from tests.factories import received
-from tests.test_sender import NAME, PID, QUEUE, Harness, hl7
+from tests.test_sender import QUEUE, Harness, hl7
 from tests.test_sender import make  # noqa: F401 - the FIFO harness fixture
-from tests.test_sender_unordered import Lanes
+from tests.test_sender_unordered import building
 
 
 def letter(control_id: str, size: int) -> bytes:
@@ -29,19 +29,7 @@ def enqueue_letters(h: Harness, sizes: dict[str, int]) -> None:
 
 @pytest.fixture
 def unordered(tmp_path):
-    made = []
-
-    def build(parallel: int = 2, **settings):
-        h = Harness(tmp_path / str(len(made)), order="none", parallel=parallel, **settings)
-        made.append(h)
-        return h, Lanes(h)
-
-    for n in range(3):
-        (tmp_path / str(n)).mkdir()
-    yield build
-    for h in made:
-        h.sender.stop()
-        h.store.close()
+    yield from building(tmp_path, parallel=2)
 
 
 # --------------------------------------------------------------------------- the store's page

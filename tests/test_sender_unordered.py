@@ -52,21 +52,27 @@ class Lanes:
         raise AssertionError("still sending")
 
 
-@pytest.fixture
-def make(tmp_path):
+def building(tmp_path, *, parallel: int = 3):
+    """For a fixture to yield from: build(parallel=..., **settings) -> (Harness, Lanes), each
+    harness in a directory of its own under tmp_path; all stopped and closed afterwards."""
     harnesses: list[Harness] = []
 
-    def build(parallel: int = 3, **settings) -> tuple[Harness, Lanes]:
-        harness = Harness(tmp_path / str(len(harnesses)), order="none", parallel=parallel, **settings)
+    def build(parallel: int = parallel, **settings) -> tuple[Harness, Lanes]:
+        where = tmp_path / str(len(harnesses))
+        where.mkdir()
+        harness = Harness(where, order="none", parallel=parallel, **settings)
         harnesses.append(harness)
         return harness, Lanes(harness)
 
-    for n in range(4):
-        (tmp_path / str(n)).mkdir()
     yield build
     for harness in harnesses:
         harness.sender.stop()
         harness.store.close()
+
+
+@pytest.fixture
+def make(tmp_path):
+    yield from building(tmp_path)
 
 
 def test_three_lanes_put_three_messages_in_flight_at_once_on_three_connections(make):
