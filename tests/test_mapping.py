@@ -30,6 +30,13 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=AMS_WINTER)
 # The entry a create made, as the processor passes it: the SRM's SIU^S12 goes to the HIS only
 # for an entry still `requested` (not for one already booked or closed).
 NEW_ENTRY = SimpleNamespace(id=1, state="requested")
+
+
+def entry_of(event) -> SimpleNamespace:
+    """The entry a create leaves, its data as the store gives it back (dates as ISO text)."""
+    from engine.core.agenda import plain
+
+    return SimpleNamespace(id=1, state="requested", data=plain(event.fields))
 NO_EVENT = SimpleNamespace(fields={})
 
 
@@ -555,7 +562,7 @@ def test_orm_builds_one_orc_and_obr_per_test_for_the_ris(bundled):
     from hl7apy.consts import VALIDATION_LEVEL
 
     mapping, e = mapped(bundled, sample(ZD / "zd_orm_o01_echo_v24_latin1.hl7"))
-    ((to, data),) = build_outbound(mapping, e, NEW_ENTRY, control_id="K2", timestamp=NOW)
+    ((to, data),) = build_outbound(mapping, e, entry_of(e), control_id="K2", timestamp=NOW)
     assert to == "ris-orders"
     for level in (VALIDATION_LEVEL.TOLERANT, VALIDATION_LEVEL.STRICT):
         parsed = hl7apy_parse(data, level)  # hl7apy models ORM's OBR/RQD/... choice as all-required,

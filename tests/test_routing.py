@@ -281,6 +281,10 @@ def test_a_thin_cancel_of_an_imaging_order_the_ris_has_still_reaches_it(mapped):
     sent = to_ris(mapped)
     assert [origin for origin, _ in sent] == [second, first]  # newest first
     assert b"ORC|CA|" in sent[0][1]
+    # what it cancels comes from the entry: the cancel's own PV2 is gone, the RIS still sees it
+    pv2 = [seg for seg in sent[0][1].split(b"\r") if seg.startswith(b"PV2|")]
+    assert pv2 == [seg for seg in sent[1][1].split(b"\r") if seg.startswith(b"PV2|")]
+    assert pv2[0].split(b"|")[3].startswith(b"BEE")
 
 
 def test_an_order_of_the_radiology_cluster_reaches_the_ris_whatever_its_product(mapped):
