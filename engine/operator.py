@@ -352,11 +352,11 @@ def _os_user() -> str | None:
         return None
 
 
-def audit_data_read(store, what: str) -> None:
-    """A 'read-agenda-data' audit record for a CLI read of patient fields, with the OS user."""
+def audit_data_read(store, what: str, *, action: str = "read-agenda-data", message_id: int | None = None) -> None:
+    """An audit record (read-agenda-data, read-body) for a CLI read of patient data, with the OS user."""
     from engine.store import RecordAudit
 
-    _write(store, RecordAudit(at=_now(), action="read-agenda-data",
+    _write(store, RecordAudit(at=_now(), action=action, message_id=message_id,
                               reason=f"{what}; koppel CLI, user {_os_user() or '-'}"))
 
 
@@ -1112,6 +1112,155 @@ def _built_from(store, message) -> tuple[list, bool]:
     return sorted(found, key=lambda r: r.id), False
 
 
+# --------------------------------------------------------------------------- trace
+
+
+def message_summary_json(m) -> dict[str, Any]:
+    """A stored message's header facts and outcome (a MessageSummary), never its body."""
+    return {
+        "id": m.id, "channel": m.channel, "peer": m.peer, "received_at": m.received_at,
+        "control_id": m.control_id, "sender": m.sender, "type": m.message_type, "version": m.version,
+        "size": m.size, "status": m.status, "ack_code": m.ack_code, "error": m.error,
+        "duplicates": m.duplicate_count, "processing": m.processing,
+        "processing_detail": m.processing_detail, "origin_id": m.origin_id,
+    }
+
+
+def _delivery_json(entry) -> dict[str, Any]:
+    return {
+        "entry": entry.id, "message": entry.message_id, "type": entry.message_type,
+        "destination": entry.destination, "queue": entry.queue, "state": entry.state,
+        "attempts": entry.attempts, "enqueued_at": entry.enqueued_at,
+        "last_attempt_at": entry.last_attempt_at, "done_at": entry.done_at,
+        "last_error": entry.last_error, "ack": _ack_summary(entry.last_ack), "replay_of": entry.replay_of,
+    }
+
+
+def message_trace(store, summary) -> dict[str, Any]:
+    """Where one stored message went, headers only: what mapping made of it, the agenda
+    entries it changed, the messages built from it, and every queue entry of it and of
+    those (delivered, waiting, dead). What on-call is asked: "did the HIS get ZD123?"."""
+    if summary.origin_id is None:
+        built, complete = _built_from(store, summary)
+        agenda = [record for record in map(store.get_agenda_entry, store.agenda_entries_changed_by(summary.id))
+                  if record is not None]
+    else:  # a message a mapping built changed no entry and was built from nothing further
+        built, complete, agenda = [], True, []
+    entries = store.entries_of_messages([summary.id, *(b.id for b in built)])
+    return {
+        "message": message_summary_json(summary),
+        "agenda_entries": [_agenda_json(record, with_data=False) for record in agenda],
+        "built": [message_summary_json(b) for b in built],
+        "built_search_complete": complete,
+        "deliveries": [_delivery_json(e) for e in entries],
+    }
+
+
+def _trace_targets(args, store) -> list:
+    if args.control_id is not None:
+        if args.id is not None:
+            raise _Fail(USAGE, "give a MESSAGE-ID or --control-id, not both")
+        rows = store.list_messages(control_id=args.control_id, channel=args.channel, limit=args.limit)
+        if not rows:
+            raise _Fail(NOTHING, f"no stored message with MSH-10 {args.control_id!r}"
+                                 + (f" on channel {args.channel}" if args.channel else "") + " (never received, or pruned)")
+        return rows[::-1]  # oldest first: a resend after the first
+    if args.id is None:
+        raise _Fail(USAGE, "give a MESSAGE-ID or --control-id")
+    if args.channel is not None:
+        raise _Fail(USAGE, "--channel goes with --control-id: a MESSAGE-ID names one message")
+    rows = store.list_messages(message_ids=[args.id], limit=1)
+    if not rows:
+        raise _Fail(NOTHING, f"no message {args.id} (never stored, or pruned)")
+    return rows
+
+
+def _delivery_row(d: dict[str, Any], now: float) -> tuple:
+    ack = d["ack"]
+    answer = (ack["code"] or "unreadable") if ack else None
+    last = d["done_at"] if d["done_at"] is not None else d["last_attempt_at"]
+    return (d["message"], d["type"] or "-", d["destination"], d["queue"], d["state"], d["attempts"],
+            _when(last, now), _short(" ".join(filter(None, (answer, d["last_error"])))) or "-")
+
+
+def _print_trace(trace: dict[str, Any], now: float) -> None:
+    m = trace["message"]
+    what = f"{m['type'] or '-'} ({m['version'] or '-'})"
+    print(f"message {m['id']}  {what}  channel {m['channel']}  MSH-10 {m['control_id'] or '-'}")
+    if m["origin_id"] is not None:
+        print(f"  built by a mapping from message {m['origin_id']} (koppel trace {m['origin_id']})  "
+              f"{_when(m['received_at'], now)}")
+    else:
+        dups = f", {_plural(m['duplicates'], 'resend')} answered from it" if m["duplicates"] else ""
+        print(f"  received {_when(m['received_at'], now)} from {m['peer']}, {m['size']} bytes; "
+              f"{m['status']}, answered {m['ack_code']}{dups}")
+        if m["error"]:
+            print(f"  error: {m['error']}")
+        outcome = m["processing"] or "-"
+        print(f"  mapping: {outcome}" + (f" ({m['processing_detail']})" if m["processing_detail"] else ""))
+    if m["processing"] == "mapped" and not trace["agenda_entries"]:
+        print("  agenda: it changed no entry (nothing in it was new)")
+    for entry in trace["agenda_entries"]:
+        print(f"  agenda entry {entry['id']}: {entry['agenda']} {entry['kind']} {entry['state']}  "
+              f"(koppel agenda show {entry['id']})")
+    if trace["built"]:
+        print("  built from it: " + ", ".join(f"{b['id']} {b['type'] or '-'}" for b in trace["built"]))
+    if not trace["built_search_complete"]:
+        print("  (the search for messages built from it stopped early: `koppel messages --channel "
+              f"{m['channel']}` marks them 'built from {m['id']}')")
+    if trace["deliveries"]:
+        print("deliveries:")
+        _table(["MESSAGE", "TYPE", "DESTINATION", "QUEUE", "STATE", "ATTEMPTS", "LAST", "ACK / ERROR"],
+               [_delivery_row(d, now) for d in trace["deliveries"]])
+    else:
+        print("deliveries: none (no route or mapping queued it, or its entries were pruned)")
+
+
+@_command
+def trace(args, store, dests) -> int:
+    """Where stored messages went: outcome, agenda entries, built messages, deliveries."""
+    now = _now()
+    traces = [message_trace(store, summary) for summary in _trace_targets(args, store)]
+    bodies: dict[int, str | None] = {}
+    if args.data:  # the bodies: in the audit trail before they are shown (no record, no bodies)
+        ids = [i for found in traces for i in (found["message"]["id"], *(b["id"] for b in found["built"]))]
+        for i in ids:
+            audit_data_read(store, f"message {i}", action="read-body", message_id=i)
+        bodies = {i: _body_text(store, i) for i in ids}
+    if args.json:
+        for found in traces:
+            if args.data:
+                found["bodies"] = {str(i): bodies[i] for i in
+                                   (found["message"]["id"], *(b["id"] for b in found["built"]))}
+        print(json.dumps(traces if args.control_id is not None else traces[0], indent=2, default=str))
+        return OK
+    for n, found in enumerate(traces):
+        if n:
+            print()
+        _print_trace(found, now)
+        if args.data:
+            for i in (found["message"]["id"], *(b["id"] for b in found["built"])):
+                print(f"body of message {i}:")
+                for line in (bodies[i] or "(pruned)").replace("\n", "\r").split("\r"):
+                    if line:
+                        print(f"  {line}")
+    return OK
+
+
+def _body_text(store, message_id: int) -> str | None:
+    """A stored message's text, decoded with its charset (patient data: --data only)."""
+    from engine.core.charsets import UnknownCharset, codec_for
+
+    message = store.get_message(message_id)
+    if message is None:
+        return None
+    try:
+        codec = codec_for(message.charset or "ASCII")
+    except UnknownCharset:  # (refused at receive, stored as received)
+        codec = "latin-1"
+    return message.raw.decode(codec, errors="replace")
+
+
 # --------------------------------------------------------------------------- argparse
 
 
@@ -1424,6 +1573,18 @@ def register(subparsers) -> None:
     p = common(subparsers.add_parser("audit", help="operator actions, newest first"), channels=False)
     p.add_argument("--limit", type=limit_arg, default=50, help="records to show (default 50)")
     p.set_defaults(func=audit)
+
+    p = common(subparsers.add_parser("trace", help="where a stored message went: mapping, agenda entries, "
+                                                   "messages built from it, deliveries"), channels=False)
+    p.add_argument("id", metavar="MESSAGE-ID", type=id_arg, nargs="?", default=None, help="stored message id")
+    p.add_argument("--control-id", default=None, metavar="MSH-10",
+                   help="every stored message with this MSH-10 instead (a resend, or a ZD-number of a letter)")
+    p.add_argument("--channel", default=None, help="with --control-id: only this channel's")
+    p.add_argument("--limit", type=limit_arg, default=10, help="with --control-id: at most this many (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--data", action="store_true",
+                   help="also print the message bodies (patient data: kept in the audit trail)")
+    p.set_defaults(func=trace)
 
     p = common(subparsers.add_parser("resend", help="queue a stored message again for a destination"))
     p.add_argument("message_id", metavar="MESSAGE-ID", type=id_arg, help="stored message id")

@@ -526,6 +526,19 @@ def test_message_detail_gives_headers_without_the_body_by_default(world):
     assert world.call("GET", f"/api/messages/{world.ids['m1']}?include=everything").code == 400
 
 
+def test_message_detail_says_where_it_went_as_koppel_trace_does(world):
+    """Each destination's entry with its state and answer, and the agenda entry it made."""
+    answer = world.call("GET", f"/api/messages/{world.ids['m1']}")
+    deliveries = {d["queue"]: d for d in answer.json["deliveries"]}
+    assert deliveries[HIX_Q]["state"] == "pending" and deliveries[HIX_Q]["last_error"] == "connection refused"
+    assert deliveries[RIS_Q]["state"] == "dead" and deliveries[RIS_Q]["ack"]["code"] == "AR"
+    assert answer.json["agenda_entries"] == [] and answer.json["built"] == []
+    letter = world.call("GET", f"/api/messages/{world.ids['zd']}").json
+    assert [e["id"] for e in letter["agenda_entries"]] == [world.ids["cardio"]]
+    assert "data" not in letter["agenda_entries"][0]
+    assert_no_patient_data(answer)
+
+
 def test_the_body_is_returned_only_on_request_and_the_read_is_audit_logged_without_content(world):
     answer = world.call("GET", f"/api/messages/{world.ids['m1']}?include=body")
     assert answer.code == 200 and answer.json["body_encoding"] == "base64"

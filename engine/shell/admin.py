@@ -575,30 +575,9 @@ class AdminAPI(resource.Resource):
         return " ".join(reason.split())[:500]
 
     # -- messages ------------------------------------------------------------------
-    @staticmethod
-    def _summary_json(m) -> dict[str, Any]:
-        return {
-            "id": m.id,
-            "channel": m.channel,
-            "peer": m.peer,
-            "received_at": m.received_at,
-            "control_id": m.control_id,
-            "sender": m.sender,
-            "type": m.message_type,
-            "version": m.version,
-            "size": m.size,
-            "status": m.status,
-            "ack_code": m.ack_code,
-            "error": m.error,
-            "duplicates": m.duplicate_count,
-            "processing": m.processing,
-            "processing_detail": m.processing_detail,
-            "origin_id": m.origin_id,
-        }
-
     @defer.inlineCallbacks
     def _messages(self, request, params):
-        from engine.operator import _agenda_json
+        from engine.operator import _agenda_json, message_summary_json
 
         control_id, zd = params.text("control_id"), params.text("zd")
         status = params.text("status")
@@ -629,14 +608,14 @@ class AdminAPI(resource.Resource):
                     seen = {m.id for m in rows}
                     rows = sorted([*rows, *(m for m in more if m.id not in seen)], key=lambda m: -m.id)
                     rows = rows[: query["limit"]]
-        out: dict[str, Any] = {"messages": [self._summary_json(m) for m in rows]}
+        out: dict[str, Any] = {"messages": [message_summary_json(m) for m in rows]}
         if zd is not None:
             out["agenda_entries"] = entries
         return 200, out
 
     @defer.inlineCallbacks
     def _message(self, request, params, text):
-        from engine.operator import _ack_summary
+        from engine.operator import _ack_summary, message_trace
 
         with_body = params.include("body")
         if not (text.isascii() and text.isdigit()) or len(text) > 18:
@@ -644,6 +623,8 @@ class AdminAPI(resource.Resource):
         m = yield self._read(self.engine.store.get_message, int(text))
         if m is None:
             raise _not_found(f"no message {text} (never stored, or pruned)")
+        summaries = yield self._read(self.engine.store.list_messages, message_ids=[m.id], limit=1)
+        trace = (yield self._read(message_trace, self.engine.store, summaries[0])) if summaries else None
         out = {
             "id": m.id, "channel": m.channel, "peer": m.peer, "received_at": m.received_at,
             "control_id": m.control_id, "sender": m.sender, "type": m.message_type,
@@ -652,6 +633,12 @@ class AdminAPI(resource.Resource):
             "ack": _ack_summary(m.ack), "error": m.error, "duplicates": m.duplicate_count,
             "last_duplicate_at": m.last_duplicate_at,
         }
+        if trace is not None:  # where it went, as `koppel trace` shows it
+            out.update(processing=trace["message"]["processing"],
+                       processing_detail=trace["message"]["processing_detail"],
+                       origin_id=trace["message"]["origin_id"], agenda_entries=trace["agenda_entries"],
+                       built=trace["built"], built_search_complete=trace["built_search_complete"],
+                       deliveries=trace["deliveries"])
         if with_body:
             # Patient data: in the store's audit trail first (koppel audit), whatever the log
             # level; no record, no body (a store error answers 503).

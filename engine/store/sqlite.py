@@ -1181,6 +1181,13 @@ class SQLiteStore:
             for r in rows
         ]
 
+    def agenda_entries_changed_by(self, message_id: int) -> list[int]:
+        # No index on message_id (it would cost every mapped message a write for an operator's
+        # lookup): the history's rows are small, so a scan of a year's is a fraction of a second.
+        rows = self._query("SELECT entry_id FROM agenda_history WHERE message_id = ? GROUP BY entry_id "
+                           "ORDER BY MIN(id)", (message_id,))
+        return [r[0] for r in rows]
+
     def held_backlog(self) -> tuple[int, float | None]:
         (count, oldest), = self._query("SELECT COUNT(*), MIN(held_at) FROM held_events WHERE released_at IS NULL")
         return count, oldest
@@ -1284,6 +1291,15 @@ class SQLiteStore:
         """One entry without its body (``raw`` None): the message itself is ``get_message``."""
         rows = self._query(_ENTRY_SELECT_NO_BODY + "WHERE e.id = ?", (entry_id,))
         return _entry(rows[0]) if rows else None
+
+    def entries_of_messages(self, message_ids: Sequence[int]) -> list[QueueEntry]:
+        out: list[QueueEntry] = []
+        for chunk in _chunks(list(dict.fromkeys(message_ids))):
+            rows = self._query(
+                _ENTRY_SELECT_NO_BODY + f"WHERE e.message_id IN ({_placeholders(len(chunk))}) ORDER BY e.id",
+                tuple(chunk))
+            out.extend(_entry(r) for r in rows)
+        return sorted(out, key=lambda e: e.id)
 
     def list_audit(self, limit: int = 100) -> list[AuditRecord]:
         """Newest first."""
