@@ -253,6 +253,23 @@ def test_a_second_cancel_is_a_no_op():
     assert only_entry(store) == before
 
 
+@pytest.mark.parametrize("booked_first", [False, True], ids=["redirect-then-book", "book-then-redirect"])
+def test_an_update_that_selects_another_agenda_moves_the_entry_in_either_order(booked_first):
+    """REF^I13 to another specialty (here: a request redirected to the lab): the entry goes to
+    the agenda its new data selects, booked or not, so both arrival orders end the same."""
+    redirect = srm("update", specialism="LAB", care_product={"code": "LAB001"}, cluster="Laboratorium")
+    entry = only_entry(run(srm(), siu(), redirect) if booked_first else run(srm(), redirect, siu()))
+    assert (entry.agenda_id, entry.state) == ("laboratory", "booked")
+    (moved,) = [item for item in entry.history if "agenda_id" in item.changed]
+    assert moved.action == "update"
+
+
+def test_an_update_that_selects_no_agenda_keeps_the_entrys():
+    entry = only_entry(run(srm(), srm("update", specialism="XYZ", care_product={"code": "XYZ1"})))
+    assert entry.agenda_id == "cardiology"
+    assert entry.data["care_product"]["code"] == "XYZ1"  # its data changed, its agenda did not
+
+
 def test_an_order_is_scheduled_then_completed():
     entry = only_entry(run(orm(), AgendaEvent(kind="diagnostic-order", action="book", zd_number=ZD, fields={}),
                            AgendaEvent(kind="diagnostic-order", action="complete", zd_number=ZD, fields={})))

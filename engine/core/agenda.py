@@ -822,6 +822,14 @@ def _apply(
         agenda, fallback = book.select(event)
         if not fallback or book.fallback.id == agenda_id:
             agenda_id = agenda.id
+    elif action == "update" and event.kind == kind:
+        # The sender redirects it (REF^I13 to another specialty, an order changed to another
+        # modality): it moves to the agenda that selects it now, booked or not, as its data
+        # changes booked or not, so the end is the same in either order. An update that
+        # selects nothing (only the fallback) keeps the agenda.
+        agenda, fallback = book.select(event)
+        if not fallback:
+            agenda_id = agenda.id
 
     repeat = _REPEATS.get(entry.state) == action
     try:
