@@ -18,7 +18,8 @@ with engine.config's ConfigProblem/ConfigError):
   (repetitions). ``{dotted.event.field}`` placeholders (``{patient.name.surname}``,
   ``{attachments.1.data}``, ``{entry.id}``, ``{timestamp}``; ``{item...}``/``{index}`` in a
   for_each block) are escaped with the template's delimiters; literal text is not.
-  ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data.
+  ``{entry.<attribute>}`` reads the agenda entry, ``{entry.<field>}`` a field of its data;
+  ``{a or b}`` the first of them that has a value.
 - ``outbound: [{to, template, when}]`` (``template: received``: the message as received, queued
   itself): ``when: {field: value | [values] | "*"}`` ("*": the
   field has any value; ``TEXT*``: a value starting with TEXT), or a list of such maps (any one
@@ -71,7 +72,7 @@ from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape, segment_groups
-from engine.core.paths import FieldPath, PathError, components, first, parse_path
+from engine.core.paths import ALL, FieldPath, PathError, components, first, parse_path, select
 from engine.core.routing import ValuePatterns
 
 __all__ = [
@@ -179,7 +180,10 @@ class _Group:
         out = []
         for g in groups:  # a loop, not all() over a generator per group: mapped per message
             for p, allowed in self.where:
-                if (p._first(g) or "") not in allowed:
+                if p.repetition == ALL:  # PRD-1[*].1: RP holds for a PRD-1 of PP~RP (any repetition)
+                    if not any(value in allowed for value in select(g, p) or ("",)):
+                        break
+                elif (p._first(g) or "") not in allowed:
                     break
             else:
                 out.append(g)
@@ -547,6 +551,17 @@ def _accessor(name: str) -> _Accessor:
 
 
 def _compile_accessor(name: str) -> _Accessor:
+    if " or " in name:  # {entry.zd_number or entry.placer_id}: the first that has a value
+        options = tuple(_accessor(option) for option in name.split(" or "))
+
+        def first_of(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
+            for get in options:
+                value = get(event, entry, item, index, now)
+                if value is not None and value != "":
+                    return value
+            return None
+
+        return first_of
     parts = name.split(".")
     head = parts[0]
     if head == "index":
@@ -1282,14 +1297,16 @@ class _TemplateReader(_Walker):
             if literal:
                 pieces.append((literal, None))
             name = match[1]
-            head = name.split(".", 1)[0]
-            if not _PLACEHOLDER_NAME_RE.fullmatch(name):
-                self.report(node, path, f"placeholder {{{name}}} is not a dotted event field name")
-                return None
-            if head in ("item", "index") and not in_block:
-                self.report(node, path, f"{{{name}}} is only known inside a for_each block")
-                return None
-            pieces.append(("", name))
+            options = name.split(" or ")  # {entry.zd_number or entry.placer_id}: the first with a value
+            for option in options:
+                if not _PLACEHOLDER_NAME_RE.fullmatch(option):
+                    self.report(node, path, f"placeholder {{{name}}} is not a dotted event field name "
+                                            "(or several, each after ' or ')")
+                    return None
+                if option.split(".", 1)[0] in ("item", "index") and not in_block:
+                    self.report(node, path, f"{{{name}}} is only known inside a for_each block")
+                    return None
+            pieces.append(("", " or ".join(options)))
             position = match.end()
         rest = text[position:]
         if "{" in rest or "}" in rest:

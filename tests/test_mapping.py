@@ -240,8 +240,10 @@ def test_oml_lab_order_reads_cluster_priority_and_specimen(bundled):
 
 def test_ref_i12_maps_a_referral_with_its_providers(bundled):
     _, e = mapped(bundled, sample(PUBLIC / "msfc_ref_i12_01.hl7"))
-    assert (e.kind, e.action, e.zd_number, e.placer_id, e.filler_id) == ("referral", "create", None, "226839", "11001")
+    # RF1-11 (11001^EXTID) is another application's id for the referral, not the HIS's booking
+    assert (e.kind, e.action, e.zd_number, e.placer_id, e.filler_id) == ("referral", "create", None, "226839", None)
     f = e.fields
+    assert f["referral.external_id"] == "11001"
     assert (f["referral.status"], f["referral.priority"], f["referral.category"]) == ("P", "R", "O")
     assert f["referral.effective_date"] == dt.date(2022, 1, 25)
     assert (f["referrer.name"], f["referred_to.name"]) == ("POWELL", "McWILLIAMS")

@@ -168,3 +168,50 @@ def test_a_repetition_whose_placeholders_are_all_empty_is_left_out_with_its_qual
     segments = data.split(b"\r")
     assert segments[1] == pid
     assert segments[2] == sch
+
+
+ALTERNATIVES = r'''
+message: SIU^S15^SIU_S12
+version: "2.5"
+charset: 8859/1
+segments:
+  - MSH: {3: KOPPEL}
+  - AIS: {3: ["{service.code or booked.code}", "{service.text or booked.text}"], 4: "{nothing or also_nothing}", 5: "x{zd_number or placer_id}y"}
+'''
+
+
+@pytest.mark.parametrize("fields, ais", [
+    ({"service": Code(code="C1", text="consult", system="L"), "booked": Code(code="B1", text="booked", system="L")},
+     b"AIS|||C1^consult||xZD1y"),
+    ({"booked": Code(code="B1", text="booked", system="L")}, b"AIS|||B1^booked||xZD1y"),
+    ({"service": {"code": "", "text": None}, "booked": {"code": "B2", "text": "b"}}, b"AIS|||B2^b||xZD1y"),
+])
+def test_a_placeholder_with_or_takes_the_first_alternative_that_has_a_value(tmp_path, fields, ais):
+    """{entry.care_product.code or entry.booked_service.code}: a REF referral has no care product,
+    the HIS's booked service fills the S15's required AIS-3; an empty text counts as no value."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.yaml").write_text(ALTERNATIVES, encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
+                                     encoding="utf-8")
+    mapping = load_mappings(tmp_path).mapping("m")
+    event = AgendaEvent(kind="appointment-request", action="create", zd_number="ZD1", fields=fields)
+    [(_, data)] = build_outbound(mapping, event, Entry(), control_id="K1", timestamp=NOW)
+    assert data.split(b"\r")[1] == ais
+
+
+@pytest.mark.parametrize("placeholder, problem", [
+    ("{service.code or}", "is not a dotted event field name"),
+    ("{service.code or Booked}", "is not a dotted event field name"),
+    ("{zd_number or item.code}", "only known inside a for_each block"),
+])
+def test_a_bad_alternative_in_a_placeholder_is_a_config_error_with_its_line(tmp_path, placeholder, problem):
+    from engine.config import ConfigError
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.yaml").write_text(f'message: SIU^S15\nversion: "2.5"\ncharset: 8859/1\nsegments:\n'
+                                                   f'  - AIS: {{3: "{placeholder}"}}\n', encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
+                                     encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_mappings(tmp_path)
+    assert "t.yaml:5:" in str(raised.value) and problem in str(raised.value)
