@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--store", default=DEFAULT_STORE)
     messages.add_argument("--channel")
     messages.add_argument("--control-id")
+    messages.add_argument("--type", help="message type, e.g. ORU^R01")
+    messages.add_argument("--from", dest="date_from", metavar="DATE",
+                          help="received on or after this day (YYYY-MM-DD, Amsterdam time)")
+    messages.add_argument("--to", dest="date_to", metavar="DATE", help="received on or before this day")
     messages.add_argument("--status", choices=["accepted", "rejected"])
     messages.add_argument("--processing", choices=PROCESSING_OUTCOMES,
                           help="what mapping did with it (error: to fix, then `koppel reprocess`)")
@@ -407,9 +411,17 @@ def _messages(args) -> int:
         sys.stderr.write(f"error: {problem}\n")
         return 1
     try:
+        from engine.operator import USAGE, _day, _Fail
+
+        try:
+            since, until = _day(args.date_from), _day(args.date_to, end=True)
+        except _Fail as fail:
+            sys.stderr.write(f"error: {fail.message}\n")
+            return USAGE
         try:
             rows = store.list_messages(channel=args.channel, control_id=args.control_id, status=args.status,
-                                       processing=args.processing, limit=args.limit)
+                                       processing=args.processing, limit=args.limit, message_type=args.type,
+                                       since=since, until=until)
         except StoreError as error:  # a damaged or locked store: one line, as the other commands say it
             sys.stderr.write(f"error: {error}\n")
             return 1

@@ -60,3 +60,29 @@ def test_a_file_named_on_the_command_line_that_is_not_there_is_one_line(tmp_path
                  ["map", "--channel", "zorgdomein-in", missing]):
         assert main(argv) == 1, argv
         assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n", argv
+
+
+def test_messages_filters_by_type_and_day_in_amsterdam_time(tmp_path, capsys):
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    def at(text: str) -> float:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("Europe/Amsterdam")).timestamp()
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    store = open_store(url)
+    store.write([Append(message=received("D1", received_at=at("2026-12-06T23:59:00"), message_type="ORU^R01")),
+                 Append(message=received("D2", received_at=at("2026-12-07T00:00:00"), message_type="ORU^R01")),
+                 Append(message=received("D3", received_at=at("2026-12-07T23:59:59"), message_type="SRM^S01")),
+                 Append(message=received("D4", received_at=at("2026-12-08T00:00:01"), message_type="ORU^R01"))])
+    store.close()
+
+    def ids(*args: str) -> list[str]:
+        assert main(["messages", "--store", url, "--json", *args]) == 0
+        return sorted(row["control_id"] for row in json.loads(capsys.readouterr().out))
+
+    assert ids("--from", "2026-12-07", "--to", "2026-12-07") == ["D2", "D3"]  # the whole day, no more
+    assert ids("--type", "ORU^R01") == ["D1", "D2", "D4"]
+    assert ids("--type", "ORU^R01", "--from", "2026-12-07") == ["D2", "D4"]
+    assert main(["messages", "--store", url, "--from", "7-12-2026"]) == 2
+    assert "not a date (YYYY-MM-DD)" in capsys.readouterr().err
