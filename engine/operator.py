@@ -1156,23 +1156,45 @@ def message_trace(store, summary) -> dict[str, Any]:
     }
 
 
-def _trace_targets(args, store) -> list:
+def _trace_targets(args, store) -> tuple[list, Any]:
+    """(the message summaries to trace, oldest first; the agenda entry with --zd, else None)."""
+    given = [name for name, value in (("MESSAGE-ID", args.id), ("--control-id", args.control_id),
+                                      ("--zd", args.zd)) if value is not None]
+    if len(given) != 1:
+        raise _Fail(USAGE, "give one of MESSAGE-ID, --control-id or --zd"
+                    + (f", not {' and '.join(given)}" if given else ""))
+    if args.channel is not None and args.control_id is None:
+        raise _Fail(USAGE, "--channel goes with --control-id")
     if args.control_id is not None:
-        if args.id is not None:
-            raise _Fail(USAGE, "give a MESSAGE-ID or --control-id, not both")
         rows = store.list_messages(control_id=args.control_id, channel=args.channel, limit=args.limit)
         if not rows:
             raise _Fail(NOTHING, f"no stored message with MSH-10 {args.control_id!r}"
                                  + (f" on channel {args.channel}" if args.channel else "") + " (never received, or pruned)")
-        return rows[::-1]  # oldest first: a resend after the first
-    if args.id is None:
-        raise _Fail(USAGE, "give a MESSAGE-ID or --control-id")
-    if args.channel is not None:
-        raise _Fail(USAGE, "--channel goes with --control-id: a MESSAGE-ID names one message")
+        return rows[::-1], None  # oldest first: a resend after the first
+    if args.zd is not None:
+        return _referral_messages(store, args.zd.strip(), args.limit)
     rows = store.list_messages(message_ids=[args.id], limit=1)
     if not rows:
         raise _Fail(NOTHING, f"no message {args.id} (never stored, or pruned)")
-    return rows
+    return rows, None
+
+
+def _referral_messages(store, zd: str, limit: int) -> tuple[list, Any]:
+    """Every stored message of one referral: those that changed its entry, those held for it,
+    and those whose MSH-10 is its ZD-number (ZorgDomein's letters), oldest first."""
+    key = f"zd:{zd}"
+    record = store.find_agenda_entry([key])
+    ids = {h.message_id for h in store.agenda_history(record.id)} if record is not None else set()
+    ids.update(h.message_id for h in store.held_events([key]))
+    ids.discard(None)
+    rows = {m.id: m for m in store.list_messages(control_id=zd, limit=limit)}
+    ids.difference_update(rows)
+    rows.update((m.id, m) for m in _messages_by_id(store, sorted(ids)).values())
+    if record is None and not rows:
+        raise _Fail(NOTHING, f"nothing stored for ZD-number {zd!r}: no agenda entry, no message held for it or "
+                             "with it as MSH-10 (a message whose mapping failed is not linked to it: "
+                             "`koppel messages --processing error`)")
+    return sorted(rows.values(), key=lambda m: m.id)[-limit:], record
 
 
 def _delivery_row(d: dict[str, Any], now: float) -> tuple:
@@ -1220,7 +1242,8 @@ def _print_trace(trace: dict[str, Any], now: float) -> None:
 def trace(args, store, dests) -> int:
     """Where stored messages went: outcome, agenda entries, built messages, deliveries."""
     now = _now()
-    traces = [message_trace(store, summary) for summary in _trace_targets(args, store)]
+    targets, referral = _trace_targets(args, store)
+    traces = [message_trace(store, summary) for summary in targets]
     bodies: dict[int, str | None] = {}
     if args.data:  # the bodies: in the audit trail before they are shown (no record, no bodies)
         ids = [i for found in traces for i in (found["message"]["id"], *(b["id"] for b in found["built"]))]
@@ -1232,8 +1255,21 @@ def trace(args, store, dests) -> int:
             if args.data:
                 found["bodies"] = {str(i): bodies[i] for i in
                                    (found["message"]["id"], *(b["id"] for b in found["built"]))}
-        print(json.dumps(traces if args.control_id is not None else traces[0], indent=2, default=str))
+        if args.zd is not None:
+            out: Any = {"zd_number": args.zd.strip(), "messages": traces,
+                        "agenda_entry": _agenda_json(referral, with_data=False) if referral is not None else None}
+        else:
+            out = traces if args.control_id is not None else traces[0]
+        print(json.dumps(out, indent=2, default=str))
         return OK
+    if args.zd is not None:
+        if referral is None:
+            print(f"ZD-number {args.zd.strip()}: no agenda entry yet")
+        else:
+            print(f"ZD-number {args.zd.strip()}: agenda entry {referral.id}, {referral.agenda_id} {referral.kind} "
+                  f"{referral.state}  (koppel agenda show {referral.id})")
+        print(f"{_plural(len(traces), 'message')}, oldest first:")
+        print()
     for n, found in enumerate(traces):
         if n:
             print()
@@ -1579,8 +1615,11 @@ def register(subparsers) -> None:
     p.add_argument("id", metavar="MESSAGE-ID", type=id_arg, nargs="?", default=None, help="stored message id")
     p.add_argument("--control-id", default=None, metavar="MSH-10",
                    help="every stored message with this MSH-10 instead (a resend, or a ZD-number of a letter)")
+    p.add_argument("--zd", default=None, metavar="ZD-NUMBER",
+                   help="every stored message of this referral (its agenda entry's, those held for it, its letters)")
     p.add_argument("--channel", default=None, help="with --control-id: only this channel's")
-    p.add_argument("--limit", type=limit_arg, default=10, help="with --control-id: at most this many (default 10)")
+    p.add_argument("--limit", type=limit_arg, default=20,
+                   help="with --control-id or --zd: at most this many, the newest (default 20)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--data", action="store_true",
                    help="also print the message bodies (patient data: kept in the audit trail)")

@@ -91,9 +91,38 @@ def test_trace_prints_bodies_only_with_data_and_audits_each(world, capsys):
         [("read-body", world.ids["request"]), ("read-body", world.ids["siu"])])
 
 
+def test_trace_by_zd_number_follows_the_whole_referral(world, capsys):
+    """The request (ARQ-1, not its MSH-10), the letter and what was built from each."""
+    found = trace_json(world, capsys, "--zd", ZD)
+    assert found["agenda_entry"]["zd_number"] == ZD
+    assert [t["message"]["id"] for t in found["messages"]] == [world.ids["request"], world.ids["letter"]]
+    assert {d["message"]: d["state"] for t in found["messages"] for d in t["deliveries"]} == {
+        world.ids["siu"]: "delivered", world.ids["mdm"]: "dead"}
+    assert main(["trace", "--zd", ZD, "--store", world.url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ZD-number {ZD}: agenda entry ") and "2 messages, oldest first" in out
+
+
+def test_trace_by_zd_number_finds_a_letter_still_held_for_its_request(tmp_path, capsys):
+    h = Harness(tmp_path)
+    try:
+        letter = h.receive(oru())
+        assert h.outcome(letter)[0] == "held"
+        capsys.readouterr()  # (what the engine logged)
+        assert main(["trace", "--zd", ZD, "--store", f"sqlite:///{tmp_path}/k.db", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert found["agenda_entry"] is None
+        assert [t["message"]["processing"] for t in found["messages"]] == ["held"]
+        assert main(["trace", "--zd", "ZD000000000", "--store", f"sqlite:///{tmp_path}/k.db"]) == 1
+        assert "nothing stored for ZD-number 'ZD000000000'" in capsys.readouterr().err
+    finally:
+        h.store.close()
+
+
 @pytest.mark.parametrize("args, code, error", [
-    ([], 2, "give a MESSAGE-ID or --control-id"),
-    (["1", "--control-id", "X"], 2, "not both"),
+    ([], 2, "give one of MESSAGE-ID, --control-id or --zd"),
+    (["1", "--control-id", "X"], 2, "not MESSAGE-ID and --control-id"),
+    (["--zd", "ZD1", "--control-id", "X"], 2, "not --control-id and --zd"),
     (["1", "--channel", "zorgdomein-in"], 2, "--channel goes with --control-id"),
     (["987654"], 1, "no message 987654"),
 ])
