@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -1015,10 +1014,8 @@ def held_drop(args, store, dests) -> int:
     return OK
 
 
-# How far after a message `resend` looks for the messages its mapping built (they are stored
-# when it is mapped: normally within seconds, later after an engine stop or a held event).
-BUILT_WINDOW = 86_400.0
-_BUILT_PAGE, _BUILT_PAGES = 500, 20
+# At most this many messages built from one message are listed (a mapping builds a few).
+_BUILT_LIMIT = 100
 
 
 def _refuse_if_only_mapped(store, dests: _Destinations, message, name: str) -> None:
@@ -1087,29 +1084,10 @@ def _is_built(store, message) -> bool:
 
 
 def _built_from(store, message) -> tuple[list, bool]:
-    """(the stored messages built from `message`, in id order; False if the search stopped early).
-
-    The store has no lookup by origin, so this pages (newest first) through the headers of
-    the messages of its channel stored up to BUILT_WINDOW after it, at most _BUILT_PAGES pages."""
-    since = message.received_at
-    until = since + BUILT_WINDOW
-    seen: set[int] = set()
-    found = []
-    for _ in range(_BUILT_PAGES):
-        page = store.list_messages(channel=message.channel, since=since, until=until, limit=_BUILT_PAGE)
-        for row in page:
-            if row.id not in seen:
-                seen.add(row.id)
-                if row.origin_id == message.id:
-                    found.append(row)
-        if len(page) < _BUILT_PAGE:
-            return sorted(found, key=lambda r: r.id), True
-        # next page: up to and including the oldest time seen (rows sharing it may be unseen)
-        boundary = math.nextafter(min(row.received_at for row in page), math.inf)
-        if boundary >= until:  # a whole page at one instant: no way past it
-            break
-        until = boundary
-    return sorted(found, key=lambda r: r.id), False
+    """(the stored messages built from `message`, in id order; False if there may be more than
+    listed). By origin (indexed), so a letter released days after it came still finds its MDM."""
+    found = store.list_messages(origin_id=message.id, oldest_first=True, limit=_BUILT_LIMIT)
+    return found, len(found) < _BUILT_LIMIT
 
 
 # --------------------------------------------------------------------------- trace
@@ -1197,12 +1175,20 @@ def _referral_messages(store, zd: str, limit: int) -> tuple[list, Any]:
     return sorted(rows.values(), key=lambda m: m.id)[-limit:], record
 
 
-def _delivery_row(d: dict[str, Any], now: float) -> tuple:
+def _delivery_row(d: dict[str, Any], replaced_by: dict[int, int], now: float) -> tuple:
+    """One queue entry: the time and answer of its last attempt (a delivered entry's error of an
+    earlier attempt is history, not shown; a replayed dead letter keeps the time its NAK came)."""
     ack = d["ack"]
     answer = (ack["code"] or "unreadable") if ack else None
-    last = d["done_at"] if d["done_at"] is not None else d["last_attempt_at"]
-    return (d["message"], d["type"] or "-", d["destination"], d["queue"], d["state"], d["attempts"],
-            _when(last, now), _short(" ".join(filter(None, (answer, d["last_error"])))) or "-")
+    state = d["state"]
+    if state == "replayed" and d["entry"] in replaced_by:
+        state = f"replayed as {replaced_by[d['entry']]}"
+    elif d["replay_of"] is not None:
+        state = f"{state} (replay of {d['replay_of']})"
+    last = d["last_attempt_at"] if d["last_attempt_at"] is not None else d["done_at"]
+    said = answer if d["state"] == "delivered" else " ".join(filter(None, (answer, d["last_error"])))
+    return (d["message"], d["entry"], d["type"] or "-", d["destination"], d["queue"], state, d["attempts"],
+            _when(last, now), _short(said) or "-")
 
 
 def _print_trace(trace: dict[str, Any], now: float) -> None:
@@ -1228,12 +1214,13 @@ def _print_trace(trace: dict[str, Any], now: float) -> None:
     if trace["built"]:
         print("  built from it: " + ", ".join(f"{b['id']} {b['type'] or '-'}" for b in trace["built"]))
     if not trace["built_search_complete"]:
-        print("  (the search for messages built from it stopped early: `koppel messages --channel "
-              f"{m['channel']}` marks them 'built from {m['id']}')")
+        print(f"  (the first {_BUILT_LIMIT} built from it; `koppel messages --channel {m['channel']}` marks "
+              f"the others 'built from {m['id']}')")
     if trace["deliveries"]:
         print("deliveries:")
-        _table(["MESSAGE", "TYPE", "DESTINATION", "QUEUE", "STATE", "ATTEMPTS", "LAST", "ACK / ERROR"],
-               [_delivery_row(d, now) for d in trace["deliveries"]])
+        replaced_by = {d["replay_of"]: d["entry"] for d in trace["deliveries"] if d["replay_of"] is not None}
+        _table(["MESSAGE", "ENTRY", "TYPE", "DESTINATION", "QUEUE", "STATE", "ATTEMPTS", "LAST ATTEMPT", "ACK / ERROR"],
+               [_delivery_row(d, replaced_by, now) for d in trace["deliveries"]])
     else:
         print("deliveries: none (no route or mapping queued it, or its entries were pruned)")
 

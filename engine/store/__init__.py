@@ -678,6 +678,7 @@ class MessageStore(Protocol):
         message_ids: Sequence[int] | None = None,
         processing: str | None = None,
         oldest_first: bool = False,
+        origin_id: int | None = None,
     ) -> list[MessageSummary]: ...
 
     def queue_head(

@@ -200,6 +200,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX held_keys_held ON held_keys (held_id)",
         ),
     ),
+    Migration(
+        version=9,
+        why="find the messages a mapping built from a message (koppel trace, resend) by origin, "
+            "however long after it they were built; only built messages are in the index",
+        statements=("CREATE INDEX messages_origin ON messages (origin_id) WHERE origin_id IS NOT NULL",),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -1032,10 +1032,11 @@ class SQLiteStore:
         message_ids: Sequence[int] | None = None,
         processing: str | None = None,
         oldest_first: bool = False,
+        origin_id: int | None = None,
     ) -> list[MessageSummary]:
         """Newest first (oldest first with `oldest_first`), without bodies. `since` inclusive,
         `until` exclusive; `message_ids` (at most a few hundred: an entry's history) narrows to
-        those."""
+        those; `origin_id`: the messages a mapping built from that one."""
         where: list[str] = []
         params: list[Any] = []
         if message_ids is not None:
@@ -1050,6 +1051,7 @@ class SQLiteStore:
             ("received_at < ?", until),
             ("status = ?", status),
             ("processing = ?", processing),
+            ("origin_id = ?", origin_id),
         ):
             if value is not None:
                 where.append(clause)
