@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -1304,10 +1305,66 @@ def compose_file(file: Path, display: str, *, empty: str) -> tuple[yaml.Node | N
     return root, []
 
 
-def _read_file(file: Path, display: str) -> _FileOutcome:
+_ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+_RESOLVER = yaml.resolver.Resolver()
+
+
+def substitute_environment(root: yaml.Node, environ: Mapping[str, str], display: str) -> list[ConfigProblem]:
+    """Put ``${NAME}`` (and ``${NAME:-default}``, used when NAME is unset or empty) from the
+    environment into every value of a channel file, ``$$`` being a ``$``: one channel file for
+    every environment (test, acceptance, production), each with its own hosts and ports. A
+    plain value is typed again after (``port: ${PORT}`` is a number). Keys are never touched."""
+    problems: list[ConfigProblem] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:  # (an alias shares its anchor's node)
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((value, _join(path, key.value if isinstance(key, yaml.ScalarNode) else "?"))
+                         for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, _join(path, index)) for index, item in enumerate(node.value))
+        elif isinstance(node, yaml.ScalarNode) and "$" in node.value:
+            missing: list[tuple[int, str]] = []
+
+            def value_of(match: re.Match[str]) -> str:
+                name, default = match[1], match[2]
+                if name is None:
+                    return "$"
+                value = environ.get(name)
+                if value:
+                    return value
+                if default is not None:
+                    return default
+                missing.append((match.start(), name))
+                return match[0]
+
+            text = _ENV_RE.sub(value_of, node.value)
+            for offset, name in missing:
+                mark = node.start_mark
+                single_line = node.end_mark.line == mark.line
+                col = mark.column + 1 + ((offset + (node.style in ("'", '"'))) if single_line else 0)
+                problems.append(ConfigProblem(
+                    file=display, line=mark.line + 1, col=col, path=path or "(top)",
+                    message=f"environment variable {name} is not set (set it in the engine's environment, "
+                            f"or give a default: ${{{name}:-value}})"))
+            if not missing:
+                node.value = text
+                if node.style is None:
+                    node.tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))
+    return problems
+
+
+def _read_file(file: Path, display: str, environ: Mapping[str, str]) -> _FileOutcome:
     reader = _ChannelReader(file, display)
     root, problems = compose_file(file, display, empty="expected a channel with name and source")
     if root is None:
+        return reader.result, problems
+    problems = substitute_environment(root, environ, display)
+    if problems:
         return reader.result, problems
     reader.channel(root)
     return reader.result, reader.problems
@@ -1383,9 +1440,11 @@ def _cross_check(results: list[_FileResult]) -> tuple[list[ConfigProblem], list[
     return problems, sorted((loc.value for loc in by_name.values()), key=lambda d: d.name)
 
 
-def load_config(channels_dir: Path, mappings_dir: Path) -> EngineConfig:
-    """Read every channels_dir/*.yaml (sorted by file name); raise ConfigError listing all problems."""
+def load_config(channels_dir: Path, mappings_dir: Path, *, environ: Mapping[str, str] | None = None) -> EngineConfig:
+    """Read every channels_dir/*.yaml (sorted by file name); raise ConfigError listing all problems.
+    ``${NAME}`` in a value comes from ``environ`` (default: the process environment)."""
     channels_dir, mappings_dir = Path(channels_dir), Path(mappings_dir)
+    environ = os.environ if environ is None else environ
     problems: list[ConfigProblem] = []
 
     def unplaced(where: Path, path: str, message: str) -> None:
@@ -1405,7 +1464,7 @@ def load_config(channels_dir: Path, mappings_dir: Path) -> EngineConfig:
 
     results: list[_FileResult] = []
     for file in files:
-        result, file_problems = _read_file(file, str(file))
+        result, file_problems = _read_file(file, str(file), environ)
         results.append(result)
         problems.extend(file_problems)
     cross_problems, destinations = _cross_check(results)

@@ -657,3 +657,49 @@ destinations:
         "channels/a.yaml:6:3: destinations.d.ack_timout: unknown key; expected one of: endpoint, ack_timeout, "
         "connect_timeout, retry, give_up_after, on_nak, max_queue, rewrite, charset, order, parallel, connection, keepalive",
     ]
+
+
+# --------------------------------------------------------------------------- ${NAME} from the environment
+
+OTAP = """
+name: a
+source:
+  listen: "tcp:${KOPPEL_TEST_PORT}:interface=${KOPPEL_TEST_IFACE:-127.0.0.1}"
+  allow: ["${KOPPEL_TEST_NET}"]   # quoted inside [ ] or { }: there { is YAML's
+  max_connections: ${KOPPEL_TEST_MAX}
+destinations:
+  his:
+    endpoint: tcp:host=${KOPPEL_TEST_HIS}:port=6661
+    rewrite: {MSH-5: "HIX$$1"}
+routes:
+  - to: [his]
+"""
+
+
+def test_values_come_from_the_environment_typed_as_if_written_there(dirs, monkeypatch):
+    """One channel file for test, acceptance and production: hosts and ports from ${NAME}."""
+    for name, value in (("KOPPEL_TEST_PORT", "2590"), ("KOPPEL_TEST_NET", "10.20.0.0/16"),
+                        ("KOPPEL_TEST_MAX", "7"), ("KOPPEL_TEST_HIS", "his.acceptatie.local")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KOPPEL_TEST_IFACE", raising=False)
+    write(dirs, "a.yaml", OTAP)
+    (channel,) = load(dirs).channels
+    assert channel.source.listen == "tcp:2590:interface=127.0.0.1"  # the default after :-
+    assert channel.source.allow == (ipaddress.ip_network("10.20.0.0/16"),)
+    assert channel.source.max_connections == 7  # a number, as if written there
+    (his,) = load(dirs).destinations
+    assert his.queue_key == "his.acceptatie.local:6661"
+    assert dict(his.rewrite)["MSH-5"] == "HIX$1"  # $$ is a $
+
+
+def test_an_unset_variable_is_a_located_problem_naming_it(dirs, monkeypatch):
+    for name in ("KOPPEL_TEST_PORT", "KOPPEL_TEST_NET", "KOPPEL_TEST_MAX", "KOPPEL_TEST_HIS", "KOPPEL_TEST_IFACE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KOPPEL_TEST_NET", "")  # empty counts as unset
+    write(dirs, "a.yaml", OTAP)
+    found = problems(dirs)
+    assert found[0] == ("channels/a.yaml:3:16: source.listen: environment variable KOPPEL_TEST_PORT is not set "
+                        "(set it in the engine's environment, or give a default: ${KOPPEL_TEST_PORT:-value})")
+    assert [p.split(": ")[1] for p in found] == ["source.listen", "source.allow[0]", "source.max_connections",
+                                                 "destinations.his.endpoint"]
+    assert "channels/a.yaml:8:24:" in found[3]  # the column of ${ in the value
