@@ -128,13 +128,21 @@ def test_datetimes_format_as_hl7_dtm_with_a_four_digit_year_and_a_whole_minute_o
     assert _format(value.date()) == _strftime(value.date())
 
 
-QUALIFIED = r'''
-message: SIU^S12^SIU_S12
-version: "2.5"
+def one_template(tmp_path: Path, template: str):
+    """The mapping `m` with one outbound to `a`, built with ``template`` (loaded: ConfigError if bad)."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.yaml").write_text(template, encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
+                                     encoding="utf-8")
+    return load_mappings(tmp_path).mapping("m")
+
+
+HEAD = '''version: "2.5"
 charset: 8859/1
 segments:
   - MSH: {3: KOPPEL}
-  - PID:
+'''
+QUALIFIED = "message: SIU^S12^SIU_S12\n" + HEAD + r'''  - PID:
       3: [["{bsn}", "", "", NLMINBIZA, NNNLD], ["{zd}", "", "", ZorgDomein, VN]]
       11: [[["", "{street}", "{number}"], "", "{city}", "", "", NL, M]]
       13: [["{phone}", PRN, PH], ["{mobile}", ORN, CP]]
@@ -158,11 +166,7 @@ segments:
 def test_a_repetition_whose_placeholders_are_all_empty_is_left_out_with_its_qualifiers(tmp_path, fields, pid, sch):
     """Literals that only qualify a value (an identifier's namespace, a phone number's use and
     type) go with it; a literal first component (a status code) stays whatever else is empty."""
-    (tmp_path / "templates").mkdir()
-    (tmp_path / "templates" / "t.yaml").write_text(QUALIFIED, encoding="utf-8")
-    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
-                                     encoding="utf-8")
-    mapping = load_mappings(tmp_path).mapping("m")
+    mapping = one_template(tmp_path, QUALIFIED)
     event = AgendaEvent(kind="appointment-request", action="create", zd_number=None, fields=fields)
     [(_, data)] = build_outbound(mapping, event, Entry(), control_id="K1", timestamp=NOW)
     segments = data.split(b"\r")
@@ -170,13 +174,7 @@ def test_a_repetition_whose_placeholders_are_all_empty_is_left_out_with_its_qual
     assert segments[2] == sch
 
 
-ALTERNATIVES = r'''
-message: SIU^S15^SIU_S12
-version: "2.5"
-charset: 8859/1
-segments:
-  - MSH: {3: KOPPEL}
-  - AIS: {3: ["{service.code or booked.code}", "{service.text or booked.text}"], 4: "{nothing or also_nothing}", 5: "x{zd_number or placer_id}y"}
+ALTERNATIVES = "message: SIU^S15^SIU_S12\n" + HEAD + r'''  - AIS: {3: ["{service.code or booked.code}", "{service.text or booked.text}"], 4: "{nothing or also_nothing}", 5: "x{zd_number or placer_id}y"}
 '''
 
 
@@ -189,11 +187,7 @@ segments:
 def test_a_placeholder_with_or_takes_the_first_alternative_that_has_a_value(tmp_path, fields, ais):
     """{entry.care_product.code or entry.booked_service.code}: a REF referral has no care product,
     the HIS's booked service fills the S15's required AIS-3; an empty text counts as no value."""
-    (tmp_path / "templates").mkdir()
-    (tmp_path / "templates" / "t.yaml").write_text(ALTERNATIVES, encoding="utf-8")
-    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
-                                     encoding="utf-8")
-    mapping = load_mappings(tmp_path).mapping("m")
+    mapping = one_template(tmp_path, ALTERNATIVES)
     event = AgendaEvent(kind="appointment-request", action="create", zd_number="ZD1", fields=fields)
     [(_, data)] = build_outbound(mapping, event, Entry(), control_id="K1", timestamp=NOW)
     assert data.split(b"\r")[1] == ais
@@ -207,11 +201,7 @@ def test_a_placeholder_with_or_takes_the_first_alternative_that_has_a_value(tmp_
 def test_a_bad_alternative_in_a_placeholder_is_a_config_error_with_its_line(tmp_path, placeholder, problem):
     from engine.config import ConfigError
 
-    (tmp_path / "templates").mkdir()
-    (tmp_path / "templates" / "t.yaml").write_text(f'message: SIU^S15\nversion: "2.5"\ncharset: 8859/1\nsegments:\n'
-                                                   f'  - AIS: {{3: "{placeholder}"}}\n', encoding="utf-8")
-    (tmp_path / "m.yaml").write_text(MAPPING.split("outbound:")[0] + "outbound:\n  - {to: a, template: t.yaml}\n",
-                                     encoding="utf-8")
     with pytest.raises(ConfigError) as raised:
-        load_mappings(tmp_path)
+        one_template(tmp_path, f'message: SIU^S15\nversion: "2.5"\ncharset: 8859/1\nsegments:\n'
+                               f'  - AIS: {{3: "{placeholder}"}}\n')
     assert "t.yaml:5:" in str(raised.value) and problem in str(raised.value)
