@@ -43,10 +43,10 @@ import difflib
 import io
 import re
 from collections.abc import Callable, Mapping as _Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as _replace_fields
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -207,6 +207,7 @@ class _Value:
     convert: str = ""
     default: Any = None
     required: bool = False
+    prefer: tuple[str, ...] = ()  # of all the values the path selects, the first listed here wins
     # A plain text read (a path, no group, no first:, a text convert or none): the path's
     # compiled ``first``, so evaluate can go straight to it.
     _reader: Any = field(init=False, repr=False, compare=False, default=None)
@@ -216,6 +217,7 @@ class _Value:
             self.path is not None
             and not self.options
             and self.group is None
+            and not self.prefer
             and (not self.convert or CONVERTS[self.convert][1] == "text")
         ):
             object.__setattr__(self, "_reader", self.path._first)
@@ -290,6 +292,8 @@ class _Value:
         shape = CONVERTS[self.convert][1] if self.convert else "text"
         if shape != "text":
             return self._structured(target, shape, errors, label)
+        if self.prefer:
+            return self._preferred(target, errors, label, defaulted)
         raw = first(target, self.path)
         if not raw or raw == '""':  # "" is HL7's explicit null
             return None
@@ -312,6 +316,28 @@ class _Value:
             return CONVERTS[self.convert][0](raw)
         except _convert.ConversionError as problem:
             return self.error(errors, f"cannot convert with {self.convert}: {problem}", label)
+
+    def _preferred(self, target: _Target, errors: list[MappingError], label: str | None,
+                   defaulted: list[bool] | None) -> Any:
+        """Every value the path selects, finished; the one earliest in ``prefer`` (those not in
+        it after, in message order): ORC[*]-1 of CA and XO is an update, of CA alone a cancel."""
+        best, best_rank = None, len(self.prefer) + 1
+        path = self.path
+        one_per_segment = path.repetition == 1 and path.match is None  # type: ignore[union-attr]
+        for number, raw in enumerate(select(target, path), 1):  # type: ignore[arg-type]
+            if not raw or raw == '""':
+                continue
+            reported = len(errors)
+            value = self._finish(raw, errors, label, defaulted)
+            if value is _FAILED:
+                if one_per_segment and path.occurrence == ALL:  # name the segment: ORC[2]-1, not ORC[*]-1
+                    errors[reported:] = [_replace_fields(e, path=e.path.replace("[*]", f"[{number}]", 1))
+                                         for e in errors[reported:]]
+                return value
+            rank = self.prefer.index(value) if value in self.prefer else len(self.prefer)
+            if rank < best_rank:
+                best, best_rank = value, rank
+        return best
 
     def _structured(self, target: _Target, shape: str, errors: list[MappingError], label: str | None) -> Any:
         # The first selected value with any content, split before unescaping.
@@ -566,8 +592,10 @@ def _compile_accessor(name: str) -> _Accessor:
     head = parts[0]
     if head == "index":
         return lambda event, entry, item, index, now: index
-    if name == "timestamp":
-        return lambda event, entry, item, index, now: now
+    if name == "timestamp":  # build time (a _Built while building, else the time given)
+        return lambda event, entry, item, index, now: now.timestamp if now.__class__ is _Built else now
+    if name == "control_id":  # the MSH-10 of the message being built: a unique document number
+        return lambda event, entry, item, index, now: now.control_id if now.__class__ is _Built else None
     if head == "item":
         steps = _steps(parts[1:])
         if not steps:
@@ -893,6 +921,13 @@ class _TemplatePlan:
         self.parts = tuple(parts)
 
 
+class _Built(NamedTuple):
+    """What a template's {timestamp} and {control_id} read while it is built."""
+
+    timestamp: _dt.datetime
+    control_id: str
+
+
 def build(
     template: Template,
     event: AgendaEvent,
@@ -914,7 +949,8 @@ def build(
         timestamp = _convert.with_fixed_offset(timestamp)  # formatted at most a few times below
     plan: _TemplatePlan = template._plan
     field_sep = plan.field_sep
-    top = plan.top.values(event, entry, None, None, timestamp)
+    built = _Built(timestamp, control_id)
+    top = plan.top.values(event, entry, None, None, built)
     msh = plan.msh.render(top)  # msh[n] is MSH-n
     msh += [""] * (19 - len(msh))
     msh[2] = plan.encoding
@@ -933,7 +969,7 @@ def build(
         if not isinstance(items, (tuple, list)):
             continue
         for index, item in enumerate(items, 1):
-            values = slots.values(event, entry, item, index, timestamp)  # type: ignore[union-attr]
+            values = slots.values(event, entry, item, index, built)  # type: ignore[union-attr]
             for block_segment in segments:
                 lines.append(field_sep.join(block_segment.render(values)))
     return ("\r".join(line.rstrip(field_sep) if line[3:] else line for line in lines) + "\r").encode(
@@ -1321,7 +1357,7 @@ class _TemplateReader(_Walker):
 # Reading mapping files
 
 
-_SPEC_KEYS = ("from", "value", "first", "convert", "table", "default", "required", "group")
+_SPEC_KEYS = ("from", "value", "first", "convert", "table", "default", "required", "group", "prefer")
 _LIST_KEYS = ("for_each", "where", "item", "required")
 
 
@@ -1558,6 +1594,19 @@ class _MappingReader(_Walker):
         if "group" in m:
             values["group"] = self.group(m["group"], _join(path, "group"))
         source = sources[0]
+        if "prefer" in m:
+            p_path = _join(path, "prefer")
+            p_nodes = self.nodes(m["prefer"], p_path, example="[create, update, cancel]")
+            prefer = [self.read(n, _join(p_path, i), _text) for i, n in enumerate(p_nodes)]
+            table = values.get("table")
+            if source != "from" or shape != "text":
+                self.report(m["prefer"], p_path, "prefer goes with from (a path that selects several values, "
+                                                 "e.g. ORC[*]-1) and no structured convert")
+            elif None not in prefer:
+                for index, (p_node, value) in enumerate(zip(p_nodes, prefer)):
+                    if table is not None and value not in table.values():
+                        self.report(p_node, _join(p_path, index), f"{value!r} is not a value of its table")
+                values["prefer"] = tuple(prefer)
         s_node = m[source]
         s_path = _join(path, source)
         if source == "from":

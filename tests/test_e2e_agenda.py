@@ -235,7 +235,8 @@ def test_referrals_land_in_their_agendas_and_their_messages_reach_the_hospital_s
 
     archived = h.received("document-archive", 1)
     assert all(msh9(m) == "MDM^T02^MDM_T02" for m in archived)
-    by_zd = {segment(m, "TXA").split("|")[12].split("^")[0]: m for m in archived}
+    by_zd = {segment(m, "TXA").split("|")[14].split("^")[0]: m for m in archived}  # TXA-14: the referral
+    assert len({segment(m, "TXA").split("|")[12] for m in archived}) == len(archived)  # TXA-12: one per document
     assert base64.b64encode(PDF_B).decode() in segment(by_zd[ZD_B], "OBX")
     assert segment(by_zd[ZD_B], "NTE").endswith("|aanvraag-b.pdf")
     assert h.sinks["lis-orders"].records == []

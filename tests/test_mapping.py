@@ -199,8 +199,11 @@ def test_orm_echo_order_takes_the_first_orc_and_collects_every_test(bundled):
     assert (f["referrer.agb"], f["referrer.name"]) == ("01223344", "Jansen, L.")
     assert f["ordered_at"] == dt.datetime(2025, 11, 12, 12, 51, 8, tzinfo=AMS_WINTER)
     assert (f["priority"], f["collection"]) == ("R", "O")
-    assert [t.code for t in f["tests"]] == ["ECHOXU", "TIJD"]
-    assert f["tests"][0] == Code(code="ECHOXU", text="Echo transvaginaal", system="99zdl")
+    assert [t["test"].code for t in f["tests"]] == ["ECHOXU", "TIJD"]
+    echo = f["tests"][0]  # each test with its own values (its ORC group's)
+    assert echo["test"] == Code(code="ECHOXU", text="Echo transvaginaal", system="99zdl")
+    assert (echo["control"], echo["priority"], echo["collection"]) == ("NW", "R", "O")
+    assert echo["reason"].startswith("perimenopauzaal") and "reason" not in f["tests"][1]
     rede, anam = f["questions"]
     assert (rede["code"], rede["text"]) == ("REDE", "Reden van aanvraag")
     assert rede["answer"].startswith("perimenopauzaal frequent vaginaal BV\naanw voor myomen?")  # \.br\
@@ -212,7 +215,7 @@ def test_orm_lab_order_reads_the_coded_answer(bundled):
     assert (e.action, e.zd_number) == ("create", "ZD12345678")
     f = e.fields
     assert (f["patient.bsn"], f["patient.sex"], f["insurer.uzovi"]) == ("123456782", "M", "123")
-    assert [t.code for t in f["tests"]] == ["CRP", "TIJD"]
+    assert [t["test"].code for t in f["tests"]] == ["CRP", "TIJD"]
     symptom, urgency = f["questions"]
     assert (symptom["code"], symptom["answer"]) == ("COVIDSYM", "false")
     assert (urgency["answer"], urgency["answer_text"]) == ("true", "Urgent (vandaag best effort NIET CITO)")
@@ -232,7 +235,8 @@ def test_oml_lab_order_reads_cluster_priority_and_specimen(bundled):
     f = e.fields
     assert f["cluster"] == "Laboratorium"
     assert f["priority"] == "R"  # TQ1-9
-    assert [t.code for t in f["tests"]] == ["LABEDG001", "ALAT"]
+    assert [t["test"].code for t in f["tests"]] == ["LABEDG001", "ALAT"]
+    assert [t.get("specimen") for t in f["tests"]] == [None, Code(code="BLD", text="Bloed", system="L")]
     assert f["specimen"] == Code(code="BLD", text="Bloed", system="L")
     assert f["insurer.uzovi"] == "0001" and f["insurer.name"] == "ZorgVerzekeraar ZDNL"
     assert "questions" not in f
@@ -332,8 +336,8 @@ def test_a_bad_value_is_an_error_that_does_not_repeat_the_value(bundled):
 def test_an_unknown_code_is_an_error_naming_the_table(bundled):
     raw = sample(ZD / "zd_orm_o01_lab_v24.hl7").replace(b"\rORC|NW|", b"\rORC|SC|")
     _, result = apply(bundled, raw)
-    (error,) = result.errors
-    assert (error.field, error.path, error.reason) == ("action", "ORC-1", "value not in table (inline)")
+    (error,) = result.errors  # ORC-1 of every test is read: the error names the one refused
+    assert (error.field, error.path, error.reason) == ("action", "ORC[1]-1", "value not in table (inline)")
 
 
 def test_an_attachment_without_data_names_the_item(bundled):
@@ -831,4 +835,36 @@ def test_when_as_a_list_of_condition_maps_holds_when_any_does_and_each_problem_i
     assert problems(tmp_path) == [
         "test.yaml:10:9: outbound[0].when[1]: expected a mapping, got a list",
         "test.yaml:13:11: outbound[1].when: expected at least one condition map",
+    ]
+
+
+def test_prefer_picks_among_every_value_the_path_selects_and_is_checked_at_load(tmp_path):
+    """ORC[*]-1 of CA and XO: an update (one test changed, one cancelled); all CA: a cancel."""
+    write(tmp_path, "orders.yaml", """
+        name: orders
+        types: [ORM^O01]
+        event:
+          kind: {value: diagnostic-order}
+          action: {from: "ORC[*]-1", table: {NW: create, CA: cancel, XO: update}, prefer: [create, update, cancel]}
+    """)
+    mapping = load_mappings(tmp_path).mapping("orders")
+
+    def action(*controls: str) -> str:
+        raw = "MSH|^~\\&|ZD||K||20260101||ORM^O01|1|P|2.4\r" + "".join(f"ORC|{c}|P{i}\r" for i, c in enumerate(controls))
+        return mapping.apply(Message.parse(raw.encode(), codec="latin-1")).event.action
+
+    assert [action("CA", "XO"), action("XO", "CA"), action("CA", "CA"), action("CA", "NW")] == [
+        "update", "update", "cancel", "create"]
+    (tmp_path / "orders.yaml").unlink()
+    write(tmp_path, "bad.yaml", """
+        name: bad
+        types: [ORM^O01]
+        event:
+          kind: {value: diagnostic-order, prefer: [x]}
+          action: {from: "ORC[*]-1", table: {NW: create}, prefer: [create, remove]}
+    """)
+    assert problems(tmp_path) == [
+        "bad.yaml:4:43: event.kind.prefer: prefer goes with from (a path that selects several values, "
+        "e.g. ORC[*]-1) and no structured convert",
+        "bad.yaml:5:68: event.action.prefer[1]: 'remove' is not a value of its table",
     ]

@@ -205,3 +205,15 @@ def test_a_bad_alternative_in_a_placeholder_is_a_config_error_with_its_line(tmp_
         one_template(tmp_path, f'message: SIU^S15\nversion: "2.5"\ncharset: 8859/1\nsegments:\n'
                                f'  - AIS: {{3: "{placeholder}"}}\n')
     assert "t.yaml:5:" in str(raised.value) and problem in str(raised.value)
+
+
+def test_control_id_is_the_built_messages_own_msh_10(tmp_path):
+    """{control_id}: a number unique per built message (the archive's TXA-12 per document),
+    escaped like any value."""
+    mapping = one_template(tmp_path, "message: MDM^T02^MDM_T02\n" + HEAD + '  - TXA: {12: ["{control_id}", KOPPEL], 4: "{timestamp}"}\n')
+    event = AgendaEvent(kind="referral", action="attach", zd_number="ZD1", fields={})
+    [(_, first)] = build_outbound(mapping, event, Entry(), control_id="K9^1", timestamp=NOW)
+    [(_, second)] = build_outbound(mapping, event, Entry(), control_id="K10", timestamp=NOW)
+    txa = [m.split(b"\r")[1] for m in (first, second)]
+    assert txa == [b"TXA||||20260102030405+0100||||||||K9\\S\\1^KOPPEL", b"TXA||||20260102030405+0100||||||||K10^KOPPEL"]
+    assert first.split(b"\r")[0].split(b"|")[9] == b"K9\\S\\1"  # the same as its MSH-10
