@@ -72,7 +72,7 @@ from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape, segment_groups
-from engine.core.paths import ALL, FieldPath, PathError, components, first, parse_path, select
+from engine.core.paths import ALL, FieldPath, PathError, first, first_subcomponents, parse_path, select
 from engine.core.routing import ValuePatterns
 
 __all__ = [
@@ -340,18 +340,18 @@ class _Value:
         return best
 
     def _structured(self, target: _Target, shape: str, errors: list[MappingError], label: str | None) -> Any:
-        # The first selected value with any content, split before unescaping.
-        for value in components(target, self.path):
-            parts = [[_not_null(s) for s in c] for c in value]
-            if any(any(c) for c in parts):
+        # The first selected value with any content, split before unescaping; each component's
+        # first subcomponent (and, for a name, every subcomponent of the first: FN.1-5).
+        for firsts, content, first_subs in first_subcomponents(target, self.path):  # type: ignore[arg-type]
+            if content:
                 break
         else:
             return None
         function = CONVERTS[self.convert][0]
         try:
             if shape == "name":
-                return function([c[0] for c in parts], parts[0])
-            return function([c[0] for c in parts])
+                return function([_not_null(c) for c in firsts], [_not_null(s) for s in first_subs])
+            return function([_not_null(c) for c in firsts])
         except _convert.ConversionError as problem:
             return self.error(errors, f"cannot convert with {self.convert}: {problem}", label)
 
@@ -389,7 +389,11 @@ class _List:
             else:
                 record: dict[str, Any] = {}
                 for name, spec in self.item:
-                    value = spec.evaluate(group, errors, f"{self.label}[{number}].{name}")
+                    before = len(errors)
+                    value = spec.evaluate(group, errors, name)  # labelled below, only if it fails
+                    if len(errors) > before:
+                        label = f"{self.label}[{number}].{name}"
+                        errors[before:] = [_replace_fields(e, field=label) for e in errors[before:]]
                     failed |= value is _FAILED
                     if value is not None and value is not _FAILED:
                         record[name] = value

@@ -301,3 +301,18 @@ def test_first_is_the_first_non_empty_selected_value(body, codec):
         for group in message.groups("PID", ("OBX", "NTE")):
             for path in FIRST_PATHS:
                 assert first(group, path) == next((v for v in select(group, path) if v), None), path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='ab^&~\\"XE0F', max_size=24), st.sampled_from(["OBR-4", "OBR-4[*]", "OBR[*]-4", "OBR-4.2"]))
+def test_first_subcomponents_agree_with_components(field, path_text):
+    """The `code` convert's fast path reads what the full split would give it: each component's
+    first subcomponent, and whether the value has any content besides HL7's null."""
+    from engine.core.paths import first_subcomponents
+
+    raw = f"MSH|^~\\&|A||B||20260101||ORM^O01|1|P|2.4\rOBR|1||{field.replace(chr(13), '')}\rOBR|2||x^y\r"
+    message = Message.parse(raw.encode("latin-1"), codec="latin-1")
+    path = parse_path(path_text)
+    expected = [([c[0] for c in value], any(s not in ("", '""') for c in value for s in c), value[0])
+                for value in components(message, path)]
+    assert first_subcomponents(message, path) == expected

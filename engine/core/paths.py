@@ -332,6 +332,41 @@ def _compile_first(path: FieldPath) -> Callable[[Source], str | None]:
     return straight
 
 
+def first_subcomponents(message_or_group: Source, path: FieldPath) -> list[tuple[list[str], bool, list[str]]]:
+    """Each selected value's components, each as its first subcomponent, unescaped; whether any
+    part of it (any subcomponent) has content other than HL7's null ``""``; and every
+    subcomponent of its first component: what the ``code`` and ``dutch_name`` converts read
+    (CE/CWE, XPN), without splitting what they do not look at."""
+    if path.segment == "MSH" and path.field <= 2:
+        return [([c[0] for c in value], any(s not in ("", '""') for c in value for s in c), value[0])
+                for value in components(message_or_group, path)]
+    out = []
+    for segment in _segments(message_or_group, path):
+        for raw, seps in _parts(segment, path):
+            comps = [raw] if path.component is not None else (raw.split(seps.component) if seps.component else [raw])
+            ss = seps.subcomponent if path.subcomponent is None else None
+            e = seps.escape
+            firsts = []
+            content = False
+            first_subs: list[str] = []
+            for n, c in enumerate(comps):
+                if ss and ss in c:
+                    subs = c.split(ss)
+                    content = content or any(s not in ("", '""') for s in subs)
+                    if n == 0:
+                        first_subs = [_unescape(s, e, seps.table, seps.codec) if e and e in s else s for s in subs]
+                    c = subs[0]
+                elif not content and c not in ("", '""'):
+                    content = True
+                if e and e in c:
+                    c = _unescape(c, e, seps.table, seps.codec)
+                if n == 0 and not first_subs:
+                    first_subs = [c]
+                firsts.append(c)
+            out.append((firsts, content, first_subs))
+    return out
+
+
 def components(message_or_group: Source, path: FieldPath) -> list[list[list[str]]]:
     """Each selected value split into components, each into subcomponents, unescaped.
 
