@@ -755,6 +755,7 @@ class _Slots:
         self.static_index: dict[str, int] = {}
         self.offset = 0  # set by finish(): where the static values start
         self.single: tuple[_Accessor, ...] | None = None  # set by finish(): every leaf one placeholder
+        self.per_item: list[int] = []  # the dynamic leaves that read {item...} or {index}
 
     def leaf(self, leaf: _Leaf) -> tuple[bool, int]:
         """(dynamic?, index among the dynamic or static values)."""
@@ -768,6 +769,9 @@ class _Slots:
         number = self.dynamic_index.get(leaf)
         if number is None:
             number = self.dynamic_index[leaf] = len(self.dynamic)
+            if any(option.split(".", 1)[0] in ("item", "index")
+                   for _, name in leaf if name is not None for option in name.split(" or ")):
+                self.per_item.append(number)
             if len(leaf) == 1:
                 self.dynamic.append(("one", _accessor(leaf[0][1])))  # type: ignore[arg-type]
             else:
@@ -779,6 +783,21 @@ class _Slots:
         self.offset = len(self.dynamic)
         if all(kind == "one" for kind, _ in self.dynamic):
             self.single = tuple(get for _, get in self.dynamic)
+
+    def next_item(self, values: list[str], event: AgendaEvent, entry: Any, item: Any, index: int, now: Any) -> None:
+        """``values`` (a block's, for its previous item) for the next item: only the leaves
+        that read the item change (a block's {zd_number} or {referrer.agb} is the same for
+        every test of an order)."""
+        esc = self.escape
+        fmt = _format
+        for number in self.per_item:
+            kind, what = self.dynamic[number]
+            if kind == "one":
+                value = what(event, entry, item, index, now)
+                values[number] = esc(value if value.__class__ is str else fmt(value))
+            else:
+                values[number] = "".join(lit if get is None else esc(fmt(get(event, entry, item, index, now)))
+                                         for lit, get in what)
 
     def values(self, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> list[str]:
         esc = self.escape
@@ -972,8 +991,12 @@ def build(
         items = for_each(event, entry, None, None, None)  # type: ignore[misc]
         if not isinstance(items, (tuple, list)):
             continue
+        values = None
         for index, item in enumerate(items, 1):
-            values = slots.values(event, entry, item, index, built)  # type: ignore[union-attr]
+            if values is None:
+                values = slots.values(event, entry, item, index, built)  # type: ignore[union-attr]
+            else:  # (rendering copies what it reads: the list is the block's own)
+                slots.next_item(values, event, entry, item, index, built)  # type: ignore[union-attr]
             for block_segment in segments:
                 lines.append(field_sep.join(block_segment.render(values)))
     return ("\r".join(line.rstrip(field_sep) if line[3:] else line for line in lines) + "\r").encode(
