@@ -1329,11 +1329,15 @@ def substitute_environment(root: yaml.Node, environ: Mapping[str, str], display:
             stack.extend((item, _join(path, index)) for index, item in enumerate(node.value))
         elif isinstance(node, yaml.ScalarNode) and "$" in node.value:
             missing: list[tuple[int, str]] = []
+            nested: list[tuple[int, str]] = []
 
             def value_of(match: re.Match[str]) -> str:
                 name, default = match[1], match[2]
                 if name is None:
                     return "$"
+                if default is not None and "${" in default:  # ${A:-${B}}: not taken apart, refused
+                    nested.append((match.start(), name))
+                    return match[0]
                 value = environ.get(name)
                 if value:
                     return value
@@ -1343,19 +1347,39 @@ def substitute_environment(root: yaml.Node, environ: Mapping[str, str], display:
                 return match[0]
 
             text = _ENV_RE.sub(value_of, node.value)
-            for offset, name in missing:
-                mark = node.start_mark
-                single_line = node.end_mark.line == mark.line
-                col = mark.column + 1 + ((offset + (node.style in ("'", '"'))) if single_line else 0)
-                problems.append(ConfigProblem(
-                    file=display, line=mark.line + 1, col=col, path=path or "(top)",
-                    message=f"environment variable {name} is not set (set it in the engine's environment, "
-                            f"or give a default: ${{{name}:-value}})"))
-            if not missing:
+            for offset, name, message in sorted(
+                    [(o, n, f"environment variable {n} is not set (set it in the engine's environment, "
+                            f"or give a default: ${{{n}:-value}})") for o, n in missing]
+                    + [(o, n, f"the default of ${{{n}:-...}} holds another ${{...}}; give a plain default "
+                              "(or set the variable)") for o, n in nested]):
+                line, col = _source_position(node, offset, name)
+                problems.append(ConfigProblem(file=display, line=line, col=col, path=path or "(top)",
+                                              message=message))
+            if not missing and not nested:
                 node.value = text
                 if node.style is None:
                     node.tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))
     return problems
+
+
+def _source_position(node: yaml.ScalarNode, offset: int, name: str) -> tuple[int, int]:
+    """Where the ``${NAME`` at ``offset`` in a scalar's value is in the file (1-based): found
+    in the file's own text when the parser kept it (a quoted or multi-line value is not the
+    text it was written as), else the value's start."""
+    start, end = node.start_mark, node.end_mark
+    buffer = getattr(start, "buffer", None)
+    token = "${" + name
+    if buffer and start.pointer is not None and end.pointer is not None:
+        source = buffer[start.pointer:end.pointer]
+        nth = node.value.count(token, 0, offset)  # the same variable earlier in the value
+        at = -1
+        for _ in range(nth + 1):
+            at = source.find(token, at + 1)
+            if at < 0:
+                break
+        if at >= 0:
+            return _line_col(buffer, start.pointer + at)
+    return start.line + 1, start.column + 1
 
 
 def _read_file(file: Path, display: str, environ: Mapping[str, str]) -> _FileOutcome:

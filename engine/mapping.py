@@ -321,14 +321,15 @@ class _Value:
                    defaulted: list[bool] | None) -> Any:
         """Every value the path selects, finished; the one earliest in ``prefer`` (those not in
         it after, in message order): ORC[*]-1 of CA and XO is an update, of CA alone a cancel."""
-        best, best_rank = None, len(self.prefer) + 1
+        best, best_rank, best_defaulted = None, len(self.prefer) + 1, False
         path = self.path
         one_per_segment = path.repetition == 1 and path.match is None  # type: ignore[union-attr]
         for number, raw in enumerate(select(target, path), 1):  # type: ignore[arg-type]
             if not raw or raw == '""':
                 continue
             reported = len(errors)
-            value = self._finish(raw, errors, label, defaulted)
+            by_default: list[bool] = []
+            value = self._finish(raw, errors, label, by_default)
             if value is _FAILED:
                 if one_per_segment and path.occurrence == ALL:  # name the segment: ORC[2]-1, not ORC[*]-1
                     errors[reported:] = [_replace_fields(e, path=e.path.replace("[*]", f"[{number}]", 1))
@@ -336,7 +337,9 @@ class _Value:
                 return value
             rank = self.prefer.index(value) if value in self.prefer else len(self.prefer)
             if rank < best_rank:
-                best, best_rank = value, rank
+                best, best_rank, best_defaulted = value, rank, bool(by_default)
+        if best_defaulted and defaulted is not None:  # only when the default is what it gives
+            defaulted.append(True)
         return best
 
     def _structured(self, target: _Target, shape: str, errors: list[MappingError], label: str | None) -> Any:
@@ -581,13 +584,15 @@ def _accessor(name: str) -> _Accessor:
 
 
 def _compile_accessor(name: str) -> _Accessor:
-    if " or " in name:  # {entry.zd_number or entry.placer_id}: the first that has a value
+    if " or " in name:  # {care_product.text or entry.care_product.text}: the first that is there
         options = tuple(_accessor(option) for option in name.split(" or "))
 
         def first_of(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
+            # Present, even if empty: a code sent without a text keeps its empty text rather
+            # than take another record's, so the parts of one code are never mixed.
             for get in options:
                 value = get(event, entry, item, index, now)
-                if value is not None and value != "":
+                if value is not None:
                     return value
             return None
 

@@ -1310,11 +1310,12 @@ def _entry_data(text: str | None) -> dict[str, Any]:
     """An entry's stored data as shown: without the engine's own bookkeeping (which kind of
     message set each field, see engine.core.agenda.SOURCES; which fields hold a date/time sent
     without a time of day, shown as stored: at the precision sent, ``2016-04``)."""
-    from engine.core.agenda import SOURCES
+    from engine.core.agenda import AGENDA, SOURCES
     from engine.core.convert import STORED_DAY_TIMES
 
     data = json.loads(text) if text else {}
     data.pop(SOURCES, None)
+    data.pop(AGENDA, None)  # (the entry's agenda is shown as such)
     data.pop(STORED_DAY_TIMES, None)
     return data
 

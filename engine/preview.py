@@ -91,7 +91,7 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
                        "zd_number": entry.zd_number, "placer_id": entry.placer_id, "filler_id": entry.filler_id,
                        "data": _plain({k: (v if patient_data or not is_patient_field(k) else
                                            "(hidden: --data shows it)")
-                                       for k, v in entry.data.items() if k not in ("attachments", ag.SOURCES)}),
+                                       for k, v in entry.data.items() if k not in ("attachments", ag.SOURCES, ag.AGENDA)}),
                        "attachments": list(entry.attachments)}
     from engine.mapping import RECEIVED, build_outbound, sent_so_far
 

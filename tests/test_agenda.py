@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.agenda import (
+    AGENDA,
     SOURCES,
     ACTIONS,
     CLOSED_STATES,
@@ -161,6 +162,7 @@ def test_every_arrival_order_of_one_referral_ends_in_the_same_entry(order):
     assert (entry.zd_number, entry.placer_id, entry.filler_id) == (ZD, "ORD000123", "F778")
     data = dict(entry.data)
     sources = data.pop(SOURCES)
+    assert data.pop(AGENDA) == "cardiology"  # the request's choice, over the order's laboratory
     assert data == {
         "patient.bsn": BSN,
         "care_product": {"code": "CARREG001", "text": "consult"},
@@ -172,7 +174,7 @@ def test_every_arrival_order_of_one_referral_ends_in_the_same_entry(order):
     # who set each field: the greatest kind that sent it (0 the request, 2 the scheduler, 3 the
     # order; a booking, like any message of a kind but its create, half a step above: 1.5)
     assert sources == {"patient.bsn": 0, "care_product": 0, "specialism": 0, "requested_start": 0,
-                       "cluster": 3, "booked_start": 1.5}
+                       "cluster": 3, "booked_start": 1.5, AGENDA: 0}
     assert all(entry.state in states_of(entry.kind) for entry in store.entries.values())
 
 

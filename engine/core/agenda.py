@@ -633,6 +633,11 @@ SOURCES = "_sources"
 # outbound `when` reads it as `entry.last_sent` (tell the HIS of a cancel only if it had the
 # request). Entries stored before it was kept lack the key.
 SENT = "_sent"
+# Entry data keeps, under this key, the agenda the entry's messages selected, merged like any
+# field (by rank, in SOURCES): the request's choice stands over an order's, an order's change
+# over its create, and a message that selects nothing (only the fallback) leaves it, so where
+# an entry ends up does not depend on the order its messages came in.
+AGENDA = "_agenda"
 # The rank of a mapping default (sex U when PID-8 is empty): below every kind of message, so
 # any message that sends the field replaces it, and a default never replaces a sent value.
 DEFAULT_RANK = len(KIND_PRECEDENCE)
@@ -729,8 +734,9 @@ def _decide_new(
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
     if event.action == "create":
         agenda, fallback = book.select(event)
-        data, changed = _merge({}, event.fields, rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted,
-                               action="create")
+        data, changed = _merge({}, _with_agenda(event.fields, agenda, fallback), rank=KIND_PRECEDENCE.index(event.kind),
+                               defaulted=event.defaulted, action="create")
+        changed = [name for name in changed if name != AGENDA]
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
@@ -819,17 +825,12 @@ def _apply(
             replayed = None if closed else _replayed(event.kind, entry.history)
             state = replayed or _CROSS_FAMILY[family_move][state]  # closed stays closed
         kind = event.kind
-        agenda, fallback = book.select(event)
-        if not fallback or book.fallback.id == agenda_id:
-            agenda_id = agenda.id
-    elif action == "update" and event.kind == kind:
-        # The sender redirects it (REF^I13 to another specialty, an order changed to another
-        # modality): it moves to the agenda that selects it now, booked or not, as its data
-        # changes booked or not, so the end is the same in either order. An update that
-        # selects nothing (only the fallback) keeps the agenda.
-        agenda, fallback = book.select(event)
-        if not fallback:
-            agenda_id = agenda.id
+    fields = event.fields
+    if action in ("create", "update"):
+        # Its agenda choice merges like its fields (AGENDA): a request's over an order's, the
+        # sender's redirect (REF^I13 to another specialty, an order's XO to another modality)
+        # over its create, booked or not; one that selects nothing leaves the agenda.
+        fields = _with_agenda(fields, *book.select(event))
 
     repeat = _REPEATS.get(entry.state) == action
     try:
@@ -844,8 +845,11 @@ def _apply(
         # it arrives before or after the booking.
         to_state = state
 
-    data, changed = _merge(entry.data, event.fields, overwrite=overwrite, rank=KIND_PRECEDENCE.index(event.kind),
-                           defaulted=event.defaulted, action=action)
+    data, changed = _merge(_agenda_seeded(entry), fields, overwrite=overwrite,
+                           rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted, action=action)
+    if AGENDA in changed:
+        changed.remove(AGENDA)
+        agenda_id = data[AGENDA]  # type: ignore[assignment]
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:
@@ -885,6 +889,21 @@ def _apply(
         history=entry.history + (item,),
     )
     return Update(entry=updated, attachments=new_attachments, changed=tuple(changed))
+
+
+def _with_agenda(fields: Mapping[str, object], agenda: Agenda, fallback: bool) -> Mapping[str, object]:
+    """The event's fields with its agenda choice (AGENDA), when it selects one."""
+    return fields if fallback else {**fields, AGENDA: agenda.id}
+
+
+def _agenda_seeded(entry: AgendaEntry) -> Mapping[str, object]:
+    """The entry's data with its agenda as a choice of its kind, for an entry stored before
+    the choice was kept (AGENDA): its agenda then stands as its kind's create chose it."""
+    if AGENDA in entry.data:
+        return entry.data
+    sources = dict(entry.data.get(SOURCES) or {})
+    sources[AGENDA] = KIND_PRECEDENCE.index(entry.kind)
+    return {**entry.data, AGENDA: entry.agenda_id, SOURCES: sources}
 
 
 def _cancel_again(event: AgendaEvent, entry: AgendaEntry, *, now: datetime, message_id: str) -> Update:

@@ -350,18 +350,18 @@ def first_subcomponents(message_or_group: Source, path: FieldPath) -> list[tuple
             content = False
             first_subs: list[str] = []
             for n, c in enumerate(comps):
-                if ss and ss in c:
-                    subs = c.split(ss)
+                if ss and ss in c:  # (content is judged unescaped: \H\ alone is nothing)
+                    subs = [_unescape(s, e, seps.table, seps.codec) if e and e in s else s for s in c.split(ss)]
                     content = content or any(s not in ("", '""') for s in subs)
                     if n == 0:
-                        first_subs = [_unescape(s, e, seps.table, seps.codec) if e and e in s else s for s in subs]
+                        first_subs = subs
                     c = subs[0]
-                elif not content and c not in ("", '""'):
-                    content = True
-                if e and e in c:
-                    c = _unescape(c, e, seps.table, seps.codec)
-                if n == 0 and not first_subs:
-                    first_subs = [c]
+                else:
+                    if e and e in c:
+                        c = _unescape(c, e, seps.table, seps.codec)
+                    content = content or c not in ("", '""')
+                    if n == 0:
+                        first_subs = [c]
                 firsts.append(c)
             out.append((firsts, content, first_subs))
     return out
