@@ -1157,9 +1157,13 @@ def _trace_targets(args, store) -> tuple[list, Any]:
     return rows, None
 
 
+_REFUSED_SCAN = 200  # how many of the latest refused messages `trace --zd` reads for the ZD-number
+
+
 def _referral_messages(store, zd: str, limit: int) -> tuple[list, Any]:
     """Every stored message of one referral: those that changed its entry, those held for it,
-    and those whose MSH-10 is its ZD-number (ZorgDomein's letters), oldest first."""
+    those whose MSH-10 is its ZD-number (ZorgDomein's letters), and the latest refused ones
+    that name it, oldest first."""
     key = f"zd:{zd}"
     record = store.find_agenda_entry([key])
     ids = {h.message_id for h in store.agenda_history(record.id)} if record is not None else set()
@@ -1168,6 +1172,15 @@ def _referral_messages(store, zd: str, limit: int) -> tuple[list, Any]:
     rows = {m.id: m for m in store.list_messages(control_id=zd, limit=limit)}
     ids.difference_update(rows)
     rows.update((m.id, m) for m in _messages_by_id(store, sorted(ids)).values())
+    # Refused ones changed nothing and wait for nothing (an XO for a cancelled order, a request
+    # the mapping could not read): among the latest refused, those whose text names it.
+    needle = zd.encode("ascii", "replace")
+    for refused in [*store.list_messages(processing="error", limit=_REFUSED_SCAN),
+                    *store.list_messages(status="rejected", limit=_REFUSED_SCAN)]:
+        if refused.id not in rows:
+            stored = store.get_message(refused.id)
+            if stored is not None and needle in stored.raw:
+                rows[refused.id] = refused
     if record is None and not rows:
         raise _Fail(NOTHING, f"nothing stored for ZD-number {zd!r}: no agenda entry, no message held for it or "
                              "with it as MSH-10 (a message whose mapping failed is not linked to it: "

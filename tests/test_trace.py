@@ -129,3 +129,25 @@ def test_trace_by_zd_number_finds_a_letter_still_held_for_its_request(tmp_path, 
 def test_trace_refuses_what_it_cannot_answer(world, capsys, args, code, error):
     assert main(["trace", *args, "--store", world.url]) == code
     assert error in capsys.readouterr().err
+
+
+def test_trace_by_zd_number_shows_a_message_refused_for_it(tmp_path, capsys):
+    """An ORC-1 XO for an order already cancelled changed nothing and waits for nothing: it
+    is refused ("entry is cancelled"), and on-call still sees that ZorgDomein sent it."""
+    from tests.test_processor import orm
+
+    h = Harness(tmp_path)
+    try:
+        h.receive(orm())
+        h.receive(orm().replace(b"ORC|NW|", b"ORC|CA|").replace(b"|e49ce31d|", b"|e49ce31e|"))
+        late = h.receive(orm().replace(b"ORC|NW|", b"ORC|XO|").replace(b"|e49ce31d|", b"|e49ce31f|"))
+        assert h.outcome(late)[0] == "error"
+        zd = h.entries()[0].zd_number
+        capsys.readouterr()
+        assert main(["trace", "--zd", zd, "--store", f"sqlite:///{tmp_path}/k.db", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        refused = [t["message"] for t in found["messages"] if t["message"]["id"] == late]
+        assert [m["processing"] for m in refused] == ["error"]
+        assert "cancelled" in refused[0]["processing_detail"]
+    finally:
+        h.store.close()
