@@ -24,6 +24,17 @@ def _channel_dirs(tmp_path: Path, text: str) -> tuple[Path, Path]:
     return tmp_path / "channels", tmp_path / "mappings"
 
 
+def _order_update_mapping(tmp_path: Path, fields: str):
+    """Mapping `m`: an ORM^O01 read as an update of a diagnostic order, with ``fields`` too."""
+    return _mapping(tmp_path, """
+        name: m
+        types: [ORM^O01]
+        event:
+          kind: {value: diagnostic-order}
+          action: {value: update}""" + fields + """
+    """)
+
+
 def _mapping(tmp_path: Path, text: str):
     (tmp_path / "m.yaml").write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
     return load_mappings(tmp_path).mapping("m")
@@ -38,22 +49,27 @@ def _orm(*controls: str) -> Message:
 # --------------------------------------------------------------------------- 1. ${NAME} in channel files
 
 
+def _his_channel(tmp_path, his: str):
+    """Channel `a` (file lines 1-5 fixed) with destination `his` given by ``his`` (from line 6)."""
+    return _channel_dirs(tmp_path, """
+        name: a
+        source:
+          listen: tcp:2575
+        destinations:
+          his:""" + his + """
+        routes:
+          - to: [his]
+    """)
+
+
 def test_a_nested_default_is_substituted_or_refused_never_sent_as_literal_text(tmp_path):
     """`${RECEIVER:-${DEFAULT_RECEIVER}}` (the shell's and docker-compose's nested default) is
     neither substituted nor a config error: the default stops at the first `}`, so the HIS gets
     MSH-5 `${DEFAULT_RECEIVER}` as literal text, and `koppel check` says the file is fine.
     Fix: engine/config.py substitute_environment (report a `${` inside a default, or expand it)."""
-    channels, mappings = _channel_dirs(tmp_path, """
-        name: a
-        source:
-          listen: tcp:2575
-        destinations:
-          his:
+    channels, mappings = _his_channel(tmp_path, """
             endpoint: tcp:host=his.local:port=6661
-            rewrite: {MSH-5: "${RECEIVER:-${DEFAULT_RECEIVER}}"}
-        routes:
-          - to: [his]
-    """)
+            rewrite: {MSH-5: "${RECEIVER:-${DEFAULT_RECEIVER}}"}""")
     try:
         config = load_config(channels, mappings, environ={"DEFAULT_RECEIVER": "HIX"})
     except ConfigError as error:  # refused, naming where: also a fix
@@ -69,17 +85,9 @@ def test_an_unset_variable_in_a_folded_value_is_reported_at_its_own_line_and_col
     `${HIS_HOST}` is (line 7, column 16), so `koppel check` points at the wrong line of a long
     endpoint or `allow` value. Fix: engine/config.py substitute_environment (count the lines
     and the indentation of a multi-line scalar, as the value's text is a folded copy)."""
-    channels, mappings = _channel_dirs(tmp_path, """
-        name: a
-        source:
-          listen: tcp:2575
-        destinations:
-          his:
+    channels, mappings = _his_channel(tmp_path, """
             endpoint: >-
-              tcp:host=${HIS_HOST}:port=6661
-        routes:
-          - to: [his]
-    """)
+              tcp:host=${HIS_HOST}:port=6661""")
     with pytest.raises(ConfigError) as caught:
         load_config(channels, mappings, environ={})
     (problem,) = caught.value.problems
@@ -96,15 +104,9 @@ def test_prefer_does_not_mark_a_sent_value_as_the_default_because_another_value_
     fills it where the entry lacks it (ag._merge `defaulted`): the sent value never replaces an
     older one. Fix: engine/mapping.py _Value._preferred (record `defaulted` only when the
     default is the value returned)."""
-    mapping = _mapping(tmp_path, """
-        name: m
-        types: [ORM^O01]
-        event:
-          kind: {value: diagnostic-order}
-          action: {value: update}
+    mapping = _order_update_mapping(tmp_path, """
           zd_number: {from: ORC-4.1}
-          control: {from: "ORC[*]-1", table: {NW: N, CA: C}, default: U, prefer: [N, C]}
-    """)
+          control: {from: "ORC[*]-1", table: {NW: N, CA: C}, default: U, prefer: [N, C]}""")
     event = mapping.apply(_orm("NW", "ZZ")).event
     assert event.fields["control"] == "N"
     assert "control" not in event.defaulted
@@ -202,15 +204,9 @@ def test_the_name_fast_path_skips_a_repetition_that_unescapes_to_nothing_as_the_
     over for the next repetition's name; now it is taken, and the message fails to map
     ("name has no surname"), an AE where it used to map. Fix: engine/core/paths.py
     first_subcomponents (test content after unescaping, as components did)."""
-    mapping = _mapping(tmp_path, """
-        name: m
-        types: [ORM^O01]
-        event:
-          kind: {value: diagnostic-order}
-          action: {value: update}
+    mapping = _order_update_mapping(tmp_path, """
           zd_number: {value: ZD300000001}
-          patient.name: {from: PID-5, convert: dutch_name}
-    """)
+          patient.name: {from: PID-5, convert: dutch_name}""")
     raw = "MSH|^~\\&|ZD||K||20260101||ORM^O01|1|P|2.4\rPID|1||||\\H\\~Jansen^J\r"
     result = mapping.apply(Message.parse(raw.encode(), codec="latin-1"))
     assert result.errors == ()  # as the full split did: PID-5 (its first repetition) holds nothing
