@@ -464,7 +464,7 @@ class RouteConfig:
     def takes(self, msg_type: str, trigger: str, message: Callable[[], Message]) -> bool:
         """The types match and the field conditions hold; ``message`` gives the parsed
         message, called only when the route has field conditions (see routing.parsed_once)."""
-        if not _types_match(self.types, msg_type, trigger):
+        if not self.matches(msg_type, trigger):
             return False
         return not (self.fields or self.unless) or conditions_hold(self.fields, self.unless, message())
 
@@ -1328,34 +1328,31 @@ def substitute_environment(root: yaml.Node, environ: Mapping[str, str], display:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((item, _join(path, index)) for index, item in enumerate(node.value))
         elif isinstance(node, yaml.ScalarNode) and "$" in node.value:
-            missing: list[tuple[int, str]] = []
-            nested: list[tuple[int, str]] = []
+            refused: list[tuple[int, str, str]] = []  # (offset in the value, name, why), in value order
 
             def value_of(match: re.Match[str]) -> str:
                 name, default = match[1], match[2]
                 if name is None:
                     return "$"
                 if default is not None and "${" in default:  # ${A:-${B}}: not taken apart, refused
-                    nested.append((match.start(), name))
+                    refused.append((match.start(), name, f"the default of ${{{name}:-...}} holds another ${{...}}; "
+                                                         "give a plain default (or set the variable)"))
                     return match[0]
                 value = environ.get(name)
                 if value:
                     return value
                 if default is not None:
                     return default
-                missing.append((match.start(), name))
+                refused.append((match.start(), name, f"environment variable {name} is not set (set it in the "
+                                                     f"engine's environment, or give a default: ${{{name}:-value}})"))
                 return match[0]
 
             text = _ENV_RE.sub(value_of, node.value)
-            for offset, name, message in sorted(
-                    [(o, n, f"environment variable {n} is not set (set it in the engine's environment, "
-                            f"or give a default: ${{{n}:-value}})") for o, n in missing]
-                    + [(o, n, f"the default of ${{{n}:-...}} holds another ${{...}}; give a plain default "
-                              "(or set the variable)") for o, n in nested]):
+            for offset, name, message in refused:
                 line, col = _source_position(node, offset, name)
                 problems.append(ConfigProblem(file=display, line=line, col=col, path=path or "(top)",
                                               message=message))
-            if not missing and not nested:
+            if not refused:
                 node.value = text
                 if node.style is None:
                     node.tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))

@@ -583,6 +583,12 @@ def _accessor(name: str) -> _Accessor:
     return found
 
 
+def _reads_item(name: str) -> bool:
+    """Whether a placeholder (each of its ``or`` alternatives) reads a for_each block's
+    ``{item...}`` or ``{index}``."""
+    return any(option.split(".", 1)[0] in ("item", "index") for option in name.split(" or "))
+
+
 def _compile_accessor(name: str) -> _Accessor:
     if " or " in name:  # {care_product.text or entry.care_product.text}: the first that is there
         options = tuple(_accessor(option) for option in name.split(" or "))
@@ -774,8 +780,7 @@ class _Slots:
         number = self.dynamic_index.get(leaf)
         if number is None:
             number = self.dynamic_index[leaf] = len(self.dynamic)
-            if any(option.split(".", 1)[0] in ("item", "index")
-                   for _, name in leaf if name is not None for option in name.split(" or ")):
+            if any(_reads_item(name) for _, name in leaf if name is not None):
                 self.per_item.append(number)
             if len(leaf) == 1:
                 self.dynamic.append(("one", _accessor(leaf[0][1])))  # type: ignore[arg-type]
@@ -789,20 +794,22 @@ class _Slots:
         if all(kind == "one" for kind, _ in self.dynamic):
             self.single = tuple(get for _, get in self.dynamic)
 
+    def _leaf_value(self, number: int, event: AgendaEvent, entry: Any, item: Any, index: int | None,
+                    now: Any) -> str:
+        """One dynamic leaf's text, escaped."""
+        kind, what = self.dynamic[number]
+        esc = self.escape
+        if kind == "one":
+            value = what(event, entry, item, index, now)
+            return esc(value if value.__class__ is str else _format(value))
+        return "".join(lit if get is None else esc(_format(get(event, entry, item, index, now))) for lit, get in what)
+
     def next_item(self, values: list[str], event: AgendaEvent, entry: Any, item: Any, index: int, now: Any) -> None:
         """``values`` (a block's, for its previous item) for the next item: only the leaves
         that read the item change (a block's {zd_number} or {referrer.agb} is the same for
         every test of an order)."""
-        esc = self.escape
-        fmt = _format
         for number in self.per_item:
-            kind, what = self.dynamic[number]
-            if kind == "one":
-                value = what(event, entry, item, index, now)
-                values[number] = esc(value if value.__class__ is str else fmt(value))
-            else:
-                values[number] = "".join(lit if get is None else esc(fmt(get(event, entry, item, index, now)))
-                                         for lit, get in what)
+            values[number] = self._leaf_value(number, event, entry, item, index, now)
 
     def values(self, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> list[str]:
         esc = self.escape
@@ -812,19 +819,8 @@ class _Slots:
             for get in self.single:
                 value = get(event, entry, item, index, now)
                 out.append(esc(value if value.__class__ is str else fmt(value)))
-        else:
-            out = []
-            for kind, what in self.dynamic:
-                if kind == "one":
-                    value = what(event, entry, item, index, now)
-                    out.append(esc(value if value.__class__ is str else fmt(value)))
-                else:
-                    out.append(
-                        "".join(
-                            lit if get is None else esc(fmt(get(event, entry, item, index, now)))
-                            for lit, get in what
-                        )
-                    )
+        else:  # (a leaf mixes literal text and placeholders)
+            out = [self._leaf_value(number, event, entry, item, index, now) for number in range(len(self.dynamic))]
         out += self.static
         return out
 
@@ -1371,7 +1367,7 @@ class _TemplateReader(_Walker):
                     self.report(node, path, f"placeholder {{{name}}} is not a dotted event field name "
                                             "(or several, each after ' or ')")
                     return None
-                if option.split(".", 1)[0] in ("item", "index") and not in_block:
+                if _reads_item(option) and not in_block:
                     self.report(node, path, f"{{{name}}} is only known inside a for_each block")
                     return None
             pieces.append(("", " or ".join(options)))
@@ -1752,7 +1748,7 @@ class _MappingReader(_Walker):
                 if not w_node.value:
                     self.report(w_node, _join(path, "when"), "expected at least one condition map")
                 for number, item in enumerate(w_node.value):
-                    when_any.append(self.conditions(item, f"{_join(path, 'when')}[{number}]"))
+                    when_any.append(self.conditions(item, _join(_join(path, "when"), number)))
             else:
                 when = self.conditions(w_node, _join(path, "when"))
         if len(self.problems) > start or to is None or template is None:

@@ -1175,16 +1175,17 @@ def _referral_messages(store, zd: str, limit: int) -> tuple[list, Any]:
     # Refused ones changed nothing and wait for nothing (an XO for a cancelled order, a request
     # the mapping could not read): among the latest refused, those whose text names it.
     needle = zd.encode("ascii", "replace")
-    for refused in [*store.list_messages(processing="error", limit=_REFUSED_SCAN),
-                    *store.list_messages(status="rejected", limit=_REFUSED_SCAN)]:
-        if refused.id not in rows:
-            stored = store.get_message(refused.id)
+    refused = {m.id: m for m in (*store.list_messages(processing="error", limit=_REFUSED_SCAN),
+                                 *store.list_messages(status="rejected", limit=_REFUSED_SCAN))}
+    for message_id, summary in refused.items():  # (one read each, also for one both lists name)
+        if message_id not in rows:
+            stored = store.get_message(message_id)
             if stored is not None and needle in stored.raw:
-                rows[refused.id] = refused
+                rows[message_id] = summary
     if record is None and not rows:
-        raise _Fail(NOTHING, f"nothing stored for ZD-number {zd!r}: no agenda entry, no message held for it or "
-                             "with it as MSH-10 (a message whose mapping failed is not linked to it: "
-                             "`koppel messages --processing error`)")
+        raise _Fail(NOTHING, f"nothing stored for ZD-number {zd!r}: no agenda entry, no message held for it, "
+                             f"with it as MSH-10 or among the latest {_REFUSED_SCAN} refused ones naming it "
+                             "(older refused ones: `koppel messages --processing error`)")
     return sorted(rows.values(), key=lambda m: m.id)[-limit:], record
 
 
@@ -1246,27 +1247,26 @@ def trace(args, store, dests) -> int:
     traces = [message_trace(store, summary) for summary in targets]
     bodies: dict[int, str | None] = {}
     if args.data:  # the bodies: in the audit trail before they are shown (no record, no bodies)
-        ids = [i for found in traces for i in (found["message"]["id"], *(b["id"] for b in found["built"]))]
-        for i in ids:
+        for i in (i for found in traces for i in _traced_ids(found)):
             audit_data_read(store, f"message {i}", action="read-body", message_id=i)
-        bodies = {i: _body_text(store, i) for i in ids}
+            bodies[i] = _body_text(store, i)
+    zd = args.zd.strip() if args.zd is not None else None
     if args.json:
         for found in traces:
             if args.data:
-                found["bodies"] = {str(i): bodies[i] for i in
-                                   (found["message"]["id"], *(b["id"] for b in found["built"]))}
-        if args.zd is not None:
-            out: Any = {"zd_number": args.zd.strip(), "messages": traces,
+                found["bodies"] = {str(i): bodies[i] for i in _traced_ids(found)}
+        if zd is not None:
+            out: Any = {"zd_number": zd, "messages": traces,
                         "agenda_entry": _agenda_json(referral, with_data=False) if referral is not None else None}
         else:
             out = traces if args.control_id is not None else traces[0]
         print(json.dumps(out, indent=2, default=str))
         return OK
-    if args.zd is not None:
+    if zd is not None:
         if referral is None:
-            print(f"ZD-number {args.zd.strip()}: no agenda entry yet")
+            print(f"ZD-number {zd}: no agenda entry yet")
         else:
-            print(f"ZD-number {args.zd.strip()}: agenda entry {referral.id}, {referral.agenda_id} {referral.kind} "
+            print(f"ZD-number {zd}: agenda entry {referral.id}, {referral.agenda_id} {referral.kind} "
                   f"{referral.state}  (koppel agenda show {referral.id})")
         print(f"{_plural(len(traces), 'message')}, oldest first:")
         print()
@@ -1275,12 +1275,17 @@ def trace(args, store, dests) -> int:
             print()
         _print_trace(found, now)
         if args.data:
-            for i in (found["message"]["id"], *(b["id"] for b in found["built"])):
+            for i in _traced_ids(found):
                 print(f"body of message {i}:")
                 for line in (bodies[i] or "(pruned)").replace("\n", "\r").split("\r"):
                     if line:
                         print(f"  {line}")
     return OK
+
+
+def _traced_ids(found: dict[str, Any]) -> tuple[int, ...]:
+    """A trace's message and those built from it."""
+    return (found["message"]["id"], *(b["id"] for b in found["built"]))
 
 
 def _body_text(store, message_id: int) -> str | None:

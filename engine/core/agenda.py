@@ -685,7 +685,7 @@ def _merge(
             sources[name] = field_rank
     if sources:
         merged[SOURCES] = sources
-    return merged, sorted(changed)
+    return merged, sorted(name for name in changed if name != AGENDA)  # (a move shows as agenda_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -736,7 +736,6 @@ def _decide_new(
         agenda, fallback = book.select(event)
         data, changed = _merge({}, _with_agenda(event.fields, agenda, fallback), rank=KIND_PRECEDENCE.index(event.kind),
                                defaulted=event.defaulted, action="create")
-        changed = [name for name in changed if name != AGENDA]
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
@@ -847,9 +846,7 @@ def _apply(
 
     data, changed = _merge(_agenda_seeded(entry), fields, overwrite=overwrite,
                            rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted, action=action)
-    if AGENDA in changed:
-        changed.remove(AGENDA)
-        agenda_id = data[AGENDA]  # type: ignore[assignment]
+    agenda_id = data.get(AGENDA, agenda_id)  # type: ignore[assignment]
     known = set(entry.attachments)
     new_attachments = tuple(a for a in attachments_of(event) if a.sha256 not in known)
     if new_attachments:

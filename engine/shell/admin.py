@@ -633,9 +633,9 @@ class AdminAPI(resource.Resource):
             "ack": _ack_summary(m.ack), "error": m.error, "duplicates": m.duplicate_count,
             "last_duplicate_at": m.last_duplicate_at,
         }
-        if summaries and summaries[0].origin_id is not None:  # built by a mapping: never received nor answered
-            out.update(status="built", ack_code=None, ack=None)
         if trace is not None:  # where it went, as `koppel trace` shows it
+            if trace["message"]["origin_id"] is not None:  # built by a mapping: never received nor answered
+                out.update(status="built", ack_code=None, ack=None)
             out.update(processing=trace["message"]["processing"],
                        processing_detail=trace["message"]["processing_detail"],
                        origin_id=trace["message"]["origin_id"], agenda_entries=trace["agenda_entries"],
