@@ -585,3 +585,12 @@ def test_select_rules_match_as_the_plain_reading(criteria, fields):
     rule = SelectRule(**criteria)
     event = AgendaEvent(kind="referral", action="create", zd_number="ZD1", fields=fields)
     assert rule.matches(event) == _plain_rule_matches(rule, event)
+
+
+@pytest.mark.parametrize("request_first", [True, False], ids=["request-first", "order-first"])
+def test_an_entry_in_the_fallback_agenda_takes_the_first_real_choice_in_either_order(request_first):
+    """A request that selects no agenda (only the fallback) makes no choice: the order's
+    laboratory stands, whether the order came before or after it."""
+    unplaced = srm(specialism="XYZ", care_product={"code": "XYZ1"})
+    entry = only_entry(run(unplaced, orm()) if request_first else run(orm(), unplaced))
+    assert entry.agenda_id == "laboratory"

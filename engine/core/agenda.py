@@ -844,7 +844,7 @@ def _apply(
         # it arrives before or after the booking.
         to_state = state
 
-    data, changed = _merge(_agenda_seeded(entry), fields, overwrite=overwrite,
+    data, changed = _merge(_agenda_seeded(entry, book), fields, overwrite=overwrite,
                            rank=KIND_PRECEDENCE.index(event.kind), defaulted=event.defaulted, action=action)
     agenda_id = data.get(AGENDA, agenda_id)  # type: ignore[assignment]
     known = set(entry.attachments)
@@ -893,10 +893,11 @@ def _with_agenda(fields: Mapping[str, object], agenda: Agenda, fallback: bool) -
     return fields if fallback else {**fields, AGENDA: agenda.id}
 
 
-def _agenda_seeded(entry: AgendaEntry) -> Mapping[str, object]:
+def _agenda_seeded(entry: AgendaEntry, book: AgendaBook) -> Mapping[str, object]:
     """The entry's data with its agenda as a choice of its kind, for an entry stored before
-    the choice was kept (AGENDA): its agenda then stands as its kind's create chose it."""
-    if AGENDA in entry.data:
+    the choice was kept (AGENDA): its agenda then stands as its kind's create chose it. The
+    fallback agenda is no one's choice: an entry there takes the first real one."""
+    if AGENDA in entry.data or entry.agenda_id == book.fallback.id:
         return entry.data
     sources = dict(entry.data.get(SOURCES) or {})
     sources[AGENDA] = KIND_PRECEDENCE.index(entry.kind)
