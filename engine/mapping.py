@@ -41,6 +41,7 @@ import csv
 import datetime as _dt
 import difflib
 import io
+import operator
 import re
 from collections.abc import Callable, Mapping as _Mapping, Sequence
 from dataclasses import dataclass, field, replace as _replace_fields
@@ -863,7 +864,8 @@ class _SegmentPlan:
                 else:
                     bound.append((n, number, None))
             else:
-                bound.append((n, -1, tuple((repetition, _qualified(repetition, offset, slots.static))
+                bound.append((n, -1, tuple((repetition, _qualified(repetition, offset, slots.static),
+                                            _flat(repetition, offset, slots, escapes, self.sub))
                                            for repetition in reps)))
         self.dynamic = bound
         self.plain = tuple(plain)
@@ -878,13 +880,16 @@ class _SegmentPlan:
                 parts[n] = values[single].rstrip(sub).rstrip(comp).rstrip(rep)
                 continue
             out_reps = []
-            for repetition, placeholders in reps:
+            for repetition, placeholders, flat in reps:
                 if placeholders:
                     for i in placeholders:
                         if values[i]:
                             break
                     else:
                         continue  # its literals only qualify values that are not there (see _qualified)
+                if flat is not None:
+                    out_reps.append(comp.join(flat(values)).rstrip(comp))
+                    continue
                 out_comps = []
                 for component in repetition:
                     if len(component) == 1:
@@ -905,6 +910,23 @@ def _qualified(repetition: tuple[tuple[int, ...], ...], offset: int, static: lis
     if not repetition or any(i >= offset and static[i - offset] for i in repetition[0]):
         return ()
     return tuple(i for component in repetition for i in component if i < offset)
+
+
+def _flat(repetition: tuple[tuple[int, ...], ...], offset: int, slots: _Slots, escapes: bool,
+          sub: str) -> Callable[[list[str]], Sequence[str]] | None:
+    """For a repetition of two or more components that are each one leaf with nothing to
+    trim (an escaped value holds no delimiter; a literal that does not end in the
+    subcomponent separator), its components' values in one C call; else None (rendered
+    component by component)."""
+    if len(repetition) < 2 or any(len(component) != 1 for component in repetition):
+        return None
+    for (i,) in repetition:
+        if i < offset:
+            if not escapes or slots.dynamic[i][0] != "one":
+                return None
+        elif slots.static[i - offset].endswith(sub):
+            return None
+    return operator.itemgetter(*(i for (i,) in repetition))
 
 
 def _no_lookup(name: str) -> str:

@@ -219,3 +219,22 @@ def test_control_id_is_the_built_messages_own_msh_10(tmp_path):
     txa = [m.split(b"\r")[1] for m in (first, second)]
     assert txa == [b"TXA||||20260102030405+0100||||||||K9\\S\\1^KOPPEL", b"TXA||||20260102030405+0100||||||||K10^KOPPEL"]
     assert first.split(b"\r")[0].split(b"|")[9] == b"K9\\S\\1"  # the same as its MSH-10
+
+
+FLAT = "message: SIU^S12^SIU_S12\n" + HEAD + r'''  - ZZ1: {1: ["a&", "{x}", "b"], 2: ["{x}", "{y}", ""], 3: ["{x}", "lit^", "{y}"], 4: ["{x}", "{y}", "c&"]}
+'''
+
+
+@pytest.mark.parametrize("fields, zz1", [
+    ({"x": "p&q^r", "y": "s"}, rb"ZZ1|a^p\T\q\S\r^b|p\T\q\S\r^s|p\T\q\S\r^lit^^s|p\T\q\S\r^s^c"),
+    ({"x": "p&q^r"}, rb"ZZ1|a^p\T\q\S\r^b|p\T\q\S\r|p\T\q\S\r^lit|p\T\q\S\r^^c"),
+    ({}, b"ZZ1|a^^b"),
+])
+def test_components_of_one_leaf_each_trim_as_component_by_component(tmp_path, fields, zz1):
+    """A repetition of one-leaf components is joined in one step: escaped values keep their
+    escapes, a literal's trailing subcomponent separator and trailing empty components are
+    trimmed as before, and a repetition whose placeholders are all empty is left out."""
+    mapping = one_template(tmp_path, FLAT)
+    event = AgendaEvent(kind="appointment-request", action="create", zd_number=None, fields=fields)
+    [(_, data)] = build_outbound(mapping, event, Entry(), control_id="K1", timestamp=NOW)
+    assert data.split(b"\r")[1] == zz1
