@@ -118,6 +118,27 @@ def test_bad_dtm_raises_a_conversion_error_without_the_value(text):
     assert text.strip() not in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["20160329120000+2500", "20160329120000-0160"])
+def test_an_offset_out_of_range_says_so(text):
+    with pytest.raises(ConversionError, match="time zone offset out of range"):
+        convert.dtm(text)
+
+
+@given(st.datetimes(min_value=dt.datetime(1900, 1, 2), max_value=dt.datetime(2100, 12, 30)),
+       st.integers(min_value=-14 * 60, max_value=14 * 60))
+def test_dtm_with_any_offset_is_that_instant_on_amsterdam_wall_time(moment, minutes):
+    """Whether the offset sent is Amsterdam's own (the answer as read) or another (converted)."""
+    moment = moment.replace(microsecond=0)
+    sign = "-" if minutes < 0 else "+"
+    text = moment.strftime("%Y%m%d%H%M%S") + f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    sent = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes)))
+    expected = sent.astimezone(AMS)
+    value = convert.dtm(text)
+    assert value == sent
+    assert isinstance(value.tzinfo, dt.timezone) and value.utcoffset() == expected.utcoffset()
+    assert value.timetuple()[:6] == expected.timetuple()[:6]
+
+
 def test_an_unknown_zone_is_a_conversion_error():
     with pytest.raises(ConversionError):
         convert.dtm("20160101", tz="Mars/Olympus")

@@ -112,13 +112,7 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
     zone = _zone(tz)
     try:
         micro = int((frac or "0").ljust(6, "0")) if frac else 0
-        if sign:
-            if int(oh) > 14 or int(om) > 59:
-                raise ConversionError("time zone offset out of range")
-            delta = _dt.timedelta(hours=int(oh), minutes=int(om))
-            tzinfo: _dt.tzinfo = _dt.timezone(-delta if sign == "-" else delta)
-        else:
-            tzinfo = zone
+        tzinfo: _dt.tzinfo = _offset(sign + oh + om) if sign else zone
         value = _dt.datetime(
             int(year),
             int(month or 1),
@@ -129,12 +123,28 @@ def dtm(text: str, *, tz: str = "Europe/Amsterdam") -> _dt.datetime | None:
             micro,
             tzinfo=tzinfo,
         )
-        local = value.astimezone(_dt.timezone.utc).astimezone(zone)
+        # (via UTC when the wall time is the zone's: a spring time that does not exist moves on)
+        local = value.astimezone(zone) if sign else value.astimezone(_dt.timezone.utc).astimezone(zone)
+    except ConversionError:
+        raise
     except (ValueError, OverflowError) as error:  # OverflowError: year 1 or 9999 across UTC
         raise ConversionError("date/time out of range") from error
+    fixed = _fixed(local.utcoffset())  # type: ignore[arg-type]
     if hour is None:
-        return _day_time(local, text, _fixed(local.utcoffset()))  # type: ignore[arg-type]
-    return local.replace(tzinfo=_fixed(local.utcoffset()))  # type: ignore[arg-type]
+        return _day_time(local, text, fixed)
+    if tzinfo is fixed and not local.fold:  # sent with the zone's own offset: already the answer
+        return value
+    return local.replace(tzinfo=fixed)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset(text: str) -> _dt.timezone:
+    """The fixed zone of a sent offset (``+0100``), the same object as ``_fixed`` gives."""
+    hours, minutes = int(text[1:3]), int(text[3:5])
+    if hours > 14 or minutes > 59:
+        raise ConversionError("time zone offset out of range")
+    delta = _dt.timedelta(hours=hours, minutes=minutes)
+    return _fixed(-delta if text[0] == "-" else delta)
 
 
 def with_fixed_offset(value: _dt.datetime) -> _dt.datetime:
