@@ -42,7 +42,9 @@ _CODE_RE = re.compile(r"[^\s*][^*]*\*?")
 def _agb(node: yaml.Node, path: str) -> str:
     value = _text(node)
     if not _AGB_RE.fullmatch(value):
-        raise _Invalid("an AGB code is 8 digits (quote it to keep leading zeros)")
+        quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+        raise _Invalid(f"an AGB code is 8 digits, not {len(value)} characters"
+                       + ("" if quoted else " (quote it to keep leading zeros)"))
     return value
 
 

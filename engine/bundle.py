@@ -57,6 +57,16 @@ def load_bundle(channels_dir: Path, mappings_dir: Path) -> Bundle:
     return Bundle(config=config, mappings=mappings, book=book)
 
 
+def _not_mapped_by(declared: tuple[str, ...], taken: frozenset[str] | None) -> list[str]:
+    """The types a route takes (its own, else its channel's accepted; None: any) that its
+    mapping does not declare: ``SRM`` declares every SRM trigger, a route's ``SRM`` needs
+    one SRM trigger declared."""
+    if taken is None:
+        return []
+    return sorted(t for t in taken if t not in declared and t.partition("^")[0] not in declared
+                  and ("^" in t or not any(d.partition("^")[0] == t for d in declared)))
+
+
 def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> list[ConfigProblem]:
     problems = []
     names = {d.name for d in config.destinations}
@@ -78,10 +88,16 @@ def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> li
                 known = ", ".join(sorted(m.name for m in mappings.mappings)) or "none"
                 problems.append(ConfigProblem(**where, message=f"unknown mapping {route.map!r} (mappings: {known})"))
                 continue
+            strangers = _not_mapped_by(mapping.types, route.types if route.types is not None else channel.accept.types)
+            if strangers:
+                problems.append(ConfigProblem(**where, message=(
+                    f"mapping {route.map!r} maps {', '.join(mapping.types)}, not {', '.join(strangers)}, which this "
+                    "route takes (every one would be a mapping error): narrow the route's when.types or pick its mapping")))
             for outbound in mapping.outbound:
                 if outbound.to not in names:
+                    to_line, to_col, to_path = outbound.to_at
                     problem = ConfigProblem(
-                        file=str(mapping.file), line=outbound.line or None, col=None, path="outbound.to",
+                        file=str(mapping.file), line=to_line or None, col=to_col or None, path=to_path,
                         message=f"unknown destination {outbound.to!r} (channels define: {', '.join(sorted(names)) or 'none'})",
                     )
                     if problem not in problems:  # once, however many routes use the mapping

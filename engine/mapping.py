@@ -68,7 +68,7 @@ from engine.config import (
 )
 from engine.core import charsets
 from engine.core import convert as _convert
-from engine.core.agenda import ACTIONS, KINDS, SENT, AgendaEntry, AgendaEvent
+from engine.core.agenda import ACTIONS, KINDS, SENT, STATES, AgendaEntry, AgendaEvent
 from engine.core.escaping import _unchanged as _unchanged_escape
 from engine.core.escaping import escaper
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
@@ -453,6 +453,19 @@ _Leaf = tuple[tuple[str, str | None], ...]  # (literal, placeholder name or None
 _Field = tuple[tuple[tuple[_Leaf, ...], ...], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _NameUse:
+    """A placeholder, or a `when` condition's key, where it is written: checked once every
+    mapping is read (a template is shared; entry data holds what any mapping set)."""
+
+    name: str
+    line: int
+    col: int
+    path: str
+    for_each: str | None = None  # the block it is in (its {item...} read that list's items)
+    allowed: frozenset[str] = frozenset()  # a `when` condition's values
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _SegmentTemplate:
     name: str
@@ -479,6 +492,8 @@ class Template:
     msh: tuple[tuple[int, _Field], ...] = ()
     segments: tuple[_SegmentTemplate | _Block, ...] = ()
     delimiters: Delimiters = DEFAULT_DELIMITERS
+    # where each placeholder is written, for the check against the mappings that use it
+    uses: tuple[_NameUse, ...] = field(default=(), repr=False, compare=False)
     _plan: Any = field(default=None, init=False, repr=False, compare=False)  # _TemplatePlan
 
     def __post_init__(self) -> None:
@@ -495,7 +510,7 @@ class Outbound:
     when: tuple[tuple[str, frozenset[str]], ...] = ()
     # `when` as a list of condition maps: any one that holds (``when`` above is then empty)
     when_any: tuple[tuple[tuple[str, frozenset[str]], ...], ...] = ()
-    line: int = 0
+    to_at: tuple[int, int, str] = (0, 0, "outbound.to")  # where `to` is written: line, column, path
     # the alternatives worked out once (build_outbound checks them per message): per condition
     # the accessor (None: entry.last_sent) and the texts its value may be
     _checks: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -1224,6 +1239,11 @@ def _read_table(file: Path, display: str) -> tuple[dict[str, str] | None, list[C
 
 
 class _TemplateReader(_Walker):
+    def __init__(self, file: str) -> None:
+        super().__init__(file)
+        self.uses: list[_NameUse] = []
+        self.for_each: str | None = None  # while reading a block's segments
+
     def template(self, root: yaml.Node, name: str) -> Template | None:
         m = self.mapping(root, "", ("message", "version", "charset", "processing_id", "segments"))
         if m is None:
@@ -1281,6 +1301,7 @@ class _TemplateReader(_Walker):
             processing_id=values.get("processing_id", "P"),
             msh=msh,
             segments=tuple(parts),
+            uses=tuple(self.uses),
         )
 
     def block(self, node: yaml.MappingNode, path: str) -> _Block | None:
@@ -1295,10 +1316,12 @@ class _TemplateReader(_Walker):
         if "segments" not in m:
             self.report(node, _join(path, "segments"), "missing (required)")
         else:
+            self.for_each = name
             for index, item in enumerate(self.nodes(m["segments"], _join(path, "segments"), example="[{OBR: {...}}]")):
                 segment = self.segment(item, _join(_join(path, "segments"), index), allow_msh=False, in_block=True)
                 if segment is not None:
                     segments.append(segment)
+            self.for_each = None
         if len(self.problems) > start or name is None:
             return None
         return _Block(for_each=name, segments=tuple(segments))
@@ -1392,6 +1415,8 @@ class _TemplateReader(_Walker):
                 if _reads_item(option) and not in_block:
                     self.report(node, path, f"{{{name}}} is only known inside a for_each block")
                     return None
+                mark = node.start_mark
+                self.uses.append(_NameUse(option, mark.line + 1, mark.column + 1, path, self.for_each))
             pieces.append(("", " or ".join(options)))
             position = match.end()
         rest = text[position:]
@@ -1416,6 +1441,7 @@ class _MappingReader(_Walker):
         super().__init__(file)
         self.tables = tables
         self.templates = templates
+        self.when_uses: list[_NameUse] = []  # checked against the mapping's names once all are read
 
     def read_mapping(self, root: yaml.Node, file: Path) -> tuple[Mapping | None, list[tuple[str, yaml.Node]]]:
         """The mapping (None if anything is wrong) and its types with their nodes."""
@@ -1775,8 +1801,9 @@ class _MappingReader(_Walker):
                 when = self.conditions(w_node, _join(path, "when"))
         if len(self.problems) > start or to is None or template is None:
             return None
+        mark = m["to"].start_mark
         return Outbound(to=to, template=template, when=when, when_any=tuple(when_any),
-                        line=node.start_mark.line + 1)
+                        to_at=(mark.line + 1, mark.column + 1, _join(path, "to")))
 
     def conditions(self, node: yaml.Node, path: str) -> tuple[tuple[str, frozenset[str]], ...]:
         out = []
@@ -1787,8 +1814,10 @@ class _MappingReader(_Walker):
                 self.report(k_node, w_path, "expected a dotted event field name like action")
                 continue
             nodes = v_node.value if isinstance(v_node, yaml.SequenceNode) else [v_node]
-            allowed = [self.read(n, w_path, _text) for n in nodes]
-            out.append((key, frozenset(a for a in allowed if a is not None)))
+            allowed = frozenset(a for a in (self.read(n, w_path, _text) for n in nodes) if a is not None)
+            out.append((key, allowed))
+            mark = k_node.start_mark
+            self.when_uses.append(_NameUse(key, mark.line + 1, mark.column + 1, w_path, allowed=allowed))
         return tuple(out)
 
 
@@ -1825,6 +1854,7 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
             templates[file.name] = template
 
     mappings: list[Mapping] = []
+    when_uses: list[tuple[Mapping, list[_NameUse]]] = []
     seen_types: dict[str, tuple[str, int]] = {}
     seen_names: dict[str, str] = {}
     files = sorted(
@@ -1840,6 +1870,8 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
         reader = _MappingReader(str(file), tables, templates)
         mapping, types = reader.read_mapping(root, file)
         problems.extend(reader.problems)
+        if mapping is not None:
+            when_uses.append((mapping, reader.when_uses))
         for message_type, node in types:
             line = node.start_mark.line + 1
             if message_type in seen_types:
@@ -1855,6 +1887,8 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
                 problems.append(ConfigProblem(file=str(file), line=1, col=1, path="name", message=f"mapping name {mapping.name!r} is already used by {seen_names[mapping.name]}"))
             seen_names[mapping.name] = str(file)
             mappings.append(mapping)
+    if not problems:  # (names are checked against every mapping: only once all of them load)
+        problems.extend(_names_problems(mappings, when_uses))
     if problems:
         raise ConfigError(problems)
     return MappingSet(
@@ -1862,3 +1896,128 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
         templates={k: v for k, v in templates.items() if v is not None},
         tables={k: v for k, v in tables.items() if v is not None},
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Names: every placeholder and `when` key must name something a mapping sets. A typo
+# ({zd_numbr}, `acton:`) would otherwise leave a field empty, or an outbound never built,
+# without a word.
+
+_BUILT_NAMES = ("index", "timestamp", "control_id")
+_CHOICES = {"kind": KINDS, "action": ACTIONS, "entry.kind": KINDS, "entry.state": STATES,
+            "entry.previous_state": STATES}
+# Records a convert gives: the parts a placeholder may read after the field's name.
+_CONVERT_PARTS = {"dutch_name": frozenset(f.name for f in dataclass_fields(_convert.DutchName)),
+                  "code": frozenset(f.name for f in dataclass_fields(_convert.Code))}
+
+
+def _names_problems(mappings: Sequence[Mapping], when_uses: Sequence[tuple[Mapping, list[_NameUse]]]) -> list[ConfigProblem]:
+    everything = [dict(m.values) for m in mappings]  # what entry data may hold
+    problems = []
+    for mapping, uses in when_uses:
+        own = [dict(mapping.values)]
+        for use in uses:
+            reason = _name_problem(use, own, everything, in_when=True)
+            if reason is None:
+                reason = _choice_problem(use)
+            if reason is not None:
+                problems.append(ConfigProblem(file=str(mapping.file), line=use.line, col=use.col, path=use.path,
+                                              message=reason))
+    users: dict[str, tuple[Template, list[dict[str, Any]]]] = {}
+    for mapping in mappings:
+        for outbound in mapping.outbound:
+            if isinstance(outbound.template, Template):
+                users.setdefault(outbound.template.name, (outbound.template, []))[1].append(dict(mapping.values))
+    for template, specs in users.values():
+        for use in template.uses:
+            reason = _name_problem(use, specs, everything, in_when=False)
+            if reason is not None:
+                problems.append(ConfigProblem(file=template.file, line=use.line, col=use.col, path=use.path,
+                                              message=f"{{{use.name}}}: {reason}"))
+    return problems
+
+
+def _name_problem(use: _NameUse, specs: list[dict[str, Any]], everything: list[dict[str, Any]], *,
+                  in_when: bool) -> str | None:
+    """Why ``use`` can never have a value, or None. ``specs``: the event specs of the mappings
+    it is read with; ``everything``: every mapping's (entry data)."""
+    name = use.name
+    parts = name.split(".")
+    head = parts[0]
+    if name in TOP_LEVEL or name in _BUILT_NAMES or head == "index":  # ({index.x} is the index)
+        return None
+    if head == "entry":
+        if len(parts) == 1 or (in_when and name == LAST_SENT):
+            return None
+        if parts[1] in _ENTRY_ATTRIBUTES and not (parts[1] == "data" and len(parts) > 2):
+            return None
+        rest = parts[2:] if parts[1] == "data" else parts[1:]
+        if rest[0].startswith("_") or any(_reaches(s, rest) for s in everything):
+            return None
+        return f"no mapping sets {'.'.join(rest)!r}, so entry data never holds it{_hint('.'.join(rest), everything)}"
+    if head == "item" and use.for_each is not None:
+        lists = [s[use.for_each] for s in specs if isinstance(s.get(use.for_each), _List)]
+        if not lists or len(parts) == 1:
+            return None  # (a block over a field that is not a list is simply empty)
+        for spec in lists:
+            if isinstance(spec.item, _Value):
+                if _deeper(spec.item, parts[1:]):
+                    return None
+            elif _reaches(dict(spec.item), parts[1:]):
+                return None
+        return f"no item of {use.for_each!r} has {'.'.join(parts[1:])!r}"
+    if any(_reaches(s, parts) for s in specs):
+        return None
+    sets = "this mapping never sets" if in_when else "no mapping that uses this template sets"
+    return f"{sets} {name!r}{_hint(name, specs)}"
+
+
+def _reaches(specs: dict[str, Any], parts: list[str]) -> bool:
+    """Whether a field named by ``parts`` (its longest dotted prefix that is a field, then
+    parts of that value) can have a value."""
+    for cut in range(len(parts), 0, -1):
+        spec = specs.get(".".join(parts[:cut]))
+        if spec is not None:
+            return _deeper(spec, parts[cut:])
+    return False
+
+
+def _deeper(spec: Any, rest: list[str]) -> bool:
+    if not rest:
+        return True
+    if isinstance(spec, _List):  # {tests.1.test.code}
+        if not rest[0].isdigit():
+            return False
+        if isinstance(spec.item, _Value):
+            return _deeper(spec.item, rest[1:])
+        return len(rest) == 1 or _reaches(dict(spec.item), rest[1:])
+    if spec.path is None and not spec.options:
+        return True  # a `value:` constant: whatever it is
+    converts = {spec.convert} if spec.convert else {option.convert for option in spec.options} or {""}
+    for convert in converts:
+        parts = _CONVERT_PARTS.get(convert)
+        if parts is not None and len(rest) == 1 and rest[0] in parts:
+            return True
+        if convert in ("dtm", "date"):
+            return True  # (a date's own attributes: year, month, ...)
+    return False
+
+
+def _hint(name: str, specs: list[dict[str, Any]]) -> str:
+    known = sorted({n for s in specs for n in s} | set(TOP_LEVEL))
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _choice_problem(use: _NameUse) -> str | None:
+    """A `when` value for kind, action or a state that no event or entry can have."""
+    choices = _CHOICES.get(use.name)
+    if choices is None:
+        return None
+    for value in sorted(use.allowed):
+        if value in choices or value.endswith("*") or not value:
+            continue
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{value!r} is never the {use.name}: {hint}({', '.join(choices)})"
+    return None

@@ -1226,7 +1226,7 @@ def _print_trace(trace: dict[str, Any], now: float) -> None:
         print(f"  agenda entry {entry['id']}: {entry['agenda']} {entry['kind']} {entry['state']}  "
               f"(koppel agenda show {entry['id']})")
     if trace["built"]:
-        print("  built from it: " + ", ".join(f"{b['id']} {b['type'] or '-'}" for b in trace["built"]))
+        print("  built from it: " + ", ".join(f"{b['id']} ({b['type'] or '-'})" for b in trace["built"]))
     if not trace["built_search_complete"]:
         print(f"  (the first {_BUILT_LIMIT} built from it; `koppel messages --channel {m['channel']}` marks "
               f"the others 'built from {m['id']}')")
@@ -1373,6 +1373,10 @@ def is_patient_field(name: str) -> bool:
 @_command
 def agenda_list(args, store, dests) -> int:
     """Entries, most recently changed first; ids, states and keys only (no patient fields)."""
+    from engine.core.agenda import STATES
+
+    if args.state is not None and args.state not in STATES:  # (a typo would look like "none there")
+        raise _Fail(USAGE, f"no entry is ever in state {args.state!r} (states: {', '.join(STATES)})")
     records = store.list_agenda_entries(
         agenda_id=args.agenda, state=args.state, since=_day(args.date_from), until=_day(args.date_to, end=True),
         limit=args.limit,

@@ -77,7 +77,10 @@ def test_a_valid_file_keeps_leading_zeros_and_file_order(tmp_path):
          "agendas.yaml:4:5: agendas[0].colour: unknown key; expected one of: id, name, department, location_agb, "
          "select, fallback"),
         (VALID.replace('"06990001"', '"1234"'),
-         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits (quote it to keep leading zeros)"),
+         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 4 characters"),
+        (VALID.replace('"06990001"', '6990001'),  # (quoted, a leading zero would have stayed)
+         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 7 characters (quote it to keep "
+         "leading zeros)"),
         (VALID.replace("specialism: [CAR]", "specialsm: [CAR]"),
          "agendas.yaml:6:9: agendas[0].select[0].specialsm: unknown key; did you mean specialism?"),
         (VALID.replace("specialism: [CAR]", "specialism: []"),
@@ -110,7 +113,7 @@ def test_a_valid_file_keeps_leading_zeros_and_file_order(tmp_path):
         ("", "agendas.yaml:1:1: (top): file is empty; expected agendas: [...]"),
         ("agendas: []\n", "agendas.yaml:1:10: agendas: expected a non-empty list of agendas, each with id and name"),
     ],
-    ids=["unknown-key", "agb", "typo", "empty-list", "kind", "star", "fallback-select", "bool", "duplicate-id",
+    ids=["unknown-key", "agb", "agb-unquoted", "typo", "empty-list", "kind", "star", "fallback-select", "bool", "duplicate-id",
          "no-select", "no-fallback", "two-fallbacks", "empty-rule", "yaml-syntax", "empty-file", "no-agendas"],
 )  # fmt: skip
 def test_each_problem_is_reported_with_file_line_col_and_path(tmp_path, text, expected):

@@ -868,3 +868,59 @@ def test_prefer_picks_among_every_value_the_path_selects_and_is_checked_at_load(
         "e.g. ORC[*]-1) and no structured convert",
         "bad.yaml:5:68: event.action.prefer[1]: 'remove' is not a value of its table",
     ]
+
+
+NAMED = """
+name: named
+types: [ORM^O01]
+event:
+  kind: {value: diagnostic-order}
+  action: {from: ORC-1, table: {NW: create, CA: cancel}}
+  zd_number: {from: ORC-4.1}
+  patient.name: {from: PID-5, convert: dutch_name}
+  care_product: {from: PV2-3, convert: code}
+  ordered_at: {from: ORC-9, convert: dtm}
+  tests:
+    for_each: {anchor: ORC, members: [OBR]}
+    item:
+      test: {from: OBR-4, convert: code}
+      placer: {from: ORC-2.1}
+outbound:
+  - to: ris
+    when: {%s}
+    template: t.yaml
+"""
+TEMPLATE_HEAD = 'message: ORM^O01^ORM_O01\nversion: "2.4"\ncharset: 8859/1\nsegments:\n  - MSH: {3: KOPPEL}\n'
+
+
+@pytest.mark.parametrize("segments, when, expected", [
+    # names every mapping can read: no problem
+    ('  - PID: {5: "{patient.name.surname}", 7: "{ordered_at.year}", 9: "{entry.care_product.code}"}\n'
+     '  - for_each: tests\n    segments:\n      - OBR: {1: "{index}", 2: "{item.placer}", 4: "{item.test.text}"}\n',
+     "action: [create, cancel], entry.state: [ordered, scheduled], entry.last_sent: ORM^O01, kind: diagnostic-order",
+     []),
+    ('  - PID: {5: "{patient.nme.surname}"}\n', "action: create",
+     ["templates/t.yaml:6:14: segments[1].PID.5: {patient.nme.surname}: no mapping that uses this template sets "
+      "'patient.nme.surname' (did you mean 'patient.name'?)"]),
+    ('  - PID: {5: "{patient.name.surnam}", 6: "{care_product.cod}"}\n', "action: create",
+     ["templates/t.yaml:6:14: segments[1].PID.5: {patient.name.surnam}: no mapping that uses this template sets 'patient.name.surnam' (did you mean 'patient.name'?)",
+      "templates/t.yaml:6:42: segments[1].PID.6: {care_product.cod}: no mapping that uses this template sets 'care_product.cod' (did you mean 'care_product'?)"]),
+    ('  - for_each: tests\n    segments:\n      - OBR: {2: "{item.placr}"}\n', "action: create",
+     ["templates/t.yaml:8:18: segments[1].segments[0].OBR.2: {item.placr}: no item of 'tests' has 'placr'"]),
+    ('  - PID: {3: "{entry.zd_numbr}"}\n', "action: create",
+     ["templates/t.yaml:6:14: segments[1].PID.3: {entry.zd_numbr}: no mapping sets 'zd_numbr', so entry data never holds it (did you mean 'zd_number'?)"]),
+    ('  - PID: {3: "{zd_number}"}\n', "acton: create, entry.state: requestd",
+     ["named.yaml:17:12: outbound[0].when.acton: this mapping never sets 'acton' (did you mean 'action'?)",
+      "named.yaml:17:27: outbound[0].when.entry.state: 'requestd' is never the entry.state: did you mean 'requested'? "
+      "(requested, booked, rescheduled, modified, cancelled, completed, ordered, scheduled)"]),
+    ('  - PID: {3: "{zd_number}"}\n', "action: [create, 'cancel*', ''], entry.previous_state: '*'", []),
+])
+def test_a_name_that_no_mapping_sets_is_a_config_error_where_it_is_written(tmp_path, segments, when, expected):
+    """A placeholder or `when` key that can never have a value, or a `when` value that kind,
+    action or a state never is, would leave a field empty or an outbound never built."""
+    write(tmp_path, "named.yaml", NAMED % when)
+    write(tmp_path, "templates/t.yaml", TEMPLATE_HEAD + segments)
+    if not expected:
+        load_mappings(tmp_path)
+    else:
+        assert problems(tmp_path) == expected

@@ -41,12 +41,17 @@ segments:
   - ZEN: {1: end}
 '''
 
+# Every name the templates here read is one the mapping sets (else a config error, see
+# test_a_placeholder_no_mapping_sets_is_a_config_error); the tests build their events by hand.
+_READ = ("sender name empty a b flag no when day code name_obj number items rec deep naive nothing missing "
+         "bsn zd street city phone mobile status service booked also_nothing x y").split()
 MAPPING = """\
 name: m
 types: [SRM^S01]
 event:
   kind: {value: appointment-request}
   action: {value: create}
+""" + "".join(f"  {name}: {{value: v}}\n" for name in _READ) + """\
 outbound:
   - {to: a, template: t.yaml}
   - {to: b, template: t.yaml, when: {sender: '*', kind: [appointment-request]}}

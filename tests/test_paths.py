@@ -65,6 +65,7 @@ def test_a_full_path_parses_into_its_parts():
         ("PID[2=X]-3", 6),
         ("PID-3[4=NLMINBIZA", 18),
         ("PID-3[]", 7),
+        ("PID-3[4=].1", 9),  # the value forgotten: never silently "component 4 empty"
         ("PID-3 ", 6),
         ("MSH-2.1", 5),
     ],

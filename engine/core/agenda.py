@@ -37,6 +37,7 @@ from engine.core.convert import PartialDate
 __all__ = [
     "ACTIONS",
     "CLOSED_STATES",
+    "STATES",
     "FAMILY",
     "INITIAL_STATE",
     "KINDS",
@@ -125,6 +126,7 @@ TRANSITIONS: Mapping[str, Mapping[str, Mapping[str, str | None]]] = MappingProxy
     }
 )
 CLOSED_STATES = frozenset({"cancelled", "completed"})
+STATES = tuple(dict.fromkeys(state for family in TRANSITIONS.values() for state in family))  # every state
 
 # Re-deliveries: the action that led to the state, repeated. Changing nothing, it is a no-op;
 # a repeated cancel is always a no-op (an S04 and an S15 may both cancel one entry).

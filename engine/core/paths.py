@@ -113,6 +113,8 @@ class _Parser:
                     self.pos = len(self.text)
                     raise self.fail("expected ']' to close the selector")
                 wanted = self.text[start:end]
+                if not wanted:  # (a component that is empty is not what anyone means by PID-3[4=])
+                    raise self.fail("expected the value to match after '=', like [4=NLMINBIZA]", start)
                 if "[" in wanted:
                     raise self.fail("'[' inside a selector value", start + wanted.index("["))
                 self.pos = end
