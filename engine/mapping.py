@@ -627,6 +627,10 @@ def _compile_accessor(name: str) -> _Accessor:
         return lambda event, entry, item, index, now: now.timestamp if now.__class__ is _Built else now
     if name == "control_id":  # the MSH-10 of the message being built: a unique document number
         return lambda event, entry, item, index, now: now.control_id if now.__class__ is _Built else None
+    if head == "agenda":  # {agenda.location_agb}: the agenda the entry is in, from agendas.yaml
+        agenda_steps = _steps(parts[1:])
+        return lambda event, entry, item, index, now: (
+            _walk(now.agenda, agenda_steps) if now.__class__ is _Built else None)
     if head == "item":
         steps = _steps(parts[1:])
         if not steps:
@@ -983,10 +987,11 @@ class _TemplatePlan:
 
 
 class _Built(NamedTuple):
-    """What a template's {timestamp} and {control_id} read while it is built."""
+    """What a template's {timestamp}, {control_id} and {agenda...} read while it is built."""
 
     timestamp: _dt.datetime
     control_id: str
+    agenda: Any = None  # the agenda the entry is in (an agenda.Agenda), if known
 
 
 def build(
@@ -996,6 +1001,7 @@ def build(
     control_id: str,
     timestamp: _dt.datetime,
     entry: Any = None,
+    agenda: Any = None,
 ) -> bytes:
     """The outbound message for `event`, encoded in the template's charset.
 
@@ -1010,7 +1016,7 @@ def build(
         timestamp = _convert.with_fixed_offset(timestamp)  # formatted at most a few times below
     plan: _TemplatePlan = template._plan
     field_sep = plan.field_sep
-    built = _Built(timestamp, control_id)
+    built = _Built(timestamp, control_id, agenda)
     top = plan.top.values(event, entry, None, None, built)
     msh = plan.msh.render(top)  # msh[n] is MSH-n
     msh += [""] * (19 - len(msh))
@@ -1161,10 +1167,11 @@ RECEIVED: Any = type("Received", (), {"__repr__": lambda self: "RECEIVED"})()
 
 def build_outbound(
     mapping: Mapping, event: AgendaEvent, entry: Any, *, control_id: str, timestamp: _dt.datetime,
-    sent: _Mapping[str, str] | None = None,
+    sent: _Mapping[str, str] | None = None, agenda: Any = None,
 ) -> list[tuple[str, Any]]:
     """(destination, bytes) for each outbound entry whose `when` matches; (destination,
     RECEIVED) for a `template: received` one (the caller queues the received message).
+    ``agenda``: the agenda the entry is in, which `{agenda.name}` and the like read.
 
     ``sent``: the type of the message each destination last had for this entry (the entry's
     ``agenda.SENT``; ``"*"`` for any other destination), which `when` reads as
@@ -1181,7 +1188,7 @@ def build_outbound(
             out.append((outbound.to, RECEIVED))
             continue
         message_id = f"{control_id}-{number}" if many else control_id
-        data = build(outbound.template, event, control_id=message_id, timestamp=timestamp, entry=entry)
+        data = build(outbound.template, event, control_id=message_id, timestamp=timestamp, entry=entry, agenda=agenda)
         out.append((outbound.to, data))
     return out
 
@@ -1904,6 +1911,7 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
 # without a word.
 
 _BUILT_NAMES = ("index", "timestamp", "control_id")
+_AGENDA_PARTS = ("id", "name", "department", "location_agb")  # what {agenda.X} may read
 _CHOICES = {"kind": KINDS, "action": ACTIONS, "entry.kind": KINDS, "entry.state": STATES,
             "entry.previous_state": STATES}
 # Records a convert gives: the parts a placeholder may read after the field's name.
@@ -1955,6 +1963,12 @@ def _name_problem(use: _NameUse, specs: list[dict[str, Any]], everything: list[d
         if rest[0].startswith("_") or any(_reaches(s, rest) for s in everything):
             return None
         return f"no mapping sets {'.'.join(rest)!r}, so entry data never holds it{_hint('.'.join(rest), everything)}"
+    if head == "agenda":
+        if in_when:
+            return "a when reads the agenda as entry.agenda_id"
+        if len(parts) == 2 and parts[1] in _AGENDA_PARTS:
+            return None
+        return f"an agenda has {', '.join(_AGENDA_PARTS)}"
     if head == "item" and use.for_each is not None:
         lists = [s[use.for_each] for s in specs if isinstance(s.get(use.for_each), _List)]
         if not lists or len(parts) == 1:

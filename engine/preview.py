@@ -96,7 +96,8 @@ def preview(bundle, channel_name: str, raw: bytes, *, store=None, now: dt.dateti
     from engine.mapping import RECEIVED, build_outbound, sent_so_far
 
     sent = sent_so_far(entry.data, new=existing is None)  # what each system last had (with --store)
-    outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent)
+    outbound = build_outbound(mapping, event, entry, control_id=ControlIds("PREVIEW-")(), timestamp=now, sent=sent,
+                              agenda=bundle.book.find(entry.agenda_id))
     result["outbound"] = [{"to": name, "message": "(the message as received)" if data is RECEIVED
                            else _shown(data, patient_data)} for name, data in outbound]
     return result

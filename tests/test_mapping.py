@@ -914,6 +914,9 @@ TEMPLATE_HEAD = 'message: ORM^O01^ORM_O01\nversion: "2.4"\ncharset: 8859/1\nsegm
       "named.yaml:17:27: outbound[0].when.entry.state: 'requestd' is never the entry.state: did you mean 'requested'? "
       "(requested, booked, rescheduled, modified, cancelled, completed, ordered, scheduled)"]),
     ('  - PID: {3: "{zd_number}"}\n', "action: [create, 'cancel*', ''], entry.previous_state: '*'", []),
+    ('  - AIL: {3: ["{agenda.id}", "{agenda.nme}"]}\n', "agenda.id: cardiology",
+     ["named.yaml:17:12: outbound[0].when.agenda.id: a when reads the agenda as entry.agenda_id",
+      "templates/t.yaml:6:30: segments[1].AIL.3[1]: {agenda.nme}: an agenda has id, name, department, location_agb"]),
 ])
 def test_a_name_that_no_mapping_sets_is_a_config_error_where_it_is_written(tmp_path, segments, when, expected):
     """A placeholder or `when` key that can never have a value, or a `when` value that kind,

@@ -26,6 +26,7 @@ def test_an_appointment_request_previews_as_a_cardiology_entry_and_a_siu_for_the
     (outbound,) = result["outbound"]
     assert outbound["to"] == "his-scheduling"
     assert outbound["message"].startswith("MSH|^~\\&|") and "SIU^S12" in outbound["message"]
+    assert "\nAIL|1|A|cardiology^^^" in outbound["message"]  # the agenda, as the engine sends it
 
 
 def test_a_letter_on_its_own_previews_as_held_until_its_request(capsys):

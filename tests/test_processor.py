@@ -531,3 +531,32 @@ def test_a_greater_kind_that_only_repeats_values_is_kept_quietly(h):
     assert len(h.store.agenda_history(after.id)) == len(h.store.agenda_history(before.id)) == 1
     assert len(h.queued) == queued  # nothing sent
 
+
+
+def _his_ail(h, message_id) -> list[str]:
+    (built,) = outbound_of(h, message_id)
+    segments = h.store.get_message(built.id).raw.decode("latin-1").split("\r")
+    return next(s for s in segments if s.startswith("AIL|")).split("|")[3].split("^")
+
+
+def test_the_his_is_told_the_agenda_the_request_is_in(h):
+    """The SIU^S12's AIL-3 names the agenda Koppel chose (point of care: its id; description:
+    its name), beside the location the request named."""
+    ail = _his_ail(h, h.receive(srm()))
+    assert (ail[0], ail[3], ail[8]) == ("cardiology", "01059998&Isala, locatie Zwolle", "Polikliniek Cardiologie")
+
+
+def test_a_request_no_rule_selects_goes_to_the_his_in_the_fallback_agenda_with_the_agendas_location(h):
+    raw = (srm().replace(b"CARHAR^Cardiologie / Hartfalen", b"XYZ^Onbekend").replace(b"CARREG001", b"XYZ001")
+           .replace(b"AIG|1|U|CAR^Cardiologie^99zda", b"AIG|1|U|XYZ^Onbekend^99zda")
+           .replace(b"AIL|1|U|^^^01059998&Isala, locatie Zwolle", b"AIL|1|U|"))
+    message_id = h.receive(raw)
+    (entry,) = h.entries()
+    assert entry.agenda_id == "unassigned"
+    ail = _his_ail(h, message_id)
+    assert (ail[0], ail[3], ail[8]) == ("unassigned", "", "Nog niet ingedeeld")
+
+
+def test_a_request_that_names_no_location_goes_to_the_his_with_its_agendas_own(h):
+    ail = _his_ail(h, h.receive(srm().replace(b"AIL|1|U|^^^01059998&Isala, locatie Zwolle", b"AIL|1|U|")))
+    assert (ail[0], ail[3], ail[8]) == ("cardiology", "06990001", "Polikliniek Cardiologie")

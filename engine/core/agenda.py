@@ -517,10 +517,17 @@ class AgendaBook:
         return next(agenda for agenda in self.agendas if agenda.fallback)
 
     def agenda(self, agenda_id: str) -> Agenda:
+        found = self.find(agenda_id)
+        if found is None:
+            raise KeyError(agenda_id)
+        return found
+
+    def find(self, agenda_id: str | None) -> Agenda | None:
+        """The agenda, or None (an entry stored under an agenda since taken out of the file)."""
         for agenda in self.agendas:
             if agenda.id == agenda_id:
                 return agenda
-        raise KeyError(agenda_id)
+        return None
 
     def select(self, event: AgendaEvent) -> tuple[Agenda, bool]:
         """(agenda, is_fallback): the first agenda in file order with a matching rule, else

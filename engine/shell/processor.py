@@ -666,7 +666,7 @@ class Processor:
         ops = []
         for mapping, event, seen, work in builds:
             built = build_outbound(mapping, event, seen, control_id=self.control_ids(), timestamp=self._now(),
-                                   sent=sent)
+                                   sent=sent, agenda=self.book.find(getattr(seen, "agenda_id", None)))
             for destination_name, data in built:
                 destination = self.destinations.get(destination_name)
                 if destination is None:  # koppel check reports this; never silently dropped
