@@ -135,13 +135,19 @@ def _check(args) -> int:
     if error is not None:
         sys.stderr.write(f"{error}\n")
         return 1
-    from engine.config import unrouted_types
+    from engine.config import unreachable_route_types, unrouted_types
 
     for channel in config.config.channels:  # (an on-map channel answers those AR itself)
         for accepted in unrouted_types(channel) if channel.ack.mode != "on-map" else ():
             sys.stderr.write(f"warning: {channel.file or channel.name}: channel {channel.name} accepts {accepted} but "
                              "no route takes it: answered AA and stored as filtered; route it, or leave it out of "
                              "accept.types to refuse it (AR)\n")
+        for index, named in unreachable_route_types(channel):
+            line, _ = channel.mark(f"routes[{index}].map") if channel.routes[index].map else (None, None)
+            where = f"{channel.file}:{line}" if line and channel.file else (channel.file or channel.name)
+            sys.stderr.write(f"warning: {where}: routes[{index}] of channel {channel.name} takes {named}, which "
+                             "accept.types refuses (answered AR before any route): add it to accept.types, or "
+                             "leave it out of the route\n")
     mappings = len(config.mappings.mappings) if config.mappings else 0
     agendas = len(config.book.agendas) if config.book else 0
     print(f"ok: {len(config.config.channels)} channel(s), {len(config.config.destinations)} destination(s), "

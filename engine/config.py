@@ -259,6 +259,31 @@ def _types_match(types: frozenset[str] | None, msg_type: str, trigger: str) -> b
     return types is None or msg_type in types or f"{msg_type}^{trigger}" in types
 
 
+# PyYAML's words for the mistakes people make most, in theirs.
+_YAML_HINTS = {
+    "mapping values are not allowed here": "; usually a key indented deeper than the one before it, "
+                                           "or a value holding ': ' that needs quotes",
+    "could not find expected ':'": "; usually a key without ':' or a line indented less than its neighbours",
+}
+
+
+def unreachable_route_types(channel: "ChannelConfig") -> list[tuple[int, str]]:
+    """(route index, type) for each type a route names that the channel's ``accept.types``
+    refuses: the route can never take it (a refused message is answered AR before routing)."""
+    accepted = channel.accept.types
+    if not accepted:
+        return []
+    out = []
+    for index, route in enumerate(channel.routes):
+        for named in sorted(route.types or ()):
+            msg_type, _, trigger = named.partition("^")
+            takes = (_types_match(accepted, msg_type, trigger) if trigger
+                     else any(a.partition("^")[0] == msg_type for a in accepted))
+            if not takes:
+                out.append((index, named))
+    return out
+
+
 def unrouted_types(channel: "ChannelConfig") -> list[str]:
     """The types a channel lists in ``accept`` that none of its routes takes (whatever their
     field conditions): such a message is answered AA and stored as filtered, which a sender
@@ -1296,7 +1321,8 @@ def compose_file(file: Path, display: str, *, empty: str) -> tuple[yaml.Node | N
         mark = error.problem_mark or error.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         context = f" ({error.context})" if error.context else ""
-        return fail(line, col, "(yaml)", f"YAML syntax: {error.problem}{context}")
+        hint = _YAML_HINTS.get(error.problem or "", "")
+        return fail(line, col, "(yaml)", f"YAML syntax: {error.problem}{context}{hint}")
     except yaml.YAMLError as error:  # e.g. a control character the reader refuses
         reason = getattr(error, "reason", None) or str(error)
         return fail(*_line_col(text, getattr(error, "position", 0)), "(yaml)", f"YAML syntax: {reason}")

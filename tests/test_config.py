@@ -223,6 +223,7 @@ def test_a_destination_without_options_gets_the_documented_defaults(dirs):
         ("- name: a\n", "a.yaml:1:1: (top): expected a mapping with keys name, source, accept, duplicates, ack, destinations, routes, got a list"),
         ("name: a\nsource: {listen: tcp:0\n", "a.yaml:3:1: (yaml): YAML syntax: expected ',' or '}', but got '<stream end>' (while parsing a flow mapping)"),
         (MINIMAL + "---\nname: b\n", "a.yaml:4:1: (yaml): YAML syntax: but found another document (expected a single document in the stream)"),
+        ("name: a\nsource:\n  listen: tcp:0\n    allow: [127.0.0.1]\n", "a.yaml:4:10: (yaml): YAML syntax: mapping values are not allowed here; usually a key indented deeper than the one before it, or a value holding ': ' that needs quotes"),
         (MINIMAL + "colour: blue\n", "a.yaml:4:1: colour: unknown key; expected one of: name, source, accept, duplicates, ack, destinations, routes"),
         (MINIMAL + "name: b\n", "a.yaml:4:1: name: duplicate key (first at line 1)"),
         ("source:\n  listen: tcp:0\n", "a.yaml:1:1: name: missing (required)"),

@@ -1,6 +1,7 @@
 """Routes by field conditions (`when: {fields: ..., unless: ...}`): the pure check, the
 config that declares it, and a channel that uses it to send ZorgDomein's lab ORMs to the LIS."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,27 @@ def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(
     out, err = capsys.readouterr()
     assert out.startswith("ok: 1 channel(s)")
     assert "channel t accepts SIU^S12 but no route takes it" in err and "SRM^S01" not in err
+
+
+@pytest.mark.parametrize("route_types, warned", [
+    ("[ORU^R01]", ["ORU^R01"]), ("[SRM^S01, ORM]", ["ORM"]), ("[SRM]", []), ("[SRM^S04]", ["SRM^S04"]),
+])
+def test_koppel_check_warns_of_a_route_type_the_channel_refuses(tmp_path, capsys, route_types, warned):
+    """A route on a type that accept.types leaves out can never take a message: it is answered
+    AR before routing. The onboarding drill's channel passed check without a word."""
+    from engine.cli import main
+
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (tmp_path / "mappings").mkdir()
+    (channels / "t.yaml").write_text(
+        "name: t\nsource: {listen: tcp:0}\naccept: {types: [SRM^S01]}\n"
+        "destinations: {lis: {endpoint: 'tcp:host=127.0.0.1:port=6663'}}\n"
+        f"routes: [{{when: {{types: {route_types}}}, to: [lis]}}]\n")
+    assert main(["check", "--channels", str(channels), "--mappings", str(tmp_path / "mappings")]) == 0
+    err = capsys.readouterr().err
+    found = re.findall(r"routes\[0\] of channel t takes (\S+), which accept.types refuses", err)
+    assert found == warned, err
 
 
 # ----------------------------------------------------------------------------- `template: received`
