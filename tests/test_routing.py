@@ -366,18 +366,24 @@ def test_a_type_accepted_but_routed_nowhere_is_found(tmp_path, accept, routes, u
     assert unrouted_types(channel) == unrouted
 
 
-def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(tmp_path, capsys):
+def check_one_channel(tmp_path, capsys, accept: str, route_types: str) -> tuple[str, str]:
+    """`koppel check` (which must pass) of one channel accepting ``accept`` with one route on
+    ``route_types``: its stdout and stderr."""
     from engine.cli import main
 
     channels = tmp_path / "channels"
     channels.mkdir()
     (tmp_path / "mappings").mkdir()
     (channels / "t.yaml").write_text(
-        "name: t\nsource: {listen: tcp:0}\naccept: {types: [SRM^S01, SIU^S12]}\n"
+        f"name: t\nsource: {{listen: tcp:0}}\naccept: {{types: {accept}}}\n"
         "destinations: {lis: {endpoint: 'tcp:host=127.0.0.1:port=6663'}}\n"
-        "routes: [{when: {types: [SRM^S01]}, to: [lis]}]\n")
+        f"routes: [{{when: {{types: {route_types}}}, to: [lis]}}]\n")
     assert main(["check", "--channels", str(channels), "--mappings", str(tmp_path / "mappings")]) == 0
-    out, err = capsys.readouterr()
+    return capsys.readouterr()
+
+
+def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(tmp_path, capsys):
+    out, err = check_one_channel(tmp_path, capsys, "[SRM^S01, SIU^S12]", "[SRM^S01]")
     assert out.startswith("ok: 1 channel(s)")
     assert "channel t accepts SIU^S12 but no route takes it" in err and "SRM^S01" not in err
 
@@ -388,17 +394,7 @@ def test_koppel_check_warns_of_an_accepted_type_no_route_takes_and_still_passes(
 def test_koppel_check_warns_of_a_route_type_the_channel_refuses(tmp_path, capsys, route_types, warned):
     """A route on a type that accept.types leaves out can never take a message: it is answered
     AR before routing. The onboarding drill's channel passed check without a word."""
-    from engine.cli import main
-
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    (tmp_path / "mappings").mkdir()
-    (channels / "t.yaml").write_text(
-        "name: t\nsource: {listen: tcp:0}\naccept: {types: [SRM^S01]}\n"
-        "destinations: {lis: {endpoint: 'tcp:host=127.0.0.1:port=6663'}}\n"
-        f"routes: [{{when: {{types: {route_types}}}, to: [lis]}}]\n")
-    assert main(["check", "--channels", str(channels), "--mappings", str(tmp_path / "mappings")]) == 0
-    err = capsys.readouterr().err
+    _, err = check_one_channel(tmp_path, capsys, "[SRM^S01]", route_types)
     found = re.findall(r"routes\[0\] of channel t takes (\S+), which accept.types refuses", err)
     assert found == warned, err
 
