@@ -70,10 +70,10 @@ from engine.core import charsets
 from engine.core import convert as _convert
 from engine.core.agenda import ACTIONS, KINDS, SENT, STATES, AgendaEntry, AgendaEvent
 from engine.core.escaping import _unchanged as _unchanged_escape
-from engine.core.escaping import escaper
+from engine.core.escaping import escaper, special_search
 from engine.core.header import DEFAULT_DELIMITERS, Delimiters
 from engine.core.hl7message import Message, escape, segment_groups
-from engine.core.paths import ALL, FieldPath, PathError, first, first_subcomponents, parse_path, select
+from engine.core.paths import ALL, FieldPath, PathError, first_subcomponents, parse_path, select
 from engine.core.routing import ValuePatterns
 
 __all__ = [
@@ -212,16 +212,38 @@ class _Value:
     # A plain text read (a path, no group, no first:, a text convert or none): the path's
     # compiled ``first``, so evaluate can go straight to it.
     _reader: Any = field(init=False, repr=False, compare=False, default=None)
+    # Any other spec: the method that reads it (within its group: ``_inner``), chosen once
+    # rather than by a chain of tests per message.
+    _source: Any = field(init=False, repr=False, compare=False, default=None)
+    _inner: Any = field(init=False, repr=False, compare=False, default=None)
+    _shape: str = field(init=False, repr=False, compare=False, default="text")
+    # ``_reader`` when nothing follows the read (no table, convert, default or required): the
+    # value is what it gives, so the loops over many specs call it without ``evaluate``
+    # (Mapping.apply, _List.evaluate).
+    _plain_reader: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        if (
-            self.path is not None
-            and not self.options
-            and self.group is None
-            and not self.prefer
-            and (not self.convert or CONVERTS[self.convert][1] == "text")
-        ):
-            object.__setattr__(self, "_reader", self.path._first)
+        shape = CONVERTS[self.convert][1] if self.convert else "text"
+        object.__setattr__(self, "_shape", shape)
+        constant = self.path is None and not self.options
+        plain = False
+        if constant:
+            inner = self._constant
+        elif self.options:
+            inner = self._first_option
+        elif shape != "text":
+            inner = self._structured
+        elif self.prefer:
+            inner = self._preferred
+        else:
+            inner, plain = self._plain, True
+        grouped = self.group is not None and not constant
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_source", self._grouped if grouped else inner)
+        if plain and not grouped:
+            object.__setattr__(self, "_reader", self.path._first)  # type: ignore[union-attr]
+            if self.table is None and not self.convert and self.default is None and not self.required:
+                object.__setattr__(self, "_plain_reader", self.path._first)  # type: ignore[union-attr]
 
     def error(self, errors: list[MappingError], reason: str, label: str | None = None) -> Any:
         errors.append(
@@ -238,7 +260,7 @@ class _Value:
         ``defaulted``."""
         reader = self._reader
         try:
-            if reader is not None:  # the straight line of _value for a plain text read
+            if reader is not None:  # the straight line of _plain, without its call
                 value = reader(target)
                 if not value or value == '""':  # "" is HL7's explicit null
                     value = None
@@ -247,9 +269,9 @@ class _Value:
                 else:
                     value = self._finish(value, errors, label, defaulted)
             else:
-                value = self._value(target, errors, label, defaulted)
+                value = self._source(target, errors, label, defaulted)
         except Exception as unexpected:  # a broken message must not escape as an exception
-            return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
+            return self.unreadable(errors, unexpected, label)
         if value is _FAILED:
             return value
         if value is None:
@@ -261,43 +283,48 @@ class _Value:
                 return self.error(errors, "missing (required)", label)
         return value
 
-    def _value(self, target: _Target, errors: list[MappingError], label: str | None,
-               defaulted: list[bool] | None = None) -> Any:
-        if self.path is None and not self.options:
-            return self.constant
-        if self.group is not None:
-            groups = self.group.matching(target)
-            if not groups:
-                return None
-            reported = len(errors)
-            value = self._read(groups[0], errors, label, defaulted)
-            if len(errors) > reported:  # paths read within the group: name its segments
-                errors[reported:] = [_in_item(error, groups[0]) for error in errors[reported:]]
-            return value
-        return self._read(target, errors, label, defaulted)
+    def unreadable(self, errors: list[MappingError], unexpected: Exception, label: str | None = None) -> Any:
+        """The error for an exception while reading (never its text: it may hold a value)."""
+        return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
 
-    def _read(self, target: _Target, errors: list[MappingError], label: str | None,
-              defaulted: list[bool] | None) -> Any:
-        if self.options:
-            tried: list[MappingError] = []
-            for option in self.options:
-                value = option.evaluate(target, tried, label)
-                if value is not None and value is not _FAILED:
-                    return self._finish(value, errors, label, defaulted) if (self.table or self.convert) else value
-            # An option that does not convert is passed over ("the first that is a ZD-number");
-            # when nothing fits a required field, why each option failed is the better error.
-            if tried and self.required and self.default is None:
-                errors.extend(tried)
-                return _FAILED
+    def _constant(self, target: _Target, errors: list[MappingError], label: str | None,
+                  defaulted: list[bool] | None) -> Any:
+        return self.constant
+
+    def _grouped(self, target: _Target, errors: list[MappingError], label: str | None,
+                 defaulted: list[bool] | None) -> Any:
+        """The value read within the first segment group that matches."""
+        groups = self.group.matching(target)  # type: ignore[union-attr]
+        if not groups:
             return None
-        shape = CONVERTS[self.convert][1] if self.convert else "text"
-        if shape != "text":
-            return self._structured(target, shape, errors, label)
-        if self.prefer:
-            return self._preferred(target, errors, label, defaulted)
-        raw = first(target, self.path)
+        group = groups[0]
+        reported = len(errors)
+        value = self._inner(group, errors, label, defaulted)
+        if len(errors) > reported:  # paths read within the group: name its segments
+            errors[reported:] = [_in_item(error, group) for error in errors[reported:]]
+        return value
+
+    def _first_option(self, target: _Target, errors: list[MappingError], label: str | None,
+                      defaulted: list[bool] | None) -> Any:
+        tried: list[MappingError] = []
+        for option in self.options:
+            value = option.evaluate(target, tried, label)
+            if value is not None and value is not _FAILED:
+                return self._finish(value, errors, label, defaulted) if (self.table or self.convert) else value
+        # An option that does not convert is passed over ("the first that is a ZD-number");
+        # when nothing fits a required field, why each option failed is the better error.
+        if tried and self.required and self.default is None:
+            errors.extend(tried)
+            return _FAILED
+        return None
+
+    def _plain(self, target: _Target, errors: list[MappingError], label: str | None,
+               defaulted: list[bool] | None) -> Any:
+        raw = self.path._first(target)  # type: ignore[union-attr]
         if not raw or raw == '""':  # "" is HL7's explicit null
             return None
+        if self.table is None and not self.convert:  # (as read: no call of _finish)
+            return raw
         return self._finish(raw, errors, label, defaulted)
 
     def _finish(self, raw: Any, errors: list[MappingError], label: str | None,
@@ -343,7 +370,8 @@ class _Value:
             defaulted.append(True)
         return best
 
-    def _structured(self, target: _Target, shape: str, errors: list[MappingError], label: str | None) -> Any:
+    def _structured(self, target: _Target, errors: list[MappingError], label: str | None,
+                    defaulted: list[bool] | None) -> Any:
         # The first selected value with any content, split before unescaping; each component's
         # first subcomponent (and, for a name, every subcomponent of the first: FN.1-5).
         for firsts, content, first_subs in first_subcomponents(target, self.path):  # type: ignore[arg-type]
@@ -352,16 +380,14 @@ class _Value:
         else:
             return None
         function = CONVERTS[self.convert][0]
+        # HL7's explicit null "" reads as empty (in the comprehension: no call per component)
+        firsts = ["" if c is None or c == '""' else c for c in firsts]
         try:
-            if shape == "name":
-                return function([_not_null(c) for c in firsts], [_not_null(s) for s in first_subs])
-            return function([_not_null(c) for c in firsts])
+            if self._shape == "name":
+                return function(firsts, ["" if s is None or s == '""' else s for s in first_subs])
+            return function(firsts)
         except _convert.ConversionError as problem:
             return self.error(errors, f"cannot convert with {self.convert}: {problem}", label)
-
-
-def _not_null(value: str | None) -> str:
-    return "" if value is None or value == '""' else value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -394,7 +420,17 @@ class _List:
                 record: dict[str, Any] = {}
                 for name, spec in self.item:
                     before = len(errors)
-                    value = spec.evaluate(group, errors, name)  # labelled below, only if it fails
+                    read = spec._plain_reader
+                    if read is None:
+                        value = spec.evaluate(group, errors, name)  # labelled below, only if it fails
+                    else:  # evaluate's straight line, without the call (see Mapping.apply)
+                        try:
+                            value = read(group)
+                        except Exception as unexpected:
+                            value = spec.unreadable(errors, unexpected, name)
+                        else:
+                            if value == '""':
+                                value = None
                     if len(errors) > before:
                         label = f"{self.label}[{number}].{name}"
                         errors[before:] = [_replace_fields(e, field=label) for e in errors[before:]]
@@ -635,6 +671,21 @@ def _compile_accessor(name: str) -> _Accessor:
         steps = _steps(parts[1:])
         if not steps:
             return lambda event, entry, item, index, now: item
+        if len(steps) == 1:  # {item.placer}: a key of a record (a dict), read without _walk
+            key = parts[1]
+            return lambda event, entry, item, index, now: (
+                item.get(key) if item.__class__ is dict else _walk(item, steps))
+        if len(steps) == 2 and not steps[1][2]:  # {item.test.code}: likewise, then an attribute
+            key, attribute = parts[1], parts[2]
+
+            def record_attribute(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
+                if item.__class__ is dict:
+                    value = item.get(key)
+                    if _KINDS.get(value.__class__) == _OBJECT:
+                        return getattr(value, attribute, None)
+                return _walk(item, steps)
+
+            return record_attribute
         return lambda event, entry, item, index, now: _walk(item, steps)
     if head == "entry":
         if len(parts) == 1:
@@ -647,13 +698,22 @@ def _compile_accessor(name: str) -> _Accessor:
         return lambda event, entry, item, index, now: getattr(event, name)
     if len(parts) == 1:
         return lambda event, entry, item, index, now: event.fields.get(name)
-    candidates = tuple((".".join(parts[:cut]), _steps(parts[cut:])) for cut in range(len(parts), 0, -1))
+    # (key, steps, and the attribute when that is the one step: patient.name.surname reads
+    # a record's attribute without a call of _walk)
+    candidates = tuple(
+        (".".join(parts[:cut]), steps, steps[0][0] if len(steps) == 1 and not steps[0][2] else None)
+        for cut in range(len(parts), 0, -1)
+        for steps in (_steps(parts[cut:]),)
+    )
 
     def dotted(event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> Any:
         fields = event.fields
-        for key, steps in candidates:
+        for key, steps, attribute in candidates:
             if key in fields:
-                return _walk(fields[key], steps) if steps else fields[key]
+                value = fields[key]
+                if attribute is not None and _KINDS.get(value.__class__) == _OBJECT:
+                    return getattr(value, attribute, None)
+                return _walk(value, steps) if steps else value
         return None
 
     return dotted
@@ -778,8 +838,9 @@ class _Slots:
     worked out once per message (per item in a block), escaped, in a list; static leaves
     follow them in the same list, so a leaf is an index into it."""
 
-    def __init__(self, escape_fn: Callable[[str], str]) -> None:
+    def __init__(self, escape_fn: Callable[[str], str], special: Callable[[str], Any] | None) -> None:
         self.escape = escape_fn
+        self.special = special  # escape_fn's first scan (see special_search); None: escapes nothing
         self.dynamic: list[tuple[str, Any]] = []  # ("one", accessor) | ("mixed", pieces)
         self.dynamic_index: dict[_Leaf, int] = {}
         self.static: list[str] = []
@@ -828,17 +889,34 @@ class _Slots:
         """``values`` (a block's, for its previous item) for the next item: only the leaves
         that read the item change (a block's {zd_number} or {referrer.agb} is the same for
         every test of an order)."""
+        single = self.single
+        if single is None:
+            for number in self.per_item:
+                values[number] = self._leaf_value(number, event, entry, item, index, now)
+            return
+        texts = []
         for number in self.per_item:
-            values[number] = self._leaf_value(number, event, entry, item, index, now)
+            value = single[number](event, entry, item, index, now)
+            texts.append(value if value.__class__ is str else "" if value is None else _format(value))
+        for number, text in zip(self.per_item, self._escaped(texts)):
+            values[number] = text
+
+    def _escaped(self, texts: list[str]) -> list[str]:
+        """``texts``, each escaped: one scan of them all, as nearly always none needs it."""
+        special = self.special
+        if special is None or special("".join(texts)) is None:
+            return texts
+        esc = self.escape
+        return [esc(text) for text in texts]
 
     def values(self, event: AgendaEvent, entry: Any, item: Any, index: int | None, now: Any) -> list[str]:
-        esc = self.escape
         fmt = _format
         if self.single is not None:
             out = []
-            for get in self.single:
+            for get in self.single:  # (an absent value, None, is "" without a call of _format)
                 value = get(event, entry, item, index, now)
-                out.append(esc(value if value.__class__ is str else fmt(value)))
+                out.append(value if value.__class__ is str else "" if value is None else fmt(value))
+            out = self._escaped(out)
         else:  # (a leaf mixes literal text and placeholders)
             out = [self._leaf_value(number, event, entry, item, index, now) for number in range(len(self.dynamic))]
         out += self.static
@@ -957,11 +1035,11 @@ class _TemplatePlan:
 
     def __init__(self, template: Template) -> None:
         d = template.delimiters
-        escape_fn = escaper(d)
+        escape_fn, special = escaper(d), special_search(d)
         self.escape = escape_fn
         self.field_sep = d.field.decode()
         self.encoding = d.encoding.decode()
-        top = _Slots(escape_fn)
+        top = _Slots(escape_fn, special)
         self.top = top
         self.msh = _SegmentPlan("MSH", template.msh, d, top)
         parts: list[tuple[_SegmentPlan | None, _Accessor | None, _Slots | None, tuple[_SegmentPlan, ...]]] = []
@@ -970,7 +1048,7 @@ class _TemplatePlan:
             if isinstance(part, _SegmentTemplate):
                 parts.append((_SegmentPlan(part.name, part.fields, d, top), None, None, ()))
                 continue
-            slots = _Slots(escape_fn)
+            slots = _Slots(escape_fn, special)
             segments = tuple(_SegmentPlan(s.name, s.fields, d, slots) for s in part.segments)
             blocks.append((slots, segments))
             parts.append((None, _accessor(part.for_each), slots, segments))
@@ -1043,7 +1121,7 @@ def build(
                 slots.next_item(values, event, entry, item, index, built)  # type: ignore[union-attr]
             for block_segment in segments:
                 lines.append(field_sep.join(block_segment.render(values)))
-    return ("\r".join(line.rstrip(field_sep) if line[3:] else line for line in lines) + "\r").encode(
+    return ("\r".join([line.rstrip(field_sep) if line[3:] else line for line in lines]) + "\r").encode(
         template.codec, "replace"
     )
 
@@ -1064,12 +1142,15 @@ class Mapping:
     types: tuple[str, ...]
     values: tuple[tuple[str, _Value | _List], ...]
     outbound: tuple[Outbound, ...] = ()
-    # (name, spec, whether it has a default), worked out once: apply runs per message.
-    _plan: tuple[tuple[str, Any, bool], ...] = field(default=(), init=False, repr=False, compare=False)
+    # (name, spec, whether it has a default, its plain reader or None), worked out once:
+    # apply runs per message.
+    _plan: tuple[tuple[str, Any, bool, Any], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_plan", tuple(
-            (name, spec, spec.__class__ is _Value and spec.default is not None) for name, spec in self.values))
+            (name, spec, spec.__class__ is _Value and spec.default is not None,
+             spec._plain_reader if spec.__class__ is _Value else None)
+            for name, spec in self.values))
 
     def apply(self, message: Message) -> MappingResult:
         """Map one message. Never raises on message content; errors never hold values."""
@@ -1077,8 +1158,16 @@ class Mapping:
         got: dict[str, Any] = {}
         defaulted: list[bool] = []
         by_default: set[str] = set()
-        for name, spec, with_default in self._plan:
-            if with_default:
+        for name, spec, with_default, read in self._plan:
+            if read is not None:  # a plain text read: evaluate's straight line, without the call
+                try:
+                    value = read(message)
+                except Exception as unexpected:
+                    value = spec.unreadable(errors, unexpected)
+                else:
+                    if value == '""':
+                        value = None
+            elif with_default:
                 value = spec.evaluate(message, errors, None, defaulted)
                 if defaulted:
                     by_default.add(name)

@@ -675,7 +675,9 @@ def _merge(
     reach = None if rank is None else rank if action == "create" else rank - 0.5  # what it may replace
     record = None if rank is None else rank - 0.5 if action in _RESTATING else rank  # what it leaves
     for name, value in fields.items():
-        if name == "attachments" or name == SOURCES or _is_empty(value):
+        # (_is_empty, written out: this runs for every field of every message)
+        if name == "attachments" or name == SOURCES or value is None or value == "" or (
+                isinstance(value, (list, tuple)) and not value):
             continue
         field_rank = DEFAULT_RANK if name in defaulted else record
         if name in merged:
@@ -694,7 +696,7 @@ def _merge(
             sources[name] = field_rank
     if sources:
         merged[SOURCES] = sources
-    return merged, sorted(name for name in changed if name != AGENDA)  # (a move shows as agenda_id)
+    return merged, sorted([name for name in changed if name != AGENDA])  # (a move shows as agenda_id)
 
 
 # ---------------------------------------------------------------------------------------

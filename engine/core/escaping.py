@@ -22,9 +22,21 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     is returned as it is after one regex scan; anything else is rewritten in the same single
     pass, each special character once (so an escape sequence written is never escaped again).
     """
+    return _escaping(delimiters)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def special_search(delimiters: Delimiters) -> Callable[[str], re.Match[str] | None] | None:
+    """The scan ``escaper(delimiters)`` starts with: text in which it finds nothing is not
+    changed by escaping, so many values joined can be checked in one scan. None: nothing is
+    ever escaped (no escape character)."""
+    return _escaping(delimiters)[1]
+
+
+def _escaping(delimiters: Delimiters) -> tuple[Callable[[str], str], Callable[[str], re.Match[str] | None] | None]:
     esc = delimiters.escape.decode("latin-1")
     if not esc:
-        return _unchanged
+        return _unchanged, None
     table = {esc: f"{esc}E{esc}"}
     for char, code in (
         (delimiters.field, "F"),
@@ -46,7 +58,7 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
             return text
         return substitute(lambda m: replace(m.group()), text)
 
-    return escape
+    return escape, special
 
 
 def _unchanged(text: str) -> str:

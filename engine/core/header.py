@@ -95,36 +95,30 @@ class Header:
     sender: str = computed(init=False)  # "MSH-3|MSH-4": who sent it (part of the duplicate key)
 
     def __post_init__(self) -> None:
-        # Hot path (every message): split each needed field once, decode once.
+        # Hot path (every message): split each needed field once, decode once; the fields
+        # padded to MSH-16 so that each is read by index, without a call per field.
         fields, codec = self.fields, self.codec
-        count = len(fields)
+        if len(fields) < 16:
+            fields = fields + (b"",) * (16 - len(fields))
         encoding = self.delimiters.encoding
         rep, comp = encoding[1:2], encoding[0:1]
-
-        def get(number: int) -> bytes:
-            return fields[number - 1] if number - 1 < count else b""
-
-        def parts(number: int) -> list[bytes]:
-            value = get(number)
-            if rep:
-                value = value.split(rep, 1)[0]
-            return value.split(comp) if comp else [value]
-
-        msh9 = parts(9) + [b"", b""]
-        values = (
-            ("message_type", msh9[0]),
-            ("trigger", msh9[1]),
-            ("structure", msh9[2]),
-            ("control_id", get(10)),
-            ("processing_id", parts(11)[0]),
-            ("version", parts(12)[0]),
-        )
+        msh9, msh11, msh12 = fields[8], fields[10], fields[11]
+        if rep:
+            msh9, msh11, msh12 = msh9.split(rep, 1)[0], msh11.split(rep, 1)[0], msh12.split(rep, 1)[0]
+        if comp:
+            msh9, msh11, msh12 = msh9.split(comp) + [b"", b""], msh11.split(comp, 1)[0], msh12.split(comp, 1)[0]
+        else:
+            msh9 = [msh9, b"", b""]
         setattr_ = object.__setattr__
-        for name, value in values:
-            setattr_(self, name, value.decode(codec, "replace"))
-        setattr_(self, "accept_ack_type", get(15).decode(codec, "replace").strip().upper())
-        setattr_(self, "application_ack_type", get(16).decode(codec, "replace").strip().upper())
-        setattr_(self, "sender", f"{get(3).decode(codec, 'replace')}|{get(4).decode(codec, 'replace')}")
+        setattr_(self, "message_type", msh9[0].decode(codec, "replace"))
+        setattr_(self, "trigger", msh9[1].decode(codec, "replace"))
+        setattr_(self, "structure", msh9[2].decode(codec, "replace"))
+        setattr_(self, "control_id", fields[9].decode(codec, "replace"))
+        setattr_(self, "processing_id", msh11.decode(codec, "replace"))
+        setattr_(self, "version", msh12.decode(codec, "replace"))
+        setattr_(self, "accept_ack_type", fields[14].decode(codec, "replace").strip().upper())
+        setattr_(self, "application_ack_type", fields[15].decode(codec, "replace").strip().upper())
+        setattr_(self, "sender", f"{fields[2].decode(codec, 'replace')}|{fields[3].decode(codec, 'replace')}")
 
     @property
     def type_and_trigger(self) -> str:

@@ -36,6 +36,12 @@ class _Separators:
         self.table = _table(d)
 
 
+@functools.lru_cache(maxsize=64)
+def _separators(d: Delimiters, codec: str) -> _Separators:
+    """One (read-only) _Separators per delimiters and codec, not one per message."""
+    return _Separators(d, codec)
+
+
 class Segment:
     """One segment line. ``index`` is its 1-based occurrence among segments of its name.
 
@@ -102,7 +108,7 @@ class Message:
         set_ = object.__setattr__
         set_(self, "delimiters", delimiters)
         set_(self, "codec", codec)
-        set_(self, "_seps", _Separators(delimiters, codec))
+        set_(self, "_seps", _separators(delimiters, codec))
         set_(self, "_lines", lines)
         set_(self, "_segments", None)
         set_(self, "_by_name", None)
@@ -157,10 +163,12 @@ class Message:
         """Segment groups: each starts at an ``anchor`` segment and collects the segments
         directly following it whose names are in ``members``. Any other segment ends the
         group (so the NTE after an AIG is not taken into the AIS group before it)."""
-        segments, by_name = self._index()
+        by_name = self._by_name
+        if by_name is None:
+            by_name = self._index()[1]
         if anchor not in by_name:
             return []
-        return segment_groups(segments, anchor, members)
+        return segment_groups(self._segments, anchor, members)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self._lines)

@@ -176,7 +176,10 @@ Source = Message | Sequence[Segment]
 def _segments(source: Source, path: FieldPath) -> list[Segment]:
     name = path.segment
     if isinstance(source, Message):
-        found = source._index()[1].get(name)
+        by_name = source._by_name
+        if by_name is None:
+            by_name = source._index()[1]
+        found = by_name.get(name)
         if not found:
             return []
     else:
@@ -343,30 +346,54 @@ def first_subcomponents(message_or_group: Source, path: FieldPath) -> list[tuple
         return [([c[0] for c in value], any(s not in ("", '""') for c in value for s in c), value[0])
                 for value in components(message_or_group, path)]
     out = []
-    for segment in _segments(message_or_group, path):
-        for raw, seps in _parts(segment, path):
-            comps = [raw] if path.component is not None else (raw.split(seps.component) if seps.component else [raw])
-            ss = seps.subcomponent if path.subcomponent is None else None
-            e = seps.escape
-            firsts = []
-            content = False
-            first_subs: list[str] = []
-            for n, c in enumerate(comps):
-                if ss and ss in c:  # (content is judged unescaped: \H\ alone is nothing)
-                    subs = [_unescape(s, e, seps.table, seps.codec) if e and e in s else s for s in c.split(ss)]
-                    content = content or any(s not in ("", '""') for s in subs)
-                    if n == 0:
-                        first_subs = subs
-                    c = subs[0]
-                else:
-                    if e and e in c:
-                        c = _unescape(c, e, seps.table, seps.codec)
-                    content = content or c not in ("", '""')
-                    if n == 0:
-                        first_subs = [c]
-                firsts.append(c)
-            out.append((firsts, content, first_subs))
+    if path.occurrence != ALL and path.repetition == 1 and path.match is None:
+        one = _one(message_or_group, path)  # (the common case: at most one value)
+        pairs: Sequence[tuple[str, _Separators]] = () if one is None else (one,)
+    else:
+        pairs = [pair for segment in _segments(message_or_group, path) for pair in _parts(segment, path)]
+    for raw, seps in pairs:
+        comps = [raw] if path.component is not None else (raw.split(seps.component) if seps.component else [raw])
+        ss = seps.subcomponent if path.subcomponent is None else None
+        e = seps.escape
+        firsts = []
+        content = False
+        first_subs: list[str] = []
+        for n, c in enumerate(comps):
+            if ss and ss in c:  # (content is judged unescaped: \H\ alone is nothing)
+                subs = [_unescape(s, e, seps.table, seps.codec) if e and e in s else s for s in c.split(ss)]
+                content = content or any(s not in ("", '""') for s in subs)
+                if n == 0:
+                    first_subs = subs
+                c = subs[0]
+            else:
+                if e and e in c:
+                    c = _unescape(c, e, seps.table, seps.codec)
+                content = content or c not in ("", '""')
+                if n == 0:
+                    first_subs = [c]
+            firsts.append(c)
+        out.append((firsts, content, first_subs))
     return out
+
+
+def _one(source: Source, path: FieldPath) -> tuple[str, _Separators] | None:
+    """What ``_segments`` and ``_parts`` give for a path of one occurrence and the first
+    repetition (not MSH-1/MSH-2): its one raw value, or None when the segment is absent."""
+    if source.__class__ is Message:
+        by_name = source._by_name  # type: ignore[union-attr]
+        if by_name is None:
+            by_name = source._index()[1]  # type: ignore[union-attr]
+        found = by_name.get(path.segment)
+        occ = path.occurrence
+        if not found or occ > len(found):  # type: ignore[operator]
+            return None
+        segment = found[occ - 1]  # type: ignore[operator]
+    else:
+        segments = _segments(source, path)
+        if not segments:
+            return None
+        segment = segments[0]
+    return _parts(segment, path)[0]
 
 
 def components(message_or_group: Source, path: FieldPath) -> list[list[list[str]]]:
