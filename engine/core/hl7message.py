@@ -54,12 +54,13 @@ class Segment:
     index: int
 
     def __init__(self, name: str, index: int, line: str, seps: _Separators) -> None:
-        set_ = object.__setattr__
-        set_(self, "name", name)
-        set_(self, "index", index)
-        set_(self, "_line", line)
-        set_(self, "_seps", seps)
-        set_(self, "_fields", None)
+        # (each slot's own setter: __setattr__ refuses, and object.__setattr__ by name cost
+        # a microsecond per segment, a dozen segments per mapped message)
+        _set_name(self, name)
+        _set_index(self, index)
+        _set_line(self, line)
+        _set_seps(self, seps)
+        _set_fields(self, None)
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("Segment is immutable")
@@ -71,7 +72,7 @@ class Segment:
             if self.name == "MSH":
                 # MSH-1 is the field separator itself: shift so that parts[n] is MSH-n.
                 fields.insert(1, self._seps.field)
-            object.__setattr__(self, "_fields", fields)
+            _set_fields(self, fields)
         return fields
 
     def field(self, n: int) -> str:
@@ -94,6 +95,9 @@ class Segment:
 
     def __repr__(self) -> str:  # never the contents: they may be patient data
         return f"<Segment {self.name}#{self.index}>"
+
+
+_set_name, _set_index, _set_line, _set_seps, _set_fields = (Segment.__dict__[slot].__set__ for slot in Segment.__slots__)
 
 
 class Message:
