@@ -594,3 +594,22 @@ def test_an_entry_in_the_fallback_agenda_takes_the_first_real_choice_in_either_o
     unplaced = srm(specialism="XYZ", care_product={"code": "XYZ1"})
     entry = only_entry(run(unplaced, orm()) if request_first else run(orm(), unplaced))
     assert entry.agenda_id == "laboratory"
+
+
+_FIELD_VALUES = st.one_of(st.none(), st.just(""), st.text(max_size=3), st.lists(st.text(max_size=2), max_size=2),
+                          st.tuples(st.text(max_size=2)), st.integers())
+
+
+@given(fields=st.dictionaries(st.sampled_from(["a", "b.c", "attachments", SOURCES, AGENDA, "d"]), _FIELD_VALUES),
+       rank=st.integers(0, 3), action=st.sampled_from(["create", "update", "book", "cancel"]),
+       defaulted=st.frozensets(st.sampled_from(["a", "d"])))
+def test_a_merge_into_a_new_entry_is_the_general_merge(fields, rank, action, defaulted):
+    """_merge's short way for an entry with no data gives what its general loop gives."""
+    from engine.core.agenda import _merge
+
+    short = _merge({}, fields, rank=rank, action=action, defaulted=defaulted)
+    general = _merge({SOURCES: {}}, fields, rank=rank, action=action, defaulted=defaulted)
+    if SOURCES not in short[0]:  # (nothing set: the general loop kept the empty sources it was given)
+        assert general == ({SOURCES: {}}, [])
+    else:
+        assert short == general

@@ -669,11 +669,13 @@ def _merge(
     greater kind (lower rank) than this one's is kept, and so is one that an update of this
     kind set when this is a create (see _RESTATING); one whose source is not recorded (older
     entries) follows ``overwrite``. A ``defaulted`` field only fills a field the entry lacks."""
+    record = None if rank is None else rank - 0.5 if action in _RESTATING else rank  # what it leaves
+    if not data:
+        return _new_data(fields, record, defaulted)
     merged = dict(data)
     sources = dict(merged.get(SOURCES) or {})
     changed: list[str] = []
     reach = None if rank is None else rank if action == "create" else rank - 0.5  # what it may replace
-    record = None if rank is None else rank - 0.5 if action in _RESTATING else rank  # what it leaves
     for name, value in fields.items():
         # (_is_empty, written out: this runs for every field of every message)
         if name == "attachments" or name == SOURCES or value is None or value == "" or (
@@ -697,6 +699,25 @@ def _merge(
     if sources:
         merged[SOURCES] = sources
     return merged, sorted([name for name in changed if name != AGENDA])  # (a move shows as agenda_id)
+
+
+def _new_data(fields: Mapping[str, object], record: float | None,
+              defaulted: frozenset[str]) -> tuple[dict[str, object], list[str]]:
+    """``_merge`` into no data (a new entry: every message's create): each field with a value
+    is set, changed, and recorded at the event's rank (a default's below every kind)."""
+    merged: dict[str, object] = {}
+    sources: dict[str, float] = {}
+    for name, value in fields.items():
+        if name == "attachments" or name == SOURCES or value is None or value == "" or (
+                isinstance(value, (list, tuple)) and not value):
+            continue
+        merged[name] = tuple(value) if isinstance(value, list) else value
+        if record is not None:
+            sources[name] = DEFAULT_RANK if name in defaulted else record
+    changed = sorted([name for name in merged if name != AGENDA])
+    if sources:
+        merged[SOURCES] = sources
+    return merged, changed
 
 
 # ---------------------------------------------------------------------------------------
