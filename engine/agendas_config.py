@@ -42,9 +42,11 @@ _CODE_RE = re.compile(r"[^\s*][^*]*\*?")
 def _agb(node: yaml.Node, path: str) -> str:
     value = _text(node)
     if not _AGB_RE.fullmatch(value):
+        if not (value.isascii() and value.isdigit()):
+            raise _Invalid("an AGB code is 8 digits, and this holds other characters")
         quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
-        raise _Invalid(f"an AGB code is 8 digits, not {len(value)} characters"
-                       + ("" if quoted else " (quote it to keep leading zeros)"))
+        hint = " (quote it to keep leading zeros)" if len(value) < 8 and not quoted else ""
+        raise _Invalid(f"an AGB code is 8 digits, not {len(value)}{hint}")
     return value
 
 

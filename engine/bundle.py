@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, ConfigProblem, EngineConfig, load_config
+from engine.config import ConfigError, ConfigProblem, EngineConfig, load_config, unreachable_route_types
 
 AGENDAS_FILE = "agendas.yaml"
 
@@ -57,6 +57,18 @@ def load_bundle(channels_dir: Path, mappings_dir: Path) -> Bundle:
     return Bundle(config=config, mappings=mappings, book=book)
 
 
+def _taken(channel, index: int, route) -> frozenset[str] | None:
+    """The types that can reach a route: its own that the channel accepts (one it refuses is
+    answered AR first: a warning of `koppel check`), else the channel's accepted ones when no
+    field condition narrows them; None: any, or not known."""
+    if route.types is not None:
+        refused = {named for at, named in unreachable_route_types(channel) if at == index}
+        return frozenset(route.types - refused)
+    if route.fields or route.unless:
+        return None
+    return channel.accept.types
+
+
 def _not_mapped_by(declared: tuple[str, ...], taken: frozenset[str] | None) -> list[str]:
     """The types a route takes (its own, else its channel's accepted; None: any) that its
     mapping does not declare: ``SRM`` declares every SRM trigger, a route's ``SRM`` needs
@@ -88,7 +100,7 @@ def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> li
                 known = ", ".join(sorted(m.name for m in mappings.mappings)) or "none"
                 problems.append(ConfigProblem(**where, message=f"unknown mapping {route.map!r} (mappings: {known})"))
                 continue
-            strangers = _not_mapped_by(mapping.types, route.types if route.types is not None else channel.accept.types)
+            strangers = _not_mapped_by(mapping.types, _taken(channel, index, route))
             if strangers:
                 problems.append(ConfigProblem(**where, message=(
                     f"mapping {route.map!r} maps {', '.join(mapping.types)}, not {', '.join(strangers)}, which this "

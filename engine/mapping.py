@@ -1603,6 +1603,10 @@ class _MappingReader(_Walker):
             if not _FIELD_NAME_RE.fullmatch(key):
                 self.report(key_node, path, "an event field is a dotted lower-case name like patient.bsn")
                 continue
+            if key.split(".", 1)[0] in _TEMPLATE_NAMES:
+                self.report(key_node, path, f"{key.split('.', 1)[0]!r} is what a template's "
+                                            f"{{{key.split('.', 1)[0]}...}} reads, not an event field: name it otherwise")
+                continue
             if "for_each" in _entries(value_node):
                 spec: _Value | _List | None = self.list_spec(value_node, path, key)
             else:
@@ -2000,6 +2004,8 @@ def load_mappings(mappings_dir: Path) -> MappingSet:
 # without a word.
 
 _BUILT_NAMES = ("index", "timestamp", "control_id")
+# Heads a placeholder reads as something other than an event field: no event field may take them.
+_TEMPLATE_NAMES = frozenset({*_BUILT_NAMES, "agenda", "entry", "item"})
 _AGENDA_PARTS = ("id", "name", "department", "location_agb")  # what {agenda.X} may read
 _CHOICES = {"kind": KINDS, "action": ACTIONS, "entry.kind": KINDS, "entry.state": STATES,
             "entry.previous_state": STATES}
@@ -2096,14 +2102,12 @@ def _deeper(spec: Any, rest: list[str]) -> bool:
         return len(rest) == 1 or _reaches(dict(spec.item), rest[1:])
     if spec.path is None and not spec.options:
         return True  # a `value:` constant: whatever it is
-    converts = {spec.convert} if spec.convert else {option.convert for option in spec.options} or {""}
-    for convert in converts:
-        parts = _CONVERT_PARTS.get(convert)
-        if parts is not None and len(rest) == 1 and rest[0] in parts:
-            return True
-        if convert in ("dtm", "date"):
-            return True  # (a date's own attributes: year, month, ...)
-    return False
+    if not spec.convert and spec.table is None and spec.options:  # `first:`: what any option gives
+        return any(_deeper(option, rest) for option in spec.options)
+    if spec.convert in ("dtm", "date"):
+        return True  # (a date's own attributes: year, month, ...)
+    parts = _CONVERT_PARTS.get(spec.convert)
+    return parts is not None and len(rest) == 1 and rest[0] in parts
 
 
 def _hint(name: str, specs: list[dict[str, Any]]) -> str:

@@ -77,10 +77,10 @@ def test_a_valid_file_keeps_leading_zeros_and_file_order(tmp_path):
          "agendas.yaml:4:5: agendas[0].colour: unknown key; expected one of: id, name, department, location_agb, "
          "select, fallback"),
         (VALID.replace('"06990001"', '"1234"'),
-         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 4 characters"),
+         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 4"),
         (VALID.replace('"06990001"', '6990001'),  # (quoted, a leading zero would have stayed)
-         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 7 characters (quote it to keep "
-         "leading zeros)"),
+         "agendas.yaml:4:19: agendas[0].location_agb: an AGB code is 8 digits, not 7 (quote it to keep leading "
+         "zeros)"),
         (VALID.replace("specialism: [CAR]", "specialsm: [CAR]"),
          "agendas.yaml:6:9: agendas[0].select[0].specialsm: unknown key; did you mean specialism?"),
         (VALID.replace("specialism: [CAR]", "specialism: []"),

@@ -927,3 +927,13 @@ def test_a_name_that_no_mapping_sets_is_a_config_error_where_it_is_written(tmp_p
         load_mappings(tmp_path)
     else:
         assert problems(tmp_path) == expected
+
+
+@pytest.mark.parametrize("name", ["agenda.name", "entry.note", "item", "index", "timestamp", "control_id"])
+def test_an_event_field_named_as_a_template_reads_something_else_is_refused(tmp_path, name):
+    """{agenda.name} is the agenda's, {entry.x} the entry's, {index} the block's: an event field
+    of that name could never be read."""
+    write(tmp_path, "m.yaml", MINIMAL + f"  {name}: {{from: PID-5}}\n")
+    head = name.split(".")[0]
+    assert problems(tmp_path) == [f"m.yaml:6:3: event.{name}: {head!r} is what a template's {{{head}...}} reads, "
+                                  "not an event field: name it otherwise"]
