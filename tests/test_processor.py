@@ -560,3 +560,23 @@ def test_a_request_no_rule_selects_goes_to_the_his_in_the_fallback_agenda_with_t
 def test_a_request_that_names_no_location_goes_to_the_his_with_its_agendas_own(h):
     ail = _his_ail(h, h.receive(srm().replace(b"AIL|1|U|^^^01059998&Isala, locatie Zwolle", b"AIL|1|U|")))
     assert (ail[0], ail[3], ail[8]) == ("cardiology", "06990001", "Polikliniek Cardiologie")
+
+
+def test_an_entry_whose_agenda_left_agendas_yaml_still_names_its_agenda_id_to_the_his(h):
+    """An agenda taken out of agendas.yaml leaves its entries' agenda_id: the S12 names that."""
+    import dataclasses
+    import datetime as dt
+
+    from engine.core import agenda as ag
+    from engine.core.hl7message import Message
+    from engine.mapping import build_outbound
+
+    mapping = h.processor.mappings.mapping("zorgdomein-srm")
+    result = mapping.apply(Message.parse(srm(), codec="latin-1"))
+    decision = ag.decide(result.event, None, now=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc),
+                         message_id="1", book=h.processor.book)
+    entry = dataclasses.replace(decision.entry, agenda_id="gone")
+    [(_, data)] = build_outbound(mapping, result.event, entry, control_id="K1",
+                                 timestamp=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc), agenda=None)
+    ail = next(s for s in data.decode("latin-1").split("\r") if s.startswith("AIL|")).split("|")[3].split("^")
+    assert (ail[0], ail[3]) == ("gone", "01059998&Isala, locatie Zwolle")
