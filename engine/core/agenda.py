@@ -32,6 +32,7 @@ from datetime import date, datetime
 from types import MappingProxyType
 from typing import Union
 
+from engine.core import slots
 from engine.core.convert import PartialDate
 
 __all__ = [
@@ -171,13 +172,16 @@ def transition(kind: str, state: str, action: str) -> str:
 # Values
 
 
+_NO_DATA: Mapping[str, object] = MappingProxyType({})  # an entry's data when none is given (read-only)
+
+
 def _frozen_mapping(value: Mapping[str, object]) -> Mapping[str, object]:
     if isinstance(value, MappingProxyType):
         return value
     return MappingProxyType(dict(value))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class AgendaEvent:
     """What one mapped message says about one agenda entry.
 
@@ -195,15 +199,27 @@ class AgendaEvent:
     # such a value fills a gap but never replaces what a message said.
     defaulted: frozenset[str] = frozenset()
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+    def __init__(self, *, kind: str, action: str, zd_number: str | None = None, placer_id: str | None = None,
+                 filler_id: str | None = None, fields: Mapping[str, object],
+                 defaulted: frozenset[str] = frozenset()) -> None:
+        if kind not in KINDS:
             raise ValueError(f"AgendaEvent.kind must be one of {', '.join(KINDS)}")
-        if self.action not in ACTIONS:
+        if action not in ACTIONS:
             raise ValueError(f"AgendaEvent.action must be one of {', '.join(ACTIONS)}")
-        object.__setattr__(self, "fields", _frozen_mapping(self.fields))
+        a, b, c, d, e, f, g = _EVENT  # (see engine.core.slots)
+        a(self, kind)
+        b(self, action)
+        c(self, zd_number)
+        d(self, placer_id)
+        e(self, filler_id)
+        f(self, _frozen_mapping(fields))
+        g(self, defaulted)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_EVENT = slots.setters(AgendaEvent)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class HistoryItem:
     """One change of an entry and the message that caused it (field names, never values)."""
 
@@ -215,8 +231,22 @@ class HistoryItem:
     changed: tuple[str, ...] = ()
     kind: str | None = None  # the event's kind ("appointment": the scheduler); None if not recorded
 
+    def __init__(self, *, at: datetime, message_id: str, action: str, from_state: str | None, to_state: str,
+                 changed: tuple[str, ...] = (), kind: str | None = None) -> None:
+        a, b, c, d, e, f, g = _HISTORY_ITEM  # (see engine.core.slots)
+        a(self, at)
+        b(self, message_id)
+        c(self, action)
+        d(self, from_state)
+        e(self, to_state)
+        f(self, changed)
+        g(self, kind)
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+
+_HISTORY_ITEM = slots.setters(HistoryItem)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class AgendaEntry:
     """One thing in an agenda: a request, referral, order or appointment, and its history."""
 
@@ -227,18 +257,29 @@ class AgendaEntry:
     zd_number: str | None = None
     placer_id: str | None = None
     filler_id: str | None = None
-    data: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    data: Mapping[str, object] = field(default_factory=lambda: _NO_DATA)
     attachments: tuple[str, ...] = ()  # sha256 hex digests, in arrival order, each once
     history: tuple[HistoryItem, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+    def __init__(self, *, id: str | None, agenda_id: str, kind: str, state: str,  # noqa: A002 (the field's name)
+                 zd_number: str | None = None, placer_id: str | None = None, filler_id: str | None = None,
+                 data: Mapping[str, object] = _NO_DATA, attachments: tuple[str, ...] = (),
+                 history: tuple[HistoryItem, ...] = ()) -> None:
+        if kind not in KINDS:
             raise ValueError(f"AgendaEntry.kind must be one of {', '.join(KINDS)}")
-        if self.state not in TRANSITIONS[FAMILY[self.kind]]:
-            raise ValueError(f"AgendaEntry.state is not a state of a {FAMILY[self.kind]} entry")
-        object.__setattr__(self, "data", _frozen_mapping(self.data))
-        object.__setattr__(self, "attachments", tuple(self.attachments))
-        object.__setattr__(self, "history", tuple(self.history))
+        if state not in TRANSITIONS[FAMILY[kind]]:
+            raise ValueError(f"AgendaEntry.state is not a state of a {FAMILY[kind]} entry")
+        a, b, c, d, e, f, g, h, i, j = _ENTRY  # (see engine.core.slots)
+        a(self, id)
+        b(self, agenda_id)
+        c(self, kind)
+        d(self, state)
+        e(self, zd_number)
+        f(self, placer_id)
+        g(self, filler_id)
+        h(self, _frozen_mapping(data))
+        i(self, attachments if attachments.__class__ is tuple else tuple(attachments))
+        j(self, history if history.__class__ is tuple else tuple(history))
 
     @property
     def is_open(self) -> bool:
@@ -253,6 +294,9 @@ class AgendaEntry:
 
     def with_id(self, entry_id: str) -> AgendaEntry:
         return replace(self, id=entry_id)
+
+
+_ENTRY = slots.setters(AgendaEntry)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

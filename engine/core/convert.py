@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from engine.core import slots
+
 __all__ = [
     "Code",
     "ConversionError",
@@ -375,7 +377,7 @@ def zd_number(text: str) -> str | None:
 # Names -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class DutchName:
     """A person name read by the Dutch FN convention (see DOMAIN.md).
 
@@ -392,6 +394,21 @@ class DutchName:
     initials: str = ""
     given: str = ""
     use: str = ""
+
+    def __init__(self, *, surname: str, own_prefix: str = "", own_surname: str = "", partner_prefix: str = "",
+                 partner_surname: str = "", initials: str = "", given: str = "", use: str = "") -> None:
+        a, b, c, d, e, f, g, h = _DUTCH_NAME  # (see engine.core.slots)
+        a(self, surname)
+        b(self, own_prefix)
+        c(self, own_surname)
+        d(self, partner_prefix)
+        e(self, partner_surname)
+        f(self, initials)
+        g(self, given)
+        h(self, use)
+
+
+_DUTCH_NAME = slots.setters(DutchName)
 
 
 def _initials(part: str) -> tuple[str, str]:
@@ -451,13 +468,22 @@ def dutch_name(xpn_components: list[str], subcomponents_of_first: list[str]) -> 
 # Codes -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class Code:
     """A coded element (CE/CWE/CNE): ``CARREG001^consult cardioloog^99zda``."""
 
     code: str
     text: str = ""
     system: str = ""
+
+    def __init__(self, *, code: str, text: str = "", system: str = "") -> None:
+        set_code, set_text, set_system = _CODE  # (see engine.core.slots)
+        set_code(self, code)
+        set_text(self, text)
+        set_system(self, system)
+
+
+_CODE = slots.setters(Code)
 
 
 def code(components: list[str]) -> Code | None:
