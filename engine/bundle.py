@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, ConfigProblem, EngineConfig, load_config, unreachable_route_types
+from engine.config import ConfigError, ConfigProblem, EngineConfig, load_config, types_cover, unreachable_route_types
 
 AGENDAS_FILE = "agendas.yaml"
 
@@ -75,8 +75,7 @@ def _not_mapped_by(declared: tuple[str, ...], taken: frozenset[str] | None) -> l
     one SRM trigger declared."""
     if taken is None:
         return []
-    return sorted(t for t in taken if t not in declared and t.partition("^")[0] not in declared
-                  and ("^" in t or not any(d.partition("^")[0] == t for d in declared)))
+    return sorted(t for t in taken if not types_cover(declared, t))
 
 
 def _cross_check(config: EngineConfig, mappings, book, mappings_dir: Path) -> list[ConfigProblem]:

@@ -267,21 +267,23 @@ _YAML_HINTS = {
 }
 
 
+def types_cover(types: Iterable[str] | None, named: str) -> bool:
+    """Whether a list of types (``accept.types``, a route's, a mapping's; None: any) takes the
+    type ``named``: ``TYPE^TRIGGER`` when it lists that or the bare ``TYPE``; a bare ``TYPE``
+    when it lists any trigger of it."""
+    msg_type, _, trigger = named.partition("^")
+    return _types_match(types, msg_type, trigger) or (  # type: ignore[arg-type]
+        not trigger and any(t.partition("^")[0] == msg_type for t in types))  # type: ignore[union-attr]
+
+
 def unreachable_route_types(channel: "ChannelConfig") -> list[tuple[int, str]]:
     """(route index, type) for each type a route names that the channel's ``accept.types``
     refuses: the route can never take it (a refused message is answered AR before routing)."""
     accepted = channel.accept.types
     if not accepted:
         return []
-    out = []
-    for index, route in enumerate(channel.routes):
-        for named in sorted(route.types or ()):
-            msg_type, _, trigger = named.partition("^")
-            takes = (_types_match(accepted, msg_type, trigger) if trigger
-                     else any(a.partition("^")[0] == msg_type for a in accepted))
-            if not takes:
-                out.append((index, named))
-    return out
+    return [(index, named) for index, route in enumerate(channel.routes)
+            for named in sorted(route.types or ()) if not types_cover(accepted, named)]
 
 
 def unrouted_types(channel: "ChannelConfig") -> list[str]:
@@ -291,15 +293,8 @@ def unrouted_types(channel: "ChannelConfig") -> list[str]:
     has no routes at all (a channel that only stores)."""
     if not channel.accept.types or not channel.routes:
         return []
-    out = []
-    for accepted in sorted(channel.accept.types):
-        msg_type, _, trigger = accepted.partition("^")
-        if any(_types_match(route.types, msg_type, trigger)  # (true for a route without types)
-               or (not trigger and any(t.partition("^")[0] == msg_type for t in route.types))
-               for route in channel.routes):
-            continue
-        out.append(accepted)
-    return out
+    return [accepted for accepted in sorted(channel.accept.types)  # (a route without types takes all)
+            if not any(types_cover(route.types, accepted) for route in channel.routes)]
 
 
 def _check(condition: bool, message: str) -> None:
