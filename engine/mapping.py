@@ -1603,9 +1603,10 @@ class _MappingReader(_Walker):
             if not _FIELD_NAME_RE.fullmatch(key):
                 self.report(key_node, path, "an event field is a dotted lower-case name like patient.bsn")
                 continue
-            if key.split(".", 1)[0] in _TEMPLATE_NAMES:
-                self.report(key_node, path, f"{key.split('.', 1)[0]!r} is what a template's "
-                                            f"{{{key.split('.', 1)[0]}...}} reads, not an event field: name it otherwise")
+            head = key.split(".", 1)[0]
+            if head in _TEMPLATE_NAMES:
+                self.report(key_node, path, f"{head!r} is what a template's {{{head}...}} reads, not an event "
+                                            "field: name it otherwise")
                 continue
             if "for_each" in _entries(value_node):
                 spec: _Value | _List | None = self.list_spec(value_node, path, key)
@@ -2015,10 +2016,11 @@ _CONVERT_PARTS = {"dutch_name": frozenset(f.name for f in dataclass_fields(_conv
 
 
 def _names_problems(mappings: Sequence[Mapping], when_uses: Sequence[tuple[Mapping, list[_NameUse]]]) -> list[ConfigProblem]:
-    everything = [dict(m.values) for m in mappings]  # what entry data may hold
+    specs_of = {id(m): dict(m.values) for m in mappings}  # each mapping's event specs by name
+    everything = list(specs_of.values())  # what entry data may hold
     problems = []
     for mapping, uses in when_uses:
-        own = [dict(mapping.values)]
+        own = [specs_of[id(mapping)]]
         for use in uses:
             reason = _name_problem(use, own, everything, in_when=True)
             if reason is None:
@@ -2030,7 +2032,7 @@ def _names_problems(mappings: Sequence[Mapping], when_uses: Sequence[tuple[Mappi
     for mapping in mappings:
         for outbound in mapping.outbound:
             if isinstance(outbound.template, Template):
-                users.setdefault(outbound.template.name, (outbound.template, []))[1].append(dict(mapping.values))
+                users.setdefault(outbound.template.name, (outbound.template, []))[1].append(specs_of[id(mapping)])
     for template, specs in users.values():
         for use in template.uses:
             reason = _name_problem(use, specs, everything, in_when=False)

@@ -14,7 +14,6 @@ def escape_text(text: str, delimiters: Delimiters) -> str:
     return escaper(delimiters)(text)
 
 
-@functools.lru_cache(maxsize=64)
 def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     """A function escaping text for ``delimiters``, worked out once per delimiter set.
 
@@ -25,7 +24,6 @@ def escaper(delimiters: Delimiters) -> Callable[[str], str]:
     return _escaping(delimiters)[0]
 
 
-@functools.lru_cache(maxsize=64)
 def special_search(delimiters: Delimiters) -> Callable[[str], re.Match[str] | None] | None:
     """The scan ``escaper(delimiters)`` starts with: text in which it finds nothing is not
     changed by escaping, so many values joined can be checked in one scan. None: nothing is
@@ -33,6 +31,7 @@ def special_search(delimiters: Delimiters) -> Callable[[str], re.Match[str] | No
     return _escaping(delimiters)[1]
 
 
+@functools.lru_cache(maxsize=64)
 def _escaping(delimiters: Delimiters) -> tuple[Callable[[str], str], Callable[[str], re.Match[str] | None] | None]:
     esc = delimiters.escape.decode("latin-1")
     if not esc:
