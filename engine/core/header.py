@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from dataclasses import field as computed
 
-from engine.core import charsets
+from engine.core import charsets, slots
 from engine.core.errors import ErrorCode, ErrorLocation, Rejection
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -53,7 +53,13 @@ class Delimiters:
 DEFAULT_DELIMITERS = Delimiters(field=b"|", encoding=b"^~\\&")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@functools.lru_cache(maxsize=64)
+def delimiters_of(field: bytes, encoding: bytes) -> Delimiters:
+    """One Delimiters per MSH-1/MSH-2 pair, not one per message (read per message)."""
+    return Delimiters(field=field, encoding=encoding)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class Header:
     """What the engine needs from MSH to store, route and acknowledge a message."""
 
@@ -94,13 +100,23 @@ class Header:
     application_ack_type: str = computed(init=False)  # MSH-16, upper-cased
     sender: str = computed(init=False)  # "MSH-3|MSH-4": who sent it (part of the duplicate key)
 
-    def __post_init__(self) -> None:
-        # Hot path (every message): split each needed field once, decode once; the fields
-        # padded to MSH-16 so that each is read by index, without a call per field.
-        fields, codec = self.fields, self.codec
+    def __init__(self, *, delimiters: Delimiters, fields: tuple[bytes, ...], hl7_charset: str | None, codec: str,
+                 rejection: Rejection | None = None, bom: bool = False) -> None:
+        # Hot path (every message): each slot set with its own setter (see engine.core.slots);
+        # each needed field split once and decoded once, the fields padded to MSH-16 so that
+        # each is read by index, without a call per field.
+        (set_delimiters, set_fields, set_charset, set_codec, set_rejection, set_bom, set_type, set_trigger,
+         set_structure, set_control_id, set_processing_id, set_version, set_accept, set_application,
+         set_sender) = _HEADER
+        set_delimiters(self, delimiters)
+        set_fields(self, fields)
+        set_charset(self, hl7_charset)
+        set_codec(self, codec)
+        set_rejection(self, rejection)
+        set_bom(self, bom)
         if len(fields) < 16:
             fields = fields + (b"",) * (16 - len(fields))
-        encoding = self.delimiters.encoding
+        encoding = delimiters.encoding
         rep, comp = encoding[1:2], encoding[0:1]
         msh9, msh11, msh12 = fields[8], fields[10], fields[11]
         if rep:
@@ -109,22 +125,24 @@ class Header:
             msh9, msh11, msh12 = msh9.split(comp) + [b"", b""], msh11.split(comp, 1)[0], msh12.split(comp, 1)[0]
         else:
             msh9 = [msh9, b"", b""]
-        setattr_ = object.__setattr__
-        setattr_(self, "message_type", msh9[0].decode(codec, "replace"))
-        setattr_(self, "trigger", msh9[1].decode(codec, "replace"))
-        setattr_(self, "structure", msh9[2].decode(codec, "replace"))
-        setattr_(self, "control_id", fields[9].decode(codec, "replace"))
-        setattr_(self, "processing_id", msh11.decode(codec, "replace"))
-        setattr_(self, "version", msh12.decode(codec, "replace"))
-        setattr_(self, "accept_ack_type", fields[14].decode(codec, "replace").strip().upper())
-        setattr_(self, "application_ack_type", fields[15].decode(codec, "replace").strip().upper())
-        setattr_(self, "sender", f"{fields[2].decode(codec, 'replace')}|{fields[3].decode(codec, 'replace')}")
+        set_type(self, msh9[0].decode(codec, "replace"))
+        set_trigger(self, msh9[1].decode(codec, "replace"))
+        set_structure(self, msh9[2].decode(codec, "replace"))
+        set_control_id(self, fields[9].decode(codec, "replace"))
+        set_processing_id(self, msh11.decode(codec, "replace"))
+        set_version(self, msh12.decode(codec, "replace"))
+        set_accept(self, fields[14].decode(codec, "replace").strip().upper())
+        set_application(self, fields[15].decode(codec, "replace").strip().upper())
+        set_sender(self, f"{fields[2].decode(codec, 'replace')}|{fields[3].decode(codec, 'replace')}")
 
     @property
     def type_and_trigger(self) -> str:
         """``SRM^S01`` (or ``ACK`` when there is no trigger): the routing key."""
         trigger = self.trigger
         return f"{self.message_type}^{trigger}" if trigger else self.message_type
+
+
+_HEADER = slots.setters(Header)
 
 
 def read_header(raw: bytes, *, default_charset: str) -> Header:
@@ -155,7 +173,7 @@ def read_header(raw: bytes, *, default_charset: str) -> Header:
             Delimiters(field=sep, encoding=DEFAULT_DELIMITERS.encoding),
             fields,
         )
-    delimiters = Delimiters(field=sep, encoding=encoding)
+    delimiters = delimiters_of(sep, encoding)
     charset_field = fields[17] if len(fields) > 17 else b""
     charset_name = charset_field.split(encoding[1:2], 1)[0].decode("latin-1").strip()
     rejection = None

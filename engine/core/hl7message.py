@@ -16,7 +16,7 @@ import functools
 from typing import Any
 
 from engine.core.escaping import escape_text
-from engine.core.header import DEFAULT_DELIMITERS, UTF8_BOM, Delimiters, _valid_encoding
+from engine.core.header import DEFAULT_DELIMITERS, UTF8_BOM, Delimiters, _valid_encoding, delimiters_of
 
 __all__ = ["Delimiters", "Message", "Segment", "escape", "segment_groups", "unescape"]
 
@@ -215,12 +215,7 @@ def _delimiters(first: str) -> Delimiters:
         return Delimiters(field=sep_b, encoding=DEFAULT_DELIMITERS.encoding)
     if not _valid_encoding(encoding_b, sep_b):
         return Delimiters(field=sep_b, encoding=DEFAULT_DELIMITERS.encoding)
-    return _cached_delimiters(sep_b, encoding_b)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_delimiters(sep: bytes, encoding: bytes) -> Delimiters:
-    return Delimiters(field=sep, encoding=encoding)
+    return delimiters_of(sep_b, encoding_b)
 
 
 # Escape sequences --------------------------------------------------------------------------
