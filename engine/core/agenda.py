@@ -672,7 +672,8 @@ def plain(value: object) -> object:
 
 
 def _is_empty(value: object) -> bool:
-    return value is None or value == "" or (isinstance(value, (list, tuple)) and not value)
+    # (isinstance before ==: a code or a name would compare itself to "" in Python, per field)
+    return value is None or (isinstance(value, (str, list, tuple)) and not value)
 
 
 # Entry data keeps, under this key, the rank (KIND_PRECEDENCE index) of the kind of message
@@ -702,6 +703,9 @@ DEFAULT_RANK = len(KIND_PRECEDENCE)
 # the kind does (among those, the latest). A create, cancel or complete records the kind's own
 # rank (a cancel or complete closes the entry; after it a create of that kind is refused).
 _RESTATING = frozenset({"update", "book", "reschedule", "attach"})
+# Event fields that are not entry data: attachments are stored once and referenced; the sources
+# are the entry's own bookkeeping.
+_NOT_DATA = frozenset({"attachments", SOURCES})
 
 
 def _merge(
@@ -722,8 +726,7 @@ def _merge(
     reach = None if rank is None else rank if action == "create" else rank - 0.5  # what it may replace
     for name, value in fields.items():
         # (_is_empty, written out: this runs for every field of every message)
-        if name == "attachments" or name == SOURCES or value is None or value == "" or (
-                isinstance(value, (list, tuple)) and not value):
+        if value is None or name in _NOT_DATA or (isinstance(value, (str, list, tuple)) and not value):
             continue
         field_rank = DEFAULT_RANK if name in defaulted else record
         if name in merged:
@@ -752,8 +755,7 @@ def _new_data(fields: Mapping[str, object], record: float | None,
     merged: dict[str, object] = {}
     sources: dict[str, float] = {}
     for name, value in fields.items():
-        if name == "attachments" or name == SOURCES or value is None or value == "" or (
-                isinstance(value, (list, tuple)) and not value):
+        if value is None or name in _NOT_DATA or (isinstance(value, (str, list, tuple)) and not value):
             continue
         merged[name] = tuple(value) if isinstance(value, list) else value
         if record is not None:
