@@ -825,7 +825,8 @@ class Engine(service.MultiService):
             yield self._at_most_drain_timeout(self.processor.wait_idle(), "engine.mapping_stop_timeout",
                                               hint="messages not mapped yet are mapped at the next start")
         senders = defer.DeferredList([sender.stop() for sender in self.senders.values()])
-        yield self._at_most_drain_timeout(senders, "engine.sender_stop_timeout")
+        yield self._at_most_drain_timeout(senders, "engine.sender_stop_timeout",
+                                          hint="messages waiting for their ACK are sent again at the next start")
         if self.pruner is not None:
             self.pruner.stop()
         yield self.committer.stop()
@@ -841,10 +842,20 @@ class Engine(service.MultiService):
     def _at_most_drain_timeout(self, waited: defer.Deferred, event: str, **fields):
         """Wait for ``waited`` (cancelled, and ``event`` logged, after --drain-timeout): each phase
         of a stop is bounded, so a peer, a destination or the store cannot hold it for ever."""
-        timeout = self.reactor.callLater(self.drain_timeout, waited.cancel)
+        cut = []
+
+        def cancel() -> None:
+            cut.append(True)
+            waited.cancel()
+
+        timeout = self.reactor.callLater(self.drain_timeout, cancel)
         try:
             yield waited
         except defer.CancelledError:
+            cut.append(True)
+        # (a cancelled DeferredList does not fail: it fires with its parts' failures, so the
+        # timer's firing is what says the phase was cut short)
+        if cut:
             self.log.warning(event, seconds=self.drain_timeout, **fields)
         if timeout.active():
             timeout.cancel()

@@ -67,6 +67,9 @@ _PRECEDENCE = (SENDING, CONNECTING, BACKOFF, PAUSED, IDLE, STOPPED)
 FIFO = "fifo"
 UNORDERED = "none"
 
+# The last error of a message on the wire when a stop gave up waiting for its ACK
+STOPPED_BEFORE_ACK = "engine stopped before the acknowledgement (sent again at the next start)"
+
 
 class Lane:
     """One connection to the destination with at most one message in flight."""
@@ -666,6 +669,11 @@ class QueueSender:
                 break
             except Exception as error:  # noqa: BLE001 - timeout or connection loss: retried
                 answer, failure = None, describe_failure(error)
+                if self._stopping and isinstance(error, defer.CancelledError):
+                    # The stop gave up waiting (--drain-timeout): not a failure of the destination,
+                    # so no backoff; sent again first thing at the next start.
+                    lane.disconnect()
+                    return self._failed(entry, STOPPED_BEFORE_ACK, None, delay=0.0)
                 if last_try or self._stopping or not client.met_close(error, mark):
                     lane.disconnect()
                     break
@@ -741,15 +749,18 @@ class QueueSender:
             reason=reason,
         )
 
-    def _failed(self, entry: QueueEntry, reason: str, answer: bytes | None) -> tuple[QueueEntry, float]:
-        """Record the failed attempt (committed at once); the entry as it now is, and its backoff."""
+    def _failed(self, entry: QueueEntry, reason: str, answer: bytes | None,
+                delay: float | None = None) -> tuple[QueueEntry, float]:
+        """Record the failed attempt (committed at once); the entry as it now is, and its
+        backoff (``delay``, when given, instead of the retry policy's)."""
         destination = self.destinations.get(entry.destination, self.settings)
         attempt = entry.attempts + 1
         retry = destination.retry
-        delay = backoff_delay(
-            attempt, initial=retry.initial, factor=retry.factor, maximum=retry.max, jitter=retry.jitter,
-            draw=self.draw(),
-        )
+        if delay is None:
+            delay = backoff_delay(
+                attempt, initial=retry.initial, factor=retry.factor, maximum=retry.max, jitter=retry.jitter,
+                draw=self.draw(),
+            )
         now = self.reactor.seconds()
         next_at = now + delay
         self._settling(
