@@ -558,10 +558,16 @@ def _entry_json(entry) -> dict[str, Any]:
         "enqueued_at": entry.enqueued_at,
         "last_attempt_at": entry.last_attempt_at,
         "dead_at": entry.done_at if entry.state == "dead" else None,
-        "reason": entry.last_error,
+        "reason": _failure_of(entry),
         "ack": _ack_summary(entry.last_ack),
         "replay_of": entry.replay_of,
     }
+
+
+def _failure_of(entry) -> str | None:
+    """Why the entry is not delivered; None once it is (an earlier attempt's error is not the
+    reason of a delivered message, as `koppel trace` shows it)."""
+    return None if entry.state == "delivered" else entry.last_error
 
 
 @_command
@@ -624,7 +630,7 @@ def dead_letters_show(args, store, dests) -> int:
         lines.append(("dead since", _when(entry.done_at, now)))
     elif entry.done_at is not None:
         lines.append((f"{entry.state} at", _when(entry.done_at, now)))
-    lines += [("ack received", _ack_line(entry.last_ack)), ("reason", entry.last_error or "-")]
+    lines += [("ack received", _ack_line(entry.last_ack)), ("reason", _failure_of(entry) or "-")]
     if entry.replay_of is not None:
         lines.append(("replay of", entry.replay_of))
     width = max(len(k) for k, _ in lines)
