@@ -51,7 +51,8 @@ def test_a_system_that_closes_without_answering_is_reported_no_ack(tmp_path):
         sink.drop_next(1)
         done = send(sink.port, files(tmp_path, "DRP", 1))
         assert done.returncode == 1
-        assert "NO ACK\tconnection closed before the acknowledgement" in done.stdout
+        assert done.stdout.splitlines()[-1].split("\t")[1:] == [
+            "NO ACK", "DRP0", "connection closed before the acknowledgement"]
 
 
 def test_a_system_whose_acks_end_with_fs_alone_is_answered_for_every_file(tmp_path):

@@ -24,7 +24,16 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
         return 1
     client = None
     status = 0
-    for path, message in messages:
+
+    def not_sent(rest) -> int:
+        # Sending stops at a message whose fate is unknown (the next would overtake it), and
+        # every message left is named, so the operator knows what still has to go.
+        for rest_path, rest_message in rest:
+            rest_id = read_header(rest_message, default_charset="8859/1").control_id
+            out.write(f"{rest_path}\tNOT SENT\t{rest_id}\tnot sent: an earlier message got no acknowledgement\n")
+        return 1
+
+    for number, (path, message) in enumerate(messages):
         sent_id = read_header(message, default_charset="8859/1").control_id
         for last_try in (False, True):
             if client is None or not client.transport.connected or client.peer_closed():
@@ -34,6 +43,8 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                     client = yield connect(reactor, host_port_endpoint(target, timeout))
                 except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
                     out.write(f"cannot connect to {target}: {describe_failure(error)}\n")
+                    if number:  # (the first: nothing was sent, the line above says it all)
+                        return not_sent(messages[number:])
                     return 1
             mark = client.mark()
             try:
@@ -43,8 +54,9 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                 if not last_try and client.met_close(error, mark):
                     client = None  # it met the close after the previous ACK: once more, anew
                     continue
-                out.write(f"{path}\t{sent_id}\tNO ACK\t{describe_failure(error)}\n")
-                return 1
+                # (the file, then what stands in MSA-1 and MSA-2: no answer, the MSH-10 sent)
+                out.write(f"{path}\tNO ACK\t{sent_id}\t{describe_failure(error)}\n")
+                return not_sent(messages[number + 1:])
         reply = read_ack(answer)
         mismatch = "" if reply.answers(sent_id) else "\t(MSA-2 does not match the sent MSH-10)"
         out.write(f"{path}\t{reply.code or '??'}\t{reply.control_id}\t{reply.text}{mismatch}\n")
