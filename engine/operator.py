@@ -581,7 +581,8 @@ def dead_letters_list(args, store, dests) -> int:
         # reassuring "no dead letters" about a queue that does not exist.
         _known_queue(store, dests, resolved, now)
         queue = resolved.queue
-    entries = store.list_dead_letters(queue, args.limit)
+    entries = store.list_dead_letters(queue, min(args.limit + 1, MAX_ID))  # (one more: are there more)
+    more, entries = len(entries) > args.limit, entries[:args.limit]
     if args.json:
         print(json.dumps([_entry_json(e) for e in entries], indent=2))
         return OK
@@ -597,7 +598,7 @@ def dead_letters_list(args, store, dests) -> int:
             for e in entries
         ],
     )
-    if len(entries) == args.limit:
+    if more:
         print(f"(first {args.limit}; use --limit for more)")
     return OK
 
@@ -1387,6 +1388,8 @@ def agenda_list(args, store, dests) -> int:
         agenda_id=args.agenda, state=args.state, since=_day(args.date_from), until=_day(args.date_to, end=True),
         limit=args.limit,
     )
+    if not records and args.agenda is not None:
+        _known_agenda(args.agenda, Path(args.mappings))
     if args.json:
         print(json.dumps([_agenda_json(r, with_data=False) for r in records], indent=2))
         return OK
@@ -1400,6 +1403,24 @@ def agenda_list(args, store, dests) -> int:
          for r in records],
     )
     return OK
+
+
+def _known_agenda(agenda_id: str, mappings: Path) -> None:
+    """An agenda id that selects nothing: a typo (not in agendas.yaml) is said so, never a
+    reassuring "no agenda entries". An agenda taken out of the file whose entries are still
+    stored lists them; with no readable agendas.yaml nothing can be told."""
+    from engine.agendas_config import load_agendas
+    from engine.bundle import AGENDAS_FILE
+    from engine.config import ConfigError
+
+    path = mappings / AGENDAS_FILE
+    try:
+        book = load_agendas(path)
+    except (ConfigError, OSError):
+        return
+    ids = [agenda.id for agenda in book.agendas]
+    if agenda_id not in ids:
+        raise _Fail(NOTHING, f"no agenda {agenda_id!r} in {path} and no entries stored under it (agendas: {', '.join(ids)})")
 
 
 @_command
@@ -1689,6 +1710,8 @@ def register(subparsers) -> None:
     asub = agenda.add_subparsers(dest="action", required=True)
     p = common(asub.add_parser("list", help="entries, most recently changed first"), channels=False)
     p.add_argument("--agenda", help="agenda id")
+    p.add_argument("--mappings", default="mappings",
+                   help="mappings directory, to tell an agenda id from a typo (default ./mappings)")
     p.add_argument("--state", help="requested, booked, ordered, scheduled, cancelled, ...")
     p.add_argument("--from", dest="date_from", metavar="DATE", help="changed on or after (YYYY-MM-DD)")
     p.add_argument("--to", dest="date_to", metavar="DATE", help="changed on or before (YYYY-MM-DD)")

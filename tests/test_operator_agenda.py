@@ -104,3 +104,20 @@ def test_agenda_show_gives_a_window_sent_without_a_time_of_day_at_the_precision_
     data = json.loads(capsys.readouterr().out)["data"]
     assert (data["requested_start"], data["requested_end"]) == ("2016-04", "2016-05-28")
     assert "_day_times" not in data
+
+
+MAPPINGS = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "mappings")
+
+
+def test_agenda_list_of_a_mistyped_agenda_says_so_rather_than_no_entries(store_url, capsys):
+    """From the operator drill: `--agenda cardiolgy` answered "no agenda entries", exit 0."""
+    assert main(["agenda", "list", "--store", store_url, "--agenda", "cardiolgy", "--mappings", MAPPINGS]) == 1
+    captured = capsys.readouterr()
+    assert "no agenda 'cardiolgy'" in captured.err and "cardiology" in captured.err, captured
+    assert "no agenda entries" not in captured.out
+    # an agenda of the file that has no entries yet: none, and that is all
+    assert main(["agenda", "list", "--store", store_url, "--agenda", "gynaecology", "--mappings", MAPPINGS]) == 0
+    assert capsys.readouterr().out.strip() == "no agenda entries"
+    # an agenda since taken out of the file still lists what is stored under it
+    assert main(["agenda", "list", "--store", store_url, "--agenda", "cardio-poli", "--mappings", MAPPINGS]) == 0
+    assert "ZD900000017" in capsys.readouterr().out

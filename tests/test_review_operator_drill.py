@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sink import KOPPEL, KoppelProcess, MLLPClient, Sink, make_message, write_channel  # noqa: E402
 
 from engine.cli import main  # noqa: E402
-from engine.store import MarkDelivered, write_one  # noqa: E402
+from engine.store import DeadLetter, MarkDelivered, write_one  # noqa: E402
 from tests.test_operator import HIX_Q, NOW, World  # noqa: E402
 
 # ------------------------------------------------------------------------------ stop with a message on the wire
@@ -165,3 +165,28 @@ def test_koppel_send_names_every_file_when_one_gets_no_ack(tmp_path):
     assert [line.split("\t")[:3] for line in done.stdout.splitlines()] == [
         [str(paths[0]), "NO ACK", "DRILL0"], [str(paths[1]), "NOT SENT", "DRILL1"], [str(paths[2]), "NOT SENT", "DRILL2"]]
     assert sink.received_ids() == ["DRILL0"]  # (sending stops: the next would overtake it)
+
+
+def test_dead_letters_list_says_there_are_more_only_when_there_are(world, capsys):
+    """The drill's one dead letter with --limit 1 printed "(first 1; use --limit for more)"."""
+    assert main(["dead-letters", "list", "--limit", "1", "--store", world.url]) == 0
+    out = capsys.readouterr().out
+    assert str(world.ris_dead) in out and "use --limit for more" not in out, out
+    entry = world.hix[1]
+    write_one(world.store, DeadLetter(entry_id=entry, reason="AR from destination: dead-lettered", ack=None, at=NOW))
+    assert main(["dead-letters", "list", "--limit", "1", "--store", world.url]) == 0
+    assert "(first 1; use --limit for more)" in capsys.readouterr().out
+
+
+def test_koppel_send_names_an_empty_file_and_sends_nothing(tmp_path):
+    """The drill: an empty file gave "no messages found" without saying which file."""
+    empty = tmp_path / "EMPTY.hl7"
+    empty.write_bytes(b"\n")
+    full = tmp_path / "FULL.hl7"
+    full.write_bytes(make_message("FULL0"))
+    with Sink() as sink:
+        done = subprocess.run([str(KOPPEL), "send", "--timeout", "5", "--to", f"127.0.0.1:{sink.port}",
+                               str(full), str(empty)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert done.stdout.strip() == f"{empty}\tno messages found"
+        assert sink.received_ids() == []

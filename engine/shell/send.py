@@ -16,11 +16,15 @@ from engine.shell.client import connect, describe_failure, host_port_endpoint
 def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool = False, out=sys.stdout):
     """Fires with the exit code: 0 when every message got AA/CA, else 1."""
     messages = []
+    empty = []
     for path in paths:
         with open(path, "rb") as handle:
-            messages.extend((path, m) for m in split_messages(handle.read(), raw=raw))
-    if not messages:
-        out.write("no messages found\n")
+            found = split_messages(handle.read(), raw=raw)
+        messages.extend((path, m) for m in found)
+        if not found:
+            empty.append(path)
+    if empty:  # (named, and nothing sent: the operator meant to send something else)
+        out.write("".join(f"{path}\tno messages found\n" for path in empty))
         return 1
     client = None
     status = 0
