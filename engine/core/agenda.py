@@ -748,10 +748,11 @@ def _merge(
     return merged, sorted([name for name in changed if name != AGENDA])  # (a move shows as agenda_id)
 
 
-def _new_data(fields: Mapping[str, object], record: float | None,
-              defaulted: frozenset[str]) -> tuple[dict[str, object], list[str]]:
+def _new_data(fields: Mapping[str, object], record: float | None, defaulted: frozenset[str],
+              agenda: str | None = None) -> tuple[dict[str, object], list[str]]:
     """``_merge`` into no data (a new entry: every message's create): each field with a value
-    is set, changed, and recorded at the event's rank (a default's below every kind)."""
+    is set, changed, and recorded at the event's rank (a default's below every kind); and the
+    ``agenda`` chosen, as ``_with_agenda`` adds it."""
     merged: dict[str, object] = {}
     sources: dict[str, float] = {}
     for name, value in fields.items():
@@ -760,6 +761,10 @@ def _new_data(fields: Mapping[str, object], record: float | None,
         merged[name] = tuple(value) if isinstance(value, list) else value
         if record is not None:
             sources[name] = DEFAULT_RANK if name in defaulted else record
+    if agenda is not None:
+        merged[AGENDA] = agenda
+        if record is not None:
+            sources[AGENDA] = record
     changed = sorted([name for name in merged if name != AGENDA])
     if sources:
         merged[SOURCES] = sources
@@ -812,8 +817,9 @@ def _decide_new(
         return Reject(reason="the event carries no ZD-number, placer id or filler id", code="no-key")
     if event.action == "create":
         agenda, fallback = book.select(event)
-        data, changed = _merge({}, _with_agenda(event.fields, agenda, fallback), rank=KIND_PRECEDENCE.index(event.kind),
-                               defaulted=event.defaulted, action="create")
+        # (_merge({}, _with_agenda(...)) without the copy of the event's fields)
+        data, changed = _new_data(event.fields, KIND_PRECEDENCE.index(event.kind), event.defaulted,
+                                  agenda=None if fallback else agenda.id)
         attachments = attachments_of(event)
         if attachments:
             changed = sorted([*changed, "attachments"])
