@@ -170,12 +170,16 @@ class _Group:
     anchor: str
     members: tuple[str, ...]
     where: tuple[tuple[FieldPath, frozenset[str]], ...] = ()
+    _wanted: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_wanted", frozenset(self.members))  # (made once, not per message)
 
     def matching(self, message: _Target) -> list[Any]:
         if isinstance(message, Message):
-            groups = message.groups(self.anchor, self.members)
+            groups = message.groups(self.anchor, self._wanted)
         else:  # inside a for_each item: the groups within that item's segments
-            groups = segment_groups(message, self.anchor, self.members) if isinstance(message, list) else []
+            groups = segment_groups(message, self.anchor, self._wanted) if isinstance(message, list) else []
         if not self.where:
             return groups
         out = []

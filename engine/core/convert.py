@@ -413,6 +413,8 @@ _DUTCH_NAME = slots.setters(DutchName)
 
 def _initials(part: str) -> tuple[str, str]:
     """(initials, written-out names) of one XPN-2/XPN-3 component."""
+    if not part:  # (XPN-3 is empty in nearly every name)
+        return "", ""
     letters: list[str] = []
     names: list[str] = []
     for word in part.replace(".", ". ").split():

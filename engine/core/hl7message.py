@@ -163,7 +163,7 @@ class Message:
             return list(segments)
         return list(by_name.get(name, ()))
 
-    def groups(self, anchor: str, members: tuple[str, ...]) -> list[list[Segment]]:
+    def groups(self, anchor: str, members: "tuple[str, ...] | frozenset[str]") -> list[list[Segment]]:
         """Segment groups: each starts at an ``anchor`` segment and collects the segments
         directly following it whose names are in ``members``. Any other segment ends the
         group (so the NTE after an AIG is not taken into the AIS group before it)."""
@@ -181,10 +181,11 @@ class Message:
         return f"<Message {len(self._lines)} segments>"
 
 
-def segment_groups(segments: "list[Segment]", anchor: str, members: tuple[str, ...]) -> list[list[Segment]]:
+def segment_groups(segments: "list[Segment]", anchor: str, members: "tuple[str, ...] | frozenset[str]") -> list[list[Segment]]:
     """``Message.groups`` over a list of segments (a whole message's, or one group's: a group
-    inside a group, such as the OBX of one ORC's order)."""
-    wanted = frozenset(members)
+    inside a group, such as the OBX of one ORC's order). ``members`` may be a frozenset
+    already (a mapping's groups make theirs once)."""
+    wanted = members if members.__class__ is frozenset else frozenset(members)
     groups: list[list[Segment]] = []
     current: list[Segment] | None = None
     for segment in segments:
