@@ -69,6 +69,8 @@ UNORDERED = "none"
 
 # The last error of a message on the wire when a stop gave up waiting for its ACK
 STOPPED_BEFORE_ACK = "engine stopped before the acknowledgement (sent again at the next start)"
+# A lane's connect_error when the stop cut its connect short
+STOPPED_WHILE_CONNECTING = "engine stopped while connecting"
 
 
 class Lane:
@@ -102,6 +104,11 @@ class Lane:
             d.addTimeout(sender.settings.connect_timeout, sender.reactor)
             client = yield d
         except Exception as error:  # noqa: BLE001 - refused, unresolvable, timed out: retried
+            if sender._stopping and isinstance(error, defer.CancelledError):
+                # The stop cut the connect short (--drain-timeout; a connect that runs out of
+                # connect_timeout fails as a TimeoutError): no failure of the destination.
+                self.connect_error = STOPPED_WHILE_CONNECTING
+                return None
             self.connect_error = describe_failure(error)
             self.connect_failures += 1
             self._set_up(False)
@@ -648,7 +655,7 @@ class QueueSender:
                 lane.disconnect()
                 client = yield lane.connected()
             if client is None:
-                return self._failed(entry, lane.connect_error, None)
+                return self._not_connected(entry, lane)
         lane.state = SENDING
         self._count("delivery_sent_total", entry.destination).inc()
         if entry.attempts or entry.id == self._resend_candidate:
@@ -685,7 +692,7 @@ class QueueSender:
             self.log.debug("delivery.stale_connection", entry_id=entry.id, control_id=entry.control_id)
             client = yield lane.connected()
             if client is None:
-                return self._failed(entry, lane.connect_error, None)
+                return self._not_connected(entry, lane)
             lane.state = SENDING
         outcome = judge(
             answer,
@@ -709,6 +716,13 @@ class QueueSender:
         else:
             return self._failed(entry, outcome.reason, answer)
         return None
+
+    def _not_connected(self, entry: QueueEntry, lane: Lane) -> tuple[QueueEntry, float] | None:
+        """A failed connect is a failed attempt; one the stop cut short is none (nothing was
+        sent: the entry stays as stored, due as it was, and goes first at the next start)."""
+        if lane.connect_error is STOPPED_WHILE_CONNECTING:
+            return None
+        return self._failed(entry, lane.connect_error, None)
 
     def _gave_up(self, entry: QueueEntry, destination: DestinationConfig, now: float) -> bool:
         return (
