@@ -1388,8 +1388,8 @@ def agenda_list(args, store, dests) -> int:
         agenda_id=args.agenda, state=args.state, since=_day(args.date_from), until=_day(args.date_to, end=True),
         limit=args.limit,
     )
-    if not records and args.agenda is not None:
-        _known_agenda(args.agenda, Path(args.mappings))
+    if not records and args.agenda is not None and not store.list_agenda_entries(agenda_id=args.agenda, limit=1):
+        _known_agenda(args.agenda, Path(args.mappings))  # (nothing under it at all, whatever the filters)
     if args.json:
         print(json.dumps([_agenda_json(r, with_data=False) for r in records], indent=2))
         return OK
@@ -1417,6 +1417,7 @@ def _known_agenda(agenda_id: str, mappings: Path) -> None:
     try:
         book = load_agendas(path)
     except (ConfigError, OSError):
+        sys.stderr.write(f"(agenda {agenda_id!r} not checked: {path} could not be read; --mappings names the directory)\n")
         return
     ids = [agenda.id for agenda in book.agendas]
     if agenda_id not in ids:

@@ -29,12 +29,13 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
     client = None
     status = 0
 
-    def not_sent(rest) -> int:
-        # Sending stops at a message whose fate is unknown (the next would overtake it), and
-        # every message left is named, so the operator knows what still has to go.
+    def not_sent(rest, why: str) -> int:
+        # Sending stops at a message whose fate is unknown (the next would overtake it), or
+        # that could not be sent; every message left is named, so the operator knows what
+        # still has to go.
         for rest_path, rest_message in rest:
             rest_id = read_header(rest_message, default_charset="8859/1").control_id
-            out.write(f"{rest_path}\tNOT SENT\t{rest_id}\tnot sent: an earlier message got no acknowledgement\n")
+            out.write(f"{rest_path}\tNOT SENT\t{rest_id}\tnot sent: {why}\n")
         return 1
 
     for number, (path, message) in enumerate(messages):
@@ -48,7 +49,7 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                 except Exception as error:  # noqa: BLE001 - reported to the operator, not raised
                     out.write(f"cannot connect to {target}: {describe_failure(error)}\n")
                     if number:  # (the first: nothing was sent, the line above says it all)
-                        return not_sent(messages[number:])
+                        return not_sent(messages[number:], f"cannot connect to {target}")
                     return 1
             mark = client.mark()
             try:
@@ -60,7 +61,7 @@ def send_files(reactor, target: str, paths, *, timeout: float = 30.0, raw: bool 
                     continue
                 # (the file, then what stands in MSA-1 and MSA-2: no answer, the MSH-10 sent)
                 out.write(f"{path}\tNO ACK\t{sent_id}\t{describe_failure(error)}\n")
-                return not_sent(messages[number + 1:])
+                return not_sent(messages[number + 1:], "an earlier message got no acknowledgement")
         reply = read_ack(answer)
         mismatch = "" if reply.answers(sent_id) else "\t(MSA-2 does not match the sent MSH-10)"
         out.write(f"{path}\t{reply.code or '??'}\t{reply.control_id}\t{reply.text}{mismatch}\n")
