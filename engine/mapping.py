@@ -1608,6 +1608,10 @@ class _MappingReader(_Walker):
                 self.report(key_node, path, "an event field is a dotted lower-case name like patient.bsn")
                 continue
             head = key.split(".", 1)[0]
+            if key.startswith("_"):
+                self.report(key_node, path, "a name starting with '_' is the entry's own bookkeeping (_agenda, "
+                                            "_sources, ...), not an event field: name it otherwise")
+                continue
             if head in _TEMPLATE_NAMES:
                 self.report(key_node, path, f"{head!r} is what a template's {{{head}...}} reads, not an event "
                                             "field: name it otherwise")

@@ -937,3 +937,12 @@ def test_an_event_field_named_as_a_template_reads_something_else_is_refused(tmp_
     head = name.split(".")[0]
     assert problems(tmp_path) == [f"m.yaml:6:3: event.{name}: {head!r} is what a template's {{{head}...}} reads, "
                                   "not an event field: name it otherwise"]
+
+
+@pytest.mark.parametrize("name", ["_agenda", "_sources", "_x.y"])
+def test_an_event_field_named_like_the_entrys_own_bookkeeping_is_refused(tmp_path, name):
+    """Entry data keeps its agenda choice and its fields' sources under _agenda and _sources: an
+    event field of such a name would overwrite them (the session-18 review: a defaulted _agenda)."""
+    write(tmp_path, "m.yaml", MINIMAL + f"  {name}: {{from: PID-5, default: x}}\n")
+    assert problems(tmp_path) == [f"m.yaml:6:3: event.{name}: a name starting with '_' is the entry's own "
+                                  "bookkeeping (_agenda, _sources, ...), not an event field: name it otherwise"]

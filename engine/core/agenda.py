@@ -764,7 +764,7 @@ def _new_data(fields: Mapping[str, object], record: float | None, defaulted: fro
     if agenda is not None:
         merged[AGENDA] = agenda
         if record is not None:
-            sources[AGENDA] = record
+            sources[AGENDA] = DEFAULT_RANK if AGENDA in defaulted else record
     changed = sorted([name for name in merged if name != AGENDA])
     if sources:
         merged[SOURCES] = sources
