@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping as _Mapping, Sequence
 from dataclasses import dataclass, field, replace as _replace_fields
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import yaml
@@ -1184,7 +1185,9 @@ class Mapping:
             return MappingResult(event=None, errors=tuple(errors))
         top = {name: got.pop(name, None) for name in TOP_LEVEL}
         try:
-            event = AgendaEvent(**top, fields=got, defaulted=frozenset(by_default - top.keys()) if by_default else _NONE)
+            # (got is this call's own dict: read-only without the copy AgendaEvent makes of others)
+            event = AgendaEvent(**top, fields=MappingProxyType(got),
+                                defaulted=frozenset(by_default - top.keys()) if by_default else _NONE)
         except (TypeError, ValueError) as problem:
             line = dict(self.values)["action"].line if "action" in dict(self.values) else 1
             error = MappingError(file=str(self.file), line=line, field="kind/action", path="", reason=str(problem))

@@ -832,7 +832,7 @@ def _decide_new(
             zd_number=_zd_of(event.zd_number, event.placer_id),
             placer_id=_own_placer(event.placer_id, _zd_of(event.zd_number, event.placer_id)),
             filler_id=(event.filler_id or "").strip() or None,
-            data=data,
+            data=MappingProxyType(data),  # (this decision's own dict: read-only without a copy)
             attachments=tuple(a.sha256 for a in attachments),
             history=(
                 HistoryItem(
