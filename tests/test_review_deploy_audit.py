@@ -24,20 +24,16 @@ import shutil
 import socket
 import subprocess
 import urllib.request
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sink import KoppelProcess, write_bundle, BUNDLE_DESTINATIONS
+# (the deploy files, and the container file read, as tests/test_deploy.py has them)
+from test_deploy import CONTAINERFILE, ENV_FILE, ROOT, RULES, UNIT, _instructions  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-RULES = DEPLOY / "prometheus" / "koppel-rules.yml"
-UNIT = DEPLOY / "systemd" / "koppel.service"
-ENV_FILE = DEPLOY / "systemd" / "koppel.env"
-CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 PROMTOOL = shutil.which("promtool")
 
 
@@ -137,17 +133,6 @@ def test_promtool_first_mapping_error_after_a_restart_fires(tmp_path):
 
 
 # -- (2) the container's pid file ---------------------------------------------------------------
-
-def _instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", CONTAINERFILE.read_text())
-    found = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            found.append((word.upper(), rest.strip()))
-    return found
-
 
 def test_container_koppel_run_writes_only_where_its_user_may():
     """`koppel run` without --pid-file writes var/koppel.pid under its working directory. In the
