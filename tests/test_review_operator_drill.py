@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from sink import KOPPEL, KoppelProcess, MLLPClient, Sink, make_message, write_ch
 
 from engine.cli import main  # noqa: E402
 from engine.store import DeadLetter, MarkDelivered, write_one  # noqa: E402
-from tests.test_operator import HIX_Q, NOW, World  # noqa: E402
+from tests.test_operator import NOW, World  # noqa: E402
 
 # ------------------------------------------------------------------------------ stop with a message on the wire
 
