@@ -157,6 +157,9 @@ class _Failed:
 
 
 _FAILED: Any = _Failed()
+# The reason of a value whose reading raised: the exception's class follows it in brackets, for
+# the stored error and the log; an on-map NAK says only this (engine.shell.processor).
+UNREADABLE = "could not be read"
 _Target = Any  # a Message or a segment group (list[Segment])
 
 
@@ -290,7 +293,7 @@ class _Value:
 
     def unreadable(self, errors: list[MappingError], unexpected: Exception, label: str | None = None) -> Any:
         """The error for an exception while reading (never its text: it may hold a value)."""
-        return self.error(errors, f"could not be read ({type(unexpected).__name__})", label)
+        return self.error(errors, f"{UNREADABLE} ({type(unexpected).__name__})", label)
 
     def _constant(self, target: _Target, errors: list[MappingError], label: str | None,
                   defaulted: list[bool] | None) -> Any:
@@ -410,7 +413,7 @@ class _List:
         try:
             groups = self.group.matching(message)
         except Exception as unexpected:
-            errors.append(self._error(f"could not be read ({type(unexpected).__name__})"))
+            errors.append(self._error(f"{UNREADABLE} ({type(unexpected).__name__})"))
             return _FAILED
         items: list[Any] = []
         failed = False

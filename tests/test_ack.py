@@ -478,3 +478,17 @@ def test_hl7apy_strictly_reads_a_nak_that_has_no_trigger_to_mirror():
     parsed.validate()
     assert parsed.msh.msh_9.to_er7() == "ACK^^ACK"
     assert parsed.msa.msa_1.value == "AR"
+
+
+@given(st.text(alphabet="ab|^~\\&\r" + string.ascii_letters, max_size=300))
+def test_msa_3_holds_at_most_80_characters_and_no_cut_escape_sequence(text):
+    """MSA-3 is an ST of at most 80 characters: a longer reason is cut, never inside an escape
+    sequence, and what python-hl7 reads back is the start of the reason."""
+    header = read_header(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|1|P|2.4\r", default_charset="8859/1")
+    rejection = Rejection(ack_code="AE", error_code=ErrorCode.DATA_TYPE, text=text)
+    ack = build_ack(header, code="AE", rejection=rejection, control_id="K1", timestamp="20240101120000")
+    parsed = hl7.parse(ack.decode("ascii"))
+    msa_3 = str(parsed.segment("MSA")[3]) if len(parsed.segment("MSA")) > 3 else ""
+    assert len(msa_3) <= 80
+    assert msa_3.count("\\") % 2 == 0
+    assert text.startswith(parsed.unescape(msa_3))

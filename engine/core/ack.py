@@ -152,7 +152,8 @@ def build_ack(
     segments = [fs.join(_trim(msh))]
     text = b""
     if rejection is not None and (version is None or version < (2, 7)):
-        text = escape_text(rejection.text, d).encode("ascii", "replace")
+        # MSA-3 is an ST of at most 80 characters (ERR-7/8 carry the whole text from 2.5 on)
+        text = _at_most(escape_text(rejection.text, d), MSA_TEXT_MAX, d).encode("ascii", "replace")
     segments.append(fs.join(_trim([b"MSA", code.encode("ascii"), header.field(10), text])))
     if rejection is not None:
         segments.append(_err_segment(header, rejection, version))
@@ -182,6 +183,20 @@ def _err_segment(header: Header, rejection: Rejection, version: tuple[int, ...] 
     severity = b"E" if code is not ErrorCode.OK else b"I"
     fields = [b"ERR", eld if version is None else b"", erl, cwe, severity, b"", b"", text, text]
     return fs.join(fields)
+
+
+MSA_TEXT_MAX = 80
+
+
+def _at_most(escaped: str, limit: int, d) -> str:
+    """``escaped`` cut to ``limit`` characters, never inside an escape sequence (\\F\\ ...)."""
+    if len(escaped) <= limit:
+        return escaped
+    cut = escaped[:limit]
+    esc = d.escape.decode("latin-1")
+    if esc and cut.count(esc) % 2:  # an escape sequence opened and not closed: leave it out
+        cut = cut[: cut.rfind(esc)]
+    return cut
 
 
 def _trim(fields: list[bytes]) -> list[bytes]:

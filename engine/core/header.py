@@ -268,9 +268,10 @@ def _valid_encoding(encoding: bytes, sep: bytes) -> bool:
 
 
 # What the ACK's own values are made of (the timestamp's digits and UTC offset, the control
-# id's upper-case base 36 and dash): as a delimiter they would split those values, so such a
-# header is refused (AR 102). Lower-case letters stay allowed (hl7apy's sample uses "r").
-_IN_OUR_VALUES = frozenset(bytes((c,)) for c in b"+-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# id's upper-case base 36 and dash, the version 2.5 it writes when MSH-12 is missing): as a
+# delimiter they would split those values, so such a header is refused (AR 102). Lower-case
+# letters stay allowed (hl7apy's sample uses "r").
+_IN_OUR_VALUES = frozenset(bytes((c,)) for c in b"+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _unreadable(

@@ -77,7 +77,8 @@ INTERNAL_MAPPING_ERROR = Rejection(
 
 
 def _mapping_rejection(errors) -> Rejection:
-    """AE naming the first failing field: 101 when it was missing, else 102."""
+    """AE naming the first failing field: 101 when it was missing, 103 when its value is not in
+    its table, 207 when it could not be read at all, else 102."""
     first = errors[0]
     location = None
     try:
@@ -87,13 +88,18 @@ def _mapping_rejection(errors) -> Rejection:
     if path is not None:
         sequence = path.occurrence if isinstance(path.occurrence, int) else 1
         location = ErrorLocation(segment=path.segment, sequence=sequence, field=path.field)
-    missing = "missing" in first.reason
-    return Rejection(
-        ack_code="AE",
-        error_code=ErrorCode.REQUIRED_FIELD_MISSING if missing else ErrorCode.DATA_TYPE,
-        text=f"{first.field}: {first.reason}"[:200],
-        location=location,
-    )
+    from engine.mapping import UNREADABLE
+
+    reason = first.reason
+    if reason.startswith(UNREADABLE):  # (the exception's class is for the log, never the wire)
+        reason, code = UNREADABLE, ErrorCode.APPLICATION_INTERNAL_ERROR
+    elif "missing" in reason:
+        code = ErrorCode.REQUIRED_FIELD_MISSING
+    elif reason.startswith("value not in table"):
+        code = ErrorCode.TABLE_VALUE_NOT_FOUND
+    else:
+        code = ErrorCode.DATA_TYPE
+    return Rejection(ack_code="AE", error_code=code, text=f"{first.field}: {reason}"[:200], location=location)
 
 
 def _agenda_rejection(reject) -> Rejection:
