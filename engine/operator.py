@@ -323,7 +323,7 @@ def _optional_reason(args) -> str | None:
     if given is None:
         return None
     reason = " ".join(given.split())
-    if not reason:
+    if not any(char.isalnum() for char in reason):  # (as the admin API: "." says nothing)
         raise _Fail(USAGE, "--reason must say why (or leave it out)")
     return reason
 
@@ -331,7 +331,7 @@ def _optional_reason(args) -> str | None:
 def _required_reason(args) -> str:
     """--reason on one line; _Fail(2) if blank (drops keep it in the audit log)."""
     reason = " ".join(args.reason.split())
-    if not reason:
+    if not any(char.isalnum() for char in reason):  # (as the admin API: "." says nothing)
         raise _Fail(USAGE, "--reason must say why (it is kept in the audit log)")
     return reason
 
