@@ -663,6 +663,7 @@ def dead_letters_replay(args, store, dests) -> int:
             return NOTHING
         print(f"replayed {_plural(len(new), 'dead letter')} onto the tail of queue {resolved.label()}: "
               f"new {'entry' if len(new) == 1 else 'entries'} {_id_list(new)}")
+        _log_action("operator.dead_letters_replayed", queue=resolved.queue, entries=len(new))
         return OK
     entries = _entry_ids(store, args.ids)
     _delivered_queues(dests, [(e.queue, e) for e in entries])
@@ -677,6 +678,8 @@ def dead_letters_replay(args, store, dests) -> int:
         if entry is not None:
             print(f"replayed entry {entry.id} as entry {new_id} at the tail of queue {entry.queue} "
                   f"({entry.destination})")
+    if new:
+        _log_action("operator.dead_letters_replayed", queues=sorted({e.queue for e in entries}), entries=len(new))
     if len(new) < len(entries):
         print(f"{len(entries) - len(new)} entries were no longer dead letters and were not replayed")
         return NOTHING
@@ -841,6 +844,8 @@ def dead_letters_drop(args, store, dests) -> int:
             print(f"dropped entry {entry.id} (queue {entry.queue}, destination {entry.destination}, "
                   f"message {entry.message_id})")
     print(f"{_plural(len(dropped), 'dead letter')} dropped; reason recorded in the audit log")
+    if dropped:
+        _log_action("operator.dead_letters_dropped", entries=len(dropped), reason_given=True)
     if len(dropped) < len(entries):
         print(f"{len(entries) - len(dropped)} entries were no longer dead letters and were not dropped")
         return NOTHING
@@ -905,6 +910,8 @@ def resend(args, store, dests) -> int:
     print(f"queued message {message.id} ({message.message_type or '-'}, control id "
           f"{message.control_id or '-'}) for {name} on queue {resolved.queue} as entry "
           f"{_id_list(new)}")
+    _log_action("operator.resend", message_id=message.id, queue=resolved.queue, destination=name,
+                as_received=bool(args.as_received))
     return OK
 
 

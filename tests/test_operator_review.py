@@ -13,7 +13,7 @@ import pytest
 from engine.cli import main
 from engine.store import Append, DeadLetter, QueueTarget, open_store, write_one
 from tests.factories import T0, received
-from tests.test_operator import HIX_Q, RIS_Q, World
+from tests.test_operator import HIX_Q, NOW, RIS_Q, World
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS, MAPPINGS = ROOT / "channels", ROOT / "mappings"  # the bundled config
@@ -451,3 +451,21 @@ def test_koppel_messages_lists_a_built_message_as_built_not_as_received_and_ackn
     assert rows[str(mapped.siu)][5:7] == ["built", "-"]
     assert rows[str(mapped.siu)][9].endswith(f"(built from {mapped.srm})")
     assert rows[str(mapped.srm)][5:7] == ["accepted", "AA"]
+
+
+def test_replay_drop_and_resend_write_a_log_line_as_pause_does(world, capsys):
+    """The operator drill: replay, drop and resend left their audit record but no log line,
+    where pause, resume, retry-now and move write one (ids and counts only, never the reason)."""
+    code, _, err = world.run(capsys, "dead-letters", "replay", str(world.ris_dead))
+    assert code == 0
+    assert [(x["event"], x["entries"]) for x in _log_lines(err)] == [("operator.dead_letters_replayed", 1)]
+    (replayed,) = [e for e in world.store.queue_head(RIS_Q) if e.replay_of == world.ris_dead]
+    write_one(world.store, DeadLetter(entry_id=replayed.id, reason="AR again", ack=None, at=NOW))
+    code, _, err = world.run(capsys, "dead-letters", "drop", str(replayed.id), "--reason", "by phone, ticket 7")
+    assert code == 0
+    (line,) = _log_lines(err)
+    assert line["event"] == "operator.dead_letters_dropped" and line["entries"] == 1 and "ticket" not in err
+    code, _, err = world.run(capsys, "resend", str(world.m1), "--to", "hix-agenda", "--as-received")
+    assert code == 0
+    (line,) = _log_lines(err)
+    assert (line["event"], line["message_id"], line["destination"]) == ("operator.resend", world.m1, "hix-agenda")
