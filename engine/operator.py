@@ -421,12 +421,16 @@ def queue_list(args, store, dests) -> int:
     if dests.error is not None and Path(args.channels).is_dir():
         sys.stderr.write(f"warning: destination names unavailable: {dests.error}\n")
     rows = []
-    for queue in sorted(set(stats) | dests.queues()):
+    configured = dests.queues()
+    for queue in sorted(set(stats) | configured):
         s = stats.get(queue)
         names = list(dests.names_on(queue))
         if not names and s is not None and s.depth:
             names = sorted({e.destination for e in store.queue_head(queue, 1, bodies=False)})
         rows.append({
+            # (after a `queue move` or a destination taken out of the config: history, not a
+            # queue to watch; only when the config was read, so "no destination" is known)
+            "retired": bool(configured) and queue not in configured and not (s and (s.depth or s.dead_count)),
             "queue": queue,
             "destinations": names,
             "depth": s.depth if s else 0,
@@ -440,17 +444,22 @@ def queue_list(args, store, dests) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return OK
-    if not rows:
+    shown = rows if args.all else [r for r in rows if not r["retired"]]
+    if not shown:
         print("no queues")
-        return OK
-    _table(
-        ("QUEUE", "DESTINATIONS", "DEPTH", "OLDEST", "STATE", "DEAD", "LAST ERROR"),
-        [
-            (r["queue"], ",".join(r["destinations"]) or "-", r["depth"], human_age(r["oldest_age"]),
-             r["state"], r["dead"], _short(r["last_error"]))
-            for r in rows
-        ],
-    )
+    else:
+        _table(
+            ("QUEUE", "DESTINATIONS", "DEPTH", "OLDEST", "STATE", "DEAD", "LAST ERROR"),
+            [
+                (r["queue"], ",".join(r["destinations"]) or "-", r["depth"], human_age(r["oldest_age"]),
+                 "retired" if r["retired"] else r["state"], r["dead"], _short(r["last_error"]))
+                for r in shown
+            ],
+        )
+    if len(shown) < len(rows):
+        hidden = len(rows) - len(shown)
+        print(f"({_plural(hidden, 'retired queue')} not shown: no destination delivers to "
+              f"{'it' if hidden == 1 else 'them'} and nothing waits; --all shows {'it' if hidden == 1 else 'them'})")
     return OK
 
 
@@ -1609,6 +1618,8 @@ def register(subparsers) -> None:
     qsub = queue.add_subparsers(dest="action", required=True)
     p = common(qsub.add_parser("list", help="one line per queue"))
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true",
+                   help="also the retired queues (no destination delivers to them, nothing waits)")
     p.set_defaults(func=queue_list)
     p = common(qsub.add_parser("show", help="the head entries of one queue"))
     p.add_argument("dest", metavar="DEST", help=dest_help)

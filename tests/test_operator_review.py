@@ -13,7 +13,7 @@ import pytest
 from engine.cli import main
 from engine.store import Append, DeadLetter, QueueTarget, open_store, write_one
 from tests.factories import T0, received
-from tests.test_operator import HIX_Q, NOW, RIS_Q, World
+from tests.test_operator import HIX_Q, NOW, RIS_Q, World, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS, MAPPINGS = ROOT / "channels", ROOT / "mappings"  # the bundled config
@@ -469,3 +469,27 @@ def test_replay_drop_and_resend_write_a_log_line_as_pause_does(world, capsys):
     assert code == 0
     (line,) = _log_lines(err)
     assert (line["event"], line["message_id"], line["destination"]) == ("operator.resend", world.m1, "hix-agenda")
+
+
+def test_queue_list_leaves_out_a_retired_queue_unless_asked(world, capsys):
+    """The drill: after `koppel queue move`, the old queue stayed in `queue list` for good,
+    no destinations and its last error. A queue no destination delivers to with nothing
+    waiting and no dead letters is history: left out (and said so), shown with --all."""
+    from engine.store import MarkDelivered, QueueTarget
+
+    old = QueueTarget(queue="127.0.0.1:6999", destination="hix-agenda")
+    moved = write_one(world.store, Append(message=received("ZD0OLD", received_at=T0, targets=(old,)))).message_id
+    (entry,) = world.store.queue_head("127.0.0.1:6999")
+    assert entry.message_id == moved
+    code, out, _ = world.run(capsys, "queue", "list")
+    assert code == 0 and "127.0.0.1:6999" in out  # something waits there: shown
+    write_one(world.store, MarkDelivered(entry_id=entry.id, ack=b"MSA|AA|ZD0OLD\r", at=NOW))
+    code, out, _ = world.run(capsys, "queue", "list")
+    assert code == 0 and "127.0.0.1:6999" not in out and HIX_Q in out and RIS_Q in out
+    assert out.splitlines()[-1] == ("(1 retired queue not shown: no destination delivers to it and nothing "
+                                    "waits; --all shows it)")
+    code, out, _ = world.run(capsys, "queue", "list", "--all")
+    assert code == 0 and rows(out)["127.0.0.1:6999"][2:5] == ["0", "-", "retired"]
+    code, out, _ = world.run(capsys, "queue", "list", "--json")
+    by_queue = {r["queue"]: r for r in json.loads(out)}
+    assert by_queue["127.0.0.1:6999"]["retired"] is True and by_queue[HIX_Q]["retired"] is False
