@@ -430,7 +430,8 @@ def queue_list(args, store, dests) -> int:
         rows.append({
             # (after a `queue move` or a destination taken out of the config: history, not a
             # queue to watch; only when the config was read, so "no destination" is known)
-            "retired": bool(configured) and queue not in configured and not (s and (s.depth or s.dead_count)),
+            "retired": bool(configured) and queue not in configured and not (
+                s and (s.depth or s.dead_count or s.paused)),  # (a pause is kept in sight: see queue move)
             "queue": queue,
             "destinations": names,
             "depth": s.depth if s else 0,
