@@ -492,3 +492,15 @@ def test_msa_3_holds_at_most_80_characters_and_no_cut_escape_sequence(text):
     assert len(msa_3) <= 80
     assert msa_3.count("\\") % 2 == 0
     assert text.startswith(parsed.unescape(msa_3))
+
+
+def test_a_non_ascii_reason_never_puts_a_lone_delimiter_in_the_answer():
+    """The text's non-ASCII characters become '?' before it is escaped: with '?' as the
+    subcomponent separator (hl7apy's sample MSH|!$r?@), a '?' put in after would split MSA-3."""
+    header = read_header(b"MSH|!$r?@|A|B|C|D|20240101||ADT!A01!ADT_A01|1|P|2.5\r", default_charset="8859/1")
+    rejection = Rejection(ack_code="AE", error_code=ErrorCode.DATA_TYPE, text="veld \u00e9\u20ac ontbreekt")
+    ack = build_ack(header, code="AE", rejection=rejection, control_id="K1", timestamp="20240101120000")
+    msa = [line for line in ack.split(b"\r") if line.startswith(b"MSA")][0].split(b"|")
+    assert msa[3] == b"veld rTrrTr ontbrEreekt"  # each '?' escaped (rTr), as the letter r is (rEr)
+    err = [line for line in ack.split(b"\r") if line.startswith(b"ERR")][0].split(b"|")
+    assert err[7] == err[8] == msa[3]

@@ -153,7 +153,7 @@ def build_ack(
     text = b""
     if rejection is not None and (version is None or version < (2, 7)):
         # MSA-3 is an ST of at most 80 characters (ERR-7/8 carry the whole text from 2.5 on)
-        text = _at_most(escape_text(rejection.text, d), MSA_TEXT_MAX, d).encode("ascii", "replace")
+        text = _at_most(escape_text(_ascii(rejection.text), d), MSA_TEXT_MAX, d).encode("ascii")
     segments.append(fs.join(_trim([b"MSA", code.encode("ascii"), header.field(10), text])))
     if rejection is not None:
         segments.append(_err_segment(header, rejection, version))
@@ -172,7 +172,7 @@ def _err_segment(header: Header, rejection: Rejection, version: tuple[int, ...] 
     # uses "r" for repetition), so they are escaped like any other text.
     label = escape_text(code.label, d).encode("ascii")
     number = str(int(code)).encode("ascii")
-    text = escape_text(rejection.text, d).encode("ascii", "replace")
+    text = escape_text(_ascii(rejection.text), d).encode("ascii")
     # ERR-1 (ELD) up to 2.4: segment^sequence^field^code, the code a CE in subcomponents.
     code_ce = ss.join([number, label, b"HL70357"]) if ss else number
     eld = cs.join([seg, seq, fld, code_ce])
@@ -186,6 +186,12 @@ def _err_segment(header: Header, rejection: Rejection, version: tuple[int, ...] 
 
 
 MSA_TEXT_MAX = 80
+
+
+def _ascii(text: str) -> str:
+    """Non-ASCII characters as '?', before escaping: a '?' put in after would stand unescaped
+    where '?' is a delimiter (hl7apy's sample uses MSH|!$r?@)."""
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def _at_most(escaped: str, limit: int, d) -> str:
