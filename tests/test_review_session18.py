@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
@@ -251,6 +251,10 @@ def _msh(draw):
 @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(raw=_msh(), charset=st.sampled_from(["8859/1", "UNICODE UTF-8", "BOGUS"]))
 def test_read_header_gives_what_it_gave_before_the_written_out_init(raw, charset):
+    # (one change on purpose since: '.' as a delimiter is refused, as it would split the
+    # version an ACK writes when MSH-12 is missing; tests/test_review_acks.py has it)
+    first = raw.lstrip(b"\xef\xbb\xbf\r\n").split(b"\r")[0].split(b"\n")[0]
+    assume(b"." not in first[3:4] + first[4:].split(first[3:4] or b"|", 1)[0])
     old = _old_header_module()
     assert _view(header_module.read_header(raw, default_charset=charset)) == _view(
         old.read_header(raw, default_charset=charset))
