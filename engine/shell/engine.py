@@ -842,20 +842,15 @@ class Engine(service.MultiService):
     def _at_most_drain_timeout(self, waited: defer.Deferred, event: str, **fields):
         """Wait for ``waited`` (cancelled, and ``event`` logged, after --drain-timeout): each phase
         of a stop is bounded, so a peer, a destination or the store cannot hold it for ever."""
-        cut = []
-
-        def cancel() -> None:
-            cut.append(True)
-            waited.cancel()
-
-        timeout = self.reactor.callLater(self.drain_timeout, cancel)
+        timeout = self.reactor.callLater(self.drain_timeout, waited.cancel)
+        cancelled = False
         try:
             yield waited
         except defer.CancelledError:
-            cut.append(True)
+            cancelled = True
         # (a cancelled DeferredList does not fail: it fires with its parts' failures, so the
         # timer's firing is what says the phase was cut short)
-        if cut:
+        if cancelled or timeout.called:
             self.log.warning(event, seconds=self.drain_timeout, **fields)
         if timeout.active():
             timeout.cancel()
